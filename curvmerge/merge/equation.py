@@ -1,0 +1,386 @@
+"""The merge equation.
+
+.. math::
+
+    \\theta^* = (\\lambda I + \\textstyle\\sum_t w_t F_t)^{-1}
+                (\\textstyle\\sum_t w_t F_t \\theta_t + \\lambda \\theta_0),
+
+the minimiser of :math:`\\sum_t \\tfrac{w_t}{2}\\|\\theta-\\theta_t\\|^2_{F_t}
++ \\tfrac{\\lambda}{2}\\|\\theta-\\theta_0\\|^2`. It is solved in task-vector form,
+:math:`\\theta^* = \\theta_0 + (\\lambda I + \\sum_t w_t F_t)^{-1}
+\\sum_t w_t F_t (\\theta_t - \\theta_0)`: in closed form when every :math:`F_t` is diagonal
+(identity included), else by preconditioned CG warm-started from a diagonal merge.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from curvmerge.operators import DiagonalOperator, IdentityOperator, LinearOperator
+from curvmerge.solve import solve_cg
+from curvmerge.space import ParamSpace, SpaceMismatchError
+
+__all__ = [
+    "merge",
+    "MergeResult",
+    "MergeReport",
+    "ConvergenceWarning",
+    "ConvergenceError",
+    "load_merged",
+    "parameters_of",
+]
+
+
+class ConvergenceWarning(UserWarning):
+    """CG stopped before reaching the requested tolerance."""
+
+
+class ConvergenceError(RuntimeError):
+    """CG stopped before reaching the requested tolerance (``require_convergence=True``)."""
+
+
+@dataclass
+class MergeReport:
+    """What a merge did.
+
+    Attributes:
+        method: ``"average"`` (identity), ``"diagonal"`` (closed form) or ``"cg"``.
+        num_models: Number of merged models.
+        weights: The coefficients :math:`w_t`.
+        damping: :math:`\\lambda`.
+        prior: ``"mean"``, ``"zero"`` or ``"given"``.
+        converged: Whether the solve reached its tolerance (closed forms: always).
+        iterations: CG iterations (0 for closed forms).
+        products: Products with :math:`\\lambda I + \\sum_t w_t F_t` in CG, plus the
+            :math:`T` products that form the right-hand side.
+        relative_residual: :math:`\\|b - Ax\\| / \\|b\\|` at the end (0 for closed forms).
+        residual_history: Relative residual after each CG iteration.
+        preconditioner: Name of the preconditioner used.
+        warm_start: Whether CG started from the diagonal merge.
+        unseen: Entries that no curvature sees and damping does not hold
+            (:math:`\\lambda + \\sum_t w_t d_t = 0`), set to the prior (diagonal form only).
+        seconds: Wall-clock time of the merge.
+    """
+
+    method: str
+    num_models: int
+    weights: list[float]
+    damping: float
+    prior: str
+    converged: bool = True
+    iterations: int = 0
+    products: int = 0
+    relative_residual: float = 0.0
+    residual_history: list[float] = field(default_factory=list)
+    preconditioner: str | None = None
+    warm_start: bool = False
+    unseen: int = 0
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        s = f"{self.method} merge of {self.num_models} models (damping={self.damping:g}, "
+        s += f"prior={self.prior})"
+        if self.method == "cg":
+            state = "converged" if self.converged else "NOT CONVERGED"
+            s += (
+                f": {state} after {self.iterations} iterations / {self.products} products, "
+                f"relative residual {self.relative_residual:.2e}"
+            )
+        return s
+
+
+@dataclass
+class MergeResult:
+    """The merged parameters and a :class:`MergeReport`."""
+
+    params: dict[str, Tensor]
+    report: MergeReport
+
+    def load_into(self, module: nn.Module) -> nn.Module:
+        """A copy of ``module`` with the merged parameters (see :func:`load_merged`)."""
+        return load_merged(module, self.params)
+
+
+def parameters_of(model: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The parameter dict of a module (detached) or a mapping, as a plain dict."""
+    if isinstance(model, nn.Module):
+        return {n: p.detach() for n, p in model.named_parameters()}
+    if isinstance(model, Mapping):
+        return dict(model)
+    raise TypeError(f"expected a module or a parameter dict, got {type(model).__name__}")
+
+
+def load_merged(module: nn.Module, params: Mapping[str, Tensor], *, copy_module: bool = True):
+    """Load merged parameters into (a deep copy of) ``module``.
+
+    Parameters not in ``params`` (task heads, buffers) keep the module's values.
+    """
+    target = copy.deepcopy(module) if copy_module else module
+    own = dict(target.named_parameters())
+    for name, value in params.items():
+        if name not in own:
+            raise SpaceMismatchError(f"merged parameter {name!r} is not a parameter of the module")
+        if own[name].shape != value.shape:
+            raise SpaceMismatchError(
+                f"merged parameter {name!r} has shape {tuple(value.shape)}, "
+                f"the module's has {tuple(own[name].shape)}"
+            )
+        with torch.no_grad():
+            own[name].copy_(value)
+    return target
+
+
+def _check_finite(x: Tensor, what: str, space: ParamSpace) -> None:
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        idx = int(bad.nonzero()[0, 0])
+        name = next(n for n, sl in space.slices().items() if sl.start <= idx < sl.stop)
+        raise ValueError(f"{what} contains NaN or Inf (first in parameter {name!r})")
+
+
+def _resolve_weights(weights, T: int) -> list[float]:
+    if weights is None:
+        return [1.0 / T] * T
+    w = [float(v) for v in weights]
+    if len(w) != T:
+        raise ValueError(f"got {len(w)} weights for {T} models")
+    if any(not torch.isfinite(torch.tensor(v)) or v < 0 for v in w):
+        raise ValueError(f"weights must be finite and non-negative, got {w}")
+    if sum(w) <= 0:
+        raise ValueError("weights must not all be zero")
+    return w
+
+
+def merge(
+    thetas: Sequence[nn.Module | Mapping[str, Tensor]],
+    curvatures: Sequence[LinearOperator] | None = None,
+    *,
+    weights: Sequence[float] | None = None,
+    damping: float = 1e-3,
+    prior: str | Mapping[str, Tensor] | None = "mean",
+    params: str | Sequence[str] | None = None,
+    rtol: float = 1e-6,
+    maxiter: int | None = None,
+    preconditioner: str | LinearOperator | None = "diagonal",
+    warm_start: bool = True,
+    require_convergence: bool = False,
+    callback=None,
+) -> MergeResult:
+    """Merge models by :math:`\\theta^* = (\\lambda I + \\sum_t w_t F_t)^{-1}
+    (\\sum_t w_t F_t \\theta_t + \\lambda\\theta_0)`.
+
+    Args:
+        thetas: The models (modules or parameter dicts). They may hold more parameters
+            than are merged (task heads); those are ignored.
+        curvatures: One operator :math:`F_t` per model, all on the same space; ``None``
+            means identity (weighted averaging).
+        weights: Coefficients :math:`w_t \\ge 0` (default :math:`1/T`).
+        damping: :math:`\\lambda \\ge 0`.
+        prior: :math:`\\theta_0`: ``"mean"`` (the :math:`w`-weighted average, the default),
+            ``None`` (zero: the textbook form, which pulls unseen directions to zero), or a
+            parameter dict (for example the pre-trained base).
+        params: Names or a regex selecting the merged parameters when ``curvatures`` is
+            ``None`` (default: all parameters of the first model). With curvatures, their
+            space decides.
+        rtol: Relative tolerance of CG (scipy's stopping rule).
+        maxiter: Maximum CG iterations (default ``10 * P``).
+        preconditioner: ``"diagonal"`` (Jacobi: :math:`\\lambda + \\sum_t w_t
+            \\operatorname{diag}F_t` when the curvatures provide a diagonal), ``None``, or an
+            operator approximating :math:`(\\lambda I + \\sum_t w_t F_t)^{-1}`.
+        warm_start: Start CG from the diagonal merge when the diagonals are available.
+        require_convergence: Raise :class:`ConvergenceError` instead of warning.
+        callback: Passed to CG (called with the task-vector iterate).
+
+    Returns:
+        A :class:`MergeResult` whose ``params`` has one tensor per merged parameter, in each
+        parameter's original dtype and device.
+
+    Example:
+        >>> a = {"w": torch.tensor([0.0, 2.0])}
+        >>> b = {"w": torch.tensor([2.0, 4.0])}
+        >>> merge([a, b]).params["w"]
+        tensor([1., 3.])
+    """
+    start = time.perf_counter()
+    if isinstance(thetas, (nn.Module, Mapping)) or not len(thetas):
+        raise ValueError("merge needs a non-empty list of models")
+    dicts = [parameters_of(t) for t in thetas]
+    T = len(dicts)
+    if curvatures is not None:
+        curvatures = list(curvatures)
+        if len(curvatures) != T:
+            raise ValueError(f"got {len(curvatures)} curvatures for {T} models")
+        for i, F in enumerate(curvatures):
+            if not isinstance(F, LinearOperator):
+                raise TypeError(
+                    f"curvature {i} is a {type(F).__name__}, not a curvmerge LinearOperator "
+                    "(wrap foreign operators with curvmerge.as_operator)"
+                )
+        space = curvatures[0].space
+        for i, F in enumerate(curvatures[1:], start=1):
+            space.check_same(F.space, what=f"curvature {i}")
+    else:
+        space = ParamSpace.from_tensors(dicts[0], params)
+    space = ParamSpace(space.names, space.shapes)  # compare names and shapes only
+    reference = ParamSpace.from_tensors(dicts[0]).select(list(space.names))
+    for i, d in enumerate(dicts):
+        space.check(d, what=f"model {i}")
+        reference.check(d, what=f"model {i}")  # dtypes must agree too
+    w = _resolve_weights(weights, T)
+    damping = float(damping)
+    if not damping >= 0:
+        raise ValueError(f"damping must be >= 0, got {damping}")
+
+    dtype = curvatures[0].dtype if curvatures is not None else torch.promote_types(
+        dicts[0][space.names[0]].dtype, torch.float32
+    )
+    device = curvatures[0].device if curvatures is not None else dicts[0][space.names[0]].device
+    thetas_flat = [space.flatten(d).to(device=device, dtype=dtype) for d in dicts]
+    for i, th in enumerate(thetas_flat):
+        _check_finite(th, f"model {i}", space)
+
+    wsum = sum(w)
+    if isinstance(prior, str) and prior == "mean":
+        theta0 = sum(wt * th for wt, th in zip(w, thetas_flat, strict=True)) / wsum
+        prior_name = "mean"
+    elif prior is None:
+        theta0 = torch.zeros_like(thetas_flat[0])
+        prior_name = "zero"
+    elif isinstance(prior, Mapping):
+        theta0 = space.flatten(prior).to(device=device, dtype=dtype)
+        _check_finite(theta0, "prior", space)
+        prior_name = "given"
+    else:
+        raise ValueError(f"prior must be 'mean', None or a parameter dict, got {prior!r}")
+    deltas = [th - theta0 for th in thetas_flat]
+
+    if curvatures is None:
+        curvatures = [IdentityOperator(space, dtype=dtype, device=device)] * T
+    report = MergeReport(method="", num_models=T, weights=w, damping=damping, prior=prior_name)
+
+    if all(isinstance(F, DiagonalOperator) for F in curvatures):
+        step = _diagonal_step(curvatures, w, damping, deltas, space, report)
+    else:
+        step = _cg_step(
+            curvatures, w, damping, deltas, space, report, rtol=rtol, maxiter=maxiter,
+            preconditioner=preconditioner, warm_start=warm_start, callback=callback,
+        )
+        if not report.converged:
+            msg = (
+                f"merge: CG did not converge: relative residual {report.relative_residual:.2e} "
+                f"> rtol={rtol:g} after {report.iterations} iterations; the merged parameters "
+                "are inaccurate. Raise maxiter or the damping, or use a preconditioner."
+            )
+            if require_convergence:
+                raise ConvergenceError(msg)
+            warnings.warn(msg, ConvergenceWarning, stacklevel=2)
+
+    merged = theta0 + step
+    _check_finite(merged, "the merged parameters", space)
+    out = {}
+    for name, value in space.unflatten(merged).items():
+        original = dicts[0][name]
+        out[name] = value.to(device=original.device, dtype=original.dtype).clone()
+    report.seconds = time.perf_counter() - start
+    return MergeResult(out, report)
+
+
+def _weighted_diagonal(curvatures, w, device, dtype, space) -> Tensor:
+    total = torch.zeros(space.size, device=device, dtype=dtype)
+    for i, (wt, F) in enumerate(zip(w, curvatures, strict=True)):
+        d = F.diagonal().to(device=device, dtype=dtype)
+        _check_finite(d, f"curvature {i}", space)
+        if bool((d < 0).any()):
+            raise ValueError(f"curvature {i} has negative diagonal entries: not PSD")
+        total = total + wt * d
+    return total
+
+
+def _diagonal_step(curvatures, w, damping, deltas, space, report) -> Tensor:
+    """Closed form :math:`(\\lambda + \\sum w d)^{-1} \\sum w d \\delta`, elementwise."""
+    device, dtype = deltas[0].device, deltas[0].dtype
+    is_identity = all(isinstance(F, IdentityOperator) for F in curvatures)
+    report.method = "average" if is_identity else "diagonal"
+    denom = _weighted_diagonal(curvatures, w, device, dtype, space) + damping
+    numer = torch.zeros_like(denom)
+    for wt, F, delta in zip(w, curvatures, deltas, strict=True):
+        numer = numer + wt * (F.diagonal().to(device=device, dtype=dtype) * delta)
+    unseen = denom == 0
+    report.unseen = int(unseen.sum())
+    return torch.where(unseen, 0.0, numer / torch.where(unseen, 1.0, denom))
+
+
+def _cg_step(
+    curvatures, w, damping, deltas, space, report, *, rtol, maxiter, preconditioner,
+    warm_start, callback,
+) -> Tensor:
+    """Solve :math:`(\\lambda I + \\sum w F) y = \\sum w F \\delta` by preconditioned CG."""
+    device, dtype = deltas[0].device, deltas[0].dtype
+    report.method = "cg"
+    weighted = [wt * F for wt, F in zip(w, curvatures, strict=True) if wt != 0]
+    A = IdentityOperator(space, damping, dtype=dtype, device=device)
+    for term in weighted:
+        A = A + term
+    b = torch.zeros(space.size, device=device, dtype=dtype)
+    for wt, F, delta in zip(w, curvatures, deltas, strict=True):
+        if wt != 0:
+            b = b + wt * (F @ delta).to(device=device, dtype=dtype)
+    _check_finite(b, "the right-hand side sum_t w_t F_t (theta_t - theta_0)", space)
+    rhs_products = sum(1 for wt in w if wt != 0)
+
+    diag = None
+    if preconditioner == "diagonal" or warm_start:
+        try:
+            diag = _weighted_diagonal(curvatures, w, device, dtype, space)
+        except NotImplementedError:
+            diag = None
+
+    M = None
+    if isinstance(preconditioner, LinearOperator):
+        M, report.preconditioner = preconditioner, type(preconditioner).__name__
+    elif preconditioner == "diagonal":
+        if diag is None:
+            warnings.warn(
+                "merge: the curvatures provide no diagonal; solving without preconditioner",
+                stacklevel=3,
+            )
+        else:
+            M = DiagonalOperator(space, diag + damping).inverse(damping=0.0) if bool(
+                ((diag + damping) > 0).all()
+            ) else None
+            report.preconditioner = "diagonal" if M is not None else None
+    elif preconditioner is not None:
+        raise ValueError(
+            f"preconditioner must be 'diagonal', None or an operator, got {preconditioner!r}"
+        )
+
+    x0 = None
+    if warm_start and diag is not None:
+        denom = diag + damping
+        numer = torch.zeros_like(b)
+        for wt, F, delta in zip(w, curvatures, deltas, strict=True):
+            numer = numer + wt * F.diagonal().to(device=device, dtype=dtype) * delta
+        x0 = torch.where(denom > 0, numer / torch.where(denom > 0, denom, 1.0), 0.0)
+        report.warm_start = True
+
+    checked = 0
+    if x0 is not None:
+        # keep the warm start only if it beats x = 0 (one product to check)
+        checked = 1
+        if torch.linalg.vector_norm(b - A @ x0) >= torch.linalg.vector_norm(b):
+            x0, report.warm_start = None, False
+    result = solve_cg(A, b, x0, rtol=rtol, maxiter=maxiter, M=M, callback=callback)
+    result.products += checked
+    report.converged = result.converged
+    report.iterations = result.iterations
+    report.products = result.products + rhs_products
+    report.relative_residual = result.relative_residual
+    report.residual_history = result.residuals
+    return result.x

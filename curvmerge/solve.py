@@ -1,0 +1,171 @@
+"""Preconditioned conjugate gradients in torch, with scipy's signature and stopping rule."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from curvmerge.operators.base import LinearOperator
+
+__all__ = ["cg", "CGResult", "solve_cg"]
+
+
+@dataclass
+class CGResult:
+    """Everything a CG run measured.
+
+    Attributes:
+        x: The solution, same shape as ``b``.
+        info: 0 if every column converged, else the number of iterations done.
+        iterations: CG iterations done.
+        products: Products with ``A`` (iterations plus one for a non-zero ``x0``).
+        residuals: Relative residual ``‖b − Ax‖ / ‖b‖`` (largest over columns) after each
+            iteration, starting with the initial guess.
+    """
+
+    x: Tensor
+    info: int
+    iterations: int
+    products: int
+    residuals: list[float] = field(default_factory=list)
+
+    @property
+    def converged(self) -> bool:
+        return self.info == 0
+
+    @property
+    def relative_residual(self) -> float:
+        return self.residuals[-1] if self.residuals else 0.0
+
+
+def _as_apply(A) -> Callable[[Tensor], Tensor]:
+    if isinstance(A, LinearOperator):
+        return lambda X: A @ X
+    if isinstance(A, Tensor):
+        return lambda X: A @ X
+    if callable(A):
+        return A
+    raise TypeError(f"A must be a LinearOperator, a tensor or a callable, got {type(A).__name__}")
+
+
+def solve_cg(
+    A,
+    b: Tensor,
+    x0: Tensor | None = None,
+    *,
+    rtol: float = 1e-6,
+    atol: float = 0.0,
+    maxiter: int | None = None,
+    M=None,
+    callback: Callable[[Tensor], None] | None = None,
+) -> CGResult:
+    """Like :func:`cg` but returns a :class:`CGResult` with iteration counts and history."""
+    if b.ndim not in (1, 2):
+        raise ValueError(f"b must be [P] or [P, K], got shape {tuple(b.shape)}")
+    vector = b.ndim == 1
+    B = b.unsqueeze(1) if vector else b
+    apply_A = _as_apply(A)
+    apply_M = _as_apply(M) if M is not None else None
+    P = B.shape[0]
+    maxiter = 10 * P if maxiter is None else int(maxiter)
+
+    def finish(X, info, it, products, history):
+        return CGResult(X.squeeze(1) if vector else X, info, it, products, history)
+
+    bnorm = torch.linalg.vector_norm(B, dim=0)
+    if not torch.isfinite(bnorm).all():
+        raise ValueError("cg: the right-hand side b contains NaN or Inf")
+    tol = torch.clamp(rtol * bnorm, min=atol)
+    scale = torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
+    products = 0
+    if x0 is None:
+        X = torch.zeros_like(B)
+        R = B.clone()
+    else:
+        X = (x0.unsqueeze(1) if vector else x0).to(B).clone()
+        if X.shape != B.shape:
+            raise ValueError(f"x0 has shape {tuple(x0.shape)}, b has {tuple(b.shape)}")
+        R = B - apply_A(X)
+        products += 1
+    rnorm = torch.linalg.vector_norm(R, dim=0)
+    history = [float((rnorm / scale).max())]
+    if bool((bnorm == 0).all()):
+        return finish(torch.zeros_like(B), 0, 0, products, [0.0])
+
+    P_dir = None
+    rho_prev = None
+    for it in range(maxiter):
+        active = rnorm > tol
+        if not bool(active.any()):
+            return finish(X, 0, it, products, history)
+        Z = apply_M(R) if apply_M is not None else R
+        rho = (R * Z).sum(0)
+        if P_dir is None:
+            P_dir = Z.clone()
+        else:
+            beta = torch.where(active, rho / torch.where(rho_prev != 0, rho_prev, 1.0), 0.0)
+            P_dir = Z + beta * P_dir
+        Q = apply_A(P_dir)
+        products += 1
+        pq = (P_dir * Q).sum(0)
+        if bool((active & ~(pq > 0)).any()):
+            raise ValueError(
+                "cg: p^T A p <= 0 (or NaN): the operator is not positive definite "
+                "(check the curvatures and the damping)"
+            )
+        alpha = torch.where(active, rho / torch.where(active, pq, 1.0), 0.0)
+        X = X + alpha * P_dir
+        R = R - alpha * Q
+        rho_prev = rho
+        rnorm = torch.linalg.vector_norm(R, dim=0)
+        history.append(float((rnorm / scale).max()))
+        if callback is not None:
+            callback(X.squeeze(1) if vector else X)
+    info = 0 if bool((rnorm <= tol).all()) else maxiter
+    return finish(X, info, maxiter, products, history)
+
+
+def cg(
+    A,
+    b: Tensor,
+    x0: Tensor | None = None,
+    *,
+    rtol: float = 1e-6,
+    atol: float = 0.0,
+    maxiter: int | None = None,
+    M=None,
+    callback: Callable[[Tensor], None] | None = None,
+) -> tuple[Tensor, int]:
+    """Solve :math:`A x = b` for symmetric positive definite :math:`A` by (preconditioned) CG.
+
+    Mirrors :func:`scipy.sparse.linalg.cg`: the iteration stops once
+    :math:`\\|b - A x\\| \\le \\max(\\text{rtol}\\,\\|b\\|, \\text{atol})`, and ``info`` is 0
+    on convergence, else the number of iterations done (``maxiter``). Several right-hand
+    sides ``b`` of shape ``[P, K]`` are solved at once, each column with its own step
+    sizes and stopping test; ``info`` is 0 only when every column converged.
+
+    Args:
+        A: A :class:`~curvmerge.LinearOperator`, a dense tensor or a callable ``X -> A X``.
+        b: Right-hand side, ``[P]`` or ``[P, K]``; its device and dtype are used throughout.
+        x0: Initial guess (default zeros).
+        rtol: Relative tolerance.
+        atol: Absolute tolerance.
+        maxiter: Maximum number of iterations (default ``10 * P``, as scipy).
+        M: Preconditioner approximating :math:`A^{-1}` (operator, tensor or callable).
+        callback: Called with the current iterate after each iteration.
+
+    Returns:
+        ``(x, info)``.
+
+    Example:
+        >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+        >>> b = torch.tensor([1.0, 2.0], dtype=torch.float64)
+        >>> x, info = cg(A, b, rtol=1e-12)
+        >>> info, torch.allclose(x, torch.linalg.solve(A, b))
+        (0, True)
+    """
+    result = solve_cg(A, b, x0, rtol=rtol, atol=atol, maxiter=maxiter, M=M, callback=callback)
+    return result.x, result.info
