@@ -2,7 +2,7 @@
 
 .. math::
 
-    \theta^* = (\lambda I + \sum_t w_t F_t)^{-1} (\sum_t w_t F_t \theta_t + \lambda \theta_0)
+    \theta^* = (\\lambda I + \\sum_t w_t F_t)^{-1} (\\sum_t w_t F_t \theta_t + \\lambda \theta_0)
 """
 
 # parameter space

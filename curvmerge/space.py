@@ -72,7 +72,8 @@ class ParamSpace:
         if not isinstance(tensors, Mapping):
             raise TypeError(f"expected a mapping of name -> tensor, got {type(tensors).__name__}")
         space = cls(
-            tuple(tensors), tuple(t.shape for t in tensors.values()),
+            tuple(tensors),
+            tuple(t.shape for t in tensors.values()),
             tuple(t.dtype for t in tensors.values()),
         )
         return space if params is None else space.select(params)
@@ -191,17 +192,13 @@ class ParamSpace:
         for i, name in enumerate(self.names):
             if i >= len(other.names) or other.names[i] != name:
                 found = other.names[i] if i < len(other.names) else "<end>"
-                raise SpaceMismatchError(
-                    f"{what}: parameter #{i} is {found!r}, expected {name!r}"
-                )
+                raise SpaceMismatchError(f"{what}: parameter #{i} is {found!r}, expected {name!r}")
             if self.shapes[i] != other.shapes[i]:
                 raise SpaceMismatchError(
                     f"{what}: parameter {name!r} has shape {tuple(other.shapes[i])}, "
                     f"expected {tuple(self.shapes[i])}"
                 )
-        raise SpaceMismatchError(
-            f"{what}: has extra parameter {other.names[len(self.names)]!r}"
-        )
+        raise SpaceMismatchError(f"{what}: has extra parameter {other.names[len(self.names)]!r}")
 
     # ------------------------------------------------------------------ (un)flattening
     def flatten(self, tensors: Mapping[str, Tensor]) -> Tensor:

@@ -238,8 +238,10 @@ def merge(
     if not damping >= 0:
         raise ValueError(f"damping must be >= 0, got {damping}")
 
-    dtype = curvatures[0].dtype if curvatures is not None else torch.promote_types(
-        dicts[0][space.names[0]].dtype, torch.float32
+    dtype = (
+        curvatures[0].dtype
+        if curvatures is not None
+        else torch.promote_types(dicts[0][space.names[0]].dtype, torch.float32)
     )
     device = curvatures[0].device if curvatures is not None else dicts[0][space.names[0]].device
     thetas_flat = [space.flatten(d).to(device=device, dtype=dtype) for d in dicts]
@@ -269,8 +271,17 @@ def merge(
         step = _diagonal_step(curvatures, w, damping, deltas, space, report)
     else:
         step = _cg_step(
-            curvatures, w, damping, deltas, space, report, rtol=rtol, maxiter=maxiter,
-            preconditioner=preconditioner, warm_start=warm_start, callback=callback,
+            curvatures,
+            w,
+            damping,
+            deltas,
+            space,
+            report,
+            rtol=rtol,
+            maxiter=maxiter,
+            preconditioner=preconditioner,
+            warm_start=warm_start,
+            callback=callback,
         )
         if not report.converged:
             msg = (
@@ -318,8 +329,18 @@ def _diagonal_step(curvatures, w, damping, deltas, space, report) -> Tensor:
 
 
 def _cg_step(
-    curvatures, w, damping, deltas, space, report, *, rtol, maxiter, preconditioner,
-    warm_start, callback,
+    curvatures,
+    w,
+    damping,
+    deltas,
+    space,
+    report,
+    *,
+    rtol,
+    maxiter,
+    preconditioner,
+    warm_start,
+    callback,
 ) -> Tensor:
     """Solve :math:`(\\lambda I + \\sum w F) y = \\sum w F \\delta` by preconditioned CG."""
     device, dtype = deltas[0].device, deltas[0].dtype
@@ -352,9 +373,11 @@ def _cg_step(
                 stacklevel=3,
             )
         else:
-            M = DiagonalOperator(space, diag + damping).inverse(damping=0.0) if bool(
-                ((diag + damping) > 0).all()
-            ) else None
+            M = (
+                DiagonalOperator(space, diag + damping).inverse(damping=0.0)
+                if bool(((diag + damping) > 0).all())
+                else None
+            )
             report.preconditioner = "diagonal" if M is not None else None
     elif preconditioner is not None:
         raise ValueError(

@@ -83,8 +83,7 @@ class LinearOperator:
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, "
-            f"device={self.device})"
+            f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, device={self.device})"
         )
 
     # ------------------------------------------------------------------ application
