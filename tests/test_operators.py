@@ -1,0 +1,129 @@
+"""Every core operator and every lazy combination against a float64 dense matrix."""
+
+import numpy as np
+import pytest
+import scipy.sparse.linalg as spla
+import torch
+
+from curvmerge import DenseOperator, DiagonalOperator, IdentityOperator, SpaceMismatchError
+from curvmerge.operators import ProductOperator, ScaledOperator, SumOperator
+from tests.helpers import assert_matches_dense, random_space, random_spd
+
+SPACE = random_space()
+P = SPACE.size
+
+
+def _rand(seed, shape=(P, P)):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _cases():
+    d1 = torch.rand(P, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.1
+    d2 = torch.rand(P, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    A = _rand(3)  # not symmetric: exercises adjoints
+    S = random_spd(P, seed=4)
+    D1, D2 = DiagonalOperator(SPACE, d1), DiagonalOperator(SPACE, d2)
+    I = IdentityOperator(SPACE, dtype=torch.float64)
+    dA, dS = DenseOperator(SPACE, A), DenseOperator(SPACE, S, self_adjoint=True)
+    eye = torch.eye(P, dtype=torch.float64)
+    return {
+        "identity": (I, eye),
+        "scaled identity": (2.5 * I, 2.5 * eye),
+        "diagonal": (D1, torch.diag(d1)),
+        "diagonal from dict": (DiagonalOperator(SPACE, SPACE.unflatten(d1)), torch.diag(d1)),
+        "dense": (dA, A),
+        "dense symmetric": (dS, S),
+        "diag + diag": (D1 + D2, torch.diag(d1 + d2)),
+        "identity + diag": (I + D1, eye + torch.diag(d1)),
+        "diag - identity": (D1 - I, torch.diag(d1) - eye),
+        "c * dense": (3.0 * dA, 3.0 * A),
+        "dense / c": (dA / 4.0, A / 4.0),
+        "-dense": (-dA, -A),
+        "dense + diag": (dA + D1, A + torch.diag(d1)),
+        "dense - dense": (dA - dS, A - S),
+        "dense @ diag": (dA @ D1, A @ torch.diag(d1)),
+        "dense @ dense": (dA @ dS, A @ S),
+        "sum of products": (dA @ dS + 0.5 * (D1 @ dA), A @ S + 0.5 * torch.diag(d1) @ A),
+        "adjoint": (dA.adjoint(), A.T),
+        "adjoint of product": ((dA @ D1).adjoint(), (A @ torch.diag(d1)).T),
+    }
+
+
+@pytest.mark.parametrize("name", list(_cases()))
+def test_operator_matches_dense(name):
+    op, dense = _cases()[name]
+    assert_matches_dense(op, dense)
+
+
+def test_structured_operators_stay_structured():
+    d = torch.rand(P, dtype=torch.float64)
+    D = DiagonalOperator(SPACE, d)
+    I = IdentityOperator(SPACE, dtype=torch.float64)
+    assert type(D + D) is DiagonalOperator
+    assert type(2 * D) is DiagonalOperator
+    assert type(I + I) is IdentityOperator
+    assert type(I * 3) is IdentityOperator
+    assert type(I + D) is DiagonalOperator
+    assert type(D + I) is DiagonalOperator
+    dA = DenseOperator(SPACE, _rand(0))
+    assert isinstance(dA + D, SumOperator)
+    assert isinstance(2 * dA, ScaledOperator)
+    assert isinstance(dA @ D, ProductOperator)
+
+
+def test_scipy_solvers_run_on_to_scipy():
+    S = random_spd(P, seed=7)
+    op = DenseOperator(SPACE, S, self_adjoint=True)
+    b = np.random.default_rng(0).standard_normal(P)
+    x, info = spla.cg(op.to_scipy(), b, rtol=1e-12)
+    assert info == 0
+    np.testing.assert_allclose(x, np.linalg.solve(S.numpy(), b), rtol=1e-8)
+    vals = spla.eigsh(op.to_scipy(), k=2, which="LA", return_eigenvectors=False)
+    np.testing.assert_allclose(np.sort(vals), np.linalg.eigvalsh(S.numpy())[-2:], rtol=1e-8)
+    assert op.to_scipy(dtype=np.float32).dtype == np.float32
+
+
+def test_inverse_of_diagonal_and_identity():
+    d = torch.tensor([1.0, 2.0, 4.0] + [1.0] * (P - 3), dtype=torch.float64)
+    D = DiagonalOperator(SPACE, d)
+    torch.testing.assert_close(D.inverse(damping=1.0).diagonal(), 1 / (d + 1))
+    I = IdentityOperator(SPACE, 2.0, dtype=torch.float64)
+    assert I.inverse(damping=2.0).scale == 0.25
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
+def test_inverse_refuses_nonpositive_entries(bad):
+    d = torch.ones(P, dtype=torch.float64)
+    d[7] = bad  # p0 holds entries 0..5, so this is p1[1]
+    with pytest.raises(ValueError, match="parameter 'p1', entry 1"):
+        DiagonalOperator(SPACE, d).inverse()
+    with pytest.raises(ValueError, match="must be positive"):
+        IdentityOperator(SPACE, 0.0).inverse()
+
+
+def test_to_dense_refuses_large_spaces():
+    from curvmerge import ParamSpace
+
+    big = ParamSpace(("w",), ((100_000,),))
+    with pytest.raises(MemoryError, match="max_size"):
+        IdentityOperator(big).to_dense()
+
+
+def test_mismatched_spaces_and_shapes_are_refused():
+    other = random_space(((3, 2), (5,), (2, 1, 2)))
+    D = DiagonalOperator(SPACE, torch.ones(P))
+    E = DiagonalOperator(other, torch.ones(other.size))
+    with pytest.raises(SpaceMismatchError, match="'p1' has shape"):
+        D + E
+    with pytest.raises(ValueError, match=r"cannot multiply a tensor of shape \(3,\)"):
+        D @ torch.ones(3)
+    with pytest.raises(SpaceMismatchError, match="'p0' is missing"):
+        D @ {"p1": torch.ones(4)}
+    with pytest.raises(ValueError, match="diag must have shape"):
+        DiagonalOperator(SPACE, torch.ones(P + 1))
+
+
+def test_float32_operator_accepts_float64_input():
+    D = DiagonalOperator(SPACE, torch.ones(P, dtype=torch.float32))
+    y = D @ torch.ones(P, dtype=torch.float64)
+    assert y.dtype == torch.float32

@@ -1,0 +1,109 @@
+"""cg against torch.linalg.solve in float64, and scipy's stopping rule and info."""
+
+import numpy as np
+import pytest
+import scipy.sparse.linalg as spla
+import torch
+
+from curvmerge import DenseOperator, DiagonalOperator, cg, solve_cg
+from tests.helpers import random_space, random_spd
+
+SPACE = random_space()
+P = SPACE.size
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("precondition", [False, True])
+@pytest.mark.parametrize("k", [None, 1, 4])
+def test_cg_matches_dense_solve(precondition, k):
+    S = random_spd(P, seed=1)
+    A = DenseOperator(SPACE, S, self_adjoint=True)
+    g = torch.Generator().manual_seed(2)
+    b = (
+        torch.randn(P, generator=g, dtype=torch.float64)
+        if k is None
+        else torch.randn(P, k, generator=g, dtype=torch.float64)
+    )
+    M = DiagonalOperator(SPACE, S.diagonal()).inverse() if precondition else None
+    x, info = cg(A, b, rtol=1e-13, M=M)
+    assert info == 0
+    assert x.shape == b.shape
+    assert _rel(x, torch.linalg.solve(S, b)) < 1e-10
+
+
+def test_jacobi_preconditioner_helps_a_badly_scaled_system():
+    scale = torch.logspace(0, 4, P, dtype=torch.float64)
+    S = scale.sqrt()[:, None] * random_spd(P, seed=3) * scale.sqrt()[None, :]
+    A = DenseOperator(SPACE, S, self_adjoint=True)
+    b = torch.ones(P, dtype=torch.float64)
+    plain = solve_cg(A, b, rtol=1e-10)
+    jacobi = solve_cg(A, b, rtol=1e-10, M=DiagonalOperator(SPACE, S.diagonal()).inverse())
+    assert jacobi.converged and plain.converged
+    assert jacobi.iterations < plain.iterations
+
+
+def test_info_is_maxiter_when_not_converged_like_scipy():
+    S = random_spd(P, seed=4, cond_shift=1e-3)
+    b = torch.randn(P, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x, info = cg(S, b, rtol=1e-14, maxiter=3)
+    x_sp, info_sp = spla.cg(S.numpy(), b.numpy(), rtol=1e-14, maxiter=3)
+    assert info == info_sp == 3
+    np.testing.assert_allclose(x.numpy(), x_sp, rtol=1e-8)
+
+
+def test_stopping_rule_and_iterates_follow_scipy():
+    S = random_spd(P, seed=6)
+    b = torch.randn(P, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    for rtol, atol in [(1e-3, 0.0), (0.0, 1e-2), (1e-8, 1e-4)]:
+        ours = solve_cg(S, b, rtol=rtol, atol=atol)
+        count = []
+        x_sp, info_sp = spla.cg(
+            S.numpy(), b.numpy(), rtol=rtol, atol=atol, callback=lambda _: count.append(1)
+        )
+        assert ours.info == info_sp == 0
+        assert ours.iterations == len(count)
+        np.testing.assert_allclose(ours.x.numpy(), x_sp, rtol=1e-10)
+        assert float((b - S @ ours.x).norm()) <= max(rtol * float(b.norm()), atol)
+
+
+def test_warm_start_zero_rhs_and_callback():
+    S = random_spd(P, seed=8)
+    b = torch.randn(P, dtype=torch.float64)
+    exact = torch.linalg.solve(S, b)
+    warm = solve_cg(S, b, exact + 1e-9, rtol=1e-6)
+    assert warm.iterations == 0 and warm.products == 1
+    x, info = cg(S, torch.zeros(P, dtype=torch.float64))
+    assert info == 0 and not x.any()
+    seen = []
+    cg(S, b, callback=lambda xk: seen.append(xk.clone()))
+    assert seen and _rel(seen[-1], exact) < 1e-5
+
+
+def test_columns_converge_independently():
+    S = random_spd(P, seed=9)
+    B = torch.stack([torch.randn(P, dtype=torch.float64), torch.zeros(P, dtype=torch.float64)], 1)
+    X, info = cg(S, B, rtol=1e-12)
+    assert info == 0
+    assert not X[:, 1].any()
+    assert _rel(X[:, 0], torch.linalg.solve(S, B[:, 0])) < 1e-10
+
+
+def test_cg_refuses_indefinite_and_nonfinite():
+    S = -torch.eye(P, dtype=torch.float64)
+    with pytest.raises(ValueError, match="not positive definite"):
+        cg(S, torch.ones(P, dtype=torch.float64))
+    b = torch.ones(P, dtype=torch.float64)
+    b[0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        cg(torch.eye(P, dtype=torch.float64), b)
+
+
+def test_cg_float32_and_callable():
+    S = random_spd(P, seed=10).float()
+    b = torch.randn(P)
+    x, info = cg(lambda v: S @ v, b, rtol=1e-5)
+    assert info == 0 and x.dtype == torch.float32
+    assert _rel(x.double(), torch.linalg.solve(S.double(), b.double())) < 1e-4
