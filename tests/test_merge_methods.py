@@ -1,0 +1,261 @@
+"""Task arithmetic, TIES, DARE, SLERP and output ensembling against hand-computed values."""
+
+import math
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from curvmerge import SpaceMismatchError, merge
+from curvmerge.merge.ensemble import OutputEnsemble, output_ensemble
+from curvmerge.merge.methods import (
+    MethodReport,
+    dare,
+    slerp,
+    slerp_vectors,
+    task_arithmetic,
+    ties,
+    trim_top_k,
+)
+
+D = torch.float64
+
+
+def _d(**kw):
+    return {k: torch.tensor(v, dtype=D) for k, v in kw.items()}
+
+
+BASE = _d(w=[[0.0, 0.0], [0.0, 0.0]], b=[1.0, 1.0])
+A = _d(w=[[1.0, -2.0], [0.5, 0.0]], b=[2.0, 1.0])
+B = _d(w=[[3.0, 1.0], [-0.1, 0.0]], b=[1.0, 0.0])
+
+
+# ------------------------------------------------------------------ task arithmetic
+def test_task_arithmetic_hand_computed():
+    out = task_arithmetic([A, B], BASE, scaling=0.5, weights=[1.0, 2.0])
+    # theta_0 + 0.5 * (1 * tau_A + 2 * tau_B)
+    assert torch.allclose(out.params["w"], torch.tensor([[3.5, 0.0], [0.15, 0.0]], dtype=D))
+    assert torch.allclose(out.params["b"], torch.tensor([1.5, 0.0], dtype=D))
+    assert out.report.method == "task_arithmetic"
+    assert out.report.weights == [0.5, 1.0]
+    assert isinstance(out.report, MethodReport) and out.report.options["scaling"] == 0.5
+
+
+def test_task_arithmetic_one_over_t_is_average():
+    out = task_arithmetic([A, B], BASE, scaling=0.5)
+    avg = merge([A, B])
+    for n in A:
+        assert torch.allclose(out.params[n], avg.params[n])
+
+
+def test_task_arithmetic_params_subset_and_dtype():
+    a = {k: v.float() for k, v in A.items()}
+    out = task_arithmetic([a, a], BASE, params=["b"])
+    assert set(out.params) == {"b"} and out.params["b"].dtype == torch.float32
+
+
+def test_task_arithmetic_accepts_modules():
+    torch.manual_seed(0)
+    base, m1, m2 = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
+    out = task_arithmetic([m1, m2], base, scaling=1.0)
+    expect = m1.weight + m2.weight - base.weight
+    assert torch.allclose(out.params["weight"], expect.detach())
+    merged = out.load_into(base)
+    assert torch.allclose(merged.weight, expect.detach())
+
+
+# ------------------------------------------------------------------ TIES
+def test_trim_top_k_keeps_largest_and_ties():
+    tau = torch.tensor([0.1, -3.0, 2.0, 0.5, -2.0])
+    assert torch.equal(trim_top_k(tau, 0.4), torch.tensor([0.0, -3.0, 2.0, 0.0, -2.0]))
+    assert torch.equal(trim_top_k(tau, 0.2), torch.tensor([0.0, -3.0, 0.0, 0.0, 0.0]))
+    assert torch.equal(trim_top_k(tau, 1.0), tau)
+
+
+def test_ties_trim_elect_disjoint_merge():
+    base = _d(w=[0.0, 0.0, 0.0, 0.0, 0.0])
+    t1 = _d(w=[4.0, -1.0, 0.2, 3.0, -0.1])
+    t2 = _d(w=[2.0, 3.0, -5.0, -1.0, 0.1])
+    t3 = _d(w=[-1.0, 2.0, -0.3, 0.0, 6.0])
+    # density 0.6 keeps 3 of 5 entries per task vector:
+    # t1 -> [4, -1, 0, 3, 0]; t2 -> [2, 3, -5, 0, 0]; t3 -> [-1, 2, 0, 0, 6]
+    # sums [5, 4, -5, 3, 6] -> elected signs [+, +, -, +, +]
+    # agreeing entries: e0 {4, 2}, e1 {3, 2}, e2 {-5}, e3 {3}, e4 {6}
+    out = ties([t1, t2, t3], base, density=0.6, scaling=2.0)
+    expect = 2.0 * torch.tensor([3.0, 2.5, -5.0, 3.0, 6.0], dtype=D)
+    assert torch.allclose(out.params["w"], expect)
+    assert out.report.options == {"density": 0.6, "scaling": 2.0}
+
+
+def test_ties_no_agreeing_entry_is_zero():
+    base = _d(w=[1.0, 1.0])
+    out = ties([_d(w=[2.0, 1.0]), _d(w=[0.0, 1.0])], base, density=1.0)
+    # entry 0: +1 and -1 sum to 0 -> no elected sign -> base value
+    assert torch.allclose(out.params["w"], torch.tensor([1.0, 1.0], dtype=D))
+
+
+def test_ties_bad_density():
+    with pytest.raises(ValueError, match="density"):
+        ties([A, B], BASE, density=0.0)
+
+
+# ------------------------------------------------------------------ DARE
+def test_dare_seed_reproducible_and_sparse():
+    torch.manual_seed(1)
+    base = {"w": torch.zeros(1000, dtype=D)}
+    a = {"w": torch.randn(1000, dtype=D)}
+    r1 = dare([a], base, drop_rate=0.7, seed=3)
+    r2 = dare([a], base, drop_rate=0.7, seed=3)
+    r3 = dare([a], base, drop_rate=0.7, seed=4)
+    assert torch.equal(r1.params["w"], r2.params["w"])
+    assert not torch.equal(r1.params["w"], r3.params["w"])
+    kept = r1.params["w"] != 0
+    assert 0.2 < kept.double().mean() < 0.4
+    # survivors are rescaled by 1 / (1 - p)
+    assert torch.allclose(r1.params["w"][kept], a["w"][kept] / 0.3)
+
+
+def test_dare_rescale_is_unbiased():
+    base = {"w": torch.zeros(50, dtype=D)}
+    a = {"w": torch.linspace(-1, 1, 50, dtype=D)}
+    mean = sum(dare([a], base, drop_rate=0.5, seed=s).params["w"] for s in range(400)) / 400
+    # each entry: mean of 400 draws of 2 tau Bernoulli(0.5): std |tau| / 20
+    assert torch.all((mean - a["w"]).abs() <= 4 * a["w"].abs() / 20 + 1e-12)
+
+
+def test_dare_zero_drop_is_task_arithmetic_and_ties_combine():
+    ta = task_arithmetic([A, B], BASE, scaling=0.3)
+    out = dare([A, B], BASE, drop_rate=0.0, scaling=0.3)
+    for n in A:
+        assert torch.allclose(out.params[n], ta.params[n])
+    ti = ties([A, B], BASE, density=0.5)
+    out = dare([A, B], BASE, drop_rate=0.0, combine="ties", density=0.5)
+    for n in A:
+        assert torch.allclose(out.params[n], ti.params[n])
+
+
+def test_dare_bad_drop_rate():
+    with pytest.raises(ValueError, match="drop_rate"):
+        dare([A], BASE, drop_rate=1.0)
+
+
+# ------------------------------------------------------------------ SLERP
+def test_slerp_endpoints():
+    for per_tensor in (True, False):
+        r0 = slerp([A, B], t=0.0, per_tensor=per_tensor)
+        r1 = slerp([A, B], t=1.0, per_tensor=per_tensor)
+        for n in A:
+            assert torch.allclose(r0.params[n], A[n])
+            assert torch.allclose(r1.params[n], B[n])
+
+
+def test_slerp_keeps_norm_of_equal_norm_vectors():
+    torch.manual_seed(0)
+    v0, v1 = torch.randn(10, dtype=D), torch.randn(10, dtype=D)
+    v1 = v1 * v0.norm() / v1.norm()
+    for t in (0.25, 0.5, 0.9):
+        s = slerp_vectors(v0, v1, t)
+        assert torch.isclose(s.norm(), v0.norm())
+        assert s.norm() > ((1 - t) * v0 + t * v1).norm()  # linear interpolation shrinks it
+    # unequal norms: the norm is interpolated linearly, the angle uniformly
+    s = slerp_vectors(v0, 3 * v1, 0.5)
+    assert torch.isclose(s.norm(), 2 * v0.norm())
+    angle = torch.arccos(torch.dot(v0, v1) / v0.norm() ** 2)
+    assert torch.isclose(torch.arccos(torch.dot(s, v0) / s.norm() / v0.norm()), angle / 2)
+
+
+def test_slerp_hand_computed_and_weights_and_base():
+    a, b = _d(w=[1.0, 0.0]), _d(w=[0.0, 1.0])
+    h = math.sqrt(0.5)
+    out = slerp([a, b], weights=[1.0, 1.0])
+    assert torch.allclose(out.params["w"], torch.tensor([h, h], dtype=D))
+    assert out.report.weights == [0.5, 0.5]
+    base = _d(w=[1.0, 1.0])
+    out = slerp([_d(w=[2.0, 1.0]), _d(w=[1.0, 2.0])], base=base)
+    assert torch.allclose(out.params["w"], torch.tensor([1 + h, 1 + h], dtype=D))
+    # parallel vectors fall back to linear interpolation
+    out = slerp([a, _d(w=[3.0, 0.0])], t=0.5)
+    assert torch.allclose(out.params["w"], torch.tensor([2.0, 0.0], dtype=D))
+
+
+def test_slerp_needs_two_models():
+    with pytest.raises(ValueError, match="exactly 2"):
+        slerp([A, B, A])
+    with pytest.raises(ValueError, match="t or weights"):
+        slerp([A, B], t=0.1, weights=[1, 1])
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("method", [task_arithmetic, ties, dare])
+def test_bad_input(method):
+    with pytest.raises(ValueError, match="non-negative"):
+        method([A, B], BASE, weights=[1.0, -1.0])
+    with pytest.raises(ValueError, match="2 weights for 2|got 3 weights"):
+        method([A, B], BASE, weights=[1.0, 1.0, 1.0])
+    with pytest.raises(SpaceMismatchError, match="shape"):
+        method([A, _d(w=[1.0, 2.0], b=[1.0, 1.0])], BASE)
+    with pytest.raises(SpaceMismatchError, match="missing"):
+        method([A, _d(w=[[1.0, 2.0], [0.0, 0.0]])], BASE)
+    with pytest.raises(ValueError, match="base model"):
+        method([A, B], None)
+    with pytest.raises(ValueError, match="NaN"):
+        method([A, _d(w=[[math.nan, 0.0], [0.0, 0.0]], b=[1.0, 1.0])], BASE)
+
+
+# ------------------------------------------------------------------ output ensembling
+class _Net(nn.Module):
+    def __init__(self, classes):
+        super().__init__()
+        self.body = nn.Linear(3, 4)
+        self.head = nn.Linear(4, classes)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)))
+
+
+def test_ensemble_per_task_heads_uses_own_head_with_every_body():
+    torch.manual_seed(0)
+    m1, m2 = _Net(2), _Net(3)
+    x = torch.randn(5, 3)
+    result = output_ensemble([m1, m2], params=r"^body\.", weights=[1.0, 3.0])
+    ens2 = result.task_model(1)
+    assert isinstance(ens2, OutputEnsemble)
+    # task 1: model 2's head on model 1's body and on its own body
+    with torch.no_grad():
+        own = m2(x).softmax(-1)
+        other = m2.head(torch.tanh(m1.body(x))).softmax(-1)
+        expect = 0.25 * other + 0.75 * own
+        assert torch.allclose(ens2(x).exp(), expect, atol=1e-6)
+        assert ens2(x).shape == (5, 3) and result.task_model(0)(x).shape == (5, 2)
+    # the models are untouched and not copied
+    assert result.task_model(0).module is m1
+    assert result.report.method == "ensemble" and result.report.weights == [0.25, 0.75]
+
+
+def test_ensemble_logits_and_hf_style_outputs():
+    class HF(nn.Module):
+        def __init__(self, as_dict):
+            super().__init__()
+            self.lin, self.as_dict = nn.Linear(2, 2), as_dict
+
+        def forward(self, input_ids):
+            z = self.lin(input_ids)
+            return {"logits": z} if self.as_dict else types.SimpleNamespace(logits=z, loss=None)
+
+    for as_dict in (True, False):
+        torch.manual_seed(0)
+        m1, m2 = HF(as_dict), HF(as_dict)
+        x = torch.randn(3, 2)
+        out = output_ensemble([m1, m2], combine="logits").task_model(0)(input_ids=x)
+        logits = out["logits"] if as_dict else out.logits
+        assert torch.allclose(logits, (m1.lin(x) + m2.lin(x)).detach() / 2)
+
+
+def test_ensemble_bad_input():
+    with pytest.raises(TypeError, match="nn.Module"):
+        output_ensemble([A, B])
+    with pytest.raises(ValueError, match="combine"):
+        output_ensemble([_Net(2)], combine="vote")
+    with pytest.raises(SpaceMismatchError):
+        output_ensemble([_Net(2), nn.Sequential(nn.Linear(3, 4))], params=r"^body\.")
