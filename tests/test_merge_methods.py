@@ -259,3 +259,59 @@ def test_ensemble_bad_input():
         output_ensemble([_Net(2)], combine="vote")
     with pytest.raises(SpaceMismatchError):
         output_ensemble([_Net(2), nn.Sequential(nn.Linear(3, 4))], params=r"^body\.")
+
+
+# ------------------------------------------------------------------ registry
+def test_registry_lists_working_methods_and_calls_them_alike():
+    from curvmerge.merge.registry import get_method, list_methods, method_names, task_models
+    from curvmerge.operators import DenseOperator, DiagonalOperator
+    from curvmerge.space import ParamSpace
+
+    assert method_names() == [s.name for s in list_methods()]
+    assert {"average", "task_arithmetic", "ties", "dare", "slerp", "fisher_diagonal",
+            "fisher_exact", "ensemble"} == set(method_names())  # fmt: skip
+    space = ParamSpace.from_tensors(A)
+    diag = [DiagonalOperator(space, torch.rand(space.size, dtype=D) + 0.1) for _ in range(2)]
+    dense = [DenseOperator(space, torch.diag(F.diagonal()), self_adjoint=True) for F in diag]
+    curv = {"diagonal_fisher": diag, "exact_ggn": dense, "none": None}
+    results = {}
+    for spec in list_methods():
+        if not spec.is_merge:
+            continue
+        results[spec.name] = spec([A, B], base=BASE, curvatures=curv[spec.statistics])
+        assert set(results[spec.name].params) == set(A)
+    assert torch.allclose(results["average"].params["w"], (A["w"] + B["w"]) / 2)
+    # a dense operator holding the same diagonal gives the diagonal merge (via CG)
+    for n in A:
+        assert torch.allclose(
+            results["fisher_exact"].params[n], results["fisher_diagonal"].params[n], atol=1e-8
+        )
+    torch.manual_seed(0)
+    nets = [_Net(2), _Net(2)]
+    for name in ("average", "ensemble"):
+        mods = task_models(get_method(name)(nets, params=r"^body\."), nets)
+        assert len(mods) == 2 and mods[0](torch.randn(1, 3)).shape == (1, 2)
+
+
+def test_registry_errors():
+    from curvmerge.merge.registry import UnknownMethodError, get_method
+
+    with pytest.raises(UnknownMethodError, match="valid methods: average, task_arithmetic"):
+        get_method("fisher")
+    assert get_method("Fisher-Diagonal").name == "fisher_diagonal"
+    with pytest.raises(TypeError, match="no option 'densty'.*density"):
+        get_method("ties")([A, B], base=BASE, densty=0.3)
+    with pytest.raises(ValueError, match="needs the base model"):
+        get_method("task_arithmetic")([A, B])
+    with pytest.raises(ValueError, match="needs one diagonal Fisher per model"):
+        get_method("fisher_diagonal")([A, B])
+    with pytest.raises(ValueError, match="exactly 2"):
+        get_method("slerp")([A, B, A])
+    with pytest.raises(ValueError, match="non-negative"):
+        get_method("average")([A, B], weights=[1.0, -0.5])
+    with pytest.raises(ValueError, match="prior"):
+        get_method("average")([A, B], prior="base")
+    spec = get_method("fisher_exact")
+    assert spec.operator == "curvmerge.operators.ggn:GGNOperator"
+    with pytest.raises(ValueError, match="needs no curvature operator"):
+        get_method("ties").operator_class()

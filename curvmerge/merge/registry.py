@@ -1,0 +1,342 @@
+"""The table of merging methods: one row per method, all called the same way.
+
+Every method is called as
+
+.. code-block:: python
+
+    spec = get_method("ties")
+    result = spec(models, base=base, curvatures=None, weights=None, params=None, density=0.2)
+
+and returns a :class:`~curvmerge.merge.MergeResult` (merges) or an
+:class:`~curvmerge.merge.ensemble.EnsembleResult` (the output ensemble, a reference that is
+not a merge); :func:`task_models` turns either into one evaluable module per task.
+``spec.statistics`` says which per-model statistics a caller must compute first:
+
+- ``"none"``: parameters only;
+- ``"diagonal_fisher"``: one :class:`~curvmerge.operators.DiagonalOperator` per model (a
+  diagonal Fisher of any kind: exact, Monte-Carlo or empirical);
+- ``"exact_ggn"``: one matrix-free :class:`~curvmerge.operators.LinearOperator` per model,
+  normally ``curvmerge.operators.ggn.GGNOperator`` (named in ``spec.operator``, imported only
+  by :meth:`MethodSpec.operator_class`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from curvmerge.merge.ensemble import EnsembleResult, output_ensemble
+from curvmerge.merge.equation import MergeResult, load_merged, merge, parameters_of
+from curvmerge.merge.methods import dare, slerp, task_arithmetic, ties
+from curvmerge.operators import DiagonalOperator, LinearOperator
+
+__all__ = [
+    "MethodSpec",
+    "UnknownMethodError",
+    "get_method",
+    "list_methods",
+    "method_names",
+    "methods_table",
+    "task_models",
+    "STATISTICS",
+]
+
+#: The kinds of per-model statistics a method can need.
+STATISTICS = ("none", "diagonal_fisher", "exact_ggn")
+
+
+class UnknownMethodError(ValueError):
+    """Raised for a method name that is not in the registry."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One row of the registry.
+
+    Attributes:
+        name: The name used in configs and on the command line.
+        summary: One line saying what the method does.
+        reference: The paper it comes from.
+        function: ``function(models, *, base, curvatures, weights, params, **options)``.
+        statistics: ``"none"``, ``"diagonal_fisher"`` or ``"exact_ggn"`` (see module doc).
+        options: The method's own options and their defaults.
+        needs_base: Whether the base model :math:`\\theta_0` is required.
+        is_merge: ``False`` for references that are not merges (output ensembling).
+        num_models: Number of models the method takes (``None``: any).
+        weights: What ``weights`` means for this method.
+        operator: ``"module:Class"`` of the operator that computes the statistics, if any.
+    """
+
+    name: str
+    summary: str
+    reference: str
+    function: Callable[..., Any] = field(repr=False)
+    statistics: str = "none"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    needs_base: bool = False
+    is_merge: bool = True
+    num_models: int | None = None
+    weights: str = "per-model coefficients w_t >= 0"
+    operator: str | None = None
+
+    def __call__(
+        self,
+        models: Sequence[nn.Module | Mapping[str, Tensor]],
+        *,
+        base: nn.Module | Mapping[str, Tensor] | None = None,
+        curvatures: Sequence[LinearOperator] | None = None,
+        weights: Sequence[float] | None = None,
+        params: str | Sequence[str] | None = None,
+        **options,
+    ) -> MergeResult | EnsembleResult:
+        """Run the method after checking its requirements; see the class attributes."""
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            valid = ", ".join(self.options) or "none"
+            raise TypeError(
+                f"method {self.name!r} has no option {unknown[0]!r} (its options: {valid})"
+            )
+        if isinstance(models, (nn.Module, Mapping)) or not len(models):
+            raise ValueError(f"method {self.name!r} needs a non-empty list of models")
+        if self.num_models is not None and len(models) != self.num_models:
+            raise ValueError(
+                f"method {self.name!r} merges exactly {self.num_models} models, got {len(models)}"
+            )
+        if self.needs_base and base is None:
+            raise ValueError(
+                f"method {self.name!r} needs the base model (the checkpoint the models were "
+                "fine-tuned from)"
+            )
+        if self.statistics == "none" and curvatures is not None:
+            raise ValueError(f"method {self.name!r} uses no curvature; do not pass curvatures")
+        if self.statistics != "none":
+            _check_curvatures(self, curvatures, len(models))
+        merged_options = {**self.options, **options}
+        return self.function(
+            models, base=base, curvatures=curvatures, weights=weights, params=params,
+            **merged_options,
+        )  # fmt: skip
+
+    def operator_class(self) -> type:
+        """Import and return the operator class named in ``operator`` (lazily)."""
+        if self.operator is None:
+            raise ValueError(f"method {self.name!r} needs no curvature operator")
+        module, _, cls = self.operator.partition(":")
+        try:
+            return getattr(importlib.import_module(module), cls)
+        except (ImportError, AttributeError) as err:
+            raise ImportError(
+                f"method {self.name!r} needs {self.operator}, which is not available: {err}"
+            ) from err
+
+
+def _check_curvatures(spec: MethodSpec, curvatures, num_models: int) -> None:
+    what = "diagonal Fisher" if spec.statistics == "diagonal_fisher" else "GGN/Fisher operator"
+    if curvatures is None:
+        raise ValueError(
+            f"method {spec.name!r} needs one {what} per model (statistics={spec.statistics!r}); "
+            "compute them first"
+        )
+    curvatures = list(curvatures)
+    if len(curvatures) != num_models:
+        raise ValueError(f"got {len(curvatures)} curvatures for {num_models} models")
+    for i, F in enumerate(curvatures):
+        if spec.statistics == "diagonal_fisher" and not isinstance(F, DiagonalOperator):
+            raise TypeError(
+                f"method {spec.name!r} needs diagonal curvatures; curvature {i} is a "
+                f"{type(F).__name__} (use 'fisher_exact' for general operators)"
+            )
+        if not isinstance(F, LinearOperator):
+            raise TypeError(f"curvature {i} is a {type(F).__name__}, not a LinearOperator")
+
+
+def _prior(prior, base):
+    if isinstance(prior, Mapping):
+        return prior
+    if prior == "mean":
+        return "mean"
+    if prior in (None, "zero"):
+        return None
+    if prior == "base":
+        if base is None:
+            raise ValueError("prior='base' needs the base model: pass base=...")
+        return parameters_of(base)
+    raise ValueError(f"prior must be 'mean', 'zero', 'base' or a parameter dict, got {prior!r}")
+
+
+# ---------------------------------------------------------------------------------- adapters
+def _average(models, *, base, curvatures, weights, params, damping, prior):
+    return merge(models, None, weights=weights, params=params, damping=damping,
+                 prior=_prior(prior, base))  # fmt: skip
+
+
+def _curvature_merge(models, *, base, curvatures, weights, params, prior, **solver):
+    return merge(models, curvatures, weights=weights, prior=_prior(prior, base), **solver)
+
+
+def _task_arithmetic(models, *, base, curvatures, weights, params, scaling):
+    return task_arithmetic(models, base, scaling=scaling, weights=weights, params=params)
+
+
+def _ties(models, *, base, curvatures, weights, params, density, scaling):
+    return ties(models, base, density=density, scaling=scaling, weights=weights, params=params)
+
+
+def _dare(models, *, base, curvatures, weights, params, **options):
+    return dare(models, base, weights=weights, params=params, **options)
+
+
+def _slerp(models, *, base, curvatures, weights, params, t, per_tensor):
+    if weights is not None and t is not None:
+        raise ValueError("slerp takes the option t or weights, not both")
+    return slerp(models, t=t, weights=weights, base=base, per_tensor=per_tensor, params=params)
+
+
+def _ensemble(models, *, base, curvatures, weights, params, combine):
+    return output_ensemble(models, weights=weights, params=params, combine=combine)
+
+
+_SOLVER = {
+    "damping": 1e-3,
+    "prior": "mean",
+    "rtol": 1e-6,
+    "maxiter": None,
+    "preconditioner": "diagonal",
+    "warm_start": True,
+    "require_convergence": False,
+}
+
+_TABLE: tuple[MethodSpec, ...] = (
+    MethodSpec(
+        name="average",
+        summary="weighted average of the parameters (identity curvature)",
+        reference="Wortsman et al., Model soups, ICML 2022",
+        function=_average,
+        options={"damping": 0.0, "prior": "mean"},
+    ),
+    MethodSpec(
+        name="task_arithmetic",
+        summary="base + scaling * sum of task vectors",
+        reference="Ilharco et al., Editing models with task arithmetic, ICLR 2023",
+        function=_task_arithmetic,
+        options={"scaling": 1.0},
+        needs_base=True,
+        weights="per-model multipliers of the task vectors (default 1)",
+    ),
+    MethodSpec(
+        name="ties",
+        summary="trim task vectors, elect signs, average the agreeing entries",
+        reference="Yadav et al., TIES-Merging, NeurIPS 2023",
+        function=_ties,
+        options={"density": 0.2, "scaling": 1.0},
+        needs_base=True,
+        weights="per-model multipliers of the trimmed task vectors (default 1)",
+    ),
+    MethodSpec(
+        name="dare",
+        summary="randomly drop and rescale task-vector entries (seeded), then add them",
+        reference="Yu et al., Language models are Super Mario, ICML 2024",
+        function=_dare,
+        options={
+            "drop_rate": 0.5,
+            "scaling": 1.0,
+            "seed": 0,
+            "combine": "task_arithmetic",
+            "density": 0.2,
+        },
+        needs_base=True,
+        weights="per-model multipliers of the task vectors (default 1)",
+    ),
+    MethodSpec(
+        name="slerp",
+        summary="spherical interpolation of two models (per tensor)",
+        reference="Shoemake, Animating rotation with quaternion curves, SIGGRAPH 1985",
+        function=_slerp,
+        options={"t": None, "per_tensor": True},
+        num_models=2,
+        weights="(w1, w2) sets t = w2 / (w1 + w2)",
+    ),
+    MethodSpec(
+        name="fisher_diagonal",
+        summary="Fisher-weighted averaging with diagonal Fishers (closed form)",
+        reference="Matena & Raffel, Merging models with Fisher-weighted averaging, NeurIPS 2022",
+        function=_curvature_merge,
+        statistics="diagonal_fisher",
+        options={"damping": 1e-3, "prior": "mean"},
+    ),
+    MethodSpec(
+        name="fisher_exact",
+        summary="exact GGN/Fisher merge, matrix-free, solved by preconditioned CG",
+        reference="Matena & Raffel 2022 (full Fisher); Martens, New insights and perspectives "
+        "on the natural gradient method, JMLR 2020 (GGN)",
+        function=_curvature_merge,
+        statistics="exact_ggn",
+        options=_SOLVER,
+        operator="curvmerge.operators.ggn:GGNOperator",
+    ),
+    MethodSpec(
+        name="ensemble",
+        summary="output ensemble: average the models' predictions (a reference, not a merge)",
+        reference="Matena & Raffel, Merging models with Fisher-weighted averaging, NeurIPS 2022",
+        function=_ensemble,
+        options={"combine": "probs"},
+        is_merge=False,
+        weights="ensemble weights (default equal)",
+    ),
+)
+
+_REGISTRY: dict[str, MethodSpec] = {spec.name: spec for spec in _TABLE}
+
+
+def list_methods() -> list[MethodSpec]:
+    """All registered methods, in table order."""
+    return list(_TABLE)
+
+
+def method_names() -> list[str]:
+    """The registered method names, in table order."""
+    return [spec.name for spec in _TABLE]
+
+
+def get_method(name: str) -> MethodSpec:
+    """The registry row of ``name`` (case-insensitive; ``-`` and ``_`` are the same).
+
+    Raises:
+        UnknownMethodError: Naming the valid methods.
+
+    Example:
+        >>> get_method("Task-Arithmetic").needs_base
+        True
+    """
+    key = str(name).strip().lower().replace("-", "_")
+    if key not in _REGISTRY:
+        raise UnknownMethodError(
+            f"unknown method {name!r}; valid methods: {', '.join(method_names())}"
+        )
+    return _REGISTRY[key]
+
+
+def methods_table() -> str:
+    """A Markdown table of the registry (name, statistics, summary, reference)."""
+    lines = ["| method | statistics | summary | reference |", "| --- | --- | --- | --- |"]
+    for s in _TABLE:
+        lines.append(f"| {s.name} | {s.statistics} | {s.summary} | {s.reference} |")
+    return "\n".join(lines)
+
+
+def task_models(result: MergeResult | EnsembleResult, models: Sequence[nn.Module]) -> list:
+    """One evaluable module per task, whatever the method.
+
+    For a merge, task :math:`k`'s module is a copy of ``models[k]`` with the merged parameters
+    loaded (it keeps its own head and buffers); for an ensemble, the ensemble member of task
+    :math:`k`.
+    """
+    if isinstance(result, EnsembleResult):
+        return list(result.members)
+    if isinstance(result, MergeResult):
+        return [load_merged(m, result.params) for m in models]
+    raise TypeError(f"expected a MergeResult or EnsembleResult, got {type(result).__name__}")
