@@ -1,12 +1,10 @@
-"""curvmerge: merge neural networks with curvature.
+r"""curvmerge: merge neural networks with curvature.
 
 .. math::
 
-    \theta^* = (\\lambda I + \\sum_t w_t F_t)^{-1} (\\sum_t w_t F_t \theta_t + \\lambda \theta_0)
+    \theta^* = (\lambda I + \sum_t w_t F_t)^{-1} (\sum_t w_t F_t \theta_t + \lambda \theta_0)
 """
 
-# parameter space
-# operators
 from curvmerge.merge import (
     ConvergenceError,
     ConvergenceWarning,
