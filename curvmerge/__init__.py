@@ -15,6 +15,7 @@ from curvmerge.merge import (
     parameters_of,
 )
 from curvmerge.operators import (
+    BlockDiagonalOperator,
     DenseOperator,
     DiagonalOperator,
     IdentityOperator,
@@ -36,6 +37,7 @@ __all__ = [
     "IdentityOperator",
     "DiagonalOperator",
     "DenseOperator",
+    "BlockDiagonalOperator",
     # solver
     "cg",
     "solve_cg",

@@ -127,3 +127,27 @@ def test_float32_operator_accepts_float64_input():
     D = DiagonalOperator(SPACE, torch.ones(P, dtype=torch.float32))
     y = D @ torch.ones(P, dtype=torch.float64)
     assert y.dtype == torch.float32
+
+
+def test_block_diagonal_matches_dense():
+    from curvmerge import BlockDiagonalOperator
+
+    sub_a = SPACE.select(["p2", "p0"])  # keeps the space order: p0, p2
+    S = random_spd(sub_a.size, seed=11)
+    d = torch.rand(4, dtype=torch.float64)
+    blocks = [
+        DenseOperator(sub_a, S, self_adjoint=True),
+        DiagonalOperator(SPACE.select(["p1"]), d),
+    ]
+    op = BlockDiagonalOperator(SPACE, blocks)
+    dense = torch.zeros(P, P, dtype=torch.float64)
+    idx_a = torch.cat([torch.arange(0, 6), torch.arange(10, 14)])
+    dense[idx_a[:, None], idx_a[None, :]] = S
+    dense[6:10, 6:10] = torch.diag(d)
+    assert_matches_dense(op, dense)
+    partial = BlockDiagonalOperator(SPACE, blocks[1:], fill=2.0)
+    expected = 2.0 * torch.eye(P, dtype=torch.float64)
+    expected[6:10, 6:10] = torch.diag(d)
+    assert_matches_dense(partial, expected)
+    with pytest.raises(SpaceMismatchError, match="'p1' is in block 0 and block 1"):
+        BlockDiagonalOperator(SPACE, [blocks[1], blocks[1]])

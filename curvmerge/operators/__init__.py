@@ -7,6 +7,7 @@ from curvmerge.operators.base import (
     ScaledOperator,
     SumOperator,
 )
+from curvmerge.operators.block import BlockDiagonalOperator
 from curvmerge.operators.dense import DenseOperator
 from curvmerge.operators.diagonal import DiagonalOperator, IdentityOperator
 
@@ -19,4 +20,5 @@ __all__ = [
     "DenseOperator",
     "DiagonalOperator",
     "IdentityOperator",
+    "BlockDiagonalOperator",
 ]
