@@ -1,0 +1,310 @@
+"""Merges that reuse per-model statistics: prepare once, merge at many coefficients.
+
+A coefficient sweep calls the merge equation
+
+.. math::
+
+    \\theta^*(w, \\lambda) = \\theta_0 + (\\lambda I + \\textstyle\\sum_t w_t F_t)^{-1}
+    \\textstyle\\sum_t w_t F_t (\\theta_t - \\theta_0)
+
+at many weights :math:`w` and dampings :math:`\\lambda`. :class:`PreparedMerge` computes what
+does not depend on them once:
+
+- diagonal (and identity) curvatures: the stacks :math:`d_t` and :math:`g_t = d_t \\odot
+  \\theta_t`, so that with :math:`D = \\sum_t w_t d_t` and :math:`G = \\sum_t w_t g_t` a point
+  costs elementwise work only,
+
+  .. math::
+
+      \\theta^* = \\theta_0 + \\frac{G - D \\odot \\theta_0}{\\lambda + D};
+
+- operator curvatures (exact GGN/Fisher): the products :math:`F_t \\theta_s` (or
+  :math:`F_t(\\theta_t - \\theta_0)` for a fixed prior), so that the right-hand side costs no
+  operator product, and each solve warm-starts CG from the previous point's solution.
+
+Every point equals :func:`~curvmerge.merge` called with the same arguments (up to rounding,
+and CG's tolerance for operators).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from curvmerge.merge.equation import ConvergenceWarning, MergeReport, MergeResult, parameters_of
+from curvmerge.merge.methods import check_weights
+from curvmerge.operators import DiagonalOperator, IdentityOperator, LinearOperator
+from curvmerge.solve import solve_cg
+from curvmerge.space import ParamSpace
+
+__all__ = ["PreparedMerge"]
+
+#: Largest cache of cross products :math:`F_t \theta_s` (bytes) kept for the mean prior.
+CROSS_PRODUCT_CACHE_BYTES = 2**30
+
+
+def _finite(x: Tensor, what: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{what} contains NaN or Inf")
+
+
+class PreparedMerge:
+    """Per-model statistics prepared once; :meth:`merge` at any weights and damping.
+
+    Args:
+        thetas: The models (modules or parameter dicts).
+        curvatures: One operator per model; ``None`` means identity (weighted averaging).
+            All :class:`~curvmerge.operators.DiagonalOperator` gives the elementwise path,
+            anything else the CG path.
+        prior: ``"mean"`` (the :math:`w`-weighted average), ``None`` (zero) or a parameter
+            dict (for example the base model), as in :func:`~curvmerge.merge`.
+        params: Names or a regex of the merged parameters when ``curvatures`` is ``None``.
+        rtol: CG relative tolerance (operator path).
+        maxiter: CG iteration limit (default ``10 * P``).
+        preconditioner: ``"diagonal"`` (Jacobi, when the operators have a diagonal), ``None``
+            or a fixed operator approximating the inverse.
+        warm_start: Start each CG solve from the previous point's solution (the first from the
+            diagonal merge, when diagonals are available).
+        cache_bytes: Memory allowed for the cross products :math:`F_t \\theta_s` that make the
+            mean prior's right-hand side free; above it, each point pays :math:`T` products.
+
+    Attributes:
+        kind: ``"identity"``, ``"diagonal"`` or ``"operator"``.
+        prepare_seconds: Time spent preparing (flattening, stacking, products).
+        prepare_products: Operator products spent preparing.
+
+    Example:
+        >>> a, b = {"w": torch.tensor([0.0, 2.0])}, {"w": torch.tensor([2.0, 4.0])}
+        >>> prepared = PreparedMerge([a, b])
+        >>> prepared.merge([0.25, 0.75]).params["w"]
+        tensor([1.5000, 3.5000])
+    """
+
+    def __init__(
+        self,
+        thetas: Sequence[nn.Module | Mapping[str, Tensor]],
+        curvatures: Sequence[LinearOperator] | None = None,
+        *,
+        prior: str | Mapping[str, Tensor] | None = "mean",
+        params: str | Sequence[str] | None = None,
+        rtol: float = 1e-6,
+        maxiter: int | None = None,
+        preconditioner: str | LinearOperator | None = "diagonal",
+        warm_start: bool = True,
+        cache_bytes: int = CROSS_PRODUCT_CACHE_BYTES,
+    ):
+        start = time.perf_counter()
+        if isinstance(thetas, (nn.Module, Mapping)) or not len(thetas):
+            raise ValueError("PreparedMerge needs a non-empty list of models")
+        dicts = [parameters_of(t) for t in thetas]
+        self.num_models = T = len(dicts)
+        if curvatures is not None:
+            curvatures = list(curvatures)
+            if len(curvatures) != T:
+                raise ValueError(f"got {len(curvatures)} curvatures for {T} models")
+            for i, F in enumerate(curvatures):
+                if not isinstance(F, LinearOperator):
+                    raise TypeError(
+                        f"curvature {i} is a {type(F).__name__}, not a curvmerge LinearOperator"
+                    )
+                if i:
+                    curvatures[0].space.check_same(F.space, what=f"curvature {i}")
+            space = curvatures[0].space
+            dtype, device = curvatures[0].dtype, curvatures[0].device
+        else:
+            space = ParamSpace.from_tensors(dicts[0], params)
+            first = dicts[0][space.names[0]]
+            dtype = torch.promote_types(first.dtype, torch.float32)
+            device = first.device
+        self.space = space = ParamSpace(space.names, space.shapes)
+        reference = ParamSpace.from_tensors(dicts[0]).select(list(space.names))
+        for i, d in enumerate(dicts):
+            reference.check(d, what=f"model {i}")
+        self._reference = {n: dicts[0][n] for n in space.names}
+        self.dtype, self.device = dtype, device
+        self.thetas = torch.stack([space.flatten(d).to(device=device, dtype=dtype) for d in dicts])
+        _finite(self.thetas, "a model")
+
+        if isinstance(prior, str) and prior == "mean":
+            self.prior_name, self._prior = "mean", None
+        elif prior is None:
+            self.prior_name, self._prior = (
+                "zero",
+                torch.zeros(space.size, dtype=dtype, device=device),
+            )
+        elif isinstance(prior, Mapping):
+            self.prior_name = "given"
+            self._prior = space.flatten(prior).to(device=device, dtype=dtype)
+            _finite(self._prior, "the prior")
+        else:
+            raise ValueError(f"prior must be 'mean', None or a parameter dict, got {prior!r}")
+
+        self.rtol, self.maxiter = float(rtol), maxiter
+        self.preconditioner, self.warm_start = preconditioner, warm_start
+        self.curvatures = curvatures
+        self.prepare_products = 0
+        self._diags = self._gs = self._rhs = self._cross = None
+        self._last: Tensor | None = None
+
+        if curvatures is None:
+            self.kind = "identity"
+        elif all(isinstance(F, DiagonalOperator) for F in curvatures):
+            self.kind = (
+                "identity"
+                if all(isinstance(F, IdentityOperator) for F in curvatures)
+                else "diagonal"
+            )
+            self._diags = self._diag_stack(curvatures)
+            self._gs = self._diags * self.thetas
+        else:
+            self.kind = "operator"
+            try:
+                self._diags = self._diag_stack(curvatures)
+            except NotImplementedError:
+                self._diags = None
+            if self._prior is not None:  # fixed prior: F_t (theta_t - theta_0), once
+                self._rhs = torch.stack(
+                    [
+                        (F @ (self.thetas[t] - self._prior)).to(device, dtype)
+                        for t, F in enumerate(curvatures)
+                    ]
+                )
+                self.prepare_products = T
+            elif T * T * space.size * self.thetas.element_size() <= cache_bytes:
+                # mean prior: F_t theta_s for all s, one block product per model
+                self._cross = torch.stack(
+                    [F.matmat(self.thetas.T).to(device, dtype) for F in curvatures]
+                )  # [T, P, T]
+                self.prepare_products = T * T
+        self.prepare_seconds = time.perf_counter() - start
+
+    def _diag_stack(self, curvatures) -> Tensor:
+        rows = []
+        for i, F in enumerate(curvatures):
+            d = F.diagonal().to(device=self.device, dtype=self.dtype)
+            _finite(d, f"curvature {i}")
+            if bool((d < 0).any()):
+                raise ValueError(f"curvature {i} has negative diagonal entries: not PSD")
+            rows.append(d)
+        return torch.stack(rows)
+
+    # ------------------------------------------------------------------ merging
+    def _theta0(self, w: Tensor) -> Tensor:
+        if self._prior is not None:
+            return self._prior
+        return (w @ self.thetas) / w.sum()
+
+    def reset(self) -> None:
+        """Forget the previous solution (the next CG solve starts cold or from the diagonal)."""
+        self._last = None
+
+    def merge(self, weights: Sequence[float] | None = None, damping: float = 1e-3) -> MergeResult:
+        """The merge at ``weights`` (default :math:`1/T`) and ``damping``.
+
+        Returns:
+            A :class:`~curvmerge.merge.MergeResult`, as :func:`~curvmerge.merge` returns it.
+        """
+        start = time.perf_counter()
+        wl = check_weights(weights, self.num_models, 1.0 / self.num_models)
+        damping = float(damping)
+        if not damping >= 0:
+            raise ValueError(f"damping must be >= 0, got {damping}")
+        w = torch.tensor(wl, dtype=self.dtype, device=self.device)
+        theta0 = self._theta0(w)
+        report = MergeReport(
+            method="",
+            num_models=self.num_models,
+            weights=wl,
+            damping=damping,
+            prior=self.prior_name,
+        )
+        if self.kind == "operator":
+            merged = theta0 + self._solve(w, damping, theta0, report)
+            self._last = merged
+        else:
+            if self._diags is None:  # identity from curvatures=None
+                D = w.sum()
+                numer = w @ self.thetas - D * theta0
+                denom = D + damping
+                step = numer / denom
+            else:
+                D = w @ self._diags
+                numer = w @ self._gs - D * theta0
+                denom = D + damping
+                unseen = denom == 0
+                report.unseen = int(unseen.sum())
+                step = torch.where(unseen, 0.0, numer / torch.where(unseen, 1.0, denom))
+            report.method = "average" if self.kind == "identity" else "diagonal"
+            merged = theta0 + step
+        _finite(merged, "the merged parameters")
+        out = {}
+        for name, value in self.space.unflatten(merged).items():
+            ref = self._reference[name]
+            out[name] = value.to(device=ref.device, dtype=ref.dtype).clone()
+        report.seconds = time.perf_counter() - start
+        return MergeResult(out, report)
+
+    def _solve(self, w: Tensor, damping: float, theta0: Tensor, report: MergeReport) -> Tensor:
+        space, dtype, device = self.space, self.dtype, self.device
+        report.method = "cg"
+        A = IdentityOperator(space, damping, dtype=dtype, device=device)
+        for wt, F in zip(w.tolist(), self.curvatures, strict=True):
+            if wt != 0:
+                A = A + wt * F
+        rhs_products = 0
+        if self._rhs is not None:
+            b = w @ self._rhs
+        elif self._cross is not None:
+            coeff = w / w.sum()
+            idx = torch.arange(self.num_models, device=device)
+            own = self._cross[idx, :, idx]  # F_t theta_t, [T, P]
+            b = w @ (own - self._cross @ coeff)
+        else:
+            b = torch.zeros(space.size, dtype=dtype, device=device)
+            for wt, F, th in zip(w.tolist(), self.curvatures, self.thetas, strict=True):
+                if wt != 0:
+                    b = b + wt * (F @ (th - theta0)).to(device, dtype)
+                    rhs_products += 1
+        _finite(b, "the right-hand side")
+
+        denom = None if self._diags is None else w @ self._diags + damping
+        M = None
+        if isinstance(self.preconditioner, LinearOperator):
+            M, report.preconditioner = self.preconditioner, type(self.preconditioner).__name__
+        elif self.preconditioner == "diagonal" and denom is not None and bool((denom > 0).all()):
+            M, report.preconditioner = DiagonalOperator(space, 1.0 / denom), "diagonal"
+        elif self.preconditioner not in (None, "diagonal"):
+            raise ValueError(
+                "preconditioner must be 'diagonal', None or an operator, "
+                f"got {self.preconditioner!r}"
+            )
+
+        x0, checked = None, 0
+        if self.warm_start and self._last is not None:
+            x0 = self._last - theta0
+        elif self.warm_start and denom is not None:
+            numer = w @ (self._diags * (self.thetas - theta0))
+            x0 = torch.where(denom > 0, numer / torch.where(denom > 0, denom, 1.0), 0.0)
+            checked = 1  # keep the diagonal warm start only if it beats zero, as merge() does
+            if torch.linalg.vector_norm(b - A @ x0) >= torch.linalg.vector_norm(b):
+                x0 = None
+        report.warm_start = x0 is not None
+        result = solve_cg(A, b, x0, rtol=self.rtol, maxiter=self.maxiter, M=M)
+        report.converged = result.converged
+        report.iterations = result.iterations
+        report.products = result.products + checked + rhs_products
+        report.relative_residual = result.relative_residual
+        report.residual_history = result.residuals
+        if not result.converged:
+            warnings.warn(
+                f"PreparedMerge: CG did not converge at weights={report.weights}, "
+                f"damping={damping:g}: relative residual {result.relative_residual:.2e} > "
+                f"rtol={self.rtol:g} after {result.iterations} iterations",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+        return result.x

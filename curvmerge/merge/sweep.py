@@ -1,0 +1,418 @@
+"""Coefficient sweeps: choose weights and damping on validation data, report test once.
+
+:func:`sweep` merges at every point of a grid with a :class:`~curvmerge.merge.prepared.
+PreparedMerge` (per-model statistics computed once; a diagonal or identity point costs
+elementwise work only; exact merges warm-start CG from the previous point), scores each point
+with a ``validate`` callback, picks the best, and calls ``test`` on that point only: the test
+split never takes part in the choice. :func:`grid_search` does the same for any method (task
+arithmetic scaling, TIES density, ...).
+
+The result times the work apart from evaluation: statistics (supplied, or measured when the
+sweep computes them), preparation and merges. A 25-point sweep of two diagonal-Fisher models
+should cost well under 2% of computing their Fishers; :meth:`SweepResult.summary` prints the
+ratio.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from curvmerge.merge.equation import MergeResult
+from curvmerge.merge.methods import check_weights
+from curvmerge.merge.prepared import PreparedMerge
+from curvmerge.operators import LinearOperator
+
+__all__ = [
+    "SweepPoint",
+    "SweepResult",
+    "grid_search",
+    "sweep",
+    "line_grid",
+    "simplex_grid",
+    "scaling_grid",
+]
+
+Score = float | Mapping[str, float]
+
+
+# ---------------------------------------------------------------------------------- grids
+def line_grid(points: int = 25) -> list[tuple[float, float]]:
+    """Weights :math:`(\\alpha, 1 - \\alpha)` for two models, :math:`\\alpha` evenly in [0, 1].
+
+    Example:
+        >>> line_grid(3)
+        [(0.0, 1.0), (0.5, 0.5), (1.0, 0.0)]
+    """
+    if points < 2:
+        raise ValueError(f"a line grid needs at least 2 points, got {points}")
+    n = points - 1
+    return [(i / n, (n - i) / n) for i in range(points)]
+
+
+def simplex_grid(num_models: int, steps: int) -> list[tuple[float, ...]]:
+    """All weights :math:`w` with :math:`w_t \\in \\{0, 1/n, \\dots, 1\\}`, :math:`\\sum w = 1`.
+
+    There are :math:`\\binom{n + T - 1}{T - 1}` points (:math:`n` = ``steps``); two models and
+    24 steps give the 25-point line.
+
+    Example:
+        >>> len(simplex_grid(3, 4)), simplex_grid(2, 2)
+        (15, [(0.0, 1.0), (0.5, 0.5), (1.0, 0.0)])
+    """
+    if num_models < 1 or steps < 1:
+        raise ValueError("simplex_grid needs num_models >= 1 and steps >= 1")
+    out = []
+    for bars in itertools.combinations(range(steps + num_models - 1), num_models - 1):
+        parts, prev = [], -1
+        for b in (*bars, steps + num_models - 1):
+            parts.append(b - prev - 1)
+            prev = b
+        out.append(tuple(p / steps for p in parts))
+    return sorted(out)
+
+
+def scaling_grid(num_models: int, values: Sequence[float]) -> list[tuple[float, ...]]:
+    """The same coefficient for every model, one point per value (task-arithmetic style)."""
+    return [(float(v),) * num_models for v in values]
+
+
+# ---------------------------------------------------------------------------------- results
+@dataclass
+class SweepPoint:
+    """One evaluated point.
+
+    Attributes:
+        index: Position in the sweep.
+        coefficients: The point (``{"weights": (...), "damping": ...}`` or a method's options).
+        validation: The selection score (mean of the per-task values when ``validate``
+            returns a mapping).
+        validation_detail: The per-task validation values (empty for a scalar score).
+        merge_seconds: Time spent merging (evaluation excluded).
+        eval_seconds: Time spent in ``validate``.
+        products: Operator products of the merge (0 for closed forms).
+        iterations: CG iterations (0 for closed forms).
+        converged: Whether the merge's solve converged.
+    """
+
+    index: int
+    coefficients: dict[str, Any]
+    validation: float
+    validation_detail: dict[str, float] = field(default_factory=dict)
+    merge_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    products: int = 0
+    iterations: int = 0
+    converged: bool = True
+
+
+@dataclass
+class SweepResult:
+    """A finished sweep.
+
+    Attributes:
+        method: What was swept (``"diagonal"``, ``"cg"``, a registry name, ...).
+        points: Every evaluated point, in sweep order.
+        best: Index of the point chosen on validation.
+        best_result: The merge at the chosen point.
+        test: ``test`` at the chosen point (``None`` without a test callback).
+        test_detail: Its per-task values.
+        statistics_seconds: Time spent computing the per-model statistics, if known.
+        prepare_seconds: Time spent preparing the sweep (stacking, products).
+        prepare_products: Operator products spent preparing.
+        higher_is_better: Direction of the validation score.
+    """
+
+    method: str
+    points: list[SweepPoint]
+    best: int
+    best_result: Any = field(repr=False, default=None)
+    test: float | None = None
+    test_detail: dict[str, float] = field(default_factory=dict)
+    statistics_seconds: float | None = None
+    prepare_seconds: float = 0.0
+    prepare_products: int = 0
+    higher_is_better: bool = True
+
+    @property
+    def best_point(self) -> SweepPoint:
+        """The point chosen on validation."""
+        return self.points[self.best]
+
+    @property
+    def merge_seconds(self) -> float:
+        """Time of all merges (evaluation excluded)."""
+        return sum(p.merge_seconds for p in self.points)
+
+    @property
+    def eval_seconds(self) -> float:
+        """Time of all validation calls."""
+        return sum(p.eval_seconds for p in self.points)
+
+    @property
+    def sweep_seconds(self) -> float:
+        """Cost of the sweep apart from evaluation: preparation plus merges."""
+        return self.prepare_seconds + self.merge_seconds
+
+    @property
+    def cost_ratio(self) -> float | None:
+        """``sweep_seconds / statistics_seconds`` (``None`` when the statistics time is unknown)."""
+        if not self.statistics_seconds:
+            return None
+        return self.sweep_seconds / self.statistics_seconds
+
+    def summary(self) -> str:
+        """Chosen point, its scores, and the sweep's cost against the statistics."""
+        bp = self.best_point
+        coeffs = ", ".join(f"{k}={_fmt(v)}" for k, v in bp.coefficients.items())
+        lines = [
+            f"sweep ({self.method}): {len(self.points)} points; chosen on validation: {coeffs} "
+            f"(validation {bp.validation:.4f})"
+        ]
+        if self.test is not None:
+            lines.append(f"  test at the chosen point: {self.test:.4f}")
+        cost = (
+            f"  cost without evaluation: prepare {self.prepare_seconds:.3g} s + merges "
+            f"{self.merge_seconds:.3g} s = {self.sweep_seconds:.3g} s"
+        )
+        if self.cost_ratio is not None:
+            cost += (
+                f" = {100 * self.cost_ratio:.2f}% of the {self.statistics_seconds:.3g} s spent "
+                "computing the statistics"
+            )
+        lines.append(cost + f" (evaluation {self.eval_seconds:.3g} s excluded)")
+        return "\n".join(lines)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One flat dict per point (for CSV): coefficients, scores, timing, chosen flag."""
+        out = []
+        for p in self.points:
+            row: dict[str, Any] = {"index": p.index}
+            for k, v in p.coefficients.items():
+                if isinstance(v, (tuple, list)):
+                    row.update({f"{k}_{i + 1}": x for i, x in enumerate(v)})
+                else:
+                    row[k] = v
+            row["validation"] = p.validation
+            row.update({f"validation_{k}": v for k, v in p.validation_detail.items()})
+            row.update(
+                merge_seconds=p.merge_seconds,
+                products=p.products,
+                iterations=p.iterations,
+                chosen=p.index == self.best,
+            )
+            out.append(row)
+        return out
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (tuple, list)):
+        return "(" + ", ".join(_fmt(x) for x in v) + ")"
+    return str(v)
+
+
+def _score(value: Score, what: str) -> tuple[float, dict[str, float]]:
+    if isinstance(value, Mapping):
+        detail = {str(k): float(v) for k, v in value.items()}
+        if not detail:
+            raise ValueError(f"{what} returned an empty mapping")
+        return sum(detail.values()) / len(detail), detail
+    try:
+        return float(value), {}
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"{what} must return a number or a mapping of numbers, got {type(value).__name__}"
+        ) from err
+
+
+def _better(a: float, b: float, higher: bool) -> bool:
+    if math.isnan(a):
+        return False
+    if math.isnan(b):
+        return True
+    return a > b if higher else a < b
+
+
+# ---------------------------------------------------------------------------------- search
+def grid_search(
+    make: Callable[..., Any],
+    points: Sequence[Mapping[str, Any]],
+    *,
+    validate: Callable[[Any], Score],
+    test: Callable[[Any], Score] | None = None,
+    higher_is_better: bool = True,
+    method: str = "custom",
+    statistics_seconds: float | None = None,
+    prepare_seconds: float = 0.0,
+    prepare_products: int = 0,
+    progress: bool = False,
+    verbose: bool = False,
+) -> SweepResult:
+    """Evaluate ``make(**point)`` at every point, choose on ``validate``, test the choice.
+
+    Args:
+        make: Builds a result from one point's keyword arguments (for example
+            ``lambda **kw: get_method("ties")(models, base=base, **kw)``).
+        points: The grid, one mapping of keyword arguments per point.
+        validate: Scores a result on validation data: a number, or a mapping of per-task
+            numbers whose mean is the score.
+        test: Called once, on the chosen point's result.
+        higher_is_better: Maximise (accuracy) or minimise (loss) the validation score.
+        method: Name recorded in the result.
+        statistics_seconds: Time spent computing per-model statistics, for the cost ratio.
+        prepare_seconds: Time spent preparing, counted in the sweep's cost.
+        prepare_products: Operator products spent preparing.
+        progress: Show a tqdm progress bar.
+        verbose: Print :meth:`SweepResult.summary` at the end.
+
+    Returns:
+        A :class:`SweepResult`; ties keep the earliest point.
+    """
+    points = [dict(p) for p in points]
+    if not points:
+        raise ValueError("the sweep grid is empty")
+    iterator = points
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(points, desc=f"sweep {method}", unit="point")
+    evaluated: list[SweepPoint] = []
+    best, best_result = -1, None
+    for i, kwargs in enumerate(iterator):
+        t0 = time.perf_counter()
+        result = make(**kwargs)
+        t1 = time.perf_counter()
+        score, detail = _score(validate(result), "validate")
+        t2 = time.perf_counter()
+        report = getattr(result, "report", None)
+        point = SweepPoint(
+            index=i,
+            coefficients=kwargs,
+            validation=score,
+            validation_detail=detail,
+            merge_seconds=t1 - t0,
+            eval_seconds=t2 - t1,
+            products=getattr(report, "products", 0),
+            iterations=getattr(report, "iterations", 0),
+            converged=getattr(report, "converged", True),
+        )
+        evaluated.append(point)
+        if best < 0 or _better(score, evaluated[best].validation, higher_is_better):
+            best, best_result = i, result
+    out = SweepResult(
+        method=method,
+        points=evaluated,
+        best=best,
+        best_result=best_result,
+        statistics_seconds=statistics_seconds,
+        prepare_seconds=prepare_seconds,
+        prepare_products=prepare_products,
+        higher_is_better=higher_is_better,
+    )
+    if test is not None:
+        out.test, out.test_detail = _score(test(best_result), "test")
+    if verbose:
+        print(out.summary())
+    return out
+
+
+def sweep(
+    thetas: Sequence[nn.Module | Mapping[str, Tensor]],
+    curvatures: Sequence[LinearOperator] | Callable[[], Sequence[LinearOperator]] | None = None,
+    *,
+    validate: Callable[[MergeResult], Score],
+    test: Callable[[MergeResult], Score] | None = None,
+    weights: Sequence[Sequence[float]] | None = None,
+    dampings: Sequence[float] = (1e-3,),
+    prior: str | Mapping[str, Tensor] | None = "mean",
+    params: str | Sequence[str] | None = None,
+    statistics_seconds: float | None = None,
+    higher_is_better: bool = True,
+    rtol: float = 1e-6,
+    maxiter: int | None = None,
+    preconditioner: str | LinearOperator | None = "diagonal",
+    warm_start: bool = True,
+    progress: bool = False,
+    verbose: bool = True,
+) -> SweepResult:
+    """Sweep the merge equation over weights and damping without recomputing statistics.
+
+    Each point is :func:`~curvmerge.merge` with ``weights=w, damping=λ``, computed by a
+    :class:`~curvmerge.merge.prepared.PreparedMerge`. Dampings are the outer loop; the weights
+    run forwards and backwards in turn so that consecutive points stay close (CG warm starts).
+
+    Args:
+        thetas: The models.
+        curvatures: One operator per model, ``None`` (identity: weighted averaging), or a
+            zero-argument callable that computes them: then the sweep times it as the
+            statistics time.
+        validate: Scores a :class:`~curvmerge.merge.MergeResult` on validation data (a number,
+            or a mapping of per-task numbers whose mean is the score).
+        test: Called once, on the chosen point.
+        weights: The weight grid (default :func:`line_grid` ``(25)`` for two models, else
+            :func:`simplex_grid` with 4 steps).
+        dampings: The damping grid.
+        prior: As in :func:`~curvmerge.merge`.
+        params: As in :func:`~curvmerge.merge` (without curvatures).
+        statistics_seconds: Time the caller spent computing ``curvatures`` (for the cost
+            ratio); measured when ``curvatures`` is a callable.
+        higher_is_better: Direction of the validation score.
+        rtol: CG tolerance (operator curvatures).
+        maxiter: CG iteration limit.
+        preconditioner: As in :func:`~curvmerge.merge`.
+        warm_start: Warm-start each CG solve from the previous point.
+        progress: Show a tqdm progress bar.
+        verbose: Print the summary with the sweep's cost against the statistics.
+
+    Returns:
+        A :class:`SweepResult`.
+    """
+    if callable(curvatures) and not isinstance(curvatures, (LinearOperator, Sequence)):
+        t0 = time.perf_counter()
+        curvatures = list(curvatures())
+        statistics_seconds = time.perf_counter() - t0
+    prepared = PreparedMerge(
+        thetas,
+        curvatures,
+        prior=prior,
+        params=params,
+        rtol=rtol,
+        maxiter=maxiter,
+        preconditioner=preconditioner,
+        warm_start=warm_start,
+    )
+    T = prepared.num_models
+    if weights is None:
+        weights = line_grid(25) if T == 2 else simplex_grid(T, 4)
+    grid_w = [tuple(check_weights(w, T, 1.0 / T)) for w in weights]
+    dampings = [float(d) for d in dampings]
+    if not grid_w or not dampings:
+        raise ValueError("the sweep grid is empty")
+    bad = [d for d in dampings if not d >= 0 or not math.isfinite(d)]
+    if bad:
+        raise ValueError(f"dampings must be finite and >= 0, got {bad[0]}")
+    points = []
+    for j, damping in enumerate(dampings):
+        row = grid_w if j % 2 == 0 else grid_w[::-1]
+        points.extend({"weights": w, "damping": damping} for w in row)
+    return grid_search(
+        prepared.merge,
+        points,
+        validate=validate,
+        test=test,
+        higher_is_better=higher_is_better,
+        method=prepared.kind if prepared.kind != "operator" else "cg",
+        statistics_seconds=statistics_seconds,
+        prepare_seconds=prepared.prepare_seconds,
+        prepare_products=prepared.prepare_products,
+        progress=progress,
+        verbose=verbose,
+    )

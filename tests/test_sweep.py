@@ -1,0 +1,209 @@
+"""Sweeps: every point equals merge(); choice on validation, test at the choice; timing."""
+
+import time
+
+import pytest
+import torch
+
+from curvmerge import SpaceMismatchError, merge
+from curvmerge.merge.methods import task_arithmetic
+from curvmerge.merge.prepared import PreparedMerge
+from curvmerge.merge.sweep import grid_search, line_grid, scaling_grid, simplex_grid, sweep
+from curvmerge.operators import DenseOperator, DiagonalOperator
+from curvmerge.space import ParamSpace
+
+D = torch.float64
+SPACE = ParamSpace(("a", "b"), ((4, 5), (7,)))
+P = SPACE.size
+
+
+def _models(T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [SPACE.unflatten(torch.randn(P, generator=g, dtype=D)) for _ in range(T)]
+
+
+def _diagonals(T, seed=1, zeros=True):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(T):
+        d = torch.rand(P, generator=g, dtype=D)
+        if zeros:
+            d[:3] = 0.0  # entries no curvature sees
+        out.append(DiagonalOperator(SPACE, d))
+    return out
+
+
+def _dense(T, seed=2, rank=8):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(T):
+        J = torch.randn(rank, P, generator=g, dtype=D)
+        out.append(DenseOperator(SPACE, J.T @ J, self_adjoint=True))
+    return out
+
+
+def _close(x, y, atol):
+    assert set(x) == set(y)
+    for n in x:
+        assert torch.allclose(x[n], y[n], atol=atol, rtol=0), n
+
+
+PRIORS = ["mean", None, "given"]
+
+
+def _prior(prior):
+    return _models(1, seed=9)[0] if prior == "given" else prior
+
+
+@pytest.mark.parametrize("prior", PRIORS)
+@pytest.mark.parametrize("kind", ["identity", "diagonal"])
+@pytest.mark.parametrize("T", [2, 3])
+def test_prepared_closed_form_equals_merge(kind, prior, T):
+    models = _models(T)
+    curv = None if kind == "identity" else _diagonals(T)
+    prepared = PreparedMerge(models, curv, prior=_prior(prior))
+    assert prepared.kind == kind
+    for w in simplex_grid(T, 3)[1:]:
+        for damping in (0.0, 1e-3, 1.0):
+            if prior is None and damping == 0.0 and kind == "identity":
+                continue
+            got = prepared.merge(w, damping)
+            ref = merge(models, curv, weights=w, damping=damping, prior=_prior(prior))
+            _close(got.params, ref.params, atol=1e-12)
+            assert got.report.method == ref.report.method
+            assert got.report.unseen == ref.report.unseen
+
+
+@pytest.mark.parametrize("prior", PRIORS)
+@pytest.mark.parametrize("cache", [True, False])
+def test_prepared_operator_equals_merge_and_warm_starts(prior, cache):
+    T = 2
+    models, curv = _models(T), _dense(T)
+    prepared = PreparedMerge(
+        models, curv, prior=_prior(prior), rtol=1e-12, cache_bytes=2**30 if cache else 0
+    )
+    assert prepared.kind == "operator"
+    warm = cold = 0
+    for w in line_grid(6):
+        got = prepared.merge(w, 0.1)
+        ref = merge(models, curv, weights=w, damping=0.1, prior=_prior(prior), rtol=1e-12)
+        _close(got.params, ref.params, atol=1e-8)
+        assert got.report.converged and got.report.method == "cg"
+        warm += got.report.products
+        cold += ref.report.products
+    assert warm < cold  # previous point as warm start beats a fresh diagonal start
+
+
+def test_sweep_points_equal_merge_and_choice_is_on_validation():
+    models, curv = _models(2), _diagonals(2, zeros=False)
+    target = merge(models, curv, weights=(0.75, 0.25), damping=1e-3).params
+    seen = []
+
+    def distance(result, ref):
+        return -sum(float((result.params[n] - ref[n]).norm()) for n in ref)
+
+    def validate(result):
+        seen.append(result)
+        return distance(result, target)  # best at alpha = 0.75
+
+    tested = []
+
+    def test(result):
+        tested.append(result)
+        return {"task_a": 0.5, "task_b": 1.0}
+
+    out = sweep(models, curv, validate=validate, test=test, dampings=[1e-3, 1.0], verbose=False)
+    assert len(out.points) == 50 and len(seen) == 50
+    for point, result in zip(out.points, seen, strict=True):
+        c = point.coefficients
+        ref = merge(models, curv, weights=c["weights"], damping=c["damping"])
+        _close(result.params, ref.params, atol=1e-12)
+    assert out.best_point.coefficients == {"weights": (0.75, 0.25), "damping": 1e-3}
+    assert len(tested) == 1 and tested[0] is out.best_result is seen[out.best]
+    assert out.test == 0.75 and out.test_detail == {"task_a": 0.5, "task_b": 1.0}
+    # dampings alternate direction so that neighbours stay close
+    assert out.points[24].coefficients["weights"] == out.points[25].coefficients["weights"]
+
+
+def test_sweep_exact_operator_and_identity():
+    models = _models(2)
+    out = sweep(
+        models, _dense(2), validate=lambda r: 0.0, dampings=[0.1], rtol=1e-12,
+        weights=line_grid(5), verbose=False,
+    )  # fmt: skip
+    assert out.method == "cg" and out.prepare_products == 4
+    assert all(p.products > 0 and p.converged for p in out.points)
+    out = sweep(models, None, validate=lambda r: 0.0, weights=[(1, 1)], verbose=False)
+    ref = merge(models)
+    _close(out.best_result.params, ref.params, atol=1e-12)
+    assert out.method == "identity"
+
+
+def test_sweep_time_accounting_and_summary(capsys):
+    models = _models(2)
+
+    def compute_fishers():
+        time.sleep(0.3)
+        return _diagonals(2)
+
+    out = sweep(models, compute_fishers, validate=lambda r: 1.0, test=lambda r: 0.5)
+    printed = capsys.readouterr().out
+    assert out.statistics_seconds >= 0.3
+    assert out.sweep_seconds == out.prepare_seconds + out.merge_seconds > 0
+    assert 0 < out.cost_ratio < 0.02  # 25 elementwise points are far below 2%
+    assert "25 points" in printed and "% of the" in printed and "test at the chosen" in printed
+    assert len(out.rows()) == 25 and out.rows()[0]["weights_1"] == 0.0
+    # supplied statistics time, mapping scores: mean is the score
+    out = sweep(
+        models, _diagonals(2), validate=lambda r: {"x": 1.0, "y": 0.0},
+        statistics_seconds=10.0, verbose=False,
+    )  # fmt: skip
+    assert out.statistics_seconds == 10.0 and out.best_point.validation == 0.5
+    assert out.best_point.validation_detail == {"x": 1.0, "y": 0.0}
+    assert out.best == 0  # ties keep the earliest point
+
+
+def test_grid_search_any_method_and_lower_is_better():
+    base = _models(1, seed=5)[0]
+    models = _models(2)
+    target = task_arithmetic(models, base, scaling=0.4).params
+
+    def loss(result):
+        return sum(float((result.params[n] - target[n]).norm()) for n in target)
+
+    out = grid_search(
+        lambda **kw: task_arithmetic(models, base, **kw),
+        [{"scaling": s} for s in (0.2, 0.3, 0.4, 0.5)],
+        validate=loss,
+        higher_is_better=False,
+        method="task_arithmetic",
+    )
+    assert out.best_point.coefficients == {"scaling": 0.4}
+    assert out.cost_ratio is None and "task_arithmetic" in out.summary()
+
+
+def test_grids():
+    assert len(line_grid(25)) == 25 and line_grid(25)[0] == (0.0, 1.0)
+    grid = simplex_grid(3, 4)
+    assert len(grid) == 15 and all(abs(sum(w) - 1) < 1e-12 for w in grid)
+    assert simplex_grid(2, 24) == sorted(line_grid(25))
+    assert scaling_grid(2, [0.5, 1]) == [(0.5, 0.5), (1.0, 1.0)]
+
+
+def test_sweep_bad_input():
+    models = _models(2)
+    with pytest.raises(ValueError, match="non-negative"):
+        sweep(models, validate=lambda r: 0.0, weights=[(0.5, -0.5)])
+    with pytest.raises(ValueError, match="2 weights|3 weights"):
+        sweep(models, validate=lambda r: 0.0, weights=[(0.5, 0.2, 0.3)])
+    with pytest.raises(ValueError, match="dampings"):
+        sweep(models, validate=lambda r: 0.0, dampings=[-1.0])
+    with pytest.raises(ValueError, match="empty"):
+        sweep(models, validate=lambda r: 0.0, weights=[])
+    with pytest.raises(SpaceMismatchError, match="shape"):
+        other = {"a": torch.zeros(5, 4, dtype=D), "b": torch.zeros(7, dtype=D)}
+        sweep([models[0], other], validate=lambda r: 0.0)
+    with pytest.raises(ValueError, match="curvatures for"):
+        PreparedMerge(models, _diagonals(3))
+    with pytest.raises(TypeError, match="number or a mapping"):
+        sweep(models, validate=lambda r: "good", verbose=False)
