@@ -1,0 +1,609 @@
+"""Per-example squared gradients from layer inputs and output gradients.
+
+A layer :math:`y_t = W a_t + b` applied at positions :math:`t` of example :math:`n`
+(tokens, pixels) has the per-example gradient
+
+.. math::
+
+    \\nabla_W \\ell_n = \\sum_t \\delta_{nt} a_{nt}^\\top, \\qquad
+    \\nabla_b \\ell_n = \\sum_t \\delta_{nt}, \\qquad
+    \\delta_{nt} = \\partial \\ell_n / \\partial y_{nt}.
+
+The engine captures :math:`a` with forward hooks, obtains :math:`\\delta` for every layer
+with one ``torch.autograd.grad`` call per output cotangent (the weight gradients of the batch
+are never formed), and accumulates :math:`\\sum_n (\\nabla \\ell_n)^{\\odot 2}`. Without
+positions, the square is :math:`(\\delta^{\\odot 2})^\\top (a^{\\odot 2})` (Goodfellow,
+"Efficient per-example gradient computations", 2015); with positions, the sum over
+:math:`t` is formed first (in chunks of examples that respect a memory budget) and then
+squared, because squaring per position is a different quantity. The same construction
+underlies BackPACK (Dangel, Kunstner & Hennig, "BackPACK: Packing more into backprop",
+ICLR 2020), which however covers only plain layers of ``nn.Sequential`` models.
+
+Supported layers: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding``,
+``nn.LayerNorm``, ``nn.RMSNorm`` and the ``Conv1D`` layer of Hugging Face GPT-2. Any other
+parameter is handled by the nearest module that holds it and was called on the batch, with
+``torch.func``: ``vmap`` over examples of the module's vector-Jacobian product. Parameters
+used by several calls (a layer applied twice, tied embeddings) get their per-example
+gradients summed over the calls before squaring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["PerExampleSquares", "supported_layer"]
+
+DEFAULT_MEMORY_BUDGET = 2**30
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's GPT-2 ``Conv1D``: :math:`y = x W + b` with ``W`` of shape ``[in, out]``."""
+    return (
+        type(module).__name__ == "Conv1D"
+        and hasattr(module, "nf")
+        and isinstance(getattr(module, "weight", None), Tensor)
+        and module.weight.ndim == 2
+    )
+
+
+def supported_layer(module: nn.Module) -> str | None:
+    """Name of the closed-form handler for ``module`` (``None``: ``torch.func`` fallback)."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if _is_hf_conv1d(module):
+        return "hf_conv1d"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return "conv"
+    if isinstance(module, nn.Embedding) and not module.scale_grad_by_freq:
+        return "embedding"
+    if isinstance(module, nn.LayerNorm):
+        return "layer_norm"
+    if hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm):
+        return "rms_norm"
+    return None
+
+
+# --------------------------------------------------------------------------- handlers
+# Every handler gets the layer input ``x`` and output gradient ``d`` of a chunk of examples
+# (batch dimension first) and returns ``{local parameter name: [b, *shape]}`` for the
+# requested names; ``*_sq`` variants return the sum over examples of the squares directly.
+
+
+def _linear_per_example(module, x, d, names, transpose=False):
+    b = x.shape[0]
+    x = x.reshape(b, -1, x.shape[-1])
+    d = d.reshape(b, -1, d.shape[-1])
+    out = {}
+    if "weight" in names:
+        eq = "bto,bti->bio" if transpose else "bto,bti->boi"
+        out["weight"] = torch.einsum(eq, d, x)
+    if "bias" in names:
+        out["bias"] = d.sum(1)
+    return out
+
+
+def _linear_sq(module, x, d, names, transpose=False):
+    """Goodfellow's trick when every example has a single position."""
+    b = x.shape[0]
+    x = x.reshape(b, -1, x.shape[-1])
+    d = d.reshape(b, -1, d.shape[-1])
+    if x.shape[1] != 1:
+        return None
+    x2, d2 = x[:, 0].square(), d[:, 0].square()
+    out = {}
+    if "weight" in names:
+        out["weight"] = x2.T @ d2 if transpose else d2.T @ x2
+    if "bias" in names:
+        out["bias"] = d2.sum(0)
+    return out
+
+
+def _conv_unfold(module, x):
+    """Patches ``[b, groups, Cin/groups * prod(kernel), L]`` of a Conv1d/Conv2d input."""
+    one_d = isinstance(module, nn.Conv1d)
+    if isinstance(module.padding, str) or module.padding_mode != "zeros":
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+        padding = 0
+    else:
+        padding = (0, module.padding[0]) if one_d else module.padding
+    if one_d:
+        x = x.unsqueeze(2)
+        kw = dict(
+            kernel_size=(1, module.kernel_size[0]),
+            dilation=(1, module.dilation[0]),
+            padding=padding,
+            stride=(1, module.stride[0]),
+        )
+    else:
+        kw = dict(
+            kernel_size=module.kernel_size,
+            dilation=module.dilation,
+            padding=padding,
+            stride=module.stride,
+        )
+    cols = F.unfold(x, **kw)
+    g = module.groups
+    return cols.reshape(cols.shape[0], g, cols.shape[1] // g, cols.shape[2])
+
+
+def _conv_per_example(module, x, d, names):
+    b = x.shape[0]
+    g = module.groups
+    d = d.reshape(b, g, d.shape[1] // g, -1)
+    out = {}
+    if "weight" in names:
+        cols = _conv_unfold(module, x)
+        out["weight"] = torch.einsum("bgol,bgil->bgoi", d, cols).reshape(b, *module.weight.shape)
+    if "bias" in names:
+        out["bias"] = d.sum(-1).reshape(b, -1)
+    return out
+
+
+def _embedding_per_example(module, x, d, names):
+    b = x.shape[0]
+    V, D = module.weight.shape
+    ids = x.reshape(b, -1)
+    d = d.reshape(b, -1, D)
+    rows = torch.arange(b, device=ids.device).unsqueeze(1).expand_as(ids)
+    keep = ids != module.padding_idx if module.padding_idx is not None else None
+    out = torch.zeros(b, V, D, dtype=d.dtype, device=d.device)
+    if keep is not None:
+        out.index_put_((rows[keep], ids[keep]), d[keep], accumulate=True)
+    else:
+        out.index_put_((rows.reshape(-1), ids.reshape(-1)), d.reshape(-1, D), accumulate=True)
+    return {"weight": out}
+
+
+def _embedding_sq(module, x, d, names):
+    """Sum per example over the positions holding the same token, then square; touches
+    only the rows that occur in the batch."""
+    b = x.shape[0]
+    V, D = module.weight.shape
+    ids = x.reshape(-1)
+    d = d.reshape(-1, D)
+    key = torch.arange(b, device=ids.device).repeat_interleave(ids.numel() // b) * V + ids
+    if module.padding_idx is not None:
+        keep = ids != module.padding_idx
+        key, d = key[keep], d[keep]
+    uniq, inv = torch.unique(key, return_inverse=True)
+    summed = torch.zeros(uniq.numel(), D, dtype=d.dtype, device=d.device).index_add_(0, inv, d)
+    acc = torch.zeros(V, D, dtype=d.dtype, device=d.device)
+    return {"weight": acc.index_add_(0, uniq % V, summed.square())}
+
+
+def _norm_per_example(module, x, d, names, rms=False):
+    b = x.shape[0]
+    shape = tuple(module.normalized_shape)
+    if rms:
+        xhat = F.rms_norm(x, shape, None, module.eps)
+    else:
+        xhat = F.layer_norm(x, shape, None, None, module.eps)
+    out = {}
+    if "weight" in names:
+        out["weight"] = (d * xhat).reshape(b, -1, *shape).sum(1)
+    if "bias" in names:
+        out["bias"] = d.reshape(b, -1, *shape).sum(1)
+    return out
+
+
+_PER_EXAMPLE = {
+    "linear": _linear_per_example,
+    "hf_conv1d": lambda m, x, d, n: _linear_per_example(m, x, d, n, transpose=True),
+    "conv": _conv_per_example,
+    "embedding": _embedding_per_example,
+    "layer_norm": _norm_per_example,
+    "rms_norm": lambda m, x, d, n: _norm_per_example(m, x, d, n, rms=True),
+}
+
+_SQ = {
+    "linear": _linear_sq,
+    "hf_conv1d": lambda m, x, d, n: _linear_sq(m, x, d, n, transpose=True),
+    "embedding": _embedding_sq,
+}
+
+
+# --------------------------------------------------------------------------- fallback
+def _tensors_of(obj) -> list[Tensor | None]:
+    """Floating tensors of a module output (tensor, tuple/list, mapping), in a fixed order;
+    ``None`` keeps the place of anything else."""
+    if isinstance(obj, Tensor):
+        return [obj if obj.is_floating_point() else None]
+    if isinstance(obj, Mapping):
+        return [t for v in obj.values() for t in _tensors_of(v)]
+    if isinstance(obj, (tuple, list)):
+        return [t for v in obj for t in _tensors_of(v)]
+    return [None]
+
+
+def _fallback_per_example(module, call, d_list, names, lo, hi):
+    """Per-example gradients of ``module``'s own parameters ``names`` for examples
+    ``lo:hi``, by ``vmap`` over examples of a ``torch.func.vjp`` of the module."""
+    from torch.func import functional_call, vjp, vmap
+
+    B = call.batch
+    params = {n: module.get_parameter(n).detach() for n in names}
+    args, kwargs = call.args, call.kwargs
+    keys = [("a", i) for i in range(len(args))] + [("k", k) for k in kwargs]
+    values = list(args) + list(kwargs.values())
+    flags = [isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == B for v in values]
+    batched = [v.detach()[lo:hi].unsqueeze(1) for v, f in zip(values, flags, strict=True) if f]
+    where = [i for i, f in enumerate(flags) if f]
+    active = [i for i, t in enumerate(call.outputs) if t is not None]
+    deltas = [d_list[i][lo:hi].unsqueeze(1) for i in active]
+    consts = [v.detach() if isinstance(v, Tensor) else v for v in values]
+
+    def one(bvals, bdeltas):
+        vals = list(consts)
+        for i, v in zip(where, bvals, strict=True):
+            vals[i] = v
+        a = tuple(v for (kind, _), v in zip(keys, vals, strict=True) if kind == "a")
+        kw = {k: v for (kind, k), v in zip(keys, vals, strict=True) if kind == "k"}
+
+        def f(p):
+            outs = _tensors_of(functional_call(module, p, a, kw))
+            return tuple(outs[i] for i in active)
+
+        _, pullback = vjp(f, params)
+        return pullback(tuple(bdeltas))[0]
+
+    return vmap(one)(batched, deltas)
+
+
+# --------------------------------------------------------------------------- engine
+@dataclass(eq=False)
+class _Call:
+    module_name: str
+    batch: int
+    x: Tensor | None = None  # input of a supported layer
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    outputs: list = field(default_factory=list)  # floating output tensors (or None)
+    versions: list = field(default_factory=list)
+    x_version: int | None = None
+
+    def is_batched(self) -> bool:
+        outs = [t for t in self.outputs if t is not None]
+        if not outs or any(t.ndim == 0 or t.shape[0] != self.batch for t in outs):
+            return False
+        if self.x is not None:
+            return self.x.ndim > 0 and self.x.shape[0] == self.batch
+        vals = list(self.args) + list(self.kwargs.values())
+        return any(isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == self.batch for v in vals)
+
+
+def _graph_uses(root: Tensor) -> dict[int, int]:
+    """Number of graph edges into each leaf tensor's accumulator (keyed by ``id``)."""
+    uses: dict[int, int] = {}
+    seen = set()
+    stack = [root.grad_fn] if root.grad_fn is not None else []
+    while stack:
+        fn = stack.pop()
+        for nxt, _ in fn.next_functions:
+            if nxt is None:
+                continue
+            var = getattr(nxt, "variable", None)
+            if var is not None:
+                uses[id(var)] = uses.get(id(var), 0) + 1
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return uses
+
+
+class PerExampleSquares:
+    """Accumulates :math:`\\sum_n (\\nabla_\\theta\\, v_n^\\top f_n)^{\\odot 2}` over examples
+    :math:`n` and output cotangents :math:`v` for the selected parameters of a model.
+
+    Usage: ``out = engine.forward(call)`` runs the model with hooks (``call`` is a
+    zero-argument function returning the output tensor), then ``engine.accumulate(out, V)``
+    for each cotangent ``V`` (same shape as ``out``; examples must not be mixed by the
+    model), then ``engine.release()``. ``engine.squares`` holds the running sums.
+
+    Args:
+        model: The model.
+        names: Selected parameter names (``model.named_parameters()`` names).
+        memory_budget: Bytes allowed for the per-example gradients materialised at once.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        names: Sequence[str],
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    ):
+        self.model = model
+        self.names = list(names)
+        self.memory_budget = int(memory_budget)
+        all_params = dict(model.named_parameters(remove_duplicate=False))
+        self.params = {n: all_params[n] for n in self.names}
+        self.squares = {
+            n: torch.zeros_like(p, memory_format=torch.contiguous_format)
+            for n, p in self.params.items()
+        }
+        modules = dict(model.named_modules(remove_duplicate=False))
+        # owners[name] = (module name, local name); tied parameters get several owners
+        by_id: dict[int, str] = {id(p): n for n, p in self.params.items()}
+        self.owners: dict[str, list[tuple[str, str]]] = {n: [] for n in self.names}
+        for mname, mod in modules.items():
+            for local, p in mod.named_parameters(recurse=False, remove_duplicate=False):
+                if id(p) in by_id:
+                    self.owners[by_id[id(p)]].append((mname, local))
+        self.modules = modules
+        hooked = set()
+        for lst in self.owners.values():
+            for mname, _ in lst:
+                parts = mname.split(".") if mname else []
+                for k in range(len(parts) + 1):
+                    hooked.add(".".join(parts[:k]))
+        self.hooked = sorted(hooked)
+        self._handles = []
+        self._calls: list[_Call] = []
+        self._clone: set[str] = set()
+        self._capturing = False
+        self._batch = 0
+        self.plan = None
+
+    # ---------------------------------------------------------------- hooks
+    def __enter__(self):
+        for mname in self.hooked:
+            mod = self.modules[mname]
+            self._handles.append(
+                mod.register_forward_pre_hook(self._pre_hook(mname), with_kwargs=True)
+            )
+            self._handles.append(
+                mod.register_forward_hook(self._hook(mname, mod), with_kwargs=True)
+            )
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.release()
+
+    def _pre_hook(self, mname):
+        def hook(mod, args, kwargs):
+            if not self._capturing or mname not in self._clone:
+                return None
+            args = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
+            return args, kwargs
+
+        return hook
+
+    def _hook(self, mname, mod):
+        kind = supported_layer(mod)
+
+        def hook(module, args, kwargs, output):
+            if not self._capturing:
+                return None
+            call = _Call(mname, self._batch)
+            if kind is not None:
+                call.x = args[0] if args else next(iter(kwargs.values()))
+                call.x_version = call.x._version
+                B = self._batch
+                if (
+                    B > 1
+                    and isinstance(output, Tensor)
+                    and call.x.ndim > 1
+                    and call.x.shape[0] == 1
+                    and output.shape[0] == 1
+                ):
+                    # broadcast input (position ids [1, T]): give each example its own
+                    # copy so that its output gradient is not summed over the batch
+                    call.x = call.x.expand(B, *call.x.shape[1:])
+                    output = output.expand(B, *output.shape[1:])
+                    call.outputs = [output] if output.requires_grad else [None]
+                    call.versions = [output._version]
+                    self._calls.append(call)
+                    return output
+            else:
+                call.args, call.kwargs = args, dict(kwargs)
+            call.outputs = _tensors_of(output)
+            call.outputs = [t if t is not None and t.requires_grad else None for t in call.outputs]
+            call.versions = [t._version if t is not None else 0 for t in call.outputs]
+            self._calls.append(call)
+            if mname in self._clone and isinstance(output, Tensor):
+                # later in-place operations modify the copy, the captured tensor stays intact
+                return output.clone()
+            return None
+
+        return hook
+
+    # ---------------------------------------------------------------- forward and plan
+    def forward(self, fn, batch: int) -> Tensor:
+        """Run ``fn()`` (the model's forward on a batch of ``batch`` examples) with hooks and
+        plan how each parameter's per-example gradient is obtained."""
+        for _ in range(3):
+            self.release()
+            self._batch = batch
+            self._capturing = True
+            try:
+                with torch.enable_grad():
+                    out = fn()
+            finally:
+                self._capturing = False
+            changed = {
+                c.module_name
+                for c in self._calls
+                if any(
+                    t is not None and t._version != v
+                    for t, v in zip(c.outputs, c.versions, strict=True)
+                )
+                or (c.x is not None and c.x._version != c.x_version)
+            }
+            if not changed - self._clone:
+                break
+            self._clone |= changed  # outputs modified in place later: capture copies
+        if not out.requires_grad:
+            raise RuntimeError(
+                "the model output does not depend on the selected parameters (it does not "
+                "require grad); are they used by the forward pass?"
+            )
+        self._plan(out)
+        return out
+
+    def _plan(self, out: Tensor) -> None:
+        calls_by_module: dict[str, list[_Call]] = {}
+        for c in self._calls:
+            calls_by_module.setdefault(c.module_name, []).append(c)
+        uses = _graph_uses(out)
+        work: dict[str, list[tuple[_Call, str]]] = {}  # param name -> [(call, local name)]
+        for name in self.names:
+            p = self.params[name]
+            n_uses = uses.get(id(p), 0)
+            if n_uses == 0:
+                continue  # not used for this output: zero gradient
+            entries = []
+            for mname, local in self.owners[name]:
+                mod = self.modules[mname]
+                calls = calls_by_module.get(mname, [])
+                if supported_layer(mod) and calls and all(c.is_batched() for c in calls):
+                    entries += [(c, local) for c in calls]
+            if entries and len(entries) >= n_uses:
+                work[name] = entries
+                continue
+            # fallback: nearest ancestor (the owner itself included) called on batched inputs
+            entries = self._fallback_entries(name, calls_by_module)
+            if entries is None:
+                raise RuntimeError(
+                    f"parameter {name!r} is used by the forward pass, but no module holding it "
+                    "was called on inputs with the batch dimension first; its per-example "
+                    "gradients cannot be formed"
+                )
+            work[name] = entries
+        self.plan = work
+
+    def _fallback_entries(self, name, calls_by_module):
+        mname, local = self.owners[name][0]
+        if len(self.owners[name]) > 1:  # tied across modules: the whole model holds all uses
+            mname, local = "", name
+        parts = mname.split(".") if mname else []
+        for k in range(len(parts), -1, -1):
+            anc = ".".join(parts[:k])
+            rel = ".".join(parts[k:] + [local]) if k < len(parts) else local
+            calls = calls_by_module.get(anc, [])
+            if calls and all(c.is_batched() for c in calls):
+                return [(c, rel) for c in calls]
+        return None
+
+    def release(self) -> None:
+        """Drop the captured tensors (and with them the retained graph)."""
+        self._calls = []
+        self.plan = None
+
+    # ---------------------------------------------------------------- accumulation
+    def _chunk(self, call: _Call, numel: int, itemsize: int) -> int:
+        extra = 0
+        mod = self.modules[call.module_name]
+        if call.x is not None and isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+            # unfolded patches: Cin * prod(kernel) per output position
+            k = 1
+            for s in mod.kernel_size:
+                k *= s
+            out_pos = call.outputs[0][0, 0].numel()
+            extra = mod.in_channels * k * out_pos + call.x[0].numel()
+        per = max(1, (2 * numel + extra) * itemsize)
+        return max(1, min(call.batch, self.memory_budget // per))
+
+    def _per_example(self, call, deltas, locals_, lo, hi):
+        mod = self.modules[call.module_name]
+        kind = supported_layer(mod) if call.x is not None else None
+        if kind is not None:
+            return _PER_EXAMPLE[kind](mod, call.x[lo:hi].detach(), deltas[0][lo:hi], locals_)
+        return _fallback_per_example(mod, call, deltas, locals_, lo, hi)
+
+    def accumulate(self, out: Tensor, cotangent: Tensor, scale: float = 1.0) -> None:
+        """Add :math:`\\text{scale} \\sum_n (\\nabla_\\theta v_n^\\top f_n)^{\\odot 2}` for
+        the cotangent ``v`` (``cotangent``, shaped as ``out``)."""
+        calls = list(dict.fromkeys(c for entries in self.plan.values() for c, _ in entries))
+        index = {id(c): i for i, c in enumerate(calls)}
+        flat = [
+            (i, j, t) for i, c in enumerate(calls) for j, t in enumerate(c.outputs) if t is not None
+        ]
+        grads = torch.autograd.grad(
+            out,
+            [t for _, _, t in flat],
+            cotangent,
+            retain_graph=True,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+        deltas: list[list] = [[None] * len(c.outputs) for c in calls]
+        for (i, j, t), g in zip(flat, grads, strict=True):
+            deltas[i][j] = g.detach()
+        for c, ds in zip(calls, deltas, strict=True):
+            for j, t in enumerate(c.outputs):
+                if t is not None and ds[j] is None:
+                    ds[j] = torch.zeros_like(t)
+
+        # group: single-use parameters of one call are handled together
+        single: dict[int, list[tuple[str, str]]] = {}
+        multi: list[tuple[str, list[tuple[_Call, str]]]] = []
+        for name, entries in self.plan.items():
+            if len(entries) == 1:
+                single.setdefault(index[id(entries[0][0])], []).append((name, entries[0][1]))
+            else:
+                multi.append((name, entries))
+        with torch.no_grad():
+            for i, pairs in single.items():
+                call = calls[i]
+                ds = [d for d in deltas[i] if d is not None] if call.x is not None else deltas[i]
+                locals_ = [loc for _, loc in pairs]
+                res = None
+                mod = self.modules[call.module_name]
+                kind = supported_layer(mod) if call.x is not None else None
+                if kind in _SQ:
+                    res = _SQ[kind](mod, call.x.detach(), ds[0], locals_)
+                if res is None:
+                    res = self._sq_by_chunks([(call, ds, loc) for loc in locals_], locals_)
+                for name, loc in pairs:
+                    self.squares[name].add_(res[loc].reshape(self.squares[name].shape), alpha=scale)
+            for name, entries in multi:
+                items = []
+                for c, loc in entries:
+                    i = index[id(c)]
+                    ds = [d for d in deltas[i] if d is not None] if c.x is not None else deltas[i]
+                    items.append((c, ds, loc))
+                res = self._sq_by_chunks(items, None)
+                self.squares[name].add_(res.reshape(self.squares[name].shape), alpha=scale)
+
+    def _sq_by_chunks(self, items, locals_):
+        """Sum of squares of per-example gradients. ``locals_`` given: ``items`` are
+        ``(call, deltas, local)`` of one call, result per local name. Else: the items are
+        the uses of one parameter, summed per example before squaring."""
+        call0 = items[0][0]
+        B = call0.batch
+        p0 = self.modules[call0.module_name].get_parameter(items[0][2])
+        numel = sum(self.modules[c.module_name].get_parameter(loc).numel() for c, _, loc in items)
+        chunk = self._chunk(call0, numel * (1 if locals_ is not None else 2), p0.element_size())
+        if locals_ is not None:
+            total = {}
+            for lo in range(0, B, chunk):
+                hi = min(B, lo + chunk)
+                g = self._per_example(call0, items[0][1], locals_, lo, hi)
+                for loc in locals_:
+                    s = g[loc].square().sum(0)
+                    total[loc] = s if loc not in total else total[loc] + s
+            return total
+        total = None
+        for lo in range(0, B, chunk):
+            hi = min(B, lo + chunk)
+            g = None
+            for c, ds, loc in items:
+                gi = self._per_example(c, ds, [loc], lo, hi)[loc]
+                g = gi if g is None else g + gi
+            s = g.square().sum(0)
+            total = s if total is None else total + s
+        return total
+
+
+def iter_chunks(n: int, size: int) -> Iterable[tuple[int, int]]:
+    """``(lo, hi)`` ranges covering ``range(n)`` in steps of ``size``."""
+    for lo in range(0, n, size):
+        yield lo, min(n, lo + size)
