@@ -147,21 +147,28 @@ class PreparedMerge:
         self.preconditioner, self.warm_start = preconditioner, warm_start
         self.curvatures = curvatures
         self.prepare_products = 0
-        self._diags = self._gs = self._rhs = self._cross = None
+        self._diags = self._stack = self._rhs = self._cross = None
         self._last: Tensor | None = None
 
         if curvatures is None:
-            self.kind = "identity"
+            self.kind, self._method = "identity", "average"
         elif all(isinstance(F, DiagonalOperator) for F in curvatures):
-            self.kind = (
-                "identity"
-                if all(isinstance(F, IdentityOperator) for F in curvatures)
-                else "diagonal"
-            )
+            self.kind = "diagonal"
+            identity = all(isinstance(F, IdentityOperator) for F in curvatures)
+            self._method = "average" if identity else "diagonal"
             self._diags = self._diag_stack(curvatures)
-            self._gs = self._diags * self.thetas
+            # one stack [d_1..d_T, g_1..g_T, theta_1..theta_T (or theta_0), 1] so that a point
+            # is a single [2, R] x [R, P] product giving denominator and numerator
+            T = self.num_models
+            rows = [self._diags, self._diags * self.thetas]
+            rows.append(self.thetas if self._prior is None else self._prior.unsqueeze(0))
+            rows.append(torch.ones(1, space.size, dtype=dtype, device=device))
+            self._stack = torch.cat(rows)
+            self._diags = self._stack[:T]
+            if self._prior is None:
+                self.thetas = self._stack[2 * T : 3 * T]
         else:
-            self.kind = "operator"
+            self.kind, self._method = "operator", "cg"
             try:
                 self._diags = self._diag_stack(curvatures)
             except NotImplementedError:
@@ -214,7 +221,6 @@ class PreparedMerge:
         if not damping >= 0:
             raise ValueError(f"damping must be >= 0, got {damping}")
         w = torch.tensor(wl, dtype=self.dtype, device=self.device)
-        theta0 = self._theta0(w)
         report = MergeReport(
             method="",
             num_models=self.num_models,
@@ -223,30 +229,52 @@ class PreparedMerge:
             prior=self.prior_name,
         )
         if self.kind == "operator":
+            theta0 = self._theta0(w)
             merged = theta0 + self._solve(w, damping, theta0, report)
             self._last = merged
         else:
-            if self._diags is None:  # identity from curvatures=None
-                D = w.sum()
-                numer = w @ self.thetas - D * theta0
-                denom = D + damping
-                step = numer / denom
-            else:
-                D = w @ self._diags
-                numer = w @ self._gs - D * theta0
-                denom = D + damping
-                unseen = denom == 0
-                report.unseen = int(unseen.sum())
-                step = torch.where(unseen, 0.0, numer / torch.where(unseen, 1.0, denom))
-            report.method = "average" if self.kind == "identity" else "diagonal"
-            merged = theta0 + step
-        _finite(merged, "the merged parameters")
+            merged = self._closed_form(w, damping, report)
+        if not bool(torch.isfinite(merged.sum())):  # one cheap reduction; locate if it fails
+            _finite(merged, "the merged parameters")
         out = {}
         for name, value in self.space.unflatten(merged).items():
             ref = self._reference[name]
-            out[name] = value.to(device=ref.device, dtype=ref.dtype).clone()
+            converted = value.to(device=ref.device, dtype=ref.dtype)
+            # closed forms return a fresh tensor: views of it need no copy
+            fresh = converted is not value or self.kind != "operator"
+            out[name] = converted if fresh else converted.clone()
         report.seconds = time.perf_counter() - start
         return MergeResult(out, report)
+
+    def _closed_form(self, w: Tensor, damping: float, report: MergeReport) -> Tensor:
+        """:math:`(\\lambda\\theta_0 + G) / (\\lambda + D)`, with :math:`\\theta_0` where
+        :math:`\\lambda + D = 0`."""
+        report.method = self._method
+        W = w.sum()
+        if self._stack is None:  # identity (curvatures=None): D = W, G = sum_t w_t theta_t
+            average = torch.mv(self.thetas.T, w / W)
+            if self._prior is None:
+                return average
+            a = float(W / (W + damping))
+            return torch.add(average.mul_(a), self._prior, alpha=1.0 - a)
+        T = self.num_models
+        C = torch.zeros(2, self._stack.shape[0], dtype=self.dtype, device=self.device)
+        C[0, :T] = w
+        C[0, -1] = damping
+        C[1, T : 2 * T] = w
+        if self._prior is None:  # lambda * theta_0 = lambda * sum_t (w_t / W) theta_t
+            C[1, 2 * T : 3 * T] = w * (damping / W)
+        else:
+            C[1, 2 * T] = damping
+        denom, numer = torch.mm(C, self._stack)
+        if damping:
+            return torch.div(numer, denom)
+        unseen = denom == 0
+        report.unseen = int(unseen.sum())
+        if not report.unseen:
+            return torch.div(numer, denom)
+        theta0 = self._theta0(w)
+        return torch.where(unseen, theta0, numer / torch.where(unseen, 1.0, denom))
 
     def _solve(self, w: Tensor, damping: float, theta0: Tensor, report: MergeReport) -> Tensor:
         space, dtype, device = self.space, self.dtype, self.device

@@ -1,0 +1,339 @@
+"""Results people can read: Markdown tables, CSV files and PNG plots, written atomically.
+
+A *comparison* maps each row (a method, or a model such as ``"base"`` or ``"model: sst2"``) to
+its per-task scores, in the order rows should appear:
+
+.. code-block:: python
+
+    rows = {"average": {"digits": 0.91, "mnist": 0.88}, "fisher_diagonal": {...}}
+    paths = write_comparison(rows, "out/compare")  # out/compare.md, .csv, .png
+
+Each table has one column per task and a ``mean`` column (the unweighted mean over tasks;
+blank when a task is missing). Sweeps (:class:`~curvmerge.merge.sweep.SweepResult`) are written
+by :func:`write_sweep`: every point with its coefficients and scores, the chosen point, its
+test score and the sweep's cost.
+
+Files are written to a temporary file in the target folder and moved into place with
+:func:`os.replace`, so a crash never leaves a half-written file. Plots use matplotlib's Agg
+renderer through :class:`matplotlib.figure.Figure`, without pyplot or a display.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "comparison_tasks",
+    "markdown_table",
+    "comparison_csv",
+    "plot_comparison",
+    "write_comparison",
+    "sweep_markdown",
+    "plot_sweep",
+    "write_sweep",
+]
+
+Rows = Mapping[str, Mapping[str, float]]
+
+
+# ---------------------------------------------------------------------------------- files
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and :func:`os.replace`.
+
+    The folder is created if needed. On any error the temporary file is removed and the
+    previous content of ``path`` (if any) is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """:func:`atomic_write_bytes` for UTF-8 text."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# ---------------------------------------------------------------------------------- tables
+def comparison_tasks(rows: Rows) -> list[str]:
+    """The task columns: every task of every row, in order of first appearance."""
+    tasks: list[str] = []
+    for scores in rows.values():
+        for task in scores:
+            if task != "mean" and task not in tasks:
+                tasks.append(task)
+    return tasks
+
+
+def _value(scores: Mapping[str, float], task: str) -> float:
+    v = scores.get(task)
+    return math.nan if v is None else float(v)
+
+
+def _mean(scores: Mapping[str, float], tasks: Sequence[str]) -> float:
+    values = [_value(scores, t) for t in tasks]
+    if not values or any(math.isnan(v) for v in values):
+        return math.nan
+    return sum(values) / len(values)
+
+
+def _table(rows: Rows, tasks: Sequence[str] | None) -> tuple[list[str], list[list[float]]]:
+    if not rows:
+        raise ValueError("a comparison needs at least one row")
+    tasks = list(tasks) if tasks is not None else comparison_tasks(rows)
+    if not tasks:
+        raise ValueError("a comparison needs at least one task column")
+    body = []
+    for scores in rows.values():
+        body.append([_value(scores, t) for t in tasks] + [_mean(scores, tasks)])
+    return [*tasks, "mean"], body
+
+
+def _fmt(v: float, digits: int, percent: bool) -> str:
+    if math.isnan(v):
+        return "–"
+    return f"{100 * v:.{max(digits - 2, 0)}f}" if percent else f"{v:.{digits}f}"
+
+
+def markdown_table(
+    rows: Rows,
+    *,
+    tasks: Sequence[str] | None = None,
+    digits: int = 3,
+    percent: bool = False,
+    highlight_best: bool = True,
+    label: str = "method",
+) -> str:
+    """A Markdown table: one row per entry of ``rows``, one column per task, then the mean.
+
+    Args:
+        rows: ``{row name: {task: score}}``.
+        tasks: Column order (default: :func:`comparison_tasks`).
+        digits: Decimals (for ``percent``, decimals of the fraction, so 3 gives ``91.2``).
+        percent: Show scores as percentages.
+        highlight_best: Bold the best (highest) value of each column.
+        label: Header of the first column.
+
+    Example:
+        >>> print(markdown_table({"a": {"x": 0.5, "y": 1.0}, "b": {"x": 0.75, "y": 0.5}}), end="")
+        | method | x | y | mean |
+        | --- | ---: | ---: | ---: |
+        | a | 0.500 | **1.000** | **0.750** |
+        | b | **0.750** | 0.500 | 0.625 |
+    """
+    header, body = _table(rows, tasks)
+    best = [
+        max((r[j] for r in body if not math.isnan(r[j])), default=math.nan)
+        for j in range(len(header))
+    ]
+    lines = [
+        "| " + " | ".join([label, *header]) + " |",
+        "| --- | " + " | ".join("---:" for _ in header) + " |",
+    ]
+    for name, values in zip(rows, body, strict=True):
+        cells = []
+        for j, v in enumerate(values):
+            cell = _fmt(v, digits, percent)
+            if highlight_best and len(body) > 1 and not math.isnan(v) and v == best[j]:
+                cell = f"**{cell}**"
+            cells.append(cell)
+        lines.append("| " + " | ".join([str(name), *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def comparison_csv(rows: Rows, *, tasks: Sequence[str] | None = None, label: str = "method"):
+    """The comparison as CSV text (full precision; missing values are empty cells)."""
+    header, body = _table(rows, tasks)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow([label, *header])
+    for name, values in zip(rows, body, strict=True):
+        writer.writerow([name, *("" if math.isnan(v) else repr(v) for v in values)])
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------- plots
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=120, layout="constrained")
+
+
+def _png_bytes(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")  # a bare Figure renders with Agg, no pyplot needed
+    return buf.getvalue()
+
+
+def plot_comparison(
+    rows: Rows,
+    path: str | os.PathLike,
+    *,
+    tasks: Sequence[str] | None = None,
+    title: str | None = None,
+    ylabel: str = "accuracy",
+) -> Path:
+    """Grouped bars: one group per task (and the mean), one bar per row. Written atomically."""
+    header, body = _table(rows, tasks)
+    n = len(body)
+    fig = _figure(max(6.0, 1.1 * len(header) + 0.25 * n * len(header)), 4.2)
+    ax = fig.add_subplot()
+    width = 0.8 / n
+    for i, (name, values) in enumerate(zip(rows, body, strict=True)):
+        xs = [j + (i - (n - 1) / 2) * width for j in range(len(header))]
+        ax.bar(xs, [0 if math.isnan(v) else v for v in values], width, label=str(name))
+    ax.set_xticks(range(len(header)), header)
+    ax.set_ylabel(ylabel)
+    finite = [v for r in body for v in r if not math.isnan(v)]
+    if finite and 0 <= min(finite) and max(finite) <= 1:
+        ax.set_ylim(max(0.0, min(finite) - 0.1), 1.0)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small", ncols=min(n, 4), loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    if title:
+        fig.suptitle(title)
+    return atomic_write_bytes(path, _png_bytes(fig))
+
+
+def write_comparison(
+    rows: Rows,
+    stem: str | os.PathLike,
+    *,
+    tasks: Sequence[str] | None = None,
+    title: str | None = None,
+    plot: bool = True,
+    percent: bool = False,
+    label: str = "method",
+) -> dict[str, Path]:
+    """Write ``<stem>.md``, ``<stem>.csv`` and (``plot``) ``<stem>.png``; return their paths."""
+    stem = Path(stem)
+    md = markdown_table(rows, tasks=tasks, percent=percent, label=label)
+    if title:
+        md = f"## {title}\n\n{md}"
+    paths = {
+        "markdown": atomic_write_text(stem.with_suffix(".md"), md),
+        "csv": atomic_write_text(
+            stem.with_suffix(".csv"), comparison_csv(rows, tasks=tasks, label=label)
+        ),
+    }
+    if plot:
+        paths["png"] = plot_comparison(rows, stem.with_suffix(".png"), tasks=tasks, title=title)
+    return paths
+
+
+# ---------------------------------------------------------------------------------- sweeps
+def _sweep_axis(result) -> tuple[str, list[float], list[Any]]:
+    """x label, x values and the series key of each point."""
+    coeffs = [p.coefficients for p in result.points]
+    first = coeffs[0]
+    if "weights" in first and all(len(c["weights"]) == 2 for c in coeffs):
+        return (
+            "weight of model 1",
+            [c["weights"][0] for c in coeffs],
+            [c.get("damping") for c in coeffs],
+        )
+    numeric = [
+        k for k, v in first.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
+    varying = [k for k in numeric if len({c.get(k) for c in coeffs}) > 1]
+    if len(varying) == 1:
+        key = varying[0]
+        return key, [float(c[key]) for c in coeffs], [None] * len(coeffs)
+    return "point", [float(p.index) for p in result.points], [None] * len(coeffs)
+
+
+def plot_sweep(result, path: str | os.PathLike, *, title: str | None = None) -> Path:
+    """Validation score along a sweep (one line per damping), chosen point marked.
+
+    Per-task validation scores are drawn as thin lines when ``validate`` returned them.
+    """
+    xlabel, xs, series = _sweep_axis(result)
+    fig = _figure(6.4, 4.0)
+    ax = fig.add_subplot()
+    groups: dict[Any, list[int]] = {}
+    for i, key in enumerate(series):
+        groups.setdefault(key, []).append(i)
+    for key, idx in groups.items():
+        idx = sorted(idx, key=lambda i: xs[i])
+        label = "validation" if key is None else f"validation (damping {key:g})"
+        ax.plot([xs[i] for i in idx], [result.points[i].validation for i in idx], marker="o",
+                markersize=3, label=label)  # fmt: skip
+        tasks = result.points[idx[0]].validation_detail
+        if len(groups) == 1:
+            for task in tasks:
+                ys = [result.points[i].validation_detail.get(task, math.nan) for i in idx]
+                ax.plot([xs[i] for i in idx], ys, linewidth=0.8, alpha=0.6, label=task)
+    best = result.best_point
+    ax.plot([xs[result.best]], [best.validation], marker="*", markersize=14, color="black",
+            linestyle="none", label="chosen on validation")  # fmt: skip
+    if xlabel == "damping" and min(xs) > 0 and max(xs) / min(xs) > 10:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("validation score")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    heading = title or f"sweep ({result.method})"
+    if result.test is not None:
+        heading += f" — test at chosen point: {result.test:.3f}"
+    fig.suptitle(heading, fontsize="medium")
+    return atomic_write_bytes(path, _png_bytes(fig))
+
+
+def sweep_markdown(result, *, title: str | None = None, digits: int = 4) -> str:
+    """The sweep as Markdown: the summary (choice, test, cost), then one row per point."""
+    rows = result.rows()
+    keys = [k for k in rows[0] if k not in ("index",)]
+    lines = [f"## {title}\n" if title else "", "```", result.summary(), "```", ""]
+    lines.append("| " + " | ".join(["point", *keys]) + " |")
+    lines.append("| " + " | ".join("---:" for _ in range(len(keys) + 1)) + " |")
+    for row in rows:
+        cells = []
+        for k in keys:
+            v = row.get(k, "")
+            if isinstance(v, bool):
+                cells.append("**yes**" if v else "")
+            elif isinstance(v, float):
+                cells.append(f"{v:.{digits}g}")
+            else:
+                cells.append(str(v))
+        lines.append("| " + " | ".join([str(row["index"]), *cells]) + " |")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def write_sweep(
+    result, stem: str | os.PathLike, *, title: str | None = None, plot: bool = True
+) -> dict[str, Path]:
+    """Write ``<stem>.md``, ``<stem>.csv`` (one row per point) and ``<stem>.png``."""
+    stem = Path(stem)
+    rows = result.rows()
+    fields: list[str] = []
+    for row in rows:
+        fields.extend(k for k in row if k not in fields)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    paths = {
+        "markdown": atomic_write_text(stem.with_suffix(".md"), sweep_markdown(result, title=title)),
+        "csv": atomic_write_text(stem.with_suffix(".csv"), buf.getvalue()),
+    }
+    if plot:
+        paths["png"] = plot_sweep(result, stem.with_suffix(".png"), title=title)
+    return paths

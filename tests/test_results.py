@@ -1,0 +1,108 @@
+"""Markdown, CSV and PNG outputs of comparisons and sweeps; atomic writes."""
+
+import csv
+import math
+import os
+
+import pytest
+import torch
+from matplotlib.image import imread
+
+from curvmerge.merge.sweep import grid_search, sweep
+from curvmerge.operators import DiagonalOperator
+from curvmerge.results import (
+    atomic_write_text,
+    comparison_csv,
+    markdown_table,
+    write_comparison,
+    write_sweep,
+)
+from curvmerge.space import ParamSpace
+
+ROWS = {
+    "base": {"digits": 0.40, "mnist": 0.35},
+    "average": {"digits": 0.91, "mnist": 0.88},
+    "fisher_diagonal": {"digits": 0.93, "mnist": 0.90},
+    "ensemble": {"digits": 0.95},  # a missing task
+}
+
+
+def _is_png(path):
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_markdown_table():
+    md = markdown_table(ROWS)
+    lines = md.strip().splitlines()
+    assert lines[0] == "| method | digits | mnist | mean |"
+    assert lines[3] == "| average | 0.910 | 0.880 | 0.895 |"
+    assert lines[4] == "| fisher_diagonal | 0.930 | **0.900** | **0.915** |"
+    assert lines[5] == "| ensemble | **0.950** | – | – |"
+    pct = markdown_table(ROWS, percent=True, highlight_best=False, tasks=["mnist"])
+    assert "| average | 88.0 | 88.0 |" in pct
+
+
+def test_write_comparison_files_parse(tmp_path):
+    paths = write_comparison(ROWS, tmp_path / "sub" / "compare", title="MNIST tasks")
+    assert set(paths) == {"markdown", "csv", "png"}
+    text = paths["markdown"].read_text()
+    assert text.startswith("## MNIST tasks") and "| fisher_diagonal |" in text
+    with open(paths["csv"], newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["method"] for r in table] == list(ROWS)
+    assert float(table[2]["mean"]) == pytest.approx(0.915)
+    assert table[3]["mnist"] == "" and table[3]["mean"] == ""
+    _is_png(paths["png"])
+    assert not [p for p in os.listdir(paths["csv"].parent) if p.endswith(".tmp")]
+
+
+def test_comparison_bad_input():
+    with pytest.raises(ValueError, match="at least one row"):
+        markdown_table({})
+    with pytest.raises(ValueError, match="task column"):
+        comparison_csv({"a": {}})
+
+
+def test_atomic_write_keeps_old_file_on_error(tmp_path, monkeypatch):
+    target = tmp_path / "table.md"
+    atomic_write_text(target, "old")
+
+    def boom(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_text(target, "new")
+    assert target.read_text() == "old"
+    assert os.listdir(tmp_path) == ["table.md"]
+
+
+def test_write_sweep_files(tmp_path):
+    space = ParamSpace(("w",), ((3,),))
+    models = [{"w": torch.tensor([0.0, 1.0, 2.0])}, {"w": torch.tensor([2.0, 1.0, 0.0])}]
+    fishers = [DiagonalOperator(space, torch.tensor(d)) for d in ([1.0, 2.0, 3.0], [3.0, 2.0, 1.0])]
+
+    def validate(result):
+        w = result.params["w"]
+        return {"task_a": float(-abs(w[0] - 0.5)), "task_b": float(-abs(w[2] - 1.5))}
+
+    out = sweep(models, fishers, validate=validate, test=lambda r: 0.8, dampings=[1e-3, 1.0],
+                statistics_seconds=5.0, verbose=False)  # fmt: skip
+    paths = write_sweep(out, tmp_path / "sweep", title="two models")
+    with open(paths["csv"], newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 50
+    assert {"weights_1", "weights_2", "damping", "validation", "validation_task_a"} <= set(table[0])
+    chosen = [r for r in table if r["chosen"] == "True"]
+    assert len(chosen) == 1 and float(chosen[0]["validation"]) == out.best_point.validation
+    md = paths["markdown"].read_text()
+    assert "test at the chosen point: 0.8000" in md and "% of the 5 s" in md
+    assert md.count("**yes**") == 1
+    _is_png(paths["png"])
+    # a sweep over one option of another method (x axis: that option)
+    out = grid_search(lambda scaling: scaling, [{"scaling": s} for s in (0.1, 0.5, 1.0)],
+                      validate=lambda r: -math.fabs(r - 0.5))  # fmt: skip
+    _is_png(write_sweep(out, tmp_path / "scaling")["png"])
