@@ -52,6 +52,21 @@ def _finite(x: Tensor, what: str) -> None:
         raise ValueError(f"{what} contains NaN or Inf")
 
 
+def _check_row(x: Tensor, what: str, nonnegative: bool = False) -> None:
+    """One pass: NaN/Inf anywhere (NaN propagates through min/max), and the sign."""
+    lo, hi = torch.aminmax(x) if x.numel() else (x.new_zeros(()), x.new_zeros(()))
+    if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+        raise ValueError(f"{what} contains NaN or Inf")
+    if nonnegative and float(lo) < 0:
+        raise ValueError(f"{what} has negative diagonal entries: not PSD")
+
+
+def _flatten_into(space: ParamSpace, tensors: Mapping[str, Tensor], out: Tensor) -> None:
+    """Copy the space's entries of ``tensors`` into the flat row ``out`` (no temporary)."""
+    for (name, _), sl in zip(space, space.slices().values(), strict=True):
+        out[sl].copy_(tensors[name].detach().reshape(-1))
+
+
 class PreparedMerge:
     """Per-model statistics prepared once; :meth:`merge` at any weights and damping.
 
@@ -126,20 +141,17 @@ class PreparedMerge:
             reference.check(d, what=f"model {i}")
         self._reference = {n: dicts[0][n] for n in space.names}
         self.dtype, self.device = dtype, device
-        self.thetas = torch.stack([space.flatten(d).to(device=device, dtype=dtype) for d in dicts])
-        _finite(self.thetas, "a model")
+        T, P = self.num_models, space.size
 
         if isinstance(prior, str) and prior == "mean":
             self.prior_name, self._prior = "mean", None
         elif prior is None:
-            self.prior_name, self._prior = (
-                "zero",
-                torch.zeros(space.size, dtype=dtype, device=device),
-            )
+            self.prior_name = "zero"
+            self._prior = torch.zeros(P, dtype=dtype, device=device)
         elif isinstance(prior, Mapping):
             self.prior_name = "given"
             self._prior = space.flatten(prior).to(device=device, dtype=dtype)
-            _finite(self._prior, "the prior")
+            _check_row(self._prior, "the prior")
         else:
             raise ValueError(f"prior must be 'mean', None or a parameter dict, got {prior!r}")
 
@@ -150,23 +162,38 @@ class PreparedMerge:
         self._diags = self._stack = self._rhs = self._cross = None
         self._last: Tensor | None = None
 
+        diagonal = curvatures is not None and all(
+            isinstance(F, DiagonalOperator) for F in curvatures
+        )
+        if diagonal:
+            # one stack [d_1..d_T, 1 | g_1..g_T, theta_1..theta_T (or theta_0)], filled in
+            # place: a point is two matrix-vector products over contiguous blocks
+            # (denominator, numerator) and one division
+            rows = 2 * T + 1 + (T if self._prior is None else 1)
+            self._stack = torch.empty(rows, P, dtype=dtype, device=device)
+            self._diags = self._stack[:T]
+            self._stack[T].fill_(1.0)
+            if self._prior is None:
+                self.thetas = self._stack[2 * T + 1 :]
+            else:
+                self._stack[2 * T + 1].copy_(self._prior)
+                self.thetas = torch.empty(T, P, dtype=dtype, device=device)
+        else:
+            self.thetas = torch.empty(T, P, dtype=dtype, device=device)
+        for i, d in enumerate(dicts):
+            _flatten_into(space, d, self.thetas[i])
+            _check_row(self.thetas[i], f"model {i}")
+
         if curvatures is None:
             self.kind, self._method = "identity", "average"
-        elif all(isinstance(F, DiagonalOperator) for F in curvatures):
+        elif diagonal:
             self.kind = "diagonal"
             identity = all(isinstance(F, IdentityOperator) for F in curvatures)
             self._method = "average" if identity else "diagonal"
-            self._diags = self._diag_stack(curvatures)
-            # one stack [d_1..d_T, g_1..g_T, theta_1..theta_T (or theta_0), 1] so that a point
-            # is a single [2, R] x [R, P] product giving denominator and numerator
-            T = self.num_models
-            rows = [self._diags, self._diags * self.thetas]
-            rows.append(self.thetas if self._prior is None else self._prior.unsqueeze(0))
-            rows.append(torch.ones(1, space.size, dtype=dtype, device=device))
-            self._stack = torch.cat(rows)
-            self._diags = self._stack[:T]
-            if self._prior is None:
-                self.thetas = self._stack[2 * T : 3 * T]
+            self._diag_stack(curvatures, out=self._diags)
+            torch.mul(self._diags, self.thetas, out=self._stack[T + 1 : 2 * T + 1])
+            if self._prior is not None:
+                self.thetas = None  # only needed for g_t = d_t * theta_t
         else:
             self.kind, self._method = "operator", "cg"
             try:
@@ -189,15 +216,15 @@ class PreparedMerge:
                 self.prepare_products = T * T
         self.prepare_seconds = time.perf_counter() - start
 
-    def _diag_stack(self, curvatures) -> Tensor:
-        rows = []
+    def _diag_stack(self, curvatures, out: Tensor | None = None) -> Tensor:
+        if out is None:
+            out = torch.empty(
+                len(curvatures), self.space.size, dtype=self.dtype, device=self.device
+            )
         for i, F in enumerate(curvatures):
-            d = F.diagonal().to(device=self.device, dtype=self.dtype)
-            _finite(d, f"curvature {i}")
-            if bool((d < 0).any()):
-                raise ValueError(f"curvature {i} has negative diagonal entries: not PSD")
-            rows.append(d)
-        return torch.stack(rows)
+            out[i].copy_(F.diagonal())
+            _check_row(out[i], f"curvature {i}", nonnegative=True)
+        return out
 
     # ------------------------------------------------------------------ merging
     def _theta0(self, w: Tensor) -> Tensor:
@@ -234,7 +261,7 @@ class PreparedMerge:
             self._last = merged
         else:
             merged = self._closed_form(w, damping, report)
-        if not bool(torch.isfinite(merged.sum())):  # one cheap reduction; locate if it fails
+        if self.kind == "operator":  # closed forms of finite, checked inputs stay finite
             _finite(merged, "the merged parameters")
         out = {}
         for name, value in self.space.unflatten(merged).items():
@@ -258,21 +285,21 @@ class PreparedMerge:
             a = float(W / (W + damping))
             return torch.add(average.mul_(a), self._prior, alpha=1.0 - a)
         T = self.num_models
-        C = torch.zeros(2, self._stack.shape[0], dtype=self.dtype, device=self.device)
-        C[0, :T] = w
-        C[0, -1] = damping
-        C[1, T : 2 * T] = w
-        if self._prior is None:  # lambda * theta_0 = lambda * sum_t (w_t / W) theta_t
-            C[1, 2 * T : 3 * T] = w * (damping / W)
+        # denominator  lambda + sum_t w_t d_t
+        cd = torch.cat([w, w.new_tensor([damping])])
+        denom = torch.mv(self._stack[: T + 1].T, cd)
+        # numerator  sum_t w_t g_t + lambda theta_0
+        if self._prior is None:  # theta_0 = sum_t (w_t / W) theta_t
+            cn = torch.cat([w, w * (damping / W)])
         else:
-            C[1, 2 * T] = damping
-        denom, numer = torch.mm(C, self._stack)
+            cn = torch.cat([w, w.new_tensor([damping])])
+        numer = torch.mv(self._stack[T + 1 :].T, cn)
         if damping:
-            return torch.div(numer, denom)
+            return numer.div_(denom)
         unseen = denom == 0
         report.unseen = int(unseen.sum())
         if not report.unseen:
-            return torch.div(numer, denom)
+            return numer.div_(denom)
         theta0 = self._theta0(w)
         return torch.where(unseen, theta0, numer / torch.where(unseen, 1.0, denom))
 
