@@ -1,0 +1,560 @@
+"""Matrix-free generalised Gauss-Newton and Fisher operators.
+
+For a data set with loss :math:`L(\\theta) = c \\sum_n \\ell_n(f_n(\\theta), y_n)` (the
+normalisation :math:`c` of :mod:`curvmerge.losses`), the operator multiplies with
+
+.. math::
+
+    G = c \\sum_n J_n^\\top \\Lambda_n J_n, \\qquad J_n = \\partial f_n / \\partial \\theta,
+
+without forming it, where :math:`\\Lambda_n` is
+
+- ``kind="exact"``: the loss Hessian :math:`\\nabla_f^2 \\ell_n` in closed form (the GGN of
+  Schraudolph 2002, which equals the Fisher for cross-entropy, MSE and BCE-with-logits);
+- ``kind="mc"``: :math:`\\frac1S \\sum_s r_{ns} r_{ns}^\\top` with
+  :math:`r_{ns} = \\nabla_f \\ell_n(f_n, \\tilde y_{ns})`, labels sampled from the model;
+- ``kind="empirical"``: :math:`r_n r_n^\\top` with the true labels (Kunstner, Hennig & Balles,
+  "Limitations of the empirical Fisher approximation", NeurIPS 2019).
+
+Every kind is per example: for token-level language modelling, :math:`r_n` stacks the
+gradients of all of sequence n's tokens.
+
+Each product costs one Jacobian-vector product :math:`J v` and one vector-Jacobian product
+:math:`J^\\top u`. Two ways are implemented:
+
+- **cached** (the default while a memory budget allows): on the first product the forward
+  graph of each batch is kept, together with the graph of :math:`u \\mapsto J^\\top u` built
+  once with ``create_graph``. Since :math:`J^\\top u` is linear in :math:`u`, differentiating
+  it with respect to :math:`u` along :math:`v` gives :math:`J v` (the "double-backward"
+  trick, e.g. Townsend 2017, "A new trick for calculating Jacobian vector products"). Later
+  products then cost one backward pass through each of the two stored graphs and no
+  forward pass, which is what makes the repeated products of a CG solve cheap;
+- **streaming** (no cache, or past the budget): forward-mode :func:`torch.func.jvp` and
+  reverse-mode :func:`torch.func.vjp`, vectorised over several columns with
+  :func:`torch.vmap` (the scheme of curvlinops' ``GGNLinearOperator``, Dangel et al.).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from curvmerge.batches import (
+    check_deterministic,
+    iterate_batches,
+    model_device,
+    model_outputs,
+    move_batch,
+)
+from curvmerge.losses import (
+    LossSpec,
+    count_terms,
+    flatten_rows,
+    output_grad,
+    output_hessian_matmul,
+    resolve_loss,
+    sample_targets,
+)
+from curvmerge.operators.base import DENSE_LIMIT, LinearOperator
+from curvmerge.space import ParamSpace
+
+__all__ = ["GGNOperator", "GGN_KINDS"]
+
+#: The supported curvature kinds.
+GGN_KINDS = ("exact", "mc", "empirical")
+
+
+def _default_cache_budget(device: torch.device) -> int:
+    """Half the free memory of a CUDA device; a quarter of the available RAM otherwise."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 4
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return 2 * 2**30
+
+
+@contextlib.contextmanager
+def _eager_attention(model: nn.Module):
+    """Switch a Hugging Face model to eager attention while curvature is computed.
+
+    PyTorch's fused attention kernels have neither forward-mode nor double-backward
+    derivatives; the eager implementation computes the same function with plain ops.
+    """
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    switch = getattr(model, "set_attn_implementation", None)
+    if current in (None, "eager") or switch is None:
+        yield
+        return
+    switch("eager")
+    try:
+        yield
+    finally:
+        switch(current)
+
+
+@dataclass
+class _Batch:
+    """What one batch needs across products: inputs, targets, output-space data."""
+
+    inputs: object
+    targets: Tensor
+    num_examples: int = 0
+    keep: Tensor | None = None  # rows that carry loss terms ([M_all] bool), CE only
+    example: Tensor | None = None  # example index of each kept row
+    scores: Tensor | None = None  # [S, M, C] loss gradients for mc/empirical
+    graphs: _Graphs | None = None
+
+
+@dataclass
+class _Graphs:
+    """The stored graphs of one batch: output ``f``, the dummy cotangent ``u0``, and
+    :math:`J^\\top u_0` built with ``create_graph`` (``used``: its non-empty entries)."""
+
+    f: Tensor
+    u0: Tensor
+    leaves: list[Tensor]
+    vjp_u: tuple
+    used: list[int]
+    nbytes: int
+
+
+class GGNOperator(LinearOperator):
+    """The GGN / Fisher of a model's loss over a data set, as a matrix-free operator.
+
+    .. math::
+
+        G = c \\sum_n J_n^\\top \\Lambda_n J_n
+
+    (see :mod:`curvmerge.operators.ggn` for :math:`\\Lambda_n` of each kind and
+    :mod:`curvmerge.losses` for :math:`c`).
+
+    Args:
+        model: A ``torch.nn.Module`` whose output is a tensor or has ``.logits`` (Hugging
+            Face ``transformers`` models included; they are switched to eager attention while
+            products run, since fused attention kernels lack forward-mode and
+            double-backward derivatives). In training mode it must be free of dropout and
+            batch norm.
+        loss_fn: ``nn.CrossEntropyLoss`` (classification ``[B, C]`` or token-level
+            ``[B, T, C]`` with ``ignore_index`` padding), ``nn.MSELoss``,
+            ``nn.BCEWithLogitsLoss``, or one of their names.
+        data: Iterable of ``(inputs, targets)`` batches; ``inputs`` is a tensor or a dict
+            (passed as keyword arguments). It must yield the same batches on every pass.
+            Batches are moved to the model's device.
+        params: Names or a regex of the parameters the operator acts on (default: all);
+            the others stay fixed (task heads).
+        kind: ``"exact"``, ``"mc"`` or ``"empirical"``.
+        mc_samples: Labels sampled per example for ``kind="mc"``.
+        seed: Seed of the labels sampled for ``kind="mc"`` (drawn once per batch and kept,
+            so the operator is a fixed matrix).
+        num_data: The normaliser of a ``"mean"`` loss, i.e. the number of loss terms over
+            the whole data set (examples for classification, non-padding tokens for
+            token-level cross-entropy, entries for MSE/BCE). Counted from the targets in
+            one pass over ``data`` when ``None``.
+        cache: Keep each batch's graphs between products: ``"auto"`` (while they fit in
+            half the free GPU memory or a quarter of the available RAM), ``True``
+            (always), ``False`` (never), or a budget in bytes. Batches past the budget are
+            streamed. The cache assumes the parameters do not change; it is rebuilt when
+            they are modified in place.
+        progress: Show a progress bar over the batches of each product.
+
+    Example:
+        >>> torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+        >>> data = [(torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,)))]
+        >>> G = GGNOperator(model, nn.CrossEntropyLoss(), data, params=r"^0\\.")
+        >>> G.shape
+        (16, 16)
+        >>> v = torch.randn(16, dtype=torch.float64)
+        >>> bool((v @ (G @ v)) >= 0)
+        True
+    """
+
+    SELF_ADJOINT = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module | str | LossSpec,
+        data: Iterable,
+        *,
+        params: str | Sequence[str] | ParamSpace | None = None,
+        kind: str = "exact",
+        mc_samples: int = 1,
+        seed: int = 0,
+        num_data: int | None = None,
+        cache: bool | int | str = "auto",
+        progress: bool = False,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if kind not in GGN_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(GGN_KINDS)}; got {kind!r}")
+        if kind == "mc" and (
+            not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1
+        ):
+            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+        if isinstance(data, (Tensor, tuple)) or data is None:
+            raise TypeError(
+                "data must be an iterable of (inputs, targets) batches (a list or a "
+                "DataLoader), not a single tensor or pair; wrap one batch as [(inputs, targets)]"
+            )
+        self.loss = resolve_loss(loss_fn)
+        check_deterministic(model)
+        space = params if isinstance(params, ParamSpace) else ParamSpace.from_module(model, params)
+        named = dict(model.named_parameters())
+        space.check(named, what="model")
+        if not len(space):
+            raise ValueError("params selects no parameter")
+        dtype = named[space.names[0]].dtype
+        super().__init__(space, dtype, model_device(model))
+        self.model = model
+        self.data = data
+        self.kind = kind
+        self.mc_samples = int(mc_samples) if kind == "mc" else 1
+        self.seed = int(seed)
+        self.progress = bool(progress)
+        if cache == "auto":
+            self.cache_budget = _default_cache_budget(self.device)
+        elif cache is True:
+            self.cache_budget = math.inf
+        elif cache is False or cache is None:
+            self.cache_budget = 0
+        elif isinstance(cache, int) and cache >= 0:
+            self.cache_budget = cache
+        else:
+            raise ValueError(f"cache must be 'auto', True, False or a byte budget, got {cache!r}")
+        if num_data is not None:
+            if not (isinstance(num_data, int) and num_data > 0):
+                raise ValueError(f"num_data must be a positive integer, got {num_data!r}")
+            self.num_data = num_data
+        else:
+            self.num_data = self._count_terms()
+        if self.loss.reduction == "mean":
+            self.scale = 1.0 / self.num_data
+        else:
+            self.scale = 1.0
+        self._batches: list[_Batch] | None = None
+        self._no_forward_ad = False
+        self._versions: tuple[int, ...] | None = None
+        self._diagonal: Tensor | None = None
+        self.cached_bytes = 0
+
+    # ------------------------------------------------------------------ setup helpers
+    def _count_terms(self) -> int:
+        total = 0
+        for _, targets in iterate_batches(self.data):
+            total += count_terms(self.loss, targets)
+        if total == 0 and self.loss.reduction == "mean":
+            raise ValueError("data has no loss terms (every target is ignore_index)")
+        return max(total, 1)
+
+    def _param_versions(self) -> tuple[int, ...]:
+        named = dict(self.model.named_parameters())
+        return tuple(named[n]._version for n in self.space.names)
+
+    def _leaves(self) -> tuple[dict[str, Tensor], list[Tensor]]:
+        """Detached copies of all parameters; the selected ones require grad."""
+        selected = set(self.space.names)
+        full, leaves = {}, []
+        for name, p in self.model.named_parameters():
+            t = p.detach()
+            if name in selected:
+                t = t.requires_grad_(True)
+            full[name] = t
+        for name in self.space.names:
+            leaves.append(full[name])
+        return full, leaves
+
+    def _forward(self, full: dict[str, Tensor], inputs) -> Tensor:
+        # one functional call; the model's own parameters are not touched
+        if isinstance(inputs, dict):
+            out = torch.func.functional_call(self.model, full, (), inputs)
+        else:
+            out = torch.func.functional_call(self.model, full, (inputs,))
+        if isinstance(out, Tensor):
+            return out
+        return model_outputs(lambda _: out, None)
+
+    def _seed_for(self, index: int) -> int:
+        return (self.seed * 1_000_003 + index) % (2**63)
+
+    def _prepare_batch(self, index: int, inputs, targets, f: Tensor) -> _Batch:
+        """Output-space data of one batch: kept rows, and the scores for mc/empirical."""
+        spec = self.loss
+        target_dtype = None if spec.name == "cross_entropy" else f.dtype
+        targets = move_batch(targets, self.device, target_dtype)
+        f = f.detach()
+        rows, y, example = flatten_rows(spec, f, targets)  # validates shapes
+        batch = _Batch(inputs, targets, num_examples=f.shape[0])
+        if spec.name == "cross_entropy":
+            batch.keep = targets.reshape(-1) != spec.ignore_index
+        batch.example = example
+        if self.kind == "empirical":
+            batch.scores = output_grad(spec, rows, y).unsqueeze(0)
+        elif self.kind == "mc":
+            gen = torch.Generator().manual_seed(self._seed_for(index))
+            samples = sample_targets(spec, rows, self.mc_samples, gen)
+            batch.scores = torch.stack([output_grad(spec, rows, ys) for ys in samples])
+        return batch
+
+    # ------------------------------------------------------------------ output space
+    def _rows(self, batch: _Batch, T: Tensor) -> Tensor:
+        """Output-shaped ``[K, B, ...]`` to kept rows ``[K, M, C]``."""
+        K = T.shape[0]
+        if self.loss.name == "cross_entropy":
+            return T.reshape(K, -1, T.shape[-1])[:, batch.keep, :]
+        return T.reshape(K, batch.num_examples, -1)
+
+    def _unrows(self, batch: _Batch, R: Tensor, like: Tensor) -> Tensor:
+        """Inverse of :meth:`_rows` (dropped rows are zero)."""
+        if self.loss.name == "cross_entropy":
+            out = R.new_zeros(R.shape[0], batch.keep.numel(), R.shape[-1])
+            out[:, batch.keep, :] = R
+            return out.reshape(like.shape)
+        return R.reshape(like.shape)
+
+    def _cotangent(self, batch: _Batch, f: Tensor, JV: Tensor) -> Tensor:
+        """:math:`c \\Lambda J V` for ``JV`` of shape ``[K, *f.shape]``."""
+        rows_f = self._rows(batch, f.detach().unsqueeze(0))[0]
+        R = self._rows(batch, JV)  # [K, M, C]
+        if self.kind == "exact":
+            U = output_hessian_matmul(self.loss, rows_f, R.permute(1, 2, 0)).permute(2, 0, 1)
+        else:
+            S = batch.scores  # [S, M, C]
+            B = batch.num_examples
+            dots = torch.einsum("smc,kmc->skm", S, R)  # per row
+            per_ex = dots.new_zeros(*dots.shape[:2], B).index_add_(2, batch.example, dots)
+            coef = per_ex[..., batch.example]  # [S, K, M]
+            U = torch.einsum("skm,smc->kmc", coef, S) / S.shape[0]
+        return self._unrows(batch, self.scale * U, JV)
+
+    # ------------------------------------------------------------------ products
+    def _data_iter(self, desc: str):
+        items = enumerate(iterate_batches(self.data))
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            total = len(self.data) if hasattr(self.data, "__len__") else None
+            items = tqdm(items, total=total, desc=desc, leave=False)
+        return items
+
+    def _matmat(self, X: Tensor) -> Tensor:
+        with _eager_attention(self.model):
+            return self._matmat_eager(X)
+
+    def _matmat_eager(self, X: Tensor) -> Tensor:
+        if self._versions is not None and self._versions != self._param_versions():
+            self.clear_cache()  # parameters changed in place: the graphs are stale
+        K = X.shape[1]
+        V = [
+            v.reshape(*s, K).movedim(-1, 0)
+            for v, s in zip(X.split(self.space.numels), self.space.shapes, strict=True)
+        ]
+        out = torch.zeros(K, self.space.size, dtype=self.dtype, device=self.device)
+        if self._batches is None:
+            batches = []
+            for index, (inputs, targets) in self._data_iter("GGN product (first)"):
+                batch, graphs = self._first_visit(index, inputs, targets)
+                batches.append(batch)
+                if graphs is not None:
+                    out += self._product_cached(graphs, batch, V)
+                else:
+                    out += self._product_streaming(batch, batch.inputs, V)
+                    batch.inputs = batch.targets = None
+            self._batches, self._versions = batches, self._param_versions()
+        elif all(b.graphs is not None for b in self._batches):
+            items = self._batches
+            if self.progress:
+                from tqdm.auto import tqdm
+
+                items = tqdm(items, desc="GGN product (cached)", leave=False)
+            for batch in items:
+                out += self._product_cached(batch.graphs, batch, V)
+        else:
+            count = 0
+            for index, (inputs, _targets) in self._data_iter("GGN product"):
+                if index >= len(self._batches):
+                    raise ValueError("data yielded more batches than on the first pass")
+                batch = self._batches[index]
+                count += 1
+                if batch.graphs is not None:
+                    out += self._product_cached(batch.graphs, batch, V)
+                else:
+                    inputs = move_batch(inputs, self.device, self.dtype)
+                    out += self._product_streaming(batch, inputs, V)
+            if count != len(self._batches):
+                raise ValueError("data yielded fewer batches than on the first pass")
+        return out.T.contiguous()
+
+    def _flat(self, grads: Sequence[Tensor | None], K: int) -> Tensor:
+        parts = []
+        for g, n in zip(grads, self.space.numels, strict=True):
+            if g is None:
+                parts.append(torch.zeros(K, n, dtype=self.dtype, device=self.device))
+            else:
+                parts.append(g.reshape(K, n))
+        return torch.cat(parts, dim=1)
+
+    def _first_visit(self, index: int, inputs, targets) -> tuple[_Batch, _Graphs | None]:
+        """Move a batch, build its graphs (kept if the budget allows), prepare its rows."""
+        inputs = move_batch(inputs, self.device, self.dtype)
+        graphs = None
+        if self.cached_bytes < self.cache_budget or self._no_forward_ad:
+            graphs = self._graphs(inputs)
+            f = graphs.f.detach()
+        else:
+            with torch.no_grad():
+                f = self._forward(self._leaves()[0], inputs)
+        batch = self._prepare_batch(index, inputs, targets, f)
+        if graphs is not None and self.cached_bytes + graphs.nbytes <= self.cache_budget:
+            batch.graphs = graphs
+            self.cached_bytes += graphs.nbytes
+        return batch, graphs
+
+    def _graphs(self, inputs) -> _Graphs:
+        """Forward graph and the graph of :math:`u \\mapsto J^\\top u` of one batch."""
+        full, leaves = self._leaves()
+        param_ptrs = {t.untyped_storage().data_ptr() for t in full.values()}
+        storages: dict[int, int] = {}
+
+        def pack(t: Tensor):
+            try:
+                s = t.untyped_storage()
+                if s.data_ptr() not in param_ptrs:
+                    storages[s.data_ptr()] = s.nbytes()
+            except (RuntimeError, NotImplementedError):  # pragma: no cover - exotic tensors
+                pass
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
+            f = self._forward(full, inputs)
+            u0 = torch.zeros_like(f, requires_grad=True)
+            vjp_u = torch.autograd.grad(f, leaves, u0, create_graph=True, allow_unused=True)
+        used = [i for i, g in enumerate(vjp_u) if g is not None and g.requires_grad]
+        return _Graphs(f, u0, leaves, vjp_u, used, sum(storages.values()))
+
+    def _product_cached(self, graphs: _Graphs, batch: _Batch, V: list[Tensor]) -> Tensor:
+        K = V[0].shape[0]
+        rows = []
+        outs = [graphs.vjp_u[i] for i in graphs.used]
+        for k in range(K):
+            if outs:
+                (jv,) = torch.autograd.grad(
+                    outs,
+                    graphs.u0,
+                    [V[i][k] for i in graphs.used],
+                    retain_graph=True,
+                    allow_unused=True,
+                    materialize_grads=True,
+                )
+            else:
+                jv = torch.zeros_like(graphs.f)
+            U = self._cotangent(batch, graphs.f, jv.unsqueeze(0))[0]
+            g = torch.autograd.grad(
+                graphs.f, graphs.leaves, U, retain_graph=True, allow_unused=True
+            )
+            rows.append(self._flat(g, 1))
+        return torch.cat(rows, dim=0)
+
+    def _product_streaming(self, batch: _Batch, inputs, V: list[Tensor]) -> Tensor:
+        if self._no_forward_ad:
+            return self._product_cached(self._graphs(inputs), batch, V)
+        K = V[0].shape[0]
+        full, _ = self._leaves()
+        primals = {n: full[n].detach() for n in self.space.names}
+        rest = {n: t for n, t in full.items() if n not in primals}
+
+        def fn(p):
+            return self._forward({**rest, **p}, inputs)
+
+        tangents = dict(zip(self.space.names, V, strict=True))
+        try:
+            if K == 1:
+                f, jv = torch.func.jvp(fn, (primals,), ({n: t[0] for n, t in tangents.items()},))
+                JV = jv.unsqueeze(0)
+            else:
+                with torch.no_grad():
+                    f = fn(primals)
+
+                def jvp_one(t):
+                    return torch.func.jvp(fn, (primals,), (t,))[1]
+
+                JV = torch.vmap(jvp_one, randomness="same")(tangents)
+        except (NotImplementedError, RuntimeError) as err:
+            msg = str(err).lower()
+            if "forward ad" not in msg and "forward-mode" not in msg and "jvp" not in msg:
+                raise
+            # an op without forward-mode AD (e.g. fused attention): use the graphs instead
+            self._no_forward_ad = True
+            return self._product_cached(self._graphs(inputs), batch, V)
+        U = self._cotangent(batch, f, JV)
+        _, vjp_fn = torch.func.vjp(fn, primals)
+        if K == 1:
+            (g,) = vjp_fn(U[0])
+            grads = [g[n].unsqueeze(0) for n in self.space.names]
+        else:
+            (g,) = torch.vmap(vjp_fn, randomness="same")(U)
+            grads = [g[n] for n in self.space.names]
+        return self._flat(grads, K)
+
+    # ------------------------------------------------------------------ extras
+    def clear_cache(self) -> None:
+        """Drop the stored graphs and label samples (the next product rebuilds them)."""
+        self._batches, self._versions, self.cached_bytes = None, None, 0
+
+    def diagonal(self) -> Tensor:
+        """The diagonal of the operator.
+
+        Uses :func:`curvmerge.fisher.diagonal_fisher` (the exact GGN diagonal for
+        ``kind="exact"``, an estimate with its own label samples for ``"mc"``) when that
+        engine is available, else probes unit vectors (small spaces only).
+        """
+        if self._diagonal is not None:
+            return self._diagonal
+        try:
+            from curvmerge.fisher.diagonal import diagonal_fisher
+        except ImportError:
+            diagonal_fisher = None
+        if diagonal_fisher is None:
+            if self.space.size > DENSE_LIMIT:
+                raise NotImplementedError(
+                    f"GGNOperator.diagonal(): no diagonal Fisher engine is available and "
+                    f"P={self.space.size} is too large to probe with unit vectors"
+                )
+            diag = super().diagonal()
+        else:
+            with _eager_attention(self.model):
+                D = diagonal_fisher(
+                    self.model,
+                    self.loss,
+                    self.data,
+                    params=list(self.space.names),
+                    kind=self.kind,
+                    mc_samples=self.mc_samples,
+                    seed=self.seed,
+                    progress=self.progress,
+                )
+            diag = D.diagonal().to(self.device, self.dtype)
+            if self.loss.reduction == "mean":
+                # the engine normalises by the terms it counted; use ours (num_data)
+                diag = diag * (self._count_terms() / self.num_data)
+        self._diagonal = diag
+        return diag
+
+    def __repr__(self) -> str:
+        return (
+            f"GGNOperator(kind={self.kind!r}, loss={self.loss.name!r}, P={self.space.size}, "
+            f"dtype={self.dtype}, device={self.device})"
+        )

@@ -1,0 +1,396 @@
+"""GGNOperator against dense float64 GGN/Fisher matrices built with torch.func Jacobians."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from curvmerge import ParamSpace, SpaceMismatchError
+from curvmerge.losses import LossSpec, flatten_rows, resolve_loss, sample_targets
+from curvmerge.operators.ggn import GGNOperator
+
+DT = torch.float64
+
+
+# ---------------------------------------------------------------------------- problems
+class TokenModel(nn.Module):
+    """Token-level outputs ``[B, T, C]`` that mix positions (a causal running mean)."""
+
+    def __init__(self, d=3, C=4):
+        super().__init__()
+        self.inp = nn.Linear(d, 5)
+        self.out = nn.Linear(5, C)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        h = h.cumsum(1) / torch.arange(1, h.shape[1] + 1, dtype=h.dtype)[None, :, None]
+        return self.out(h)
+
+
+def _mlp(out=3):
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, out))
+
+
+def make_problem(name: str, seed: int = 0):
+    """(model, loss_fn, data, dict_inputs) for a named case."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    if name == "ce":
+        model = _mlp(3).to(DT)
+        data = [
+            (torch.randn(n, 4, generator=g, dtype=DT), torch.randint(0, 3, (n,), generator=g))
+            for n in (4, 3)
+        ]
+        return model, nn.CrossEntropyLoss(), data
+    if name == "ce_sum":
+        model, _, data = make_problem("ce", seed)
+        return model, nn.CrossEntropyLoss(reduction="sum"), data
+    if name == "mse":
+        model = _mlp(2).to(DT)
+        data = [
+            (torch.randn(n, 4, generator=g, dtype=DT), torch.randn(n, 2, generator=g, dtype=DT))
+            for n in (4, 3)
+        ]
+        return model, nn.MSELoss(), data
+    if name == "bce":
+        model = _mlp(3).to(DT)
+        data = [
+            (
+                torch.randn(n, 4, generator=g, dtype=DT),
+                torch.randint(0, 2, (n, 3), generator=g).to(DT),
+            )
+            for n in (4, 3)
+        ]
+        return model, nn.BCEWithLogitsLoss(), data
+    if name == "tokens":
+        model = TokenModel().to(DT)
+        data = []
+        for n in (3, 2):
+            y = torch.randint(0, 4, (n, 5), generator=g)
+            y[0, 3:] = -100  # padding
+            data.append((torch.randn(n, 5, 3, generator=g, dtype=DT), y))
+        return model, nn.CrossEntropyLoss(), data
+    if name == "bert":
+        from transformers import BertConfig, BertForSequenceClassification
+
+        config = BertConfig(
+            vocab_size=20,
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=12,
+            max_position_embeddings=12,
+            num_labels=3,
+            attn_implementation="eager",
+        )
+        model = BertForSequenceClassification(config).to(DT).eval()
+        data = []
+        for n in (3, 2):
+            ids = torch.randint(1, 20, (n, 6), generator=g)
+            mask = torch.ones(n, 6, dtype=torch.long)
+            mask[0, 4:] = 0
+            ids[mask == 0] = 0
+            data.append(
+                ({"input_ids": ids, "attention_mask": mask}, torch.randint(0, 3, (n,), generator=g))
+            )
+        return model, nn.CrossEntropyLoss(), data
+    raise KeyError(name)
+
+
+def _call(model, params, inputs):
+    if isinstance(inputs, dict):
+        out = torch.func.functional_call(model, params, (), inputs)
+    else:
+        out = torch.func.functional_call(model, params, (inputs,))
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def _sum_loss(spec: LossSpec, f, y):
+    if spec.name == "cross_entropy":
+        return nn.functional.cross_entropy(
+            f.reshape(-1, f.shape[-1]), y.reshape(-1), reduction="sum", ignore_index=-100
+        )
+    return LossSpec(spec.name, "sum").module()(f, y)
+
+
+def dense_ggn(model, loss_fn, data, names, kind="exact", op=None):
+    """Float64 reference: c sum_n J_n^T Lambda_n J_n from full Jacobians (torch.func)."""
+    spec = resolve_loss(loss_fn)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    sel = list(names)
+    total = 0
+    for _, y in data:
+        total += int((y != -100).sum()) if spec.name == "cross_entropy" else y.numel()
+    c = 1.0 / total if spec.reduction == "mean" else 1.0
+    P = sum(params[n].numel() for n in sel)
+    G = torch.zeros(P, P, dtype=DT)
+    for index, (x, y) in enumerate(data):
+
+        def fn(p, x=x):
+            return _call(model, {**params, **p}, x)
+
+        f = fn({}).detach()
+        Jd = torch.func.jacrev(fn)({n: params[n] for n in sel})
+        J = torch.cat([Jd[n].reshape(f.numel(), -1) for n in sel], dim=1)
+        B = f.shape[0]
+        if kind == "exact":
+            H = torch.func.hessian(lambda z, y=y: _sum_loss(spec, z.reshape(f.shape), y))(
+                f.reshape(-1)
+            )
+            G += c * J.T @ H @ J
+            continue
+        if kind == "empirical":
+            target_sets = [y]
+        else:  # rebuild the operator's label samples
+            rows, _, _ = flatten_rows(spec, f, y)
+            gen = torch.Generator().manual_seed(op._seed_for(index))
+            samples = sample_targets(spec, rows, op.mc_samples, gen)
+            target_sets = []
+            for s in samples:
+                if spec.name == "cross_entropy":
+                    ys = y.clone().reshape(-1)
+                    ys[ys != -100] = s
+                    target_sets.append(ys.reshape(y.shape))
+                else:
+                    target_sets.append(s.reshape(y.shape))
+        for ys in target_sets:
+            r = torch.func.grad(lambda z, ys=ys: _sum_loss(spec, z, ys))(f)  # [B, ...]
+            for n in range(B):
+                rn = torch.zeros_like(r)
+                rn[n] = r[n]
+                gvec = J.T @ rn.reshape(-1)
+                G += c / len(target_sets) * torch.outer(gvec, gvec)
+    return G
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def check_products(op, G, tol=1e-6):
+    g = torch.Generator().manual_seed(7)
+    P = G.shape[0]
+    x = torch.randn(P, generator=g, dtype=DT)
+    X = torch.randn(P, 3, generator=g, dtype=DT)
+    assert rel_err(op @ x, G @ x) < tol
+    assert rel_err(op @ X, G @ X) < tol
+    out = op @ op.space.unflatten(x)
+    assert list(out) == list(op.space.names)
+    assert rel_err(op.space.flatten(out), G @ x) < tol
+    assert rel_err(op @ x, G @ x) < tol  # again: from the cache
+
+
+# ---------------------------------------------------------------------------- products
+CASES = ["ce", "ce_sum", "mse", "bce", "tokens", "bert"]
+SUBSETS = {
+    "ce": r"^2\.",
+    "ce_sum": [
+        "0.weight",
+        "2.bias",
+    ],
+    "mse": r"^0\.",
+    "bce": r"weight",
+    "tokens": r"^out\.",
+    "bert": r"attention\.self\.(query|value)|classifier",
+}
+
+
+@pytest.mark.parametrize("kind", ["exact", "empirical", "mc"])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("subset", [False, True], ids=["all", "subset"])
+def test_products_match_dense(case, kind, subset):
+    model, loss_fn, data = make_problem(case)
+    params = SUBSETS[case] if subset else None
+    op = GGNOperator(model, loss_fn, data, params=params, kind=kind, mc_samples=3, seed=1)
+    if subset:
+        assert op.space.size < ParamSpace.from_module(model).size
+    G = dense_ggn(model, loss_fn, data, op.space.names, kind, op)
+    assert op.dtype == DT and op.shape == G.shape
+    check_products(op, G)
+
+
+@pytest.mark.parametrize("case", ["ce", "tokens", "bert"])
+@pytest.mark.parametrize("cache", [False, 1], ids=["stream", "partial"])
+def test_streaming_and_partial_cache_match_dense(case, cache):
+    model, loss_fn, data = make_problem(case)
+    for kind in ("exact", "mc"):
+        op = GGNOperator(model, loss_fn, data, kind=kind, cache=cache, mc_samples=2)
+        G = dense_ggn(model, loss_fn, data, op.space.names, kind, op)
+        check_products(op, G)
+        if cache == 1:  # a one-byte budget caches nothing
+            assert op.cached_bytes == 0
+
+
+def test_partial_cache_keeps_first_batch():
+    model, loss_fn, data = make_problem("ce")
+    full = GGNOperator(model, loss_fn, data, cache=True)
+    full @ torch.zeros(full.shape[0], dtype=DT)
+    first = full._batches[0].graphs.nbytes
+    op = GGNOperator(model, loss_fn, data, cache=first)
+    G = dense_ggn(model, loss_fn, data, op.space.names)
+    check_products(op, G)
+    assert op._batches[0].graphs is not None and op._batches[1].graphs is None
+
+
+def test_cache_follows_parameter_updates():
+    model, loss_fn, data = make_problem("ce")
+    op = GGNOperator(model, loss_fn, data)
+    x = torch.randn(op.shape[0], dtype=DT)
+    op @ x
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)
+    G = dense_ggn(model, loss_fn, data, op.space.names)
+    assert rel_err(op @ x, G @ x) < 1e-6
+
+
+def test_matches_curvlinops():
+    from curvlinops import GGNLinearOperator
+
+    for case in ["ce", "mse", "bce", "bert"]:
+        model, loss_fn, data = make_problem(case)
+        names = ParamSpace.from_module(model).select(SUBSETS[case]).names
+        if case == "bert":
+
+            class Wrap(nn.Module):
+                def __init__(self, m):
+                    super().__init__()
+                    self.m = m
+
+                def forward(self, x):
+                    return self.m(**x).logits
+
+            wrapped = Wrap(model)
+            named = dict(model.named_parameters())
+            ref = GGNLinearOperator(
+                wrapped,
+                loss_fn,
+                [named[n] for n in names],
+                data,
+                batch_size_fn=lambda x: x["input_ids"].shape[0],
+            )
+        else:
+            named = dict(model.named_parameters())
+            ref = GGNLinearOperator(model, loss_fn, [named[n] for n in names], data)
+        op = GGNOperator(model, loss_fn, data, params=list(names))
+        X = torch.randn(op.shape[0], 2, dtype=DT)
+        assert rel_err(op @ X, ref @ X) < 1e-6
+
+
+def test_token_level_sum_matches_curvlinops():
+    from curvlinops import GGNLinearOperator
+
+    model, _, data = make_problem("tokens")
+
+    class ClassesFirst(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(x).transpose(1, 2)  # [B, C, T], torch's layout
+
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    ref = GGNLinearOperator(ClassesFirst(model), loss_fn, list(model.parameters()), data)
+    op = GGNOperator(model, loss_fn, data)
+    X = torch.randn(op.shape[0], 2, dtype=DT)
+    assert rel_err(op @ X, ref @ X) < 1e-6
+
+
+# ---------------------------------------------------------------------------- Monte Carlo
+def test_mc_is_reproducible_by_seed():
+    model, loss_fn, data = make_problem("ce")
+    x = torch.randn(ParamSpace.from_module(model).size, dtype=DT)
+    a = GGNOperator(model, loss_fn, data, kind="mc", seed=3) @ x
+    b = GGNOperator(model, loss_fn, data, kind="mc", seed=3, cache=False) @ x
+    c = GGNOperator(model, loss_fn, data, kind="mc", seed=4) @ x
+    torch.testing.assert_close(a, b)
+    assert rel_err(a, c) > 1e-3
+
+
+@pytest.mark.parametrize("case", ["ce", "mse", "bce"])
+def test_mc_converges_to_exact(case):
+    """G_S is the mean of S independent one-sample estimates, so
+    E||(G_S - G) v||^2 = E||(G_1 - G) v||^2 / S; Markov's inequality bounds the error of one
+    draw by 5 standard errors except with probability 1/25 (fixed seeds: deterministic)."""
+    model, loss_fn, data = make_problem(case)
+    exact = GGNOperator(model, loss_fn, data)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(exact.shape[0], 2, generator=g, dtype=DT)
+    GX = exact @ X
+    one = [
+        float(((GGNOperator(model, loss_fn, data, kind="mc", seed=s) @ X - GX) ** 2).sum())
+        for s in range(40)
+    ]
+    var1 = sum(one) / len(one)
+    errs = {}
+    for S in (10, 2000):
+        G_S = GGNOperator(model, loss_fn, data, kind="mc", mc_samples=S, seed=100)
+        errs[S] = float(((G_S @ X - GX) ** 2).sum())
+        assert errs[S] <= 25 * var1 / S
+    assert errs[2000] < errs[10]
+    assert math.sqrt(errs[2000]) / float(GX.norm()) < 0.1
+
+
+# ---------------------------------------------------------------------------- misc
+def test_diagonal_matches_dense():
+    model, loss_fn, data = make_problem("ce")
+    op = GGNOperator(model, loss_fn, data, params=r"^2\.")
+    G = dense_ggn(model, loss_fn, data, op.space.names)
+    assert rel_err(op.diagonal(), G.diagonal()) < 1e-6
+
+
+def test_sdpa_attention_falls_back_to_graphs():
+    model, loss_fn, data = make_problem("bert")
+    G = dense_ggn(model, loss_fn, data, ParamSpace.from_module(model).names)
+    model.set_attn_implementation("sdpa")
+    op = GGNOperator(model, loss_fn, data, cache=False)
+    x = torch.randn(op.shape[0], dtype=DT)
+    assert rel_err(op @ x, G @ x) < 1e-6
+
+
+def test_float32_model_and_merge_of_two_tasks():
+    from curvmerge import merge
+
+    thetas, ops = [], []
+    for seed in (0, 1):
+        model, loss_fn, data = make_problem("ce", seed)
+        model.float()
+        data = [(x.float(), y) for x, y in data]
+        ops.append(GGNOperator(model, loss_fn, data, params=r"^0\."))
+        thetas.append(model)
+    assert ops[0].dtype == torch.float32
+    result = merge(thetas, ops, damping=1e-2, rtol=1e-5)
+    assert result.report.converged
+    assert set(result.params) == {"0.weight", "0.bias"}
+
+
+def test_errors():
+    model, loss_fn, data = make_problem("ce")
+    with pytest.raises(ValueError, match="empty"):
+        GGNOperator(model, loss_fn, [])
+    with pytest.raises(ValueError, match="unsupported loss"):
+        GGNOperator(model, nn.L1Loss(), data)
+    with pytest.raises(ValueError, match="kind"):
+        GGNOperator(model, loss_fn, data, kind="hessian")
+    with pytest.raises(ValueError, match="mc_samples"):
+        GGNOperator(model, loss_fn, data, kind="mc", mc_samples=0)
+    with pytest.raises(ValueError, match="cache"):
+        GGNOperator(model, loss_fn, data, cache="sometimes")
+    with pytest.raises(ValueError, match="num_data"):
+        GGNOperator(model, loss_fn, data, num_data=0)
+    with pytest.raises(SpaceMismatchError):
+        GGNOperator(model, loss_fn, data, params=r"^nothing")
+    with pytest.raises(TypeError, match="iterable"):
+        GGNOperator(model, loss_fn, data[0])
+    with pytest.raises(ValueError, match="targets"):
+        bad = [(x, y[:, None].expand(-1, 2)) for x, y in data]
+        GGNOperator(model, loss_fn, bad) @ torch.zeros(ParamSpace.from_module(model).size)
+    dropout = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.1)).double()
+    with pytest.raises(ValueError, match="eval"):
+        GGNOperator(dropout, loss_fn, data)
+    GGNOperator(dropout.eval(), loss_fn, data)  # fine in eval mode
+    with pytest.raises(ValueError, match="ignore_index"):
+        GGNOperator(model, loss_fn, [(data[0][0], torch.full((4,), -100))])
