@@ -170,7 +170,7 @@ class GGNOperator(LinearOperator):
         progress: Show a progress bar over the batches of each product.
 
     Example:
-        >>> torch.manual_seed(0)
+        >>> _ = torch.manual_seed(0)
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
         >>> data = [(torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,)))]
         >>> G = GGNOperator(model, nn.CrossEntropyLoss(), data, params=r"^0\\.")
