@@ -87,20 +87,41 @@ def _linear_per_example(module, x, d, names, transpose=False):
     return out
 
 
-def _linear_sq(module, x, d, names, transpose=False):
-    """Goodfellow's trick when every example has a single position."""
+def _linear_sq_into(engine, module, x, d, accs, scale, transpose=False):
+    """Add the squares of a linear layer's per-example gradients to ``accs``.
+
+    One position per example: Goodfellow's :math:`(\delta^{\odot 2})^\top a^{\odot 2}`.
+    Several: per-example gradients of a chunk of examples, formed by one batched matrix
+    product into a reused buffer (as costly as the layer's weight gradient), squared and added
+    one example at a time while they are in cache.
+    """
     b = x.shape[0]
     x = x.reshape(b, -1, x.shape[-1])
     d = d.reshape(b, -1, d.shape[-1])
-    if x.shape[1] != 1:
-        return None
-    x2, d2 = x[:, 0].square(), d[:, 0].square()
-    out = {}
-    if "weight" in names:
-        out["weight"] = x2.T @ d2 if transpose else d2.T @ x2
-    if "bias" in names:
-        out["bias"] = d2.sum(0)
-    return out
+    if "bias" in accs:
+        accs["bias"].add_(d.sum(1).square().sum(0), alpha=scale)
+    if "weight" not in accs:
+        return
+    acc = accs["weight"]
+    if x.shape[1] == 1:
+        x2, d2 = x[:, 0].square(), d[:, 0].square()
+        if transpose:
+            acc.addmm_(x2.T, d2, alpha=scale)
+        else:
+            acc.addmm_(d2.T, x2, alpha=scale)
+        return
+    numel = acc.numel()
+    chunk = max(1, min(b, engine.memory_budget // max(1, numel * acc.element_size())))
+    buf = engine.workspace(chunk * numel, acc.dtype, acc.device)
+    for lo in range(0, b, chunk):
+        hi = min(b, lo + chunk)
+        G = buf[: (hi - lo) * numel].view(hi - lo, *acc.shape)
+        if transpose:
+            torch.bmm(x[lo:hi].transpose(1, 2), d[lo:hi], out=G)
+        else:
+            torch.bmm(d[lo:hi].transpose(1, 2), x[lo:hi], out=G)
+        for k in range(hi - lo):
+            acc.addcmul_(G[k], G[k], value=scale)
 
 
 def _conv_unfold(module, x):
@@ -160,9 +181,9 @@ def _embedding_per_example(module, x, d, names):
     return {"weight": out}
 
 
-def _embedding_sq(module, x, d, names):
-    """Sum per example over the positions holding the same token, then square; touches
-    only the rows that occur in the batch."""
+def _embedding_sq_into(engine, module, x, d, accs, scale):
+    """Sum per example over the positions holding the same token, square, and add into the
+    rows that occur in the batch only."""
     b = x.shape[0]
     V, D = module.weight.shape
     ids = x.reshape(-1)
@@ -173,8 +194,7 @@ def _embedding_sq(module, x, d, names):
         key, d = key[keep], d[keep]
     uniq, inv = torch.unique(key, return_inverse=True)
     summed = torch.zeros(uniq.numel(), D, dtype=d.dtype, device=d.device).index_add_(0, inv, d)
-    acc = torch.zeros(V, D, dtype=d.dtype, device=d.device)
-    return {"weight": acc.index_add_(0, uniq % V, summed.square())}
+    accs["weight"].index_add_(0, uniq % V, summed.square(), alpha=scale)
 
 
 def _norm_per_example(module, x, d, names, rms=False):
@@ -201,10 +221,10 @@ _PER_EXAMPLE = {
     "rms_norm": lambda m, x, d, n: _norm_per_example(m, x, d, n, rms=True),
 }
 
-_SQ = {
-    "linear": _linear_sq,
-    "hf_conv1d": lambda m, x, d, n: _linear_sq(m, x, d, n, transpose=True),
-    "embedding": _embedding_sq,
+_SQ_INTO = {
+    "linear": _linear_sq_into,
+    "hf_conv1d": lambda e, m, x, d, a, s: _linear_sq_into(e, m, x, d, a, s, transpose=True),
+    "embedding": _embedding_sq_into,
 }
 
 
@@ -347,6 +367,7 @@ class PerExampleSquares:
         self._clone: set[str] = set()
         self._capturing = False
         self._batch = 0
+        self._workspace: Tensor | None = None
         self.plan = None
 
     # ---------------------------------------------------------------- hooks
@@ -366,6 +387,7 @@ class PerExampleSquares:
             h.remove()
         self._handles.clear()
         self.release()
+        self._workspace = None
 
     def _pre_hook(self, mname):
         def hook(mod, args, kwargs):
@@ -492,6 +514,14 @@ class PerExampleSquares:
                 return [(c, rel) for c in calls]
         return None
 
+    def workspace(self, numel: int, dtype: torch.dtype, device) -> Tensor:
+        """A reused scratch buffer of at least ``numel`` entries (avoids allocating, and
+        page-faulting, large per-example gradients for every layer)."""
+        buf = self._workspace
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            buf = self._workspace = torch.empty(numel, dtype=dtype, device=device)
+        return buf
+
     def release(self) -> None:
         """Drop the captured tensors (and with them the retained graph)."""
         self._calls = []
@@ -535,7 +565,7 @@ class PerExampleSquares:
             materialize_grads=True,
         )
         deltas: list[list] = [[None] * len(c.outputs) for c in calls]
-        for (i, j, t), g in zip(flat, grads, strict=True):
+        for (i, j, _t), g in zip(flat, grads, strict=True):
             deltas[i][j] = g.detach()
         for c, ds in zip(calls, deltas, strict=True):
             for j, t in enumerate(c.outputs):
@@ -555,13 +585,13 @@ class PerExampleSquares:
                 call = calls[i]
                 ds = [d for d in deltas[i] if d is not None] if call.x is not None else deltas[i]
                 locals_ = [loc for _, loc in pairs]
-                res = None
                 mod = self.modules[call.module_name]
                 kind = supported_layer(mod) if call.x is not None else None
-                if kind in _SQ:
-                    res = _SQ[kind](mod, call.x.detach(), ds[0], locals_)
-                if res is None:
-                    res = self._sq_by_chunks([(call, ds, loc) for loc in locals_], locals_)
+                if kind in _SQ_INTO:
+                    accs = {loc: self.squares[name] for name, loc in pairs}
+                    _SQ_INTO[kind](self, mod, call.x.detach(), ds[0], accs, scale)
+                    continue
+                res = self._sq_by_chunks([(call, ds, loc) for loc in locals_], locals_)
                 for name, loc in pairs:
                     self.squares[name].add_(res[loc].reshape(self.squares[name].shape), alpha=scale)
             for name, entries in multi:
