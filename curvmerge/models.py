@@ -106,14 +106,16 @@ def make_cnn(
         A :class:`BodyHead` in eval mode.
     """
     size = image_size
-    layers: list[nn.Module] = []
-    prev = in_channels
-    for ch in channels:
-        layers += [nn.Conv2d(prev, ch, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
-        prev, size = ch, size // 2
+    for _ in channels:
+        size //= 2
     if size < 1:
         raise ValueError(f"image_size {image_size} is too small for {len(channels)} poolings")
     with _seeded(seed):
+        layers: list[nn.Module] = []
+        prev = in_channels
+        for ch in channels:
+            layers += [nn.Conv2d(prev, ch, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            prev = ch
         body = nn.Sequential(
             *layers, nn.Flatten(), nn.Linear(prev * size * size, hidden), nn.ReLU()
         )
@@ -141,12 +143,12 @@ def make_mlp(
     """
     if not hidden:
         raise ValueError("make_mlp needs at least one hidden layer")
-    layers: list[nn.Module] = [nn.Flatten()]
-    prev = in_features
-    for width in hidden:
-        layers += [nn.Linear(prev, width), nn.ReLU()]
-        prev = width
     with _seeded(seed):
+        layers: list[nn.Module] = [nn.Flatten()]
+        prev = in_features
+        for width in hidden:
+            layers += [nn.Linear(prev, width), nn.ReLU()]
+            prev = width
         model = BodyHead(nn.Sequential(*layers), nn.Linear(prev, num_classes))
     return model.eval()
 
