@@ -132,8 +132,9 @@ def save_params(
         params: Named tensors (moved to the CPU; names must be strings).
         path: Output file, usually ending in ``.safetensors``.
         force: Replace an existing file.
-        metadata: Extra information stored in the header; values that are not strings are
-            stored as JSON (read them back with :func:`read_metadata`).
+        metadata: Extra information stored in the header; strings are stored as they are,
+            other values as JSON. :func:`read_metadata` decodes every value that parses as
+            JSON, so a string such as ``"3"`` comes back as the number 3.
 
     Returns:
         The path written.
