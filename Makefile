@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,efficientnet]'
 	@# torchvision (pulled by backpack) cannot import on the CPU torch build and breaks transformers
 	$(PY) -m pip uninstall -y -q torchvision || true
 	@touch $(STAMP)
