@@ -90,7 +90,7 @@ def _linear_per_example(module, x, d, names, transpose=False):
 def _linear_sq_into(engine, module, x, d, accs, scale, transpose=False):
     """Add the squares of a linear layer's per-example gradients to ``accs``.
 
-    One position per example: Goodfellow's :math:`(\delta^{\odot 2})^\top a^{\odot 2}`.
+    One position per example: Goodfellow's :math:`(\\delta^{\\odot 2})^\\top a^{\\odot 2}`.
     Several: per-example gradients of a chunk of examples, formed by one batched matrix
     product into a reused buffer (as costly as the layer's weight gradient), squared and added
     one example at a time while they are in cache.
