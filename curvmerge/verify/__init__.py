@@ -17,7 +17,12 @@ Markdown report with plots, and ``python -m curvmerge.verify --out DIR`` does bo
 MNIST CNN three-task problem.
 """
 
-from curvmerge.verify.diagonal import DiagonalComparison, compare_diagonals, exact_diagonal
+from curvmerge.verify.diagonal import (
+    DiagonalComparison,
+    compare_diagonals,
+    exact_diagonal,
+    mc_diagonal,
+)
 from curvmerge.verify.directions import DirectionShare, direction_share
 from curvmerge.verify.estimators import (
     DIAGONAL_METHODS,
@@ -64,6 +69,7 @@ __all__ = [
     "exact_diagonal",
     "compare_diagonals",
     "DiagonalComparison",
+    "mc_diagonal",
     # off-diagonal share
     "DiagonalShare",
     "diagonal_share",

@@ -19,7 +19,7 @@ from curvmerge.operators.base import DENSE_LIMIT, LinearOperator
 from curvmerge.space import ParamSpace
 from curvmerge.verify.estimators import Z_SCORE, DiagonalEstimate
 
-__all__ = ["exact_diagonal", "compare_diagonals", "DiagonalComparison"]
+__all__ = ["exact_diagonal", "compare_diagonals", "DiagonalComparison", "mc_diagonal"]
 
 
 def exact_diagonal(A: LinearOperator, *, max_size: int = DENSE_LIMIT, block: int = 256) -> Tensor:
@@ -165,3 +165,50 @@ def compare_diagonals(
         out.within_error_bar = rel <= out.error_bar
         out.entry_coverage = float(((est - ref).abs() <= z * se).double().mean())
     return out
+
+
+def mc_diagonal(
+    model,
+    loss_fn,
+    data,
+    *,
+    params=None,
+    repeats: int = 8,
+    mc_samples: int = 1,
+    seed: int = 0,
+) -> DiagonalEstimate:
+    """The Monte-Carlo Fisher diagonal with per-entry error bars.
+
+    Runs the diagonal Fisher engine (``kind="mc"``) ``repeats`` times with independent
+    label seeds ``seed, seed + 1, ...``; the estimate is their mean (an MC Fisher with
+    ``repeats * mc_samples`` samples per example, unbiased for the exact diagonal) and the
+    standard error is their sample standard deviation over :math:`\\sqrt{\\text{repeats}}`.
+
+    Returns:
+        A :class:`DiagonalEstimate` (``num_products`` counts engine passes).
+    """
+    from curvmerge.fisher import diagonal_fisher
+
+    if repeats < 2:
+        raise ValueError(f"repeats must be at least 2 for an error bar, got {repeats}")
+    data = list(data)
+    runs = torch.stack(
+        [
+            diagonal_fisher(
+                model,
+                loss_fn,
+                data,
+                params=params,
+                kind="mc",
+                mc_samples=mc_samples,
+                seed=seed + r,
+                progress=False,
+            )
+            .diagonal()
+            .detach()
+            .double()
+            for r in range(repeats)
+        ]
+    )
+    se = runs.std(0, correction=1) / math.sqrt(repeats)
+    return DiagonalEstimate(runs.mean(0), se, repeats, f"mc ({repeats}x{mc_samples} samples)")
