@@ -124,45 +124,40 @@ def _linear_sq_into(engine, module, x, d, accs, scale, transpose=False):
             acc.addcmul_(G[k], G[k], value=scale)
 
 
-def _conv_unfold(module, x):
-    """Patches ``[b, groups, Cin/groups * prod(kernel), L]`` of a Conv1d/Conv2d input."""
-    one_d = isinstance(module, nn.Conv1d)
+def _conv_padded(module, x):
+    """The convolution's input with its padding applied."""
     if isinstance(module.padding, str) or module.padding_mode != "zeros":
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-        padding = 0
-    else:
-        padding = (0, module.padding[0]) if one_d else module.padding
-    if one_d:
-        x = x.unsqueeze(2)
-        kw = dict(
-            kernel_size=(1, module.kernel_size[0]),
-            dilation=(1, module.dilation[0]),
-            padding=padding,
-            stride=(1, module.stride[0]),
-        )
-    else:
-        kw = dict(
-            kernel_size=module.kernel_size,
-            dilation=module.dilation,
-            padding=padding,
-            stride=module.stride,
-        )
-    cols = F.unfold(x, **kw)
-    g = module.groups
-    return cols.reshape(cols.shape[0], g, cols.shape[1] // g, cols.shape[2])
+        return F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+    pad = []
+    for p in reversed(module.padding):
+        pad += [p, p]
+    return F.pad(x, pad) if any(pad) else x
 
 
 def _conv_per_example(module, x, d, names):
+    """Per-example convolution weight gradients as one grouped convolution over
+    (example, group) pairs: the output gradient of each example is the kernel, the forward
+    stride becomes the dilation and vice versa (Rochette, Manoel & Tramel, "Efficient
+    per-example gradient computations in convolutional neural networks", 2019)."""
     b = x.shape[0]
     g = module.groups
-    d = d.reshape(b, g, d.shape[1] // g, -1)
     out = {}
     if "weight" in names:
-        cols = _conv_unfold(module, x)
-        out["weight"] = torch.einsum("bgol,bgil->bgoi", d, cols).reshape(b, *module.weight.shape)
+        one_d = isinstance(module, nn.Conv1d)
+        conv = F.conv1d if one_d else F.conv2d
+        xp = _conv_padded(module, x)
+        spatial = xp.shape[2:]
+        cin_g = module.in_channels // g
+        xg = xp.reshape(b, g, cin_g, *spatial).movedim(2, 0).reshape(cin_g, b * g, *spatial)
+        kernel = d.reshape(b * module.out_channels, 1, *d.shape[2:])
+        w = conv(xg, kernel, stride=module.dilation, dilation=module.stride, groups=b * g)
+        ks = module.kernel_size
+        w = w[(..., slice(0, ks[0])) if one_d else (..., slice(0, ks[0]), slice(0, ks[1]))]
+        w = w.reshape(cin_g, b, module.out_channels, *ks).movedim(0, 2)
+        out["weight"] = w
     if "bias" in names:
-        out["bias"] = d.sum(-1).reshape(b, -1)
+        out["bias"] = d.flatten(2).sum(-1)
     return out
 
 
@@ -532,12 +527,7 @@ class PerExampleSquares:
         extra = 0
         mod = self.modules[call.module_name]
         if call.x is not None and isinstance(mod, (nn.Conv1d, nn.Conv2d)):
-            # unfolded patches: Cin * prod(kernel) per output position
-            k = 1
-            for s in mod.kernel_size:
-                k *= s
-            out_pos = call.outputs[0][0, 0].numel()
-            extra = mod.in_channels * k * out_pos + call.x[0].numel()
+            extra = 2 * call.x[0].numel()  # padded, regrouped input
         per = max(1, (2 * numel + extra) * itemsize)
         return max(1, min(call.batch, self.memory_budget // per))
 
