@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)  ## create .venv and install curvmerge with its dev tools
 
 demo: $(STAMP)  ## run the embedded default merge and print its table
-	$(PY) gallery/plot_fisher_merging_basics.py
+	$(PY) -m curvmerge demo --force
 
 test: $(STAMP)  ## fast tests, doctests and gallery smoke tests (< 10 min on 2 cores)
 	$(PYTEST) -m "not slow" tests curvmerge

@@ -797,7 +797,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge neural networks with curvature. Checkpoints are safetensors files "
         "written by 'curvmerge finetune'; every output is written atomically and kept unless "
         "--force is given. Exit status: 0 ok, 2 bad input, 1 failure while running.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run 'curvmerge <command> --help' for the options of a command.",
     )
     parser.add_argument(
@@ -1013,7 +1012,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-exact", action="store_true", help="vision: leave out the exact Fisher")
     p.add_argument("--steps", type=int, help="with --text: fine-tuning steps per task (150)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--output-dir", default="results/demo", help="folder for the outputs")
+    p.add_argument(
+        "--output-dir", default="demo_out", help="folder for the outputs (default demo_out)"
+    )
     _add_common(p)
     p.set_defaults(func=cmd_demo)
 

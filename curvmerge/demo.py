@@ -32,6 +32,7 @@ import copy
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from curvmerge.fisher import diagonal_fisher
-from curvmerge.merge.equation import parameters_of
+from curvmerge.merge.equation import ConvergenceWarning, parameters_of
 from curvmerge.merge.registry import get_method, task_models
 from curvmerge.merge.sweep import grid_search, line_grid, sweep
 from curvmerge.train import Data, evaluate, iter_batches
@@ -319,15 +320,17 @@ def compare_methods(
             for op, f in zip(ops, F, strict=True):  # the diagonal is known: reuse it
                 if getattr(op, "_diagonal", "absent") is None:
                     op._diagonal = f.diagonal().to(op.device, op.dtype)
-            found = sweep(
-                setup.models,
-                ops,
-                validate=lambda r: ev.result(r, "val"),
-                weights=[(1.0 / T,) * T],
-                dampings=[r * scale for r in exact_relative_dampings],
-                maxiter=exact_maxiter,
-                verbose=False,
-            )
+            with warnings.catch_warnings():  # reported below as a note
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                found = sweep(
+                    setup.models,
+                    ops,
+                    validate=lambda r: ev.result(r, "val"),
+                    weights=[(1.0 / T,) * T],
+                    dampings=[r * scale for r in exact_relative_dampings],
+                    maxiter=exact_maxiter,
+                    verbose=False,
+                )
             result = found.best_result
             best = found.best_point
             choice = {
@@ -504,7 +507,7 @@ def _stderr(msg: str) -> None:
 
 
 def run_vision_demo(
-    out_dir: str | os.PathLike | None = "results/demo",
+    out_dir: str | os.PathLike | None = "demo_out",
     *,
     quick: bool = False,
     methods: Sequence[str] = ALL_METHODS,
@@ -530,8 +533,8 @@ def run_vision_demo(
     if quick:
         setup = vision_setup(
             dataset="digits",
-            base_steps=40,
-            task_steps=60,
+            base_steps=30,
+            task_steps=40,
             fisher_examples=128,
             seed=seed,
             progress=progress,
@@ -618,7 +621,7 @@ def text_setup(
 
 
 def run_text_demo(
-    out_dir: str | os.PathLike | None = "results/demo",
+    out_dir: str | os.PathLike | None = "demo_out",
     *,
     steps: int = 150,
     exact: bool = False,

@@ -1,0 +1,201 @@
+"""The ``curvmerge`` command: the finetune -> fisher -> merge -> eval path through the console
+script, and clear messages with non-zero exit codes for bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from curvmerge.cli import main
+from curvmerge.io import load_params, read_metadata
+
+TINY = ["--model", "mlp", "--hidden", "16", "--steps", "15", "-q"]
+
+
+def _command() -> list[str]:
+    script = Path(sys.executable).parent / "curvmerge"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "curvmerge"]
+
+
+def run_script(*args, cwd) -> subprocess.CompletedProcess:
+    """Run the console script (a fresh process, as a shell user would)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [*_command(), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+
+
+def run_main(*args) -> tuple[int, str, str]:
+    """Run :func:`curvmerge.cli.main` in this process (fast); returns (status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main([str(a) for a in args])
+    return status, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A base and a second task model made in-process; the first task model is left to the
+    console-script test."""
+    d = tmp_path_factory.mktemp("cli")
+    assert run_main("finetune", "--task", "digits", *TINY, "-o", d / "base.safetensors")[0] == 0
+    status, _, err = run_main(
+        "finetune", "--task", "digits:5,6,7,8,9", "--base", d / "base.safetensors", *TINY,
+        "-o", d / "b.safetensors",
+    )  # fmt: skip
+    assert status == 0, err
+    status, _, err = run_main(
+        "fisher", d / "b.safetensors", "--examples", "64", "-q", "-o", d / "fb.safetensors"
+    )
+    assert status == 0, err
+    return d
+
+
+def test_console_script_workflow(work):
+    d = work
+    r = run_script("finetune", "--task", "digits:0,1,2,3,4", "--base", "base.safetensors", *TINY,
+                   "-o", "a.safetensors", cwd=d)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    meta = read_metadata(d / "a.safetensors")
+    assert meta["task"] == "digits:0,1,2,3,4" and meta["model"]["num_classes"] == 5
+    assert "validation accuracy" in r.stdout
+
+    r = run_script("fisher", "a.safetensors", "--examples", "64", "-q", "-o", "fa.safetensors",
+                   cwd=d)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    fmeta = read_metadata(d / "fa.safetensors")
+    assert fmeta["kind"] == "exact" and fmeta["num_examples"] == 64 and fmeta["seconds"] > 0
+
+    r = run_script("merge", "a.safetensors", "b.safetensors", "-m", "fisher_diagonal",
+                   "--fisher", "fa.safetensors", "fb.safetensors", "-o", "merged.safetensors",
+                   cwd=d)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    merged = load_params(d / "merged.safetensors")
+    assert set(merged) == {"body.1.weight", "body.1.bias"}  # the body only; heads stay
+    assert read_metadata(d / "merged.safetensors")["method"] == "fisher_diagonal"
+
+    r = run_script("eval", "a.safetensors", "b.safetensors", "--body", "merged.safetensors",
+                   "--json", "-q", "-o", "scores", cwd=d)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    scores = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(scores) == {"digits:0,1,2,3,4", "digits:5,6,7,8,9"}
+    assert all(0.0 <= v <= 1.0 for v in scores.values())
+    assert (
+        (d / "scores.md").exists() and (d / "scores.csv").exists() and (d / "scores.png").exists()
+    )
+
+    # bad input through the console script: a clear message, exit status 2, no traceback
+    r = run_script("eval", "missing.safetensors", cwd=d)
+    assert r.returncode == 2
+    assert "curvmerge: error: checkpoint missing.safetensors does not exist" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def _error(*args) -> str:
+    status, _, err = run_main(*args)
+    assert status == 2, err
+    assert err.startswith("curvmerge: error: "), err
+    assert "Traceback" not in err
+    return err
+
+
+def test_missing_checkpoint(work):
+    err = _error("merge", work / "nope.safetensors", work / "b.safetensors",
+                 "-o", work / "m.safetensors")  # fmt: skip
+    assert "nope.safetensors does not exist" in err
+
+
+def test_different_architectures(work):
+    status, _, _ = run_main("finetune", "--task", "digits", "--model", "mlp", "--hidden", "8",
+                            "--steps", "2", "-q", "-o", work / "other.safetensors")  # fmt: skip
+    assert status == 0
+    err = _error("merge", work / "b.safetensors", work / "other.safetensors",
+                 "-o", work / "m.safetensors")  # fmt: skip
+    assert "different architectures" in err and "body.1.weight" in err
+    assert not (work / "m.safetensors").exists()
+
+
+def test_config_unknown_method(work):
+    cfg = work / "unknown.yaml"
+    cfg.write_text(
+        "models: [base.safetensors, b.safetensors]\nmethod: magic\noutput: m.safetensors\n"
+    )
+    err = _error("merge", "--config", cfg)
+    assert "unknown method 'magic'" in err and "fisher_diagonal" in err
+
+
+def test_config_negative_weight(work):
+    cfg = work / "negative.yaml"
+    cfg.write_text(
+        "models: [base.safetensors, b.safetensors]\nmethod: average\nweights: [0.5, -1]\n"
+        "output: m.safetensors\n"
+    )
+    err = _error("merge", "--config", cfg)
+    assert "non-negative" in err and "-1" in err
+
+
+def test_truncated_safetensors(work):
+    data = (work / "b.safetensors").read_bytes()
+    (work / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    err = _error("eval", work / "cut.safetensors")
+    assert "cut.safetensors" in err and "truncated or corrupt" in err
+
+
+def test_pickles_are_refused(work):
+    (work / "model.pt").write_bytes(b"not even a pickle")
+    err = _error("eval", work / "model.pt")
+    assert "only reads safetensors" in err
+
+
+def test_existing_output_needs_force(work):
+    out = work / "avg.safetensors"
+    args = ("merge", work / "b.safetensors", work / "b.safetensors", "-o", out)
+    assert run_main(*args)[0] == 0
+    before = out.read_bytes()
+    err = _error(*args)
+    assert "already exists" in err and "--force" in err
+    assert out.read_bytes() == before
+    assert run_main(*args, "--weights", "1", "3", "--force")[0] == 0
+
+
+def test_flags_override_config_and_options(work):
+    cfg = work / "ta.yaml"
+    cfg.write_text(
+        "models: [b.safetensors, b.safetensors]\nmethod: task_arithmetic\nbase: base.safetensors\n"
+        "options: {scaling: 0.5}\noutput: ta.safetensors\n"
+    )
+    status, out, err = run_main("merge", "--config", cfg, "--option", "scaling=0.25")
+    assert status == 0, err
+    meta = read_metadata(work / "ta.safetensors")
+    assert meta["method"] == "task_arithmetic" and meta["options"]["scaling"] == 0.25
+    err = _error("merge", "--config", cfg, "--option", "bogus=1", "--force")
+    assert "no option 'bogus'" in err
+
+
+def test_sweep_prints_cost(work):
+    status, out, err = run_main(
+        "sweep", work / "b.safetensors", work / "b.safetensors", "--fisher", work / "fb.safetensors",
+        work / "fb.safetensors", "--points", "5", "-q", "-o", work / "sweep",
+    )  # fmt: skip
+    assert status == 0, err
+    assert "5 points" in out and "% of the" in out and "computing the statistics" in out
+    assert (work / "sweep.md").exists() and (work / "sweep.png").exists()
+
+
+def test_help_explains_options():
+    with pytest.raises(SystemExit) as exc, contextlib.redirect_stdout(io.StringIO()) as out:
+        main(["merge", "--help"])
+    assert exc.value.code == 0
+    text = out.getvalue()
+    for option in ("--config", "--method", "--weights", "--damping", "--prior", "--params",
+                   "--fisher", "--output", "--force"):  # fmt: skip
+        assert option in text
+    assert run_main()[0] == 2  # no command: help and a usage status
