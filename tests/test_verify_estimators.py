@@ -167,13 +167,17 @@ def test_diagonal_share_within_error_bar(kind):
     exact = exact_diagonal_share(op(M))
     hits, ratios = [], []
     layer_hits = {n: 0 for n in SPACE.names}
+    frac_hits = {n: 0 for n in SPACE.names}
     for seed in SEEDS:
         est = estimate_diagonal_share(op(M), M.diagonal(), 60, seed=seed)
         hits.append(abs(est.share - exact.share) <= est.error_bar())
         ratios.append(abs(est.share - exact.share) / est.stderr)
         for n in SPACE.names:
             layer_hits[n] += abs(est.per_layer[n] - exact.per_layer[n]) <= est.layer_error_bar(n)
+            frac_err = abs(est.per_layer_fraction[n] - exact.per_layer_fraction[n])
+            frac_hits[n] += frac_err <= est.fraction_error_bar(n)
         assert math.isclose(est.frobenius_norm, exact.frobenius_norm, rel_tol=0.5)
     _require_coverage(hits, ratios)
     for n, h in layer_hits.items():
         assert h >= 19, f"layer {n}: covered in {h}/20 seeds"
+        assert frac_hits[n] >= 19, f"layer {n}: fraction covered in {frac_hits[n]}/20 seeds"

@@ -47,6 +47,7 @@ def test_exact_share_matches_dense(kind):
     for name, sl in SPACE.slices().items():
         close(s.per_layer[name], np.linalg.norm((M - D)[sl]) / np.linalg.norm(M[sl]))
         close(s.within_layer[name], np.linalg.norm((M - D)[sl, sl]) / np.linalg.norm(M[sl, sl]))
+        close(s.per_layer_fraction[name], np.linalg.norm(D[sl]) ** 2 / np.linalg.norm(M[sl]) ** 2)
         block[sl, sl] = M[sl, sl]
     close(s.cross_layer_share, np.linalg.norm(M - block) / np.linalg.norm(M))
     assert diagonal_share(op(torch.from_numpy(M))).method == "exact"

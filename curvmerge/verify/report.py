@@ -19,7 +19,16 @@ import torch
 
 from curvmerge.verify.run import VerificationResult
 
-__all__ = ["write_report", "render_markdown", "FIGURES"]
+__all__ = [
+    "write_report",
+    "render_markdown",
+    "FIGURES",
+    "plot_spectra",
+    "plot_diagonal_scatter",
+    "plot_layer_share",
+    "plot_merges",
+    "plot_cg_history",
+]
 
 FIGURES = (
     "spectra.png",
@@ -130,23 +139,34 @@ def plot_diagonal_scatter(result: VerificationResult, task: int = 0, max_points:
 
 
 def plot_layer_share(result: VerificationResult):
-    """Off-diagonal share per layer and task, with error bars."""
+    """Off-diagonal share per layer and task (left) and the diagonal's part of the squared
+    Frobenius norm, :math:`1 - s^2`, on a log scale (right), with error bars."""
     plt = _plt()
     layers = list(result.space.names)
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(layers) + 2), 4))
+    fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.6 * len(layers) + 3), 4))
     T = len(result.tasks)
     width = 0.8 / max(T, 1)
     for i, tv in enumerate(result.tasks):
+        xs = [j + (i - (T - 1) / 2) * width for j in range(len(layers))]
         vals = [tv.share.per_layer.get(n, math.nan) for n in layers]
         errs = [tv.share.layer_error_bar(n, result.z) for n in layers]
-        xs = [j + (i - (T - 1) / 2) * width for j in range(len(layers))]
-        ax.bar(xs, vals, width, yerr=errs, capsize=2, label=tv.name)
-    ax.set_xticks(range(len(layers)))
-    ax.set_xticklabels(layers, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(r"$\|(F-D)_{R,:}\|_F / \|F_{R,:}\|_F$")
-    ax.set_ylim(0, 1.05)
-    ax.set_title(f"Off-diagonal share per layer (error bars: {result.z:g} s.e.)")
-    ax.legend(fontsize=8)
+        axes[0].bar(xs, vals, width, yerr=errs, capsize=2, label=tv.name)
+        frac = [tv.share.per_layer_fraction.get(n, math.nan) for n in layers]
+        ferr = [tv.share.fraction_error_bar(n, result.z) for n in layers]
+        lower = [min(e, f * (1 - 1e-9)) for f, e in zip(frac, ferr, strict=True)]
+        axes[1].bar(xs, frac, width, yerr=[lower, ferr], capsize=2, label=tv.name)
+    for ax in axes:
+        ax.set_xticks(range(len(layers)))
+        ax.set_xticklabels(layers, rotation=30, ha="right", fontsize=8)
+    axes[0].set_ylabel(r"$s_R = \|(F-D)_{R,:}\|_F / \|F_{R,:}\|_F$")
+    axes[0].set_ylim(0, 1.05)
+    axes[0].set_title("off-diagonal share per layer")
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel(r"$f_R = 1 - s_R^2 = \|D_R\|_F^2 / \|F_{R,:}\|_F^2$")
+    axes[1].set_title("diagonal's part of the Frobenius mass")
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.suptitle(f"How diagonal is the Fisher? (error bars: {result.z:g} s.e.)", fontsize=10)
+    fig.tight_layout()
     return fig
 
 

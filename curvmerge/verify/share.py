@@ -18,13 +18,21 @@ so couplings to other layers count as off-diagonal):
 Exact values need the dense matrix (:func:`exact_diagonal_share`, which also gives the
 within-block share :math:`\\|(F-D)_{RR}\\|_F / \\|F_{RR}\\|_F` and the cross-layer share
 :math:`\\|F - \\operatorname{blockdiag}(F)\\|_F / \\|F\\|_F`). Matrix-free,
-:func:`estimate_diagonal_share` uses :math:`\\mathbb E\\|(Mz)_R\\|^2 = \\|M_{R,:}\\|_F^2` for
-Rademacher :math:`z` (Hutchinson 1989) with :math:`M = F` and :math:`M = F - D`, both from the
-same products :math:`Fz` and an exact diagonal :math:`d` (the diagonal Fisher engine). The
-ratio :math:`r_R = \\sum_i o_{iR} / \\sum_i t_{iR}` of the two sample sums has the
-delta-method standard error
-:math:`\\text{se}(r) = \\text{sd}_i(o_i - r t_i) / (\\sqrt m\\, \\bar t)`, and
-:math:`\\text{se}(s) = \\text{se}(r) / (2 s)`.
+:func:`estimate_diagonal_share` uses :math:`\\|F - D\\|_F^2 = \\|F\\|_F^2 - \\|D\\|_F^2`
+with the exact diagonal :math:`d` (from the diagonal Fisher engine) and estimates only
+
+.. math::
+
+    \\|F_{R,:}\\|_F^2 = \\mathbb E\\|(F z)_R\\|^2, \\qquad z \\text{ Rademacher}
+
+(Hutchinson 1989), by the mean :math:`\\bar t_R` of :math:`m` probes with standard error
+:math:`\\text{se}(\\bar t_R)`. The diagonal fraction :math:`f_R = \\|d_R\\|^2 / \\bar t_R`
+then has :math:`\\text{se}(f_R) = f_R\\,\\text{se}(\\bar t_R) / \\bar t_R` and
+:math:`s_R = \\sqrt{1 - f_R}` has :math:`\\text{se}(s_R) = \\text{se}(f_R) / (2 s_R)`
+(delta method). Because only the total is random, a fraction :math:`f_R` of
+:math:`10^{-3}` is resolved to a relative accuracy of that of :math:`\\bar t_R`, far better
+than estimating :math:`\\|F-D\\|_F^2` by probes as well (which was tried: its noise is
+about the size of :math:`\\|D\\|_F^2` on a nearly low-rank Fisher).
 """
 
 from __future__ import annotations
@@ -55,6 +63,8 @@ class DiagonalShare:
         method: ``"exact"`` or ``"hutchinson"``.
         num_products: Products spent.
         num_probes: Probes used (``dof`` is ``num_probes - 1``).
+        per_layer_fraction: :math:`f_R = \\|D_R\\|_F^2 / \\|F_{R,:}\\|_F^2 = 1 - s_R^2`.
+        per_layer_fraction_stderr: Standard errors of ``per_layer_fraction``.
         within_layer: Exact only: :math:`\\|(F-D)_{RR}\\|_F/\\|F_{RR}\\|_F` per block.
         cross_layer_share: Exact only: :math:`\\|F-\\operatorname{blockdiag}F\\|_F/\\|F\\|_F`.
     """
@@ -69,6 +79,8 @@ class DiagonalShare:
     num_probes: int = 0
     within_layer: dict[str, float] | None = None
     cross_layer_share: float | None = None
+    per_layer_fraction: dict[str, float] = field(default_factory=dict)
+    per_layer_fraction_stderr: dict[str, float] = field(default_factory=dict)
 
     @property
     def diagonal_fraction(self) -> float:
@@ -80,8 +92,14 @@ class DiagonalShare:
         return _quantile(z, self.num_probes - 1 if self.num_probes else None) * self.stderr
 
     def layer_error_bar(self, name: str, z: float = Z_SCORE) -> float:
+        """Half-width of the error bar on ``per_layer[name]``."""
         dof = self.num_probes - 1 if self.num_probes else None
         return _quantile(z, dof) * self.per_layer_stderr.get(name, 0.0)
+
+    def fraction_error_bar(self, name: str, z: float = Z_SCORE) -> float:
+        """Half-width of the error bar on ``per_layer_fraction[name]``."""
+        dof = self.num_probes - 1 if self.num_probes else None
+        return _quantile(z, dof) * self.per_layer_fraction_stderr.get(name, 0.0)
 
     def to_dict(self) -> dict:
         out = dict(self.__dict__)
@@ -130,20 +148,24 @@ def exact_diagonal_share(F: LinearOperator | Tensor, space: ParamSpace | None = 
         0,
         within,
         cross,
+        {n: 1.0 - v * v for n, v in per.items()},
+        {n: 0.0 for n in per},
     )
 
 
-def _ratio(o: Tensor, t: Tensor) -> tuple[float, float]:
-    """Share :math:`\\sqrt{\\bar o / \\bar t}` and its delta-method standard error."""
-    m = o.numel()
+def _from_total(diag_sq: float, t: Tensor) -> tuple[float, float, float, float]:
+    """Share, its stderr, diagonal fraction and its stderr from exact ``||d_R||^2`` and the
+    probe samples ``t`` of ``||F_{R,:}||^2``."""
+    m = t.numel()
     tbar = float(t.mean())
     if tbar <= 0:
-        return math.nan, math.nan
-    r = float(o.mean()) / tbar
-    se_r = float((o - r * t).std(correction=1)) / (math.sqrt(m) * tbar)
-    s = math.sqrt(max(r, 0.0))
-    se = se_r / (2 * s) if s > 0 else math.sqrt(se_r)
-    return s, se
+        return math.nan, math.nan, math.nan, math.nan
+    se_t = float(t.std(correction=1)) / math.sqrt(m)
+    f = diag_sq / tbar
+    se_f = f * se_t / tbar
+    s = math.sqrt(max(1.0 - f, 0.0))
+    se_s = se_f / (2 * s) if s > 0 else math.sqrt(se_f)
+    return s, se_s, f, se_f
 
 
 def estimate_diagonal_share(
@@ -159,7 +181,8 @@ def estimate_diagonal_share(
     Args:
         F: A symmetric operator.
         diagonal: Its exact diagonal (default: ``F.diagonal()``, which structured
-            operators provide; pass the diagonal Fisher engine's result for the GGN).
+            operators provide; pass the diagonal Fisher engine's result for the GGN). It
+            is taken as exact: an estimated diagonal biases the share.
         num_products: Rademacher probes :math:`m` (one product each).
         seed: Seed of the probes.
         block_size: Probes per product.
@@ -167,22 +190,32 @@ def estimate_diagonal_share(
     if diagonal is None:
         diagonal = F.diagonal()
     g = _generator(seed)
-    d = diagonal.detach().to(device=F.device, dtype=torch.float64).reshape(-1, 1)
+    d = diagonal.detach().to(device=F.device, dtype=torch.float64).reshape(-1)
     slices = list(F.space.slices().items())
-    t_blocks, o_blocks = [], []
+    t_blocks = []
     for b in _blocks(num_products, block_size):
         Z = rademacher(F.shape[0], b, g, device=F.device)
         FZ = _apply(F, Z)
-        OZ = FZ - d * Z
         t_blocks.append(torch.stack([(FZ[sl] ** 2).sum(0) for _, sl in slices]))
-        o_blocks.append(torch.stack([(OZ[sl] ** 2).sum(0) for _, sl in slices]))
-    T, O = torch.cat(t_blocks, 1).cpu(), torch.cat(o_blocks, 1).cpu()  # [layers, m]
-    share, se = _ratio(O.sum(0), T.sum(0))
-    per, per_se = {}, {}
+    T = torch.cat(t_blocks, 1).cpu()  # [layers, m]
+    d2 = [float((d[sl] ** 2).sum()) for _, sl in slices]
+    share, se, _, _ = _from_total(sum(d2), T.sum(0))
+    per, per_se, frac, frac_se = {}, {}, {}, {}
     for i, (name, _) in enumerate(slices):
-        per[name], per_se[name] = _ratio(O[i], T[i])
+        per[name], per_se[name], frac[name], frac_se[name] = _from_total(d2[i], T[i])
     fro = math.sqrt(max(float(T.sum(0).mean()), 0.0))
-    return DiagonalShare(share, se, per, per_se, fro, "hutchinson", num_products, num_products)
+    return DiagonalShare(
+        share,
+        se,
+        per,
+        per_se,
+        fro,
+        "hutchinson",
+        num_products,
+        num_products,
+        per_layer_fraction=frac,
+        per_layer_fraction_stderr=frac_se,
+    )
 
 
 def diagonal_share(
