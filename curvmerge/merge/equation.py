@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from curvmerge.operators import DiagonalOperator, IdentityOperator, LinearOperator
+from curvmerge.operators.base import SumOperator
 from curvmerge.solve import solve_cg
 from curvmerge.space import ParamSpace, SpaceMismatchError
 
@@ -192,8 +193,12 @@ def merge(
         rtol: Relative tolerance of CG (scipy's stopping rule).
         maxiter: Maximum CG iterations (default ``10 * P``).
         preconditioner: ``"diagonal"`` (Jacobi: :math:`\\lambda + \\sum_t w_t
-            \\operatorname{diag}F_t` when the curvatures provide a diagonal), ``None``, or an
-            operator approximating :math:`(\\lambda I + \\sum_t w_t F_t)^{-1}`.
+            \\operatorname{diag}F_t` when the curvatures provide a diagonal),
+            ``"nystrom"`` or ``"nystrom:<rank>"`` (randomized Nyström preconditioner of
+            :math:`\\sum_t w_t F_t`, :class:`curvmerge.precondition.NystromPreconditioner`;
+            its sketch costs ``rank`` products, counted in the report; default rank
+            :data:`NYSTROM_RANK`), ``None``, or an operator approximating
+            :math:`(\\lambda I + \\sum_t w_t F_t)^{-1}`.
         warm_start: Start CG from the diagonal merge when the diagonals are available.
         require_convergence: Raise :class:`ConvergenceError` instead of warning.
         callback: Passed to CG (called with the task-vector iterate).
@@ -328,6 +333,23 @@ def _diagonal_step(curvatures, w, damping, deltas, space, report) -> Tensor:
     return torch.where(unseen, 0.0, numer / torch.where(unseen, 1.0, denom))
 
 
+#: Sketch size of ``preconditioner="nystrom"`` (``"nystrom:<rank>"`` picks another).
+NYSTROM_RANK = 100
+
+
+def _nystrom_rank(name: str, P: int) -> int:
+    parts = name.split(":")
+    if len(parts) == 1:
+        return min(NYSTROM_RANK, P)
+    try:
+        rank = int(parts[1])
+    except ValueError:
+        rank = 0
+    if len(parts) != 2 or rank < 1:
+        raise ValueError(f"preconditioner {name!r}: expected 'nystrom:<positive rank>'")
+    return min(rank, P)
+
+
 def _cg_step(
     curvatures,
     w,
@@ -364,6 +386,7 @@ def _cg_step(
             diag = None
 
     M = None
+    sketch_products = 0
     if isinstance(preconditioner, LinearOperator):
         M, report.preconditioner = preconditioner, type(preconditioner).__name__
     elif preconditioner == "diagonal":
@@ -379,9 +402,24 @@ def _cg_step(
                 else None
             )
             report.preconditioner = "diagonal" if M is not None else None
+    elif isinstance(preconditioner, str) and preconditioner.split(":")[0] == "nystrom":
+        rank = _nystrom_rank(preconditioner, space.size)
+        if damping > 0:
+            from curvmerge.precondition import NystromPreconditioner
+
+            total = weighted[0] if len(weighted) == 1 else SumOperator(weighted)
+            M = NystromPreconditioner(total, rank, damping)
+            sketch_products = M.products
+            report.preconditioner = f"nystrom (rank {M.products})"
+        else:
+            warnings.warn(
+                "merge: the Nyström preconditioner needs damping > 0; solving without",
+                stacklevel=3,
+            )
     elif preconditioner is not None:
         raise ValueError(
-            f"preconditioner must be 'diagonal', None or an operator, got {preconditioner!r}"
+            "preconditioner must be 'diagonal', 'nystrom', 'nystrom:<rank>', None or an "
+            f"operator, got {preconditioner!r}"
         )
 
     x0 = None
@@ -403,7 +441,7 @@ def _cg_step(
     result.products += checked
     report.converged = result.converged
     report.iterations = result.iterations
-    report.products = result.products + rhs_products
+    report.products = result.products + rhs_products + sketch_products
     report.relative_residual = result.relative_residual
     report.residual_history = result.residuals
     return result.x
