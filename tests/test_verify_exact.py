@@ -10,7 +10,7 @@ import torch
 
 from curvmerge.operators import DiagonalOperator
 from curvmerge.verify.diagonal import compare_diagonals, exact_diagonal
-from curvmerge.verify.directions import direction_share
+from curvmerge.verify.directions import direction_share, prior_share
 from curvmerge.verify.estimators import estimate_diagonal
 from curvmerge.verify.share import diagonal_share, exact_diagonal_share
 from curvmerge.verify.spectrum import effective_ranks, spectrum, top_eigenpairs
@@ -158,3 +158,20 @@ def test_compare_diagonals_against_dense():
     same = compare_diagonals(d, d)
     assert same.relative_error == 0 and same.median_ratio == 1.0
     assert same.log_correlation == pytest.approx(1.0, rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prior_share_matches_dense(kind):
+    M = psd(kind)
+    g = torch.Generator().manual_seed(7)
+    D = torch.randn(SPACE.size, 3, generator=g, dtype=torch.float64)
+    lam_damp = 0.02
+    shares, iters = prior_share(op(M), D, lam_damp, rtol=1e-13)
+    A = M + lam_damp * torch.eye(SPACE.size, dtype=torch.float64)
+    for k in range(3):
+        d = D[:, k]
+        close(shares[k], lam_damp * float(d @ torch.linalg.solve(A, d)) / float(d @ d))
+    assert iters > 0
+    lam, V = torch.linalg.eigh(M)
+    c2 = (V.T @ D[:, 0]) ** 2 / float(D[:, 0] @ D[:, 0])
+    close(shares[0], float((c2 * lam_damp / (lam + lam_damp)).sum()))

@@ -21,6 +21,20 @@ For a task vector :math:`\\Delta = \\theta_t - \\theta_0` and a PSD curvature :m
   full eigendecomposition; from :math:`k` Lanczos pairs it is exact when
   :math:`\\lambda_k < \\tau` (every eigenvalue above :math:`\\tau` was found) and otherwise
   an upper bound (``unseen_is_bound``).
+- *Prior share* at damping :math:`\\lambda` (:func:`prior_share`):
+
+  .. math::
+
+      \\rho_\\lambda(\\Delta) = \\frac{\\lambda\\,\\Delta^\\top (F + \\lambda I)^{-1} \\Delta}
+          {\\|\\Delta\\|^2}
+        = \\sum_i \\frac{(v_i^\\top\\Delta)^2}{\\|\\Delta\\|^2}\\,
+          \\frac{\\lambda}{\\lambda_i + \\lambda} \\in [0, 1],
+
+  a soft version of :math:`u_\\lambda` (weight 1 far below :math:`\\lambda`, 0 far above,
+  1/2 at :math:`\\lambda`) that needs no eigenvectors, one CG solve instead. It is the
+  part of :math:`\\Delta` the merge equation gives back to the prior: with one model,
+  :math:`\\theta^* - \\theta_0 = (F + \\lambda I)^{-1} F \\Delta = \\Delta -
+  \\lambda (F + \\lambda I)^{-1}\\Delta`.
 - *Diagonal's view*: :math:`\\Delta^\\top D \\Delta / \\Delta^\\top F \\Delta` with
   :math:`D = \\operatorname{diag}(F)`: how far the diagonal approximation mis-states the
   curvature along :math:`\\Delta` (1 is right).
@@ -35,9 +49,10 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from curvmerge.operators.base import LinearOperator
+from curvmerge.solve import solve_cg
 from curvmerge.verify.spectrum import Spectrum
 
-__all__ = ["DirectionShare", "direction_share"]
+__all__ = ["DirectionShare", "direction_share", "prior_share"]
 
 
 @dataclass
@@ -57,6 +72,8 @@ class DirectionShare:
         unseen_is_bound: Whether ``unseen_fraction`` is an upper bound (Lanczos pairs did
             not reach below :math:`\\tau`).
         diagonal_ratio: :math:`\\Delta^\\top D\\Delta / \\Delta^\\top F\\Delta`, or ``None``.
+        prior_share: :math:`\\rho_\\lambda(\\Delta)` at :math:`\\lambda` = ``threshold``
+            (see :func:`prior_share`), or ``None``.
     """
 
     delta_norm: float
@@ -69,6 +86,7 @@ class DirectionShare:
     unseen_fraction: float
     unseen_is_bound: bool
     diagonal_ratio: float | None = None
+    prior_share: float | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -143,3 +161,41 @@ def direction_share(
         not complete,
         diag_ratio,
     )
+
+
+def prior_share(
+    F: LinearOperator,
+    deltas: Tensor,
+    damping: float,
+    *,
+    rtol: float = 1e-8,
+    maxiter: int | None = None,
+) -> tuple[list[float], int]:
+    """:math:`\\rho_\\lambda(\\Delta_k) = \\lambda \\Delta_k^\\top (F+\\lambda I)^{-1}
+    \\Delta_k / \\|\\Delta_k\\|^2` for the columns of ``deltas`` (``[P]`` or ``[P, K]``),
+    by one block CG solve (see the module docstring).
+
+    Returns:
+        ``(shares, products)``: one share per column and the CG iterations spent (each a
+        product of :math:`F` with ``K`` columns).
+
+    Example:
+        >>> import torch
+        >>> from curvmerge.space import ParamSpace
+        >>> from curvmerge.operators import DiagonalOperator
+        >>> F = DiagonalOperator(ParamSpace(("w",), ((2,),)),
+        ...                      torch.tensor([1.0, 0.0], dtype=torch.float64))
+        >>> shares, _ = prior_share(F, torch.tensor([1.0, 1.0], dtype=torch.float64), 1.0)
+        >>> [round(s, 10) for s in shares]  # (1/2 * 1/(1+1) + 1/2 * 1) = 0.75
+        [0.75]
+    """
+    from curvmerge.operators import IdentityOperator
+
+    if not damping > 0:
+        raise ValueError(f"damping must be positive, got {damping}")
+    X = deltas.reshape(deltas.shape[0], -1).to(device=F.device, dtype=F.dtype)
+    A = F + IdentityOperator(F.space, damping, dtype=F.dtype, device=F.device)
+    res = solve_cg(A, X, rtol=rtol, maxiter=maxiter)
+    num = damping * (X * res.x).sum(0).double()
+    den = (X * X).sum(0).double()
+    return [float(v) for v in (num / den).cpu()], res.iterations

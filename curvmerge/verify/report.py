@@ -278,18 +278,27 @@ def render_markdown(result: VerificationResult, title: str = "Diagonal vs exact 
     out += ["## How much of the Fisher the diagonal captures", ""]
     out.append(
         "Off-diagonal share s = ‖F − diag F‖_F / ‖F‖_F (0: diagonal; 1: the diagonal holds "
-        "none of the Frobenius mass), estimated matrix-free from E‖Fz‖² = ‖F‖²_F; per layer "
-        "over the layer's rows."
+        "none of the Frobenius mass) and the diagonal's part f = ‖D‖²_F/‖F‖²_F = 1 − s², from "
+        "the exact diagonal and ‖F‖²_F = E‖Fz‖² estimated with Rademacher probes. Per layer "
+        "R (rows of the layer's block): f_R = ‖D_R‖²/‖F_{R,:}‖²_F."
     )
     layers = list(result.space.names)
     rows = []
     for tv in result.tasks:
         sh = tv.share
+        f_bar = 2 * sh.share * sh.error_bar(z)
         rows.append(
-            [tv.name, f"{_f(sh.share)} ± {_f(sh.error_bar(z))}", _f(sh.diagonal_fraction, 4)]
-            + [f"{_f(sh.per_layer[n])} ± {_f(sh.layer_error_bar(n, z))}" for n in layers]
+            [
+                tv.name,
+                f"{_f(sh.share, 4)} ± {_f(sh.error_bar(z), 2)}",
+                f"{sh.diagonal_fraction:.2e} ± {f_bar:.1e}",
+            ]
+            + [
+                f"{sh.per_layer_fraction[n]:.2e} ± {sh.fraction_error_bar(n, z):.1e}"
+                for n in layers
+            ]
         )
-    out.append(_table(["task", "share s", "‖D‖²/‖F‖²", *layers], rows))
+    out.append(_table(["task", "share s", "f", *[f"f: {n}" for n in layers]], rows))
     out += ["", "![per-layer share](layer_share.png)", ""]
 
     out += ["## Spectra, trace and effective rank", ""]
@@ -326,7 +335,9 @@ def render_markdown(result: VerificationResult, title: str = "Diagonal vs exact 
         + "). Rayleigh share ΔᵀFΔ/(λ_max‖Δ‖²); alignment ΔᵀFΔ/‖Δ‖² ÷ (tr F/P), 1 for a "
         "random direction; captured = share of ‖Δ‖² in the span of the top-k eigenvectors; "
         "unseen = share of ‖Δ‖² on eigenvalues below the damping (≤: an upper bound, the "
-        "Lanczos pairs did not reach below it); diag. view ΔᵀDΔ/ΔᵀFΔ (1 is right)."
+        "Lanczos pairs did not reach below it); prior share ρ = λΔᵀ(F+λI)⁻¹Δ/‖Δ‖², the soft "
+        "version that the merge hands back to the prior (by CG, for Σ w F); diag. view "
+        "ΔᵀDΔ/ΔᵀFΔ (1 is right)."
     )
     rows = []
     for tv in result.tasks:
@@ -342,6 +353,7 @@ def render_markdown(result: VerificationResult, title: str = "Diagonal vs exact 
                     _f(d.alignment),
                     _f(d.captured_topk, 4),
                     ("≤ " if d.unseen_is_bound else "") + _f(d.unseen_fraction, 4),
+                    _f(d.prior_share, 4),
                     _f(d.diagonal_ratio),
                 ]
             )
@@ -355,6 +367,7 @@ def render_markdown(result: VerificationResult, title: str = "Diagonal vs exact 
                 "alignment",
                 "captured (top-k)",
                 "unseen",
+                "prior share ρ",
                 "diag. view",
             ],
             rows,

@@ -13,13 +13,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 from curvmerge.merge import parameters_of
 from curvmerge.operators.base import LinearOperator
 from curvmerge.space import ParamSpace
 from curvmerge.verify.diagonal import DiagonalComparison, compare_diagonals
-from curvmerge.verify.directions import DirectionShare, direction_share
+from curvmerge.verify.directions import DirectionShare, direction_share, prior_share
 from curvmerge.verify.estimators import DIAGONAL_METHODS, Z_SCORE, estimate_diagonal
 from curvmerge.verify.merges import MergeComparison, compare_merges
 from curvmerge.verify.share import DiagonalShare, estimate_diagonal_share
@@ -276,6 +277,12 @@ def run_verification(
             tv.directions_merge = direction_share(
                 S, thetas[t] - theta0, merge_spec, threshold=damping, diagonal=d_sum
             )
+        if damping > 0:
+            deltas = torch.stack([th - theta0 for th in thetas], 1)
+            shares, iters = prior_share(S, deltas, damping, rtol=rtol, maxiter=maxiter)
+            for tv, share in zip(tasks, shares, strict=True):
+                tv.directions_merge.prior_share = share
+            seconds["prior_share_cg_iterations"] = float(iters)
         seconds["merge_spectrum"] = time.perf_counter() - clock
         say(f"[merge] lambda_max of sum_t w_t F_t: {merge_spec.lambda_max:.4g}")
 
