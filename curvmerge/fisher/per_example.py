@@ -92,8 +92,8 @@ def _linear_sq_into(engine, module, x, d, accs, scale, transpose=False):
 
     One position per example: Goodfellow's :math:`(\\delta^{\\odot 2})^\\top a^{\\odot 2}`.
     Several: per-example gradients of a chunk of examples, formed by one batched matrix
-    product into a reused buffer (as costly as the layer's weight gradient), squared and added
-    one example at a time while they are in cache.
+    product into a reused buffer (as costly as the layer's weight gradient), squared in place
+    and summed over examples by one matrix-vector product (few, large kernels).
     """
     b = x.shape[0]
     x = x.reshape(b, -1, x.shape[-1])
@@ -120,8 +120,9 @@ def _linear_sq_into(engine, module, x, d, accs, scale, transpose=False):
             torch.bmm(x[lo:hi].transpose(1, 2), d[lo:hi], out=G)
         else:
             torch.bmm(d[lo:hi].transpose(1, 2), x[lo:hi], out=G)
-        for k in range(hi - lo):
-            acc.addcmul_(G[k], G[k], value=scale)
+        G.square_()
+        ones = torch.ones(1, hi - lo, dtype=acc.dtype, device=acc.device)
+        acc.view(1, -1).addmm_(ones, G.view(hi - lo, -1), alpha=scale)
 
 
 def _conv_padded(module, x):
