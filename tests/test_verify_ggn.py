@@ -183,6 +183,8 @@ def test_run_verification_and_report(tmp_path):
         rtol=1e-10,
         maxiter=500,
         task_names=["a", "b", "c"],
+        prior_share_maxiter=200,
+        prior_share_rtol=1e-12,
     )
     assert [t.name for t in res.tasks] == ["a", "b", "c"]
     for tv, (X, _) in zip(res.tasks, [f[0] for f in fisher], strict=True):
@@ -192,6 +194,15 @@ def test_run_verification_and_report(tmp_path):
         assert abs(tv.spectrum.trace.value - float(M.trace())) <= RTOL * float(M.trace())
         exact_share = exact_diagonal_share(M).share
         assert abs(tv.share.share - exact_share) <= max(tv.share.error_bar(), 1e-12)
+    S = sum(
+        dense_ggn(m, X, BODY) / 3 for m, (X, _) in zip(models, [f[0] for f in fisher], strict=True)
+    )
+    A = S + 1e-2 * torch.eye(S.shape[0], dtype=torch.float64)
+    theta0 = ParamSpace.from_module(base, BODY).flatten(dict(base.named_parameters()))
+    for m, tv in zip(models, res.tasks, strict=True):
+        d = ParamSpace.from_module(m, BODY).flatten(dict(m.named_parameters())) - theta0
+        rho = 1e-2 * float(d @ torch.linalg.solve(A, d)) / float(d @ d)
+        assert abs(tv.directions_merge.prior_share - rho) <= 1e-8 * rho
     mc = res.merges
     assert [m.name for m in mc.methods] == ["task", "naive", "diagonal", "exact"]
     exact = mc.method("exact")

@@ -234,7 +234,8 @@ def render_markdown(result: VerificationResult, title: str = "Diagonal vs exact 
         f"{len(result.tasks)} tasks, P = {result.space.size:,} merged parameters in "
         f"{len(result.space)} layers; curvature `{cfg.get('curvature')}` (exact GGN = Fisher "
         f"for cross-entropy); damping λ = {cfg.get('damping')}; error bars are {z:g} standard "
-        f"errors (Student-t for scalars); total time {result.seconds.get('total', 0):.0f} s."
+        f"errors (Student-t for scalars); total time {result.seconds.get('total', 0):.0f} s wall, "
+        f"{result.seconds.get('cpu_total', 0):.0f} s CPU."
     )
     out += ["", "## Diagonals compared with the exact diagonal", ""]
     out.append(
