@@ -177,6 +177,32 @@ def fisher_cotangents(
                 yield place(rows, S[rows, :, k]), 1.0
 
 
+def _accumulate_all(engine: PerExampleSquares, out: Tensor, cots) -> None:
+    """Feed cotangents to the engine, stacking those of equal weight so that up to
+    ``engine.max_columns()`` share one vmapped backward pass."""
+    if not engine.can_batch_columns():
+        for V, w in cots:
+            engine.accumulate(out, V, w)
+        return
+    kmax = engine.max_columns()
+    group: list[Tensor] = []
+    weight = None
+
+    def flush():
+        if len(group) == 1:
+            engine.accumulate(out, group[0], weight)
+        elif group:
+            engine.accumulate(out, torch.stack(group), weight, columns=len(group))
+        group.clear()
+
+    for V, w in cots:
+        if group and (w != weight or len(group) >= kmax or not engine.can_batch_columns()):
+            flush()
+        group.append(V)
+        weight = w
+    flush()
+
+
 def diagonal_fisher(
     model: nn.Module,
     loss_fn: nn.Module | str | LossSpec,
@@ -265,10 +291,10 @@ def diagonal_fisher(
                 out = engine.forward(lambda inputs=inputs: model_outputs(model, inputs), B)
                 num_examples += B
                 num_terms += count_terms(spec, targets)
-                for V, w in fisher_cotangents(
+                cots = fisher_cotangents(
                     spec, kind, out, targets, mc_samples=mc_samples, generator=generator
-                ):
-                    engine.accumulate(out, V, w)
+                )
+                _accumulate_all(engine, out, cots)
                 engine.release()
                 del out
             squares = engine.squares

@@ -87,7 +87,7 @@ def _linear_per_example(module, x, d, names, transpose=False):
     return out
 
 
-def _linear_sq_into(engine, module, x, d, accs, scale, transpose=False):
+def _linear_sq_into(engine, module, x, d, accs, scale, transpose=False, reps=1):
     """Add the squares of a linear layer's per-example gradients to ``accs``.
 
     One position per example: Goodfellow's :math:`(\\delta^{\\odot 2})^\\top a^{\\odot 2}`.
@@ -97,14 +97,14 @@ def _linear_sq_into(engine, module, x, d, accs, scale, transpose=False):
     """
     b = x.shape[0]
     x = x.reshape(b, -1, x.shape[-1])
-    d = d.reshape(b, -1, d.shape[-1])
+    d = d.reshape(reps, b, -1, d.shape[-1])  # ``reps`` output cotangents of the same inputs
     if "bias" in accs:
-        accs["bias"].add_(d.sum(1).square().sum(0), alpha=scale)
+        accs["bias"].add_(d.sum(2).square().sum((0, 1)), alpha=scale)
     if "weight" not in accs:
         return
     acc = accs["weight"]
     if x.shape[1] == 1:
-        x2, d2 = x[:, 0].square(), d[:, 0].square()
+        x2, d2 = x[:, 0].square(), d[:, :, 0].square().sum(0)
         if transpose:
             acc.addmm_(x2.T, d2, alpha=scale)
         else:
@@ -113,16 +113,17 @@ def _linear_sq_into(engine, module, x, d, accs, scale, transpose=False):
     numel = acc.numel()
     chunk = max(1, min(b, engine.memory_budget // max(1, numel * acc.element_size())))
     buf = engine.workspace(chunk * numel, acc.dtype, acc.device)
-    for lo in range(0, b, chunk):
-        hi = min(b, lo + chunk)
-        G = buf[: (hi - lo) * numel].view(hi - lo, *acc.shape)
-        if transpose:
-            torch.bmm(x[lo:hi].transpose(1, 2), d[lo:hi], out=G)
-        else:
-            torch.bmm(d[lo:hi].transpose(1, 2), x[lo:hi], out=G)
-        G.square_()
-        ones = torch.ones(1, hi - lo, dtype=acc.dtype, device=acc.device)
-        acc.view(1, -1).addmm_(ones, G.view(hi - lo, -1), alpha=scale)
+    for r in range(reps):
+        for lo in range(0, b, chunk):
+            hi = min(b, lo + chunk)
+            G = buf[: (hi - lo) * numel].view(hi - lo, *acc.shape)
+            if transpose:
+                torch.bmm(x[lo:hi].transpose(1, 2), d[r, lo:hi], out=G)
+            else:
+                torch.bmm(d[r, lo:hi].transpose(1, 2), x[lo:hi], out=G)
+            G.square_()
+            ones = torch.ones(1, hi - lo, dtype=acc.dtype, device=acc.device)
+            acc.view(1, -1).addmm_(ones, G.view(hi - lo, -1), alpha=scale)
 
 
 def _conv_padded(module, x):
@@ -219,8 +220,12 @@ _PER_EXAMPLE = {
 
 _SQ_INTO = {
     "linear": _linear_sq_into,
-    "hf_conv1d": lambda e, m, x, d, a, s: _linear_sq_into(e, m, x, d, a, s, transpose=True),
-    "embedding": _embedding_sq_into,
+    "hf_conv1d": lambda e, m, x, d, a, s, reps=1: _linear_sq_into(
+        e, m, x, d, a, s, transpose=True, reps=reps
+    ),
+    "embedding": lambda e, m, x, d, a, s, reps=1: _embedding_sq_into(
+        e, m, x.repeat(reps, *[1] * (x.ndim - 1)), d, a, s
+    ),
 }
 
 
@@ -364,6 +369,7 @@ class PerExampleSquares:
         self._capturing = False
         self._batch = 0
         self._workspace: Tensor | None = None
+        self._batch_ok = True
         self.plan = None
 
     # ---------------------------------------------------------------- hooks
@@ -539,9 +545,44 @@ class PerExampleSquares:
             return _PER_EXAMPLE[kind](mod, call.x[lo:hi].detach(), deltas[0][lo:hi], locals_)
         return _fallback_per_example(mod, call, deltas, locals_, lo, hi)
 
-    def accumulate(self, out: Tensor, cotangent: Tensor, scale: float = 1.0) -> None:
+    def can_batch_columns(self) -> bool:
+        """Whether several cotangents can share one (vmapped) backward pass: every
+        parameter is handled by a closed-form layer, and no earlier attempt failed."""
+        return self._batch_ok and all(
+            c.x is not None for entries in self.plan.values() for c, _ in entries
+        )
+
+    def max_columns(self) -> int:
+        """Cotangents per shared backward pass that fit the memory budget."""
+        calls = {id(c): c for entries in self.plan.values() for c, _ in entries}.values()
+        per = 0
+        for c in calls:
+            for t in c.outputs:
+                if t is not None:
+                    per += 3 * t.numel() * t.element_size()
+            if c.x is not None:
+                per += c.x.numel() * c.x.element_size()
+        return max(1, self.memory_budget // max(1, per))
+
+    def accumulate(
+        self, out: Tensor, cotangent: Tensor, scale: float = 1.0, columns: int | None = None
+    ) -> None:
         """Add :math:`\\text{scale} \\sum_n (\\nabla_\\theta v_n^\\top f_n)^{\\odot 2}` for
-        the cotangent ``v`` (``cotangent``, shaped as ``out``)."""
+        the cotangent ``v`` (``cotangent``, shaped as ``out``); with ``columns=K``,
+        ``cotangent`` stacks K cotangents ``[K, *out.shape]`` that share one vmapped backward
+        pass (``torch.autograd.grad(..., is_grads_batched=True)``)."""
+        if columns is not None:
+            try:
+                self._accumulate(out, cotangent, scale, columns)
+                return
+            except RuntimeError:
+                self._batch_ok = False  # an operation without a batching rule: one at a time
+            for k in range(columns):
+                self._accumulate(out, cotangent[k], scale, None)
+            return
+        self._accumulate(out, cotangent, scale, None)
+
+    def _accumulate(self, out, cotangent, scale, columns):
         calls = list(dict.fromkeys(c for entries in self.plan.values() for c, _ in entries))
         index = {id(c): i for i, c in enumerate(calls)}
         flat = [
@@ -554,10 +595,31 @@ class PerExampleSquares:
             retain_graph=True,
             allow_unused=True,
             materialize_grads=True,
+            is_grads_batched=columns is not None,
         )
+        K = columns or 1
         deltas: list[list] = [[None] * len(c.outputs) for c in calls]
         for (i, j, _t), g in zip(flat, grads, strict=True):
-            deltas[i][j] = g.detach()
+            g = g.detach()
+            deltas[i][j] = g.reshape(-1, *g.shape[2:]) if columns is not None else g
+        if columns is not None:
+            # the K cotangents become K copies of each example
+            multi_ids = {
+                id(c) for entries in self.plan.values() if len(entries) > 1 for c, _ in entries
+            }
+
+            def proxy(c):
+                if c.x is None:
+                    return c
+                x = c.x
+                if (
+                    id(c) in multi_ids
+                    or supported_layer(self.modules[c.module_name]) not in _SQ_INTO
+                ):
+                    x = x.repeat(K, *[1] * (x.ndim - 1))
+                return _Call(c.module_name, c.batch * K, x=x, outputs=c.outputs)
+
+            calls = [proxy(c) for c in calls]
         for c, ds in zip(calls, deltas, strict=True):
             for j, t in enumerate(c.outputs):
                 if t is not None and ds[j] is None:
@@ -580,7 +642,8 @@ class PerExampleSquares:
                 kind = supported_layer(mod) if call.x is not None else None
                 if kind in _SQ_INTO:
                     accs = {loc: self.squares[name] for name, loc in pairs}
-                    _SQ_INTO[kind](self, mod, call.x.detach(), ds[0], accs, scale)
+                    x = call.x.detach()[: call.batch // K]  # the un-repeated inputs
+                    _SQ_INTO[kind](self, mod, x, ds[0], accs, scale, reps=K)
                     continue
                 res = self._sq_by_chunks([(call, ds, loc) for loc in locals_], locals_)
                 for name, loc in pairs:
@@ -590,7 +653,7 @@ class PerExampleSquares:
                 for c, loc in entries:
                     i = index[id(c)]
                     ds = [d for d in deltas[i] if d is not None] if c.x is not None else deltas[i]
-                    items.append((c, ds, loc))
+                    items.append((calls[i], ds, loc))
                 res = self._sq_by_chunks(items, None)
                 self.squares[name].add_(res.reshape(self.squares[name].shape), alpha=scale)
 
