@@ -3,26 +3,41 @@ r"""curvmerge: merge neural networks with curvature.
 .. math::
 
     \theta^* = (\lambda I + \sum_t w_t F_t)^{-1} (\sum_t w_t F_t \theta_t + \lambda \theta_0)
+
+Submodules with their own namespaces: :mod:`curvmerge.data` (offline tasks),
+:mod:`curvmerge.models`, :mod:`curvmerge.train`, :mod:`curvmerge.io`,
+:mod:`curvmerge.results`, :mod:`curvmerge.verify`, :mod:`curvmerge.losses`.
 """
 
+from curvmerge.fisher import diagonal_fisher, load_fisher, save_fisher
 from curvmerge.merge import (
     ConvergenceError,
     ConvergenceWarning,
     MergeReport,
     MergeResult,
+    PreparedMerge,
+    dare,
+    get_method,
+    list_methods,
     load_merged,
     merge,
+    output_ensemble,
     parameters_of,
+    slerp,
+    sweep,
+    task_arithmetic,
+    ties,
 )
 from curvmerge.operators import (
     BlockDiagonalOperator,
     DenseOperator,
     DiagonalOperator,
+    GGNOperator,
     IdentityOperator,
     LinearOperator,
+    as_operator,
 )
-
-# solver
+from curvmerge.precondition import NystromPreconditioner
 from curvmerge.solve import CGResult, cg, solve_cg
 from curvmerge.space import ParamSpace, SpaceMismatchError
 
@@ -38,10 +53,17 @@ __all__ = [
     "DiagonalOperator",
     "DenseOperator",
     "BlockDiagonalOperator",
+    "GGNOperator",
+    "as_operator",
+    # curvature statistics
+    "diagonal_fisher",
+    "save_fisher",
+    "load_fisher",
     # solver
     "cg",
     "solve_cg",
     "CGResult",
+    "NystromPreconditioner",
     # merging
     "merge",
     "MergeResult",
@@ -50,4 +72,13 @@ __all__ = [
     "ConvergenceError",
     "load_merged",
     "parameters_of",
+    "task_arithmetic",
+    "ties",
+    "dare",
+    "slerp",
+    "output_ensemble",
+    "get_method",
+    "list_methods",
+    "PreparedMerge",
+    "sweep",
 ]

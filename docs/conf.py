@@ -15,7 +15,9 @@ extensions = [
     "sphinx.ext.mathjax",
     "sphinx.ext.intersphinx",
     "sphinx_gallery.gen_gallery",
+    "myst_parser",
 ]
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 
 autosummary_generate = True
 autodoc_default_options = {"members": True, "show-inheritance": True}

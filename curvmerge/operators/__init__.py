@@ -1,5 +1,6 @@
 """Torch-native linear operators over a parameter space (see :mod:`curvmerge.operators.base`)."""
 
+from curvmerge.operators.adapters import CurvlinopsOperator, ScipyOperator, as_operator
 from curvmerge.operators.base import (
     AdjointOperator,
     LinearOperator,
@@ -10,6 +11,7 @@ from curvmerge.operators.base import (
 from curvmerge.operators.block import BlockDiagonalOperator
 from curvmerge.operators.dense import DenseOperator
 from curvmerge.operators.diagonal import DiagonalOperator, IdentityOperator
+from curvmerge.operators.ggn import GGN_KINDS, GGNOperator
 
 __all__ = [
     "LinearOperator",
@@ -21,4 +23,9 @@ __all__ = [
     "DiagonalOperator",
     "IdentityOperator",
     "BlockDiagonalOperator",
+    "GGNOperator",
+    "GGN_KINDS",
+    "as_operator",
+    "CurvlinopsOperator",
+    "ScipyOperator",
 ]
