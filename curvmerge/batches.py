@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "model_outputs",
+    "logits_from",
     "move_batch",
     "iterate_batches",
     "check_deterministic",
@@ -22,22 +23,27 @@ __all__ = [
 ]
 
 
+def logits_from(output) -> Tensor:
+    """The logits of a model output: the tensor itself, ``output.logits`` (Hugging Face),
+    ``output["logits"]``, or the first element of a tuple."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, Mapping):
+        logits = output.get("logits")
+    if logits is None and isinstance(output, (tuple, list)) and output:
+        logits = output[0]
+    if not isinstance(logits, Tensor):
+        raise TypeError(
+            f"model output of type {type(output).__name__} is neither a tensor nor has .logits"
+        )
+    return logits
+
+
 def model_outputs(model: nn.Module, inputs) -> Tensor:
     """Call ``model`` on ``inputs`` (a tensor, or a dict passed as keyword arguments) and
     return the output tensor (``.logits`` for Hugging Face outputs)."""
-    out = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
-    if isinstance(out, Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if logits is None and isinstance(out, Mapping):
-        logits = out.get("logits")
-    if logits is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        logits = out[0]
-    if not isinstance(logits, Tensor):
-        raise TypeError(
-            f"model output of type {type(out).__name__} is neither a tensor nor has .logits"
-        )
-    return logits
+    return logits_from(model(**inputs) if isinstance(inputs, Mapping) else model(inputs))
 
 
 def move_batch(obj, device: torch.device, dtype: torch.dtype | None = None):

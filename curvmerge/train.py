@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from curvmerge.batches import model_outputs
 from curvmerge.data.tasks import TensorSplit, TextSplit
 
 __all__ = [
@@ -37,7 +38,6 @@ __all__ = [
     "evaluate",
     "finetune",
     "iter_batches",
-    "logits_of",
     "num_examples",
     "predict",
 ]
@@ -145,19 +145,6 @@ def iter_batches(
         yield _take(inputs, idx, dev, trim_padding), y
 
 
-def logits_of(model: nn.Module, inputs: Inputs) -> Tensor:
-    """Call ``model`` on a tensor or a batch dict and return its logits."""
-    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
-    if isinstance(out, Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if logits is None and isinstance(out, tuple | list) and out:
-        logits = out[0]
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"cannot find logits in the model output of type {type(out).__name__}")
-    return logits
-
-
 def _device_of(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -242,7 +229,7 @@ def finetune(
                 for inputs, labels in iter_batches(
                     train_data, batch_size, shuffle=True, generator=gen, device=device
                 ):
-                    loss = loss_fn(logits_of(model, inputs), labels)
+                    loss = loss_fn(model_outputs(model, inputs), labels)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     if max_grad_norm is not None:
@@ -310,7 +297,7 @@ def predict(
         disable=not progress,
         leave=False,
     ):
-        chunks.append(logits_of(model, inputs).float().cpu())
+        chunks.append(model_outputs(model, inputs).float().cpu())
     if not chunks:
         return torch.empty(0, 0)
     return torch.cat(chunks)

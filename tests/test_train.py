@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from curvmerge.batches import model_outputs
 from curvmerge.data import TensorSplit, TextSplit, digit_subset_tasks
 from curvmerge.models import make_cnn, make_mlp, tiny_bert
 from curvmerge.train import (
@@ -13,7 +14,6 @@ from curvmerge.train import (
     evaluate,
     finetune,
     iter_batches,
-    logits_of,
     num_examples,
     predict,
 )
@@ -187,7 +187,7 @@ def test_padding_trim_does_not_change_logits(token_data):
     assert full[0][0]["input_ids"].shape[1] == 12
     with torch.no_grad():
         for (a, _), (b, _) in zip(batches, full, strict=True):
-            assert torch.allclose(logits_of(model, a), logits_of(model, b), atol=1e-5)
+            assert torch.allclose(model_outputs(model, a), model_outputs(model, b), atol=1e-5)
 
 
 def test_data_forms_and_errors(token_data, blobs):

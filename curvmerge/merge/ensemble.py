@@ -30,25 +30,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from curvmerge.batches import logits_from
 from curvmerge.merge.methods import MethodReport, check_weights
 from curvmerge.space import ParamSpace
 
 __all__ = ["OutputEnsemble", "EnsembleResult", "output_ensemble"]
 
 _COMBINE = ("probs", "logits")
-
-
-def _logits_of(output) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, Mapping) and "logits" in output:
-        return output["logits"]
-    if hasattr(output, "logits"):
-        return output.logits
-    raise TypeError(
-        f"cannot ensemble a model output of type {type(output).__name__}: "
-        "expected a tensor or an object with .logits"
-    )
 
 
 def _wrap_like(output, logits: Tensor):
@@ -107,7 +95,7 @@ class OutputEnsemble(nn.Module):
             if w == 0:
                 continue
             out = self._run(source, args, kwargs)
-            logits = _logits_of(out)
+            logits = logits_from(out)
             first = out if first is None else first
             term = torch.softmax(logits.float(), dim=-1) if self.combine == "probs" else logits
             total = w * term if total is None else total + w * term
