@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from curvmerge.merge import parameters_of
 from curvmerge.operators.base import LinearOperator
+from curvmerge.operators.ggn import GGNOperator
 from curvmerge.space import ParamSpace
 from curvmerge.verify.diagonal import DiagonalComparison, compare_diagonals
 from curvmerge.verify.directions import DirectionShare, direction_share, prior_share
@@ -107,32 +108,8 @@ class VerificationResult:
         }
 
 
-class _CurvlinopsGGN(LinearOperator):
-    """Fallback exact GGN through curvlinops' ``GGNLinearOperator``, used only while
-    :mod:`curvmerge.operators.ggn` is unavailable."""
-
-    SELF_ADJOINT = True
-
-    def __init__(self, model, loss_fn, data, params):
-        from curvlinops import GGNLinearOperator
-
-        space = ParamSpace.from_module(model, params)
-        named = dict(model.named_parameters())
-        plist = [named[n] for n in space.names]
-        super().__init__(space, plist[0].dtype, plist[0].device)
-        self._op = GGNLinearOperator(model, loss_fn, plist, list(data), check_deterministic=False)
-
-    def _matmat(self, X: Tensor) -> Tensor:
-        return self._op @ X
-
-
 def ggn_operator(model: nn.Module, loss_fn, data, params=None) -> LinearOperator:
-    """The exact GGN (= Fisher) operator of ``model`` on ``data`` over ``params``:
-    :class:`curvmerge.operators.ggn.GGNOperator` when available."""
-    try:
-        from curvmerge.operators.ggn import GGNOperator
-    except ImportError:
-        return _CurvlinopsGGN(model, loss_fn, data, params)
+    """The exact GGN (= Fisher) operator of ``model`` on ``data`` over ``params``."""
     return GGNOperator(model, loss_fn, data, params=params, kind="exact")
 
 
