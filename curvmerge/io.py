@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvmerge.atomic import atomic_write_bytes
+
 __all__ = [
     "CheckpointError",
     "CheckpointExistsError",
@@ -89,21 +91,6 @@ def _check_target(path: Path, force: bool) -> None:
         raise CheckpointNotFoundError(f"output folder {path.parent} does not exist")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it over."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _to_saveable(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     out = {}
     for name, value in tensors.items():
@@ -150,7 +137,7 @@ def save_params(
     meta = None
     if metadata:
         meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    _write_atomic(target, save(_to_saveable(params), metadata=meta))
+    atomic_write_bytes(target, save(_to_saveable(params), metadata=meta))
     return target
 
 

@@ -24,14 +24,13 @@ import csv
 import io
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from curvmerge.atomic import atomic_write_bytes, atomic_write_text
+
 __all__ = [
-    "atomic_write_bytes",
-    "atomic_write_text",
     "comparison_tasks",
     "markdown_table",
     "comparison_csv",
@@ -46,33 +45,6 @@ Rows = Mapping[str, Mapping[str, float]]
 
 
 # ---------------------------------------------------------------------------------- files
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and :func:`os.replace`.
-
-    The folder is created if needed. On any error the temporary file is removed and the
-    previous content of ``path`` (if any) is untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """:func:`atomic_write_bytes` for UTF-8 text."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-# ---------------------------------------------------------------------------------- tables
 def comparison_tasks(rows: Rows) -> list[str]:
     """The task columns: every task of every row, in order of first appearance."""
     tasks: list[str] = []

@@ -11,7 +11,6 @@ from matplotlib.image import imread
 from curvmerge.merge.sweep import grid_search, sweep
 from curvmerge.operators import DiagonalOperator
 from curvmerge.results import (
-    atomic_write_text,
     comparison_csv,
     markdown_table,
     write_comparison,
@@ -64,20 +63,6 @@ def test_comparison_bad_input():
         markdown_table({})
     with pytest.raises(ValueError, match="task column"):
         comparison_csv({"a": {}})
-
-
-def test_atomic_write_keeps_old_file_on_error(tmp_path, monkeypatch):
-    target = tmp_path / "table.md"
-    atomic_write_text(target, "old")
-
-    def boom(*args):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write_text(target, "new")
-    assert target.read_text() == "old"
-    assert os.listdir(tmp_path) == ["table.md"]
 
 
 def test_write_sweep_files(tmp_path):
