@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 import curvmerge
-from curvmerge.operators.ggn import GGNOperator
 
 torch.manual_seed(0)
 torch.set_default_dtype(torch.float64)
@@ -78,7 +77,9 @@ print(f"parameters: P = {space.size}")
 # :math:`c = 1/(N\cdot C)`, the ``"mean"`` reduction of :class:`torch.nn.MSELoss`) by one
 # Jacobian-vector and one vector-Jacobian product, without forming it. Its ``diagonal()``
 # gives the diagonal Fisher of the same data.
-exact = [GGNOperator(m, loss_fn, [(X, Y)]) for m, (X, Y) in zip(models, tasks, strict=True)]
+exact = [
+    curvmerge.GGNOperator(m, loss_fn, [(X, Y)]) for m, (X, Y) in zip(models, tasks, strict=True)
+]
 diagonal = [curvmerge.DiagonalOperator(space, F.diagonal()) for F in exact]
 
 # %%

@@ -394,22 +394,3 @@ def test_errors():
     GGNOperator(dropout.eval(), loss_fn, data)  # fine in eval mode
     with pytest.raises(ValueError, match="ignore_index"):
         GGNOperator(model, loss_fn, [(data[0][0], torch.full((4,), -100))])
-
-
-def test_gallery_exact_merge_matches_dense_solve():
-    """The basics gallery example's exact merge (GGNOperator, prior=None, damping 1e-3)
-    equals a dense float64 solve."""
-    import pathlib
-    import runpy
-
-    script = pathlib.Path(__file__).parents[1] / "gallery" / "plot_fisher_merging_basics.py"
-    if not script.exists():
-        pytest.skip("gallery example not present")
-    default = torch.get_default_dtype()
-    try:
-        ns = runpy.run_path(str(script), run_name="__gallery__")
-    finally:
-        torch.set_default_dtype(default)
-    assert isinstance(ns["exact"][0], GGNOperator)
-    assert ns["textbook"].report.prior == "zero" and ns["DAMPING"] == 1e-3
-    assert float(ns["error"]) < 1e-6
