@@ -744,7 +744,7 @@ def cmd_demo(args) -> int:
             quick=args.quick,
             progress=not args.quiet,
             log=log,
-            threads=args.threads,
+            threads=args.threads or 1,
             **({"methods": methods} if methods else {}),
         )
         title = "MNIST-5k, three digit-subset tasks, small CNN"
@@ -1011,7 +1011,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-exact", action="store_true", help="vision: leave out the exact Fisher")
     p.add_argument("--steps", type=int, help="with --text: fine-tuning steps per task (150)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument(
+        "--threads", type=int, help="torch CPU threads (vision default 1: fastest on shared cores)"
+    )
     p.add_argument(
         "--output-dir", default="demo_out", help="folder for the outputs (default demo_out)"
     )
