@@ -95,6 +95,21 @@ def cnn_plain():
     )
 
 
+class TiedConv(nn.Module):
+    """One Conv2d applied twice (per-example gradients summed over both calls)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Conv2d(1, 3, 3, padding=1)
+        self.shared = nn.Conv2d(3, 3, 3, padding=1, groups=3)
+        self.out = nn.Linear(3 * 7 * 7, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        h = torch.tanh(self.shared(h))
+        return self.out(self.shared(h).flatten(1))
+
+
 def conv1d():
     torch.manual_seed(0)
     return nn.Sequential(

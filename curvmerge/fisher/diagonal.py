@@ -251,7 +251,7 @@ def diagonal_fisher(
         selected parameters.
 
     Example:
-        >>> torch.manual_seed(0)
+        >>> _ = torch.manual_seed(0)
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
         >>> data = [(torch.randn(5, 3), torch.randint(0, 2, (5,)))]
         >>> F = diagonal_fisher(model, nn.CrossEntropyLoss(), data, progress=False)

@@ -137,30 +137,109 @@ def _conv_padded(module, x):
     return F.pad(x, pad) if any(pad) else x
 
 
-def _conv_per_example(module, x, d, names):
-    """Per-example convolution weight gradients as one grouped convolution over
-    (example, group) pairs: the output gradient of each example is the kernel, the forward
+def _conv_unfolded(module, x):
+    """The convolution's input patches ``[b, groups, in_channels / groups * prod(kernel),
+    positions]`` (``F.unfold`` of the padded input; a ``Conv1d`` is a ``Conv2d`` of height 1)."""
+    b = x.shape[0]
+    xp = _conv_padded(module, x)
+    if isinstance(module, nn.Conv1d):
+        xp = xp.unsqueeze(2)
+        ks, dil, st = (1, *module.kernel_size), (1, *module.dilation), (1, *module.stride)
+    else:
+        ks, dil, st = module.kernel_size, module.dilation, module.stride
+    u = F.unfold(xp, ks, dilation=dil, stride=st)
+    return u.view(b, module.groups, -1, u.shape[-1])
+
+
+def _conv_grouped(module, x, d, reps=1):
+    """Per-example, per-cotangent convolution weight gradients as one grouped convolution over
+    (example, group) pairs: the output gradients of an example are the kernels, the forward
     stride becomes the dilation and vice versa (Rochette, Manoel & Tramel, "Efficient
-    per-example gradient computations in convolutional neural networks", 2019)."""
+    per-example gradient computations in convolutional neural networks", 2019). The ``reps``
+    cotangents in ``d`` (``[reps * b, out_channels, *positions]``) are extra output channels
+    of the same group, so every cotangent shares the example's input (no copy per cotangent).
+
+    Returns ``[in_channels / groups, b, groups, reps, out_channels / groups, *kernel_size]``.
+    """
     b = x.shape[0]
     g = module.groups
+    co = module.out_channels // g
+    one_d = isinstance(module, nn.Conv1d)
+    conv = F.conv1d if one_d else F.conv2d
+    xp = _conv_padded(module, x)
+    spatial = xp.shape[2:]
+    cin_g = module.in_channels // g
+    xg = xp.reshape(b, g, cin_g, *spatial).movedim(2, 0).reshape(cin_g, b * g, *spatial)
+    pos = d.shape[2:]
+    kernel = d.reshape(reps, b, g, co, *pos).movedim(0, 2).reshape(b * g * reps * co, 1, *pos)
+    w = conv(xg, kernel, stride=module.dilation, dilation=module.stride, groups=b * g)
+    ks = module.kernel_size
+    w = w[(..., slice(0, ks[0])) if one_d else (..., slice(0, ks[0]), slice(0, ks[1]))]
+    return w.reshape(cin_g, b, g, reps, co, *ks)
+
+
+def _conv_per_example(module, x, d, names):
+    """Per-example convolution gradients (weight by :func:`_conv_grouped`)."""
     out = {}
     if "weight" in names:
-        one_d = isinstance(module, nn.Conv1d)
-        conv = F.conv1d if one_d else F.conv2d
-        xp = _conv_padded(module, x)
-        spatial = xp.shape[2:]
-        cin_g = module.in_channels // g
-        xg = xp.reshape(b, g, cin_g, *spatial).movedim(2, 0).reshape(cin_g, b * g, *spatial)
-        kernel = d.reshape(b * module.out_channels, 1, *d.shape[2:])
-        w = conv(xg, kernel, stride=module.dilation, dilation=module.stride, groups=b * g)
-        ks = module.kernel_size
-        w = w[(..., slice(0, ks[0])) if one_d else (..., slice(0, ks[0]), slice(0, ks[1]))]
-        w = w.reshape(cin_g, b, module.out_channels, *ks).movedim(0, 2)
-        out["weight"] = w
+        w = _conv_grouped(module, x, d)[:, :, :, 0]  # [cin_g, b, g, co, *ks]
+        out["weight"] = w.movedim(0, 3).reshape(x.shape[0], *module.weight.shape)
     if "bias" in names:
         out["bias"] = d.flatten(2).sum(-1)
     return out
+
+
+# A matrix product per (example, group) beats the grouped convolution once both its output
+# dimensions are this large (measured on CPU: conv 16->32, 5x5, 14x14 with 9 cotangents).
+_UNFOLD_MIN_DIM = 64
+
+
+def _conv_sq_into(engine, module, x, d, accs, scale, reps=1):
+    """Add the squares of a convolution's per-example gradients to ``accs``.
+
+    ``d`` stacks ``reps`` output cotangents of the same inputs ``[reps * b, ...]``; every
+    cotangent shares the example's input (never copied per cotangent) and is squared on its
+    own. Two contractions, chosen by shape: the grouped convolution of
+    :func:`_conv_grouped`, or the input unfolded once per chunk of examples and one matrix
+    product :math:`[\\delta_{n,1}; \\dots; \\delta_{n,R}]\\, U_n^\\top` per (example, group),
+    when both its dimensions are large enough to run at matrix-product speed.
+    """
+    b = x.shape[0]
+    g = module.groups
+    co = module.out_channels // g
+    d = d.reshape(reps, b, module.out_channels, *d.shape[2:])
+    if "bias" in accs:
+        accs["bias"].add_(d.flatten(3).sum(3).square().sum((0, 1)), alpha=scale)
+    if "weight" not in accs:
+        return
+    acc = accs["weight"]
+    numel = acc.numel()
+    k = numel // module.out_channels  # in_channels / groups * prod(kernel_size)
+    unfold = reps * co >= _UNFOLD_MIN_DIM and k >= _UNFOLD_MIN_DIM
+    # bytes per example: the gradients of all cotangents, a copy of the (unfolded) input and
+    # of the output gradients
+    per = reps * numel + x[0].numel() * (k // (module.in_channels // g) if unfold else 2)
+    per += reps * d[0, 0].numel()
+    chunk = max(1, min(b, engine.memory_budget // max(1, per * acc.element_size())))
+    ones = torch.ones(1, chunk, dtype=acc.dtype, device=acc.device)
+    for lo in range(0, b, chunk):
+        hi = min(b, lo + chunk)
+        c = hi - lo
+        if not unfold:
+            w = _conv_grouped(module, x[lo:hi], d[:, lo:hi].reshape(reps * c, *d.shape[2:]), reps)
+            s = w.square().sum((1, 3))  # [cin_g, g, co, *ks]
+            acc.add_(s.movedim(0, 2).reshape(acc.shape), alpha=scale)
+            continue
+        u = _conv_unfolded(module, x[lo:hi])  # [c, g, k, L]
+        # [R, c, g, co, L] -> [c, g, R * co, L]: the cotangents share the patches
+        dd = d[:, lo:hi].reshape(reps, c, g, co, -1).permute(1, 2, 0, 3, 4)
+        dd = dd.reshape(c, g, reps * co, -1)
+        G = engine.workspace(c * reps * numel, acc.dtype, acc.device)[: c * reps * numel]
+        G = G.view(c, g, reps * co, k)
+        torch.matmul(dd, u.transpose(-1, -2), out=G)
+        G.square_()
+        s = torch.mm(ones[:, :c], G.view(c, -1)).view(g, reps, co, k).sum(1)
+        acc.add_(s.view(acc.shape), alpha=scale)
 
 
 def _embedding_per_example(module, x, d, names):
@@ -220,6 +299,7 @@ _PER_EXAMPLE = {
 
 _SQ_INTO = {
     "linear": _linear_sq_into,
+    "conv": _conv_sq_into,
     "hf_conv1d": lambda e, m, x, d, a, s, reps=1: _linear_sq_into(
         e, m, x, d, a, s, transpose=True, reps=reps
     ),
