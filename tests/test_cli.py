@@ -28,9 +28,13 @@ def run_script(*args, cwd) -> subprocess.CompletedProcess:
     """Run the console script (a fresh process, as a shell user would)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
-        [*_command(), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+        [*_command(), *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=300,
-    )  # fmt: skip
+    )
 
 
 def run_main(*args) -> tuple[int, str, str]:
@@ -48,9 +52,15 @@ def work(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
     assert run_main("finetune", "--task", "digits", *TINY, "-o", d / "base.safetensors")[0] == 0
     status, _, err = run_main(
-        "finetune", "--task", "digits:5,6,7,8,9", "--base", d / "base.safetensors", *TINY,
-        "-o", d / "b.safetensors",
-    )  # fmt: skip
+        "finetune",
+        "--task",
+        "digits:5,6,7,8,9",
+        "--base",
+        d / "base.safetensors",
+        *TINY,
+        "-o",
+        d / "b.safetensors",
+    )
     assert status == 0, err
     status, _, err = run_main(
         "fisher", d / "b.safetensors", "--examples", "64", "-q", "-o", d / "fb.safetensors"
@@ -61,29 +71,59 @@ def work(tmp_path_factory):
 
 def test_console_script_workflow(work):
     d = work
-    r = run_script("finetune", "--task", "digits:0,1,2,3,4", "--base", "base.safetensors", *TINY,
-                   "-o", "a.safetensors", cwd=d)  # fmt: skip
+    r = run_script(
+        "finetune",
+        "--task",
+        "digits:0,1,2,3,4",
+        "--base",
+        "base.safetensors",
+        *TINY,
+        "-o",
+        "a.safetensors",
+        cwd=d,
+    )
     assert r.returncode == 0, r.stderr
     meta = read_metadata(d / "a.safetensors")
     assert meta["task"] == "digits:0,1,2,3,4" and meta["model"]["num_classes"] == 5
     assert "validation accuracy" in r.stdout
 
-    r = run_script("fisher", "a.safetensors", "--examples", "64", "-q", "-o", "fa.safetensors",
-                   cwd=d)  # fmt: skip
+    r = run_script(
+        "fisher", "a.safetensors", "--examples", "64", "-q", "-o", "fa.safetensors", cwd=d
+    )
     assert r.returncode == 0, r.stderr
     fmeta = read_metadata(d / "fa.safetensors")
     assert fmeta["kind"] == "exact" and fmeta["num_examples"] == 64 and fmeta["seconds"] > 0
 
-    r = run_script("merge", "a.safetensors", "b.safetensors", "-m", "fisher_diagonal",
-                   "--fisher", "fa.safetensors", "fb.safetensors", "-o", "merged.safetensors",
-                   cwd=d)  # fmt: skip
+    r = run_script(
+        "merge",
+        "a.safetensors",
+        "b.safetensors",
+        "-m",
+        "fisher_diagonal",
+        "--fisher",
+        "fa.safetensors",
+        "fb.safetensors",
+        "-o",
+        "merged.safetensors",
+        cwd=d,
+    )
     assert r.returncode == 0, r.stderr
     merged = load_params(d / "merged.safetensors")
     assert set(merged) == {"body.1.weight", "body.1.bias"}  # the body only; heads stay
     assert read_metadata(d / "merged.safetensors")["method"] == "fisher_diagonal"
 
-    r = run_script("eval", "a.safetensors", "b.safetensors", "--body", "merged.safetensors",
-                   "--json", "-q", "-o", "scores", cwd=d)  # fmt: skip
+    r = run_script(
+        "eval",
+        "a.safetensors",
+        "b.safetensors",
+        "--body",
+        "merged.safetensors",
+        "--json",
+        "-q",
+        "-o",
+        "scores",
+        cwd=d,
+    )
     assert r.returncode == 0, r.stderr
     scores = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(scores) == {"digits:0,1,2,3,4", "digits:5,6,7,8,9"}
@@ -108,17 +148,31 @@ def _error(*args) -> str:
 
 
 def test_missing_checkpoint(work):
-    err = _error("merge", work / "nope.safetensors", work / "b.safetensors",
-                 "-o", work / "m.safetensors")  # fmt: skip
+    err = _error(
+        "merge", work / "nope.safetensors", work / "b.safetensors", "-o", work / "m.safetensors"
+    )
     assert "nope.safetensors does not exist" in err
 
 
 def test_different_architectures(work):
-    status, _, _ = run_main("finetune", "--task", "digits", "--model", "mlp", "--hidden", "8",
-                            "--steps", "2", "-q", "-o", work / "other.safetensors")  # fmt: skip
+    status, _, _ = run_main(
+        "finetune",
+        "--task",
+        "digits",
+        "--model",
+        "mlp",
+        "--hidden",
+        "8",
+        "--steps",
+        "2",
+        "-q",
+        "-o",
+        work / "other.safetensors",
+    )
     assert status == 0
-    err = _error("merge", work / "b.safetensors", work / "other.safetensors",
-                 "-o", work / "m.safetensors")  # fmt: skip
+    err = _error(
+        "merge", work / "b.safetensors", work / "other.safetensors", "-o", work / "m.safetensors"
+    )
     assert "different architectures" in err and "body.1.weight" in err
     assert not (work / "m.safetensors").exists()
 
@@ -182,9 +236,18 @@ def test_flags_override_config_and_options(work):
 
 def test_sweep_prints_cost(work):
     status, out, err = run_main(
-        "sweep", work / "b.safetensors", work / "b.safetensors", "--fisher", work / "fb.safetensors",
-        work / "fb.safetensors", "--points", "5", "-q", "-o", work / "sweep",
-    )  # fmt: skip
+        "sweep",
+        work / "b.safetensors",
+        work / "b.safetensors",
+        "--fisher",
+        work / "fb.safetensors",
+        work / "fb.safetensors",
+        "--points",
+        "5",
+        "-q",
+        "-o",
+        work / "sweep",
+    )
     assert status == 0, err
     assert "5 points" in out and "% of the" in out and "computing the statistics" in out
     assert (work / "sweep.md").exists() and (work / "sweep.png").exists()
@@ -195,7 +258,16 @@ def test_help_explains_options():
         main(["merge", "--help"])
     assert exc.value.code == 0
     text = out.getvalue()
-    for option in ("--config", "--method", "--weights", "--damping", "--prior", "--params",
-                   "--fisher", "--output", "--force"):  # fmt: skip
+    for option in (
+        "--config",
+        "--method",
+        "--weights",
+        "--damping",
+        "--prior",
+        "--params",
+        "--fisher",
+        "--output",
+        "--force",
+    ):
         assert option in text
     assert run_main()[0] == 2  # no command: help and a usage status
