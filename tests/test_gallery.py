@@ -17,7 +17,8 @@ def test_gallery_has_scripts():
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=[s.stem for s in SCRIPTS])
 def test_gallery_script_runs(script, tmp_path):
-    env = {**os.environ, "MPLBACKEND": "Agg"}
+    threads = os.environ.get("CURVMERGE_TEST_THREADS", "1")  # see conftest.py
+    env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": threads}
     proc = subprocess.run(
         [sys.executable, str(script)],
         cwd=tmp_path,
