@@ -196,9 +196,14 @@ def merge(
             \\operatorname{diag}F_t` when the curvatures provide a diagonal),
             ``"nystrom"`` or ``"nystrom:<rank>"`` (randomized Nyström preconditioner of
             :math:`\\sum_t w_t F_t`, :class:`curvmerge.precondition.NystromPreconditioner`;
-            its sketch costs ``rank`` products, counted in the report; default rank
-            :data:`NYSTROM_RANK`), ``None``, or an operator approximating
-            :math:`(\\lambda I + \\sum_t w_t F_t)^{-1}`.
+            its sketch costs ``rank`` products, counted in the report, and about
+            ``5 * P * rank`` float64 numbers of memory; default rank :data:`NYSTROM_RANK`),
+            ``None`` (plain CG), or an operator approximating
+            :math:`(\\lambda I + \\sum_t w_t F_t)^{-1}`. For the GGN/Fisher of a network
+            prefer ``None``: on the exact-Fisher merge of three MNIST CNNs
+            (``benchmarks/bench_ggn.py``, ``docs/benchmarks_ggn.md``) Jacobi needed 3.1x
+            plain CG's products at damping 1e-3 and 1.6x at 1e-2, and Nyström saved
+            products only at the smallest damping (rank 20: 56 instead of 63 at 1e-3).
         warm_start: Start CG from the diagonal merge when the diagonals are available.
         require_convergence: Raise :class:`ConvergenceError` instead of warning.
         callback: Passed to CG (called with the task-vector iterate).
