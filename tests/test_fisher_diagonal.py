@@ -40,21 +40,6 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(request):
-    """The models here are tiny: with one thread their many small kernels skip OpenMP's
-    barriers, which on a shared 2-core machine made this file 30x slower (200 s vs 6 s)."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
