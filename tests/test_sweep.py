@@ -76,22 +76,45 @@ def test_prepared_closed_form_equals_merge(kind, prior, T):
 
 @pytest.mark.parametrize("prior", PRIORS)
 @pytest.mark.parametrize("cache", [True, False])
-def test_prepared_operator_equals_merge_and_warm_starts(prior, cache):
+def test_prepared_operator_equals_merge(prior, cache):
     T = 2
     models, curv = _models(T), _dense(T)
     prepared = PreparedMerge(
         models, curv, prior=_prior(prior), rtol=1e-12, cache_bytes=2**30 if cache else 0
     )
     assert prepared.kind == "operator"
-    warm = cold = 0
     for w in line_grid(6):
         got = prepared.merge(w, 0.1)
         ref = merge(models, curv, weights=w, damping=0.1, prior=_prior(prior), rtol=1e-12)
         _close(got.params, ref.params, atol=1e-8)
         assert got.report.converged and got.report.method == "cg"
+
+
+@pytest.mark.parametrize("prior", [None, "given"])
+def test_previous_point_warm_start_saves_products(prior):
+    """On a problem large enough for CG's iteration count to depend on the start, starting
+    each point from the previous one costs fewer products than starting from zero."""
+    space = ParamSpace(("w",), ((300,),))
+    g = torch.Generator().manual_seed(0)
+    models = [{"w": torch.randn(300, generator=g, dtype=D)} for _ in range(2)]
+    eig = torch.logspace(-3, 1, 300, dtype=D)
+    curv = []
+    for _ in range(2):
+        Q, _ = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=D))
+        curv.append(DenseOperator(space, Q @ torch.diag(eig) @ Q.T, self_adjoint=True))
+    given = {"w": torch.randn(300, generator=g, dtype=D)}
+    prior_arg = given if prior == "given" else None
+    prepared = PreparedMerge(models, curv, prior=prior_arg, rtol=1e-8)
+    warm = cold = 0
+    for w in line_grid(25)[1:-1]:
+        got = prepared.merge(w, 1e-2)
+        ref = merge(
+            models, curv, weights=w, damping=1e-2, prior=prior_arg, rtol=1e-8, warm_start=False
+        )
+        _close(got.params, ref.params, atol=1e-5)
         warm += got.report.products
         cold += ref.report.products
-    assert warm < cold  # previous point as warm start beats a fresh diagonal start
+    assert warm < cold  # measured: 2771 vs 3258 (prior None), 2683 vs 3215 (given)
 
 
 def test_sweep_points_equal_merge_and_choice_is_on_validation():

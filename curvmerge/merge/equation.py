@@ -169,7 +169,7 @@ def merge(
     params: str | Sequence[str] | None = None,
     rtol: float = 1e-6,
     maxiter: int | None = None,
-    preconditioner: str | LinearOperator | None = "diagonal",
+    preconditioner: str | LinearOperator | None = None,
     warm_start: bool = True,
     require_convergence: bool = False,
     callback=None,
@@ -198,9 +198,9 @@ def merge(
             :math:`\\sum_t w_t F_t`, :class:`curvmerge.precondition.NystromPreconditioner`;
             its sketch costs ``rank`` products, counted in the report, and about
             ``5 * P * rank`` float64 numbers of memory; default rank :data:`NYSTROM_RANK`),
-            ``None`` (plain CG), or an operator approximating
-            :math:`(\\lambda I + \\sum_t w_t F_t)^{-1}`. For the GGN/Fisher of a network
-            prefer ``None``: on the exact-Fisher merge of three MNIST CNNs
+            ``None`` (plain CG, the default), or an operator approximating
+            :math:`(\\lambda I + \\sum_t w_t F_t)^{-1}`. Plain CG is the default because on
+            the exact-Fisher merge of three MNIST CNNs
             (``benchmarks/bench_ggn.py``, ``docs/benchmarks_ggn.md``) Jacobi needed 3.1x
             plain CG's products at damping 1e-3 and 1.6x at 1e-2, and Nyström saved
             products only at the smallest damping (rank 20: 56 instead of 63 at 1e-3).
@@ -355,6 +355,82 @@ def _nystrom_rank(name: str, P: int) -> int:
     return min(rank, P)
 
 
+def system_operator(curvatures, w, damping, space, dtype, device) -> LinearOperator:
+    """The lazy operator :math:`\\lambda I + \\sum_t w_t F_t` (terms with :math:`w_t = 0`
+    left out)."""
+    A = IdentityOperator(space, damping, dtype=dtype, device=device)
+    for wt, F in zip(w, curvatures, strict=True):
+        if wt != 0:
+            A = A + wt * F
+    return A
+
+
+def make_preconditioner(preconditioner, curvatures, w, damping, diag, space, report):
+    """Resolve ``merge``'s ``preconditioner`` argument into an operator ``M`` (or ``None``).
+
+    Args:
+        diag: :math:`\\sum_t w_t \\operatorname{diag} F_t`, or ``None`` when unavailable.
+
+    Returns:
+        ``(M, sketch_products)``; the report's ``preconditioner`` field is set.
+    """
+    if isinstance(preconditioner, LinearOperator):
+        report.preconditioner = type(preconditioner).__name__
+        return preconditioner, 0
+    if preconditioner is None:
+        return None, 0
+    if preconditioner == "diagonal":
+        if diag is None or not bool(((diag + damping) > 0).all()):
+            warnings.warn(
+                "merge: no positive diagonal of the curvatures; solving without preconditioner",
+                stacklevel=4,
+            )
+            return None, 0
+        report.preconditioner = "diagonal"
+        return DiagonalOperator(space, 1.0 / (diag + damping)), 0
+    if isinstance(preconditioner, str) and preconditioner.split(":")[0] == "nystrom":
+        rank = _nystrom_rank(preconditioner, space.size)
+        if not damping > 0:
+            warnings.warn(
+                "merge: the Nyström preconditioner needs damping > 0; solving without",
+                stacklevel=4,
+            )
+            return None, 0
+        from curvmerge.precondition import NystromPreconditioner
+
+        weighted = [wt * F for wt, F in zip(w, curvatures, strict=True) if wt != 0]
+        total = weighted[0] if len(weighted) == 1 else SumOperator(weighted)
+        M = NystromPreconditioner(total, rank, damping)
+        report.preconditioner = f"nystrom (rank {M.products})"
+        return M, M.products
+    raise ValueError(
+        "preconditioner must be 'diagonal', 'nystrom', 'nystrom:<rank>', None or an "
+        f"operator, got {preconditioner!r}"
+    )
+
+
+def solve_system(A, b, x0, M, report, *, rtol, maxiter, callback=None, extra_products=0):
+    """Solve :math:`A y = b` by CG and fill the report.
+
+    A warm start ``x0`` is kept only if its residual beats :math:`x = 0` (one product).
+    ``extra_products`` (right-hand side, sketch) are added to the report's count.
+    """
+    checked = 0
+    if x0 is not None:
+        checked = 1
+        if torch.linalg.vector_norm(b - A @ x0) >= torch.linalg.vector_norm(b):
+            x0 = None
+    report.warm_start = x0 is not None
+    result = solve_cg(A, b, x0, rtol=rtol, maxiter=maxiter, M=M, callback=callback)
+    report.method = "cg"
+    report.converged = result.converged
+    report.iterations = result.iterations
+    report.products = result.products + checked + extra_products
+    report.relative_residual = result.relative_residual
+    report.residual_history = result.residuals
+    return result.x
+
+
 def _cg_step(
     curvatures,
     w,
@@ -371,11 +447,7 @@ def _cg_step(
 ) -> Tensor:
     """Solve :math:`(\\lambda I + \\sum w F) y = \\sum w F \\delta` by preconditioned CG."""
     device, dtype = deltas[0].device, deltas[0].dtype
-    report.method = "cg"
-    weighted = [wt * F for wt, F in zip(w, curvatures, strict=True) if wt != 0]
-    A = IdentityOperator(space, damping, dtype=dtype, device=device)
-    for term in weighted:
-        A = A + term
+    A = system_operator(curvatures, w, damping, space, dtype, device)
     b = torch.zeros(space.size, device=device, dtype=dtype)
     for wt, F, delta in zip(w, curvatures, deltas, strict=True):
         if wt != 0:
@@ -389,43 +461,9 @@ def _cg_step(
             diag = _weighted_diagonal(curvatures, w, device, dtype, space)
         except NotImplementedError:
             diag = None
-
-    M = None
-    sketch_products = 0
-    if isinstance(preconditioner, LinearOperator):
-        M, report.preconditioner = preconditioner, type(preconditioner).__name__
-    elif preconditioner == "diagonal":
-        if diag is None:
-            warnings.warn(
-                "merge: the curvatures provide no diagonal; solving without preconditioner",
-                stacklevel=3,
-            )
-        else:
-            M = (
-                DiagonalOperator(space, diag + damping).inverse(damping=0.0)
-                if bool(((diag + damping) > 0).all())
-                else None
-            )
-            report.preconditioner = "diagonal" if M is not None else None
-    elif isinstance(preconditioner, str) and preconditioner.split(":")[0] == "nystrom":
-        rank = _nystrom_rank(preconditioner, space.size)
-        if damping > 0:
-            from curvmerge.precondition import NystromPreconditioner
-
-            total = weighted[0] if len(weighted) == 1 else SumOperator(weighted)
-            M = NystromPreconditioner(total, rank, damping)
-            sketch_products = M.products
-            report.preconditioner = f"nystrom (rank {M.products})"
-        else:
-            warnings.warn(
-                "merge: the Nyström preconditioner needs damping > 0; solving without",
-                stacklevel=3,
-            )
-    elif preconditioner is not None:
-        raise ValueError(
-            "preconditioner must be 'diagonal', 'nystrom', 'nystrom:<rank>', None or an "
-            f"operator, got {preconditioner!r}"
-        )
+    M, sketch_products = make_preconditioner(
+        preconditioner, curvatures, w, damping, diag, space, report
+    )
 
     x0 = None
     if warm_start and diag is not None:
@@ -434,19 +472,14 @@ def _cg_step(
         for wt, F, delta in zip(w, curvatures, deltas, strict=True):
             numer = numer + wt * F.diagonal().to(device=device, dtype=dtype) * delta
         x0 = torch.where(denom > 0, numer / torch.where(denom > 0, denom, 1.0), 0.0)
-        report.warm_start = True
-
-    checked = 0
-    if x0 is not None:
-        # keep the warm start only if it beats x = 0 (one product to check)
-        checked = 1
-        if torch.linalg.vector_norm(b - A @ x0) >= torch.linalg.vector_norm(b):
-            x0, report.warm_start = None, False
-    result = solve_cg(A, b, x0, rtol=rtol, maxiter=maxiter, M=M, callback=callback)
-    result.products += checked
-    report.converged = result.converged
-    report.iterations = result.iterations
-    report.products = result.products + rhs_products + sketch_products
-    report.relative_residual = result.relative_residual
-    report.residual_history = result.residuals
-    return result.x
+    return solve_system(
+        A,
+        b,
+        x0,
+        M,
+        report,
+        rtol=rtol,
+        maxiter=maxiter,
+        callback=callback,
+        extra_products=rhs_products + sketch_products,
+    )

@@ -35,10 +35,17 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from curvmerge.merge.equation import ConvergenceWarning, MergeReport, MergeResult, parameters_of
+from curvmerge.merge.equation import (
+    ConvergenceWarning,
+    MergeReport,
+    MergeResult,
+    make_preconditioner,
+    parameters_of,
+    solve_system,
+    system_operator,
+)
 from curvmerge.merge.methods import check_weights
 from curvmerge.operators import DiagonalOperator, IdentityOperator, LinearOperator
-from curvmerge.solve import solve_cg
 from curvmerge.space import ParamSpace
 
 __all__ = ["PreparedMerge"]
@@ -80,8 +87,9 @@ class PreparedMerge:
         params: Names or a regex of the merged parameters when ``curvatures`` is ``None``.
         rtol: CG relative tolerance (operator path).
         maxiter: CG iteration limit (default ``10 * P``).
-        preconditioner: ``"diagonal"`` (Jacobi, when the operators have a diagonal), ``None``
-            or a fixed operator approximating the inverse.
+        preconditioner: ``None`` (plain CG, the default, as :func:`~curvmerge.merge`),
+            ``"diagonal"`` (Jacobi, when the operators have a diagonal) or a fixed operator
+            approximating the inverse.
         warm_start: Start each CG solve from the previous point's solution (the first from the
             diagonal merge, when diagonals are available).
         cache_bytes: Memory allowed for the cross products :math:`F_t \\theta_s` that make the
@@ -108,7 +116,7 @@ class PreparedMerge:
         params: str | Sequence[str] | None = None,
         rtol: float = 1e-6,
         maxiter: int | None = None,
-        preconditioner: str | LinearOperator | None = "diagonal",
+        preconditioner: str | LinearOperator | None = None,
         warm_start: bool = True,
         cache_bytes: int = CROSS_PRODUCT_CACHE_BYTES,
     ):
@@ -305,11 +313,8 @@ class PreparedMerge:
 
     def _solve(self, w: Tensor, damping: float, theta0: Tensor, report: MergeReport) -> Tensor:
         space, dtype, device = self.space, self.dtype, self.device
-        report.method = "cg"
-        A = IdentityOperator(space, damping, dtype=dtype, device=device)
-        for wt, F in zip(w.tolist(), self.curvatures, strict=True):
-            if wt != 0:
-                A = A + wt * F
+        wl = w.tolist()
+        A = system_operator(self.curvatures, wl, damping, space, dtype, device)
         rhs_products = 0
         if self._rhs is not None:
             b = w @ self._rhs
@@ -320,46 +325,39 @@ class PreparedMerge:
             b = w @ (own - self._cross @ coeff)
         else:
             b = torch.zeros(space.size, dtype=dtype, device=device)
-            for wt, F, th in zip(w.tolist(), self.curvatures, self.thetas, strict=True):
+            for wt, F, th in zip(wl, self.curvatures, self.thetas, strict=True):
                 if wt != 0:
                     b = b + wt * (F @ (th - theta0)).to(device, dtype)
                     rhs_products += 1
         _finite(b, "the right-hand side")
 
-        denom = None if self._diags is None else w @ self._diags + damping
-        M = None
-        if isinstance(self.preconditioner, LinearOperator):
-            M, report.preconditioner = self.preconditioner, type(self.preconditioner).__name__
-        elif self.preconditioner == "diagonal" and denom is not None and bool((denom > 0).all()):
-            M, report.preconditioner = DiagonalOperator(space, 1.0 / denom), "diagonal"
-        elif self.preconditioner not in (None, "diagonal"):
-            raise ValueError(
-                "preconditioner must be 'diagonal', None or an operator, "
-                f"got {self.preconditioner!r}"
-            )
-
-        x0, checked = None, 0
+        diag = None if self._diags is None else w @ self._diags
+        M, sketch_products = make_preconditioner(
+            self.preconditioner, self.curvatures, wl, damping, diag, space, report
+        )
+        x0 = None
         if self.warm_start and self._last is not None:
-            x0 = self._last - theta0
-        elif self.warm_start and denom is not None:
+            x0 = self._last - theta0  # the previous point
+        elif self.warm_start and diag is not None:
+            denom = diag + damping
             numer = w @ (self._diags * (self.thetas - theta0))
             x0 = torch.where(denom > 0, numer / torch.where(denom > 0, denom, 1.0), 0.0)
-            checked = 1  # keep the diagonal warm start only if it beats zero, as merge() does
-            if torch.linalg.vector_norm(b - A @ x0) >= torch.linalg.vector_norm(b):
-                x0 = None
-        report.warm_start = x0 is not None
-        result = solve_cg(A, b, x0, rtol=self.rtol, maxiter=self.maxiter, M=M)
-        report.converged = result.converged
-        report.iterations = result.iterations
-        report.products = result.products + checked + rhs_products
-        report.relative_residual = result.relative_residual
-        report.residual_history = result.residuals
-        if not result.converged:
+        y = solve_system(
+            A,
+            b,
+            x0,
+            M,
+            report,
+            rtol=self.rtol,
+            maxiter=self.maxiter,
+            extra_products=rhs_products + sketch_products,
+        )
+        if not report.converged:
             warnings.warn(
                 f"PreparedMerge: CG did not converge at weights={report.weights}, "
-                f"damping={damping:g}: relative residual {result.relative_residual:.2e} > "
-                f"rtol={self.rtol:g} after {result.iterations} iterations",
+                f"damping={damping:g}: relative residual {report.relative_residual:.2e} > "
+                f"rtol={self.rtol:g} after {report.iterations} iterations",
                 ConvergenceWarning,
                 stacklevel=3,
             )
-        return result.x
+        return y

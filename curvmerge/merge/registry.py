@@ -205,7 +205,7 @@ _SOLVER = {
     "prior": "mean",
     "rtol": 1e-6,
     "maxiter": None,
-    "preconditioner": "diagonal",
+    "preconditioner": None,
     "warm_start": True,
     "require_convergence": False,
 }

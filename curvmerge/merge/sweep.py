@@ -338,7 +338,7 @@ def sweep(
     higher_is_better: bool = True,
     rtol: float = 1e-6,
     maxiter: int | None = None,
-    preconditioner: str | LinearOperator | None = "diagonal",
+    preconditioner: str | LinearOperator | None = None,
     warm_start: bool = True,
     progress: bool = False,
     verbose: bool = True,
