@@ -159,6 +159,49 @@ def _resolve_weights(weights, T: int) -> list[float]:
     return w
 
 
+def check_inputs(thetas, curvatures, params):
+    """Validate the models and curvatures of a merge.
+
+    Returns:
+        ``(dicts, curvatures, space, dtype, device)``: the parameter dicts, the curvatures
+        as a list (or ``None``), the merged space (names and shapes), and the dtype and
+        device the merge is computed in (the curvatures', else the first model's promoted
+        to at least float32).
+
+    Raises:
+        ValueError, TypeError, SpaceMismatchError: naming the first model or curvature
+        that does not fit.
+    """
+    if isinstance(thetas, (nn.Module, Mapping)) or not len(thetas):
+        raise ValueError("merge needs a non-empty list of models")
+    dicts = [parameters_of(t) for t in thetas]
+    T = len(dicts)
+    if curvatures is not None:
+        curvatures = list(curvatures)
+        if len(curvatures) != T:
+            raise ValueError(f"got {len(curvatures)} curvatures for {T} models")
+        for i, F in enumerate(curvatures):
+            if not isinstance(F, LinearOperator):
+                raise TypeError(
+                    f"curvature {i} is a {type(F).__name__}, not a curvmerge LinearOperator "
+                    "(wrap foreign operators with curvmerge.as_operator)"
+                )
+        space = curvatures[0].space
+        for i, F in enumerate(curvatures[1:], start=1):
+            space.check_same(F.space, what=f"curvature {i}")
+        dtype, device = curvatures[0].dtype, curvatures[0].device
+    else:
+        space = ParamSpace.from_tensors(dicts[0], params)
+        first = dicts[0][space.names[0]]
+        dtype, device = torch.promote_types(first.dtype, torch.float32), first.device
+    space = ParamSpace(space.names, space.shapes)  # compare names and shapes only
+    reference = ParamSpace.from_tensors(dicts[0]).select(list(space.names))
+    for i, d in enumerate(dicts):
+        space.check(d, what=f"model {i}")
+        reference.check(d, what=f"model {i}")  # dtypes must agree too
+    return dicts, curvatures, space, dtype, device
+
+
 def merge(
     thetas: Sequence[nn.Module | Mapping[str, Tensor]],
     curvatures: Sequence[LinearOperator] | None = None,
@@ -219,41 +262,13 @@ def merge(
         tensor([1., 3.])
     """
     start = time.perf_counter()
-    if isinstance(thetas, (nn.Module, Mapping)) or not len(thetas):
-        raise ValueError("merge needs a non-empty list of models")
-    dicts = [parameters_of(t) for t in thetas]
+    dicts, curvatures, space, dtype, device = check_inputs(thetas, curvatures, params)
     T = len(dicts)
-    if curvatures is not None:
-        curvatures = list(curvatures)
-        if len(curvatures) != T:
-            raise ValueError(f"got {len(curvatures)} curvatures for {T} models")
-        for i, F in enumerate(curvatures):
-            if not isinstance(F, LinearOperator):
-                raise TypeError(
-                    f"curvature {i} is a {type(F).__name__}, not a curvmerge LinearOperator "
-                    "(wrap foreign operators with curvmerge.as_operator)"
-                )
-        space = curvatures[0].space
-        for i, F in enumerate(curvatures[1:], start=1):
-            space.check_same(F.space, what=f"curvature {i}")
-    else:
-        space = ParamSpace.from_tensors(dicts[0], params)
-    space = ParamSpace(space.names, space.shapes)  # compare names and shapes only
-    reference = ParamSpace.from_tensors(dicts[0]).select(list(space.names))
-    for i, d in enumerate(dicts):
-        space.check(d, what=f"model {i}")
-        reference.check(d, what=f"model {i}")  # dtypes must agree too
     w = _resolve_weights(weights, T)
     damping = float(damping)
     if not damping >= 0:
         raise ValueError(f"damping must be >= 0, got {damping}")
 
-    dtype = (
-        curvatures[0].dtype
-        if curvatures is not None
-        else torch.promote_types(dicts[0][space.names[0]].dtype, torch.float32)
-    )
-    device = curvatures[0].device if curvatures is not None else dicts[0][space.names[0]].device
     thetas_flat = [space.flatten(d).to(device=device, dtype=dtype) for d in dicts]
     for i, th in enumerate(thetas_flat):
         _check_finite(th, f"model {i}", space)

@@ -39,8 +39,8 @@ from curvmerge.merge.equation import (
     ConvergenceWarning,
     MergeReport,
     MergeResult,
+    check_inputs,
     make_preconditioner,
-    parameters_of,
     solve_system,
     system_operator,
 )
@@ -121,32 +121,9 @@ class PreparedMerge:
         cache_bytes: int = CROSS_PRODUCT_CACHE_BYTES,
     ):
         start = time.perf_counter()
-        if isinstance(thetas, (nn.Module, Mapping)) or not len(thetas):
-            raise ValueError("PreparedMerge needs a non-empty list of models")
-        dicts = [parameters_of(t) for t in thetas]
-        self.num_models = T = len(dicts)
-        if curvatures is not None:
-            curvatures = list(curvatures)
-            if len(curvatures) != T:
-                raise ValueError(f"got {len(curvatures)} curvatures for {T} models")
-            for i, F in enumerate(curvatures):
-                if not isinstance(F, LinearOperator):
-                    raise TypeError(
-                        f"curvature {i} is a {type(F).__name__}, not a curvmerge LinearOperator"
-                    )
-                if i:
-                    curvatures[0].space.check_same(F.space, what=f"curvature {i}")
-            space = curvatures[0].space
-            dtype, device = curvatures[0].dtype, curvatures[0].device
-        else:
-            space = ParamSpace.from_tensors(dicts[0], params)
-            first = dicts[0][space.names[0]]
-            dtype = torch.promote_types(first.dtype, torch.float32)
-            device = first.device
-        self.space = space = ParamSpace(space.names, space.shapes)
-        reference = ParamSpace.from_tensors(dicts[0]).select(list(space.names))
-        for i, d in enumerate(dicts):
-            reference.check(d, what=f"model {i}")
+        dicts, curvatures, space, dtype, device = check_inputs(thetas, curvatures, params)
+        self.num_models = len(dicts)
+        self.space = space
         self._reference = {n: dicts[0][n] for n in space.names}
         self.dtype, self.device = dtype, device
         T, P = self.num_models, space.size
