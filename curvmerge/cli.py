@@ -314,22 +314,16 @@ def _parse_options(items: Sequence[str] | None) -> dict[str, Any]:
 
 
 def _check_weights(weights, n: int, where: str) -> list[float] | None:
+    from curvmerge.merge.equation import check_weights
+
     if weights is None:
         return None
     if not isinstance(weights, (list, tuple)):
         raise CLIError(f"{where}: weights must be a list of numbers, got {weights!r}")
     try:
-        w = [float(x) for x in weights]
-    except (TypeError, ValueError):
-        raise CLIError(f"{where}: weights must be numbers, got {weights!r}") from None
-    if len(w) != n:
-        raise CLIError(f"{where}: got {len(w)} weights for {n} models")
-    bad = [x for x in w if not math.isfinite(x) or x < 0]
-    if bad:
-        raise CLIError(f"{where}: weights must be finite and non-negative, got {bad[0]:g}")
-    if sum(w) <= 0:
-        raise CLIError(f"{where}: weights must not all be zero")
-    return w
+        return check_weights([float(x) for x in weights], n, 1.0)
+    except (TypeError, ValueError) as err:
+        raise CLIError(f"{where}: {err}") from None
 
 
 def _evaluate_tasks(ckpts, body, split: str, batch_size: int, progress: bool):

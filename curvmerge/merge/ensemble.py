@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from curvmerge.batches import logits_from
-from curvmerge.merge.methods import MethodReport, check_weights
+from curvmerge.merge.equation import check_weights
+from curvmerge.merge.methods import MethodReport
 from curvmerge.space import ParamSpace
 
 __all__ = ["OutputEnsemble", "EnsembleResult", "output_ensemble"]

@@ -15,6 +15,7 @@ the minimiser of :math:`\\sum_t \\tfrac{w_t}{2}\\|\\theta-\\theta_t\\|^2_{F_t}
 from __future__ import annotations
 
 import copy
+import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -36,6 +37,7 @@ __all__ = [
     "ConvergenceError",
     "load_merged",
     "parameters_of",
+    "check_weights",
 ]
 
 
@@ -146,13 +148,26 @@ def _check_finite(x: Tensor, what: str, space: ParamSpace) -> None:
         raise ValueError(f"{what} contains NaN or Inf (first in parameter {name!r})")
 
 
-def _resolve_weights(weights, T: int) -> list[float]:
+def check_weights(weights: Sequence[float] | None, num_models: int, default: float) -> list[float]:
+    """Validate per-model coefficients: finite, non-negative, one per model.
+
+    Args:
+        weights: The coefficients, or ``None`` for ``default`` for every model.
+        num_models: Number of models :math:`T`.
+        default: Coefficient used when ``weights`` is ``None``.
+
+    Raises:
+        ValueError: On a wrong count, a negative, NaN or infinite coefficient, or all zeros.
+    """
     if weights is None:
-        return [1.0 / T] * T
+        return [float(default)] * num_models
+    if isinstance(weights, (int, float)):
+        raise ValueError(f"weights must be a sequence of {num_models} numbers, got {weights!r}")
     w = [float(v) for v in weights]
-    if len(w) != T:
-        raise ValueError(f"got {len(w)} weights for {T} models")
-    if any(not torch.isfinite(torch.tensor(v)) or v < 0 for v in w):
+    if len(w) != num_models:
+        raise ValueError(f"got {len(w)} weights for {num_models} models")
+    bad = [v for v in w if not math.isfinite(v) or v < 0]
+    if bad:
         raise ValueError(f"weights must be finite and non-negative, got {w}")
     if sum(w) <= 0:
         raise ValueError("weights must not all be zero")
@@ -264,7 +279,7 @@ def merge(
     start = time.perf_counter()
     dicts, curvatures, space, dtype, device = check_inputs(thetas, curvatures, params)
     T = len(dicts)
-    w = _resolve_weights(weights, T)
+    w = check_weights(weights, T, 1.0 / T)
     damping = float(damping)
     if not damping >= 0:
         raise ValueError(f"damping must be >= 0, got {damping}")

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvmerge.merge.equation import MergeReport, MergeResult, parameters_of
+from curvmerge.merge.equation import MergeReport, MergeResult, check_weights, parameters_of
 from curvmerge.space import ParamSpace
 
 __all__ = [
@@ -34,7 +34,6 @@ __all__ = [
     "ties",
     "dare",
     "slerp",
-    "check_weights",
     "trim_top_k",
     "dare_drop",
     "slerp_vectors",
@@ -61,32 +60,6 @@ class MethodReport(MergeReport):
 
 
 # ---------------------------------------------------------------------------------- helpers
-def check_weights(weights: Sequence[float] | None, num_models: int, default: float) -> list[float]:
-    """Validate per-model coefficients: finite, non-negative, one per model.
-
-    Args:
-        weights: The coefficients, or ``None`` for ``default`` for every model.
-        num_models: Number of models :math:`T`.
-        default: Coefficient used when ``weights`` is ``None``.
-
-    Raises:
-        ValueError: On a wrong count, a negative, NaN or infinite coefficient, or all zeros.
-    """
-    if weights is None:
-        return [float(default)] * num_models
-    if isinstance(weights, (int, float)):
-        raise ValueError(f"weights must be a sequence of {num_models} numbers, got {weights!r}")
-    w = [float(v) for v in weights]
-    if len(w) != num_models:
-        raise ValueError(f"got {len(w)} weights for {num_models} models")
-    bad = [v for v in w if not math.isfinite(v) or v < 0]
-    if bad:
-        raise ValueError(f"weights must be finite and non-negative, got {w}")
-    if sum(w) <= 0:
-        raise ValueError("weights must not all be zero")
-    return w
-
-
 def _check_finite_scalar(value: float, name: str) -> float:
     value = float(value)
     if not math.isfinite(value):

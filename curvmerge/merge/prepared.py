@@ -40,11 +40,11 @@ from curvmerge.merge.equation import (
     MergeReport,
     MergeResult,
     check_inputs,
+    check_weights,
     make_preconditioner,
     solve_system,
     system_operator,
 )
-from curvmerge.merge.methods import check_weights
 from curvmerge.operators import DiagonalOperator, IdentityOperator, LinearOperator
 from curvmerge.space import ParamSpace
 

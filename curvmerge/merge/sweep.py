@@ -24,8 +24,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from curvmerge.merge.equation import MergeResult
-from curvmerge.merge.methods import check_weights
+from curvmerge.merge.equation import MergeResult, check_weights
 from curvmerge.merge.prepared import PreparedMerge
 from curvmerge.operators import LinearOperator
 
