@@ -10,7 +10,7 @@ Submodules with their own namespaces: :mod:`curvmerge.data` (offline tasks),
 """
 
 from curvmerge.fisher import diagonal_fisher, load_fisher, save_fisher
-from curvmerge.merge import (
+from curvmerge.merging import (
     ConvergenceError,
     ConvergenceWarning,
     MergeReport,

@@ -314,7 +314,7 @@ def _parse_options(items: Sequence[str] | None) -> dict[str, Any]:
 
 
 def _check_weights(weights, n: int, where: str) -> list[float] | None:
-    from curvmerge.merge.equation import check_weights
+    from curvmerge.merging.equation import check_weights
 
     if weights is None:
         return None
@@ -518,7 +518,7 @@ def _merge_settings(args) -> dict[str, Any]:
 
 def cmd_merge(args) -> int:
     from curvmerge.io import save_params
-    from curvmerge.merge.registry import get_method
+    from curvmerge.merging.registry import get_method
 
     cfg = _merge_settings(args)
     spec = get_method(cfg["method"])  # UnknownMethodError names the valid methods
@@ -633,7 +633,7 @@ def _setup_from(ckpts, base, names, args):
 def cmd_sweep(args) -> int:
     import torch
 
-    from curvmerge.merge.sweep import line_grid, simplex_grid, sweep
+    from curvmerge.merging.sweep import line_grid, simplex_grid, sweep
     from curvmerge.results import write_sweep
     from curvmerge.train import evaluate
 
@@ -688,7 +688,7 @@ def cmd_sweep(args) -> int:
 
 def cmd_compare(args) -> int:
     from curvmerge.demo import ALL_METHODS, compare_methods, format_report, write_outputs
-    from curvmerge.merge.registry import get_method
+    from curvmerge.merging.registry import get_method
 
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(ALL_METHODS)
     methods = [get_method(m).name for m in methods]
@@ -751,7 +751,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from curvmerge.merge.registry import methods_table
+    from curvmerge.merging.registry import methods_table
 
     print(methods_table())
     return 0
@@ -1036,7 +1036,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------- main
 def _input_errors() -> tuple[type[BaseException], ...]:
     from curvmerge.io import CheckpointError
-    from curvmerge.merge.registry import UnknownMethodError
+    from curvmerge.merging.registry import UnknownMethodError
     from curvmerge.space import SpaceMismatchError
 
     return (

@@ -42,9 +42,9 @@ import torch
 from torch import Tensor, nn
 
 from curvmerge.fisher import diagonal_fisher
-from curvmerge.merge.equation import ConvergenceWarning, parameters_of
-from curvmerge.merge.registry import get_method, task_models
-from curvmerge.merge.sweep import grid_search, line_grid, sweep
+from curvmerge.merging.equation import ConvergenceWarning, parameters_of
+from curvmerge.merging.registry import get_method, task_models
+from curvmerge.merging.sweep import grid_search, line_grid, sweep
 from curvmerge.train import Data, evaluate, iter_batches
 
 __all__ = [
@@ -106,7 +106,7 @@ class DemoResult:
         choices: ``{method: chosen coefficients (on validation)}``.
         validation: ``{method: mean validation accuracy at the chosen point}``.
         seconds: ``{what: seconds}`` (training, Fishers, each method, sweep, total).
-        sweep: The 25-point sweep (:class:`~curvmerge.merge.sweep.SweepResult`) or ``None``.
+        sweep: The 25-point sweep (:class:`~curvmerge.merging.sweep.SweepResult`) or ``None``.
         notes: Lines worth reading (skipped methods, convergence).
         paths: Files written.
     """

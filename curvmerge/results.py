@@ -9,7 +9,7 @@ its per-task scores, in the order rows should appear:
     paths = write_comparison(rows, "out/compare")  # out/compare.md, .csv, .png
 
 Each table has one column per task and a ``mean`` column (the unweighted mean over tasks;
-blank when a task is missing). Sweeps (:class:`~curvmerge.merge.sweep.SweepResult`) are written
+blank when a task is missing). Sweeps (:class:`~curvmerge.merging.sweep.SweepResult`) are written
 by :func:`write_sweep`: every point with its coefficients and scores, the chosen point, its
 test score and the sweep's cost.
 

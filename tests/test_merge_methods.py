@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from curvmerge import SpaceMismatchError, merge
-from curvmerge.merge.ensemble import OutputEnsemble, output_ensemble
-from curvmerge.merge.methods import (
+from curvmerge.merging.ensemble import OutputEnsemble, output_ensemble
+from curvmerge.merging.methods import (
     MethodReport,
     dare,
     slerp,
@@ -263,7 +263,7 @@ def test_ensemble_bad_input():
 
 # ------------------------------------------------------------------ registry
 def test_registry_lists_working_methods_and_calls_them_alike():
-    from curvmerge.merge.registry import get_method, list_methods, method_names, task_models
+    from curvmerge.merging.registry import get_method, list_methods, method_names, task_models
     from curvmerge.operators import DenseOperator, DiagonalOperator
     from curvmerge.space import ParamSpace
 
@@ -294,7 +294,7 @@ def test_registry_lists_working_methods_and_calls_them_alike():
 
 
 def test_registry_errors():
-    from curvmerge.merge.registry import UnknownMethodError, get_method
+    from curvmerge.merging.registry import UnknownMethodError, get_method
 
     with pytest.raises(UnknownMethodError, match="valid methods: average, task_arithmetic"):
         get_method("fisher")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from matplotlib.image import imread
 
-from curvmerge.merge.sweep import grid_search, sweep
+from curvmerge.merging.sweep import grid_search, sweep
 from curvmerge.operators import DiagonalOperator
 from curvmerge.results import (
     comparison_csv,

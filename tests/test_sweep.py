@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from curvmerge import SpaceMismatchError, merge
-from curvmerge.merge.methods import task_arithmetic
-from curvmerge.merge.prepared import PreparedMerge
-from curvmerge.merge.sweep import grid_search, line_grid, scaling_grid, simplex_grid, sweep
+from curvmerge.merging.methods import task_arithmetic
+from curvmerge.merging.prepared import PreparedMerge
+from curvmerge.merging.sweep import grid_search, line_grid, scaling_grid, simplex_grid, sweep
 from curvmerge.operators import DenseOperator, DiagonalOperator
 from curvmerge.space import ParamSpace
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from curvmerge.batches import model_outputs
-from curvmerge.merge import load_merged, merge, parameters_of
+from curvmerge.merging import load_merged, merge, parameters_of
 from curvmerge.operators.base import LinearOperator
 from curvmerge.space import ParamSpace
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from curvmerge.merge import parameters_of
+from curvmerge.merging import parameters_of
 from curvmerge.operators.base import LinearOperator
 from curvmerge.operators.ggn import GGNOperator
 from curvmerge.space import ParamSpace

@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from curvmerge.batches import logits_from
-from curvmerge.merge.equation import check_weights
-from curvmerge.merge.methods import MethodReport
+from curvmerge.merging.equation import check_weights
+from curvmerge.merging.methods import MethodReport
 from curvmerge.space import ParamSpace
 
 __all__ = ["OutputEnsemble", "EnsembleResult", "output_ensemble"]
@@ -111,7 +111,7 @@ class EnsembleResult:
 
     Attributes:
         members: ``members[k]`` evaluates task :math:`k` (an :class:`OutputEnsemble`).
-        report: A :class:`~curvmerge.merge.methods.MethodReport` with ``method="ensemble"``.
+        report: A :class:`~curvmerge.merging.methods.MethodReport` with ``method="ensemble"``.
     """
 
     members: list[OutputEnsemble]

@@ -7,8 +7,8 @@ Every method is called as
     spec = get_method("ties")
     result = spec(models, base=base, curvatures=None, weights=None, params=None, density=0.2)
 
-and returns a :class:`~curvmerge.merge.MergeResult` (merges) or an
-:class:`~curvmerge.merge.ensemble.EnsembleResult` (the output ensemble, a reference that is
+and returns a :class:`~curvmerge.merging.MergeResult` (merges) or an
+:class:`~curvmerge.merging.ensemble.EnsembleResult` (the output ensemble, a reference that is
 not a merge); :func:`task_models` turns either into one evaluable module per task.
 ``spec.statistics`` says which per-model statistics a caller must compute first:
 
@@ -29,9 +29,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from curvmerge.merge.ensemble import EnsembleResult, output_ensemble
-from curvmerge.merge.equation import MergeResult, load_merged, merge, parameters_of
-from curvmerge.merge.methods import dare, slerp, task_arithmetic, ties
+from curvmerge.merging.ensemble import EnsembleResult, output_ensemble
+from curvmerge.merging.equation import MergeResult, load_merged, merge, parameters_of
+from curvmerge.merging.methods import dare, slerp, task_arithmetic, ties
 from curvmerge.operators import DiagonalOperator, LinearOperator
 
 __all__ = [

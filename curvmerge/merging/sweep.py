@@ -1,6 +1,6 @@
 """Coefficient sweeps: choose weights and damping on validation data, report test once.
 
-:func:`sweep` merges at every point of a grid with a :class:`~curvmerge.merge.prepared.
+:func:`sweep` merges at every point of a grid with a :class:`~curvmerge.merging.prepared.
 PreparedMerge` (per-model statistics computed once; a diagonal or identity point costs
 elementwise work only; exact merges warm-start CG from the previous point), scores each point
 with a ``validate`` callback, picks the best, and calls ``test`` on that point only: the test
@@ -24,8 +24,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from curvmerge.merge.equation import MergeResult, check_weights
-from curvmerge.merge.prepared import PreparedMerge
+from curvmerge.merging.equation import MergeResult, check_weights
+from curvmerge.merging.prepared import PreparedMerge
 from curvmerge.operators import LinearOperator
 
 __all__ = [
@@ -345,7 +345,7 @@ def sweep(
     """Sweep the merge equation over weights and damping without recomputing statistics.
 
     Each point is :func:`~curvmerge.merge` with ``weights=w, damping=λ``, computed by a
-    :class:`~curvmerge.merge.prepared.PreparedMerge`. Dampings are the outer loop; the weights
+    :class:`~curvmerge.merging.prepared.PreparedMerge`. Dampings are the outer loop; the weights
     run forwards and backwards in turn so that consecutive points stay close (CG warm starts).
 
     Args:
@@ -353,7 +353,7 @@ def sweep(
         curvatures: One operator per model, ``None`` (identity: weighted averaging), or a
             zero-argument callable that computes them: then the sweep times it as the
             statistics time.
-        validate: Scores a :class:`~curvmerge.merge.MergeResult` on validation data (a number,
+        validate: Scores a :class:`~curvmerge.merging.MergeResult` on validation data (a number,
             or a mapping of per-task numbers whose mean is the score).
         test: Called once, on the chosen point.
         weights: The weight grid (default :func:`line_grid` ``(25)`` for two models, else

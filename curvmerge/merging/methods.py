@@ -6,7 +6,7 @@ fine-tuned model and the base :math:`\\theta_0` it was fine-tuned from, and retu
 
 Every function takes modules or parameter dicts, merges the parameters selected by ``params``
 (names or a regex; default: every parameter of the first model) and returns a
-:class:`~curvmerge.merge.MergeResult`, exactly like :func:`~curvmerge.merge`, so callers treat
+:class:`~curvmerge.merging.MergeResult`, exactly like :func:`~curvmerge.merge`, so callers treat
 all methods alike. Its ``report`` is a :class:`MethodReport` that also records the method's
 options (density, drop rate, seed, ...).
 
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvmerge.merge.equation import MergeReport, MergeResult, check_weights, parameters_of
+from curvmerge.merging.equation import MergeReport, MergeResult, check_weights, parameters_of
 from curvmerge.space import ParamSpace
 
 __all__ = [
@@ -44,7 +44,7 @@ Model = nn.Module | Mapping[str, Tensor]
 
 @dataclass
 class MethodReport(MergeReport):
-    """A :class:`~curvmerge.merge.MergeReport` plus the method's own options.
+    """A :class:`~curvmerge.merging.MergeReport` plus the method's own options.
 
     Attributes:
         options: The method's hyper-parameters (``{"density": 0.2, "scaling": 1.0}``, ...).
@@ -170,7 +170,7 @@ def task_arithmetic(
             model's parameters).
 
     Returns:
-        A :class:`~curvmerge.merge.MergeResult`.
+        A :class:`~curvmerge.merging.MergeResult`.
 
     Example:
         >>> base = {"w": torch.tensor([1.0, 1.0])}
@@ -239,7 +239,7 @@ def ties(
         params: Names or a regex selecting the merged parameters.
 
     Returns:
-        A :class:`~curvmerge.merge.MergeResult`.
+        A :class:`~curvmerge.merging.MergeResult`.
 
     Example:
         >>> base = {"w": torch.zeros(3)}
@@ -321,7 +321,7 @@ def dare(
         params: Names or a regex selecting the merged parameters.
 
     Returns:
-        A :class:`~curvmerge.merge.MergeResult`; the same seed gives the same result.
+        A :class:`~curvmerge.merging.MergeResult`; the same seed gives the same result.
 
     Example:
         >>> base = {"w": torch.zeros(4)}
@@ -426,7 +426,7 @@ def slerp(
         params: Names or a regex selecting the merged parameters.
 
     Returns:
-        A :class:`~curvmerge.merge.MergeResult`.
+        A :class:`~curvmerge.merging.MergeResult`.
 
     Example:
         >>> a, b = {"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 1.0])}

@@ -1,8 +1,11 @@
 """Merging: the curvature equation, the methods that are not curvature-shaped, the method
-registry, and coefficient sweeps that reuse per-model statistics."""
+registry, and coefficient sweeps that reuse per-model statistics.
 
-from curvmerge.merge.ensemble import EnsembleResult, OutputEnsemble, output_ensemble
-from curvmerge.merge.equation import (
+The subpackage is :mod:`curvmerge.merging`; the merge function is :func:`curvmerge.merge`.
+"""
+
+from curvmerge.merging.ensemble import EnsembleResult, OutputEnsemble, output_ensemble
+from curvmerge.merging.equation import (
     ConvergenceError,
     ConvergenceWarning,
     MergeReport,
@@ -11,9 +14,9 @@ from curvmerge.merge.equation import (
     merge,
     parameters_of,
 )
-from curvmerge.merge.methods import MethodReport, dare, slerp, task_arithmetic, ties
-from curvmerge.merge.prepared import PreparedMerge
-from curvmerge.merge.registry import (
+from curvmerge.merging.methods import MethodReport, dare, slerp, task_arithmetic, ties
+from curvmerge.merging.prepared import PreparedMerge
+from curvmerge.merging.registry import (
     MethodSpec,
     UnknownMethodError,
     get_method,
@@ -21,7 +24,7 @@ from curvmerge.merge.registry import (
     method_names,
     task_models,
 )
-from curvmerge.merge.sweep import (
+from curvmerge.merging.sweep import (
     SweepPoint,
     SweepResult,
     grid_search,

@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from curvmerge.merge.equation import (
+from curvmerge.merging.equation import (
     ConvergenceWarning,
     MergeReport,
     MergeResult,
@@ -225,7 +225,7 @@ class PreparedMerge:
         """The merge at ``weights`` (default :math:`1/T`) and ``damping``.
 
         Returns:
-            A :class:`~curvmerge.merge.MergeResult`, as :func:`~curvmerge.merge` returns it.
+            A :class:`~curvmerge.merging.MergeResult`, as :func:`~curvmerge.merge` returns it.
         """
         start = time.perf_counter()
         wl = check_weights(weights, self.num_models, 1.0 / self.num_models)
