@@ -102,3 +102,14 @@ def test_not_a_fisher_file(tmp_path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "w.safetensors"))
     with pytest.raises(ValueError, match="not a curvmerge Fisher file"):
         load_fisher(tmp_path / "w.safetensors")
+
+
+def test_truncated_and_missing_files_get_clear_errors(tmp_path):
+    path = tmp_path / "f.safetensors"
+    save_fisher(path, {"w": torch.ones(100)}, kind="exact", num_examples=3)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_fisher(path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_fisher(tmp_path / "missing.safetensors")

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
+from curvmerge.atomic import atomic_write_bytes
 from curvmerge.fisher.diagonal import FISHER_KINDS, DiagonalFisher
 from curvmerge.operators import DiagonalOperator
 from curvmerge.space import ParamSpace, SpaceMismatchError
@@ -58,7 +58,7 @@ def save_fisher(
         >>> G.diagonal(), G.kind, G.num_examples
         (tensor([1., 2.]), 'exact', 3)
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     if isinstance(fisher, DiagonalOperator):
         tensors = fisher.as_dict()
@@ -92,17 +92,7 @@ def save_fisher(
     )
     # safetensors refuses tensors that share memory (views of one flat diagonal)
     data = {n: t.detach().to("cpu").clone().contiguous() for n, t in tensors.items()}
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fisher-", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(data, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write_bytes(path, save(data, metadata=meta))
 
 
 def _check_against(
@@ -141,6 +131,25 @@ def _check_against(
     return file_space
 
 
+def _read(path: str) -> tuple[dict, list[str], dict[str, Tensor]]:
+    """Metadata, parameter names and tensors of a Fisher file."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as fh:
+        meta = fh.metadata() or {}
+        if meta.get("format") != FISHER_FORMAT:
+            raise ValueError(
+                f"{path!r} is not a curvmerge Fisher file (metadata format is "
+                f"{meta.get('format')!r}, expected {FISHER_FORMAT!r})"
+            )
+        names = json.loads(meta["names"])
+        stored = set(fh.keys())
+        if set(names) != stored:
+            raise ValueError(f"{path!r} is corrupt: its metadata names do not match its tensors")
+        tensors = {n: fh.get_tensor(n) for n in names}
+    return meta, names, tensors
+
+
 def load_fisher(
     path: str | os.PathLike,
     model: nn.Module | Mapping[str, Tensor] | ParamSpace | None = None,
@@ -162,21 +171,15 @@ def load_fisher(
         SpaceMismatchError: Naming the first parameter whose name or shape does not match.
         ValueError: When the file is not a curvmerge Fisher file.
     """
-    from safetensors import safe_open
-
     path = os.fspath(path)
-    with safe_open(path, framework="pt") as fh:
-        meta = fh.metadata() or {}
-        if meta.get("format") != FISHER_FORMAT:
-            raise ValueError(
-                f"{path!r} is not a curvmerge Fisher file (metadata format is "
-                f"{meta.get('format')!r}, expected {FISHER_FORMAT!r})"
-            )
-        names = json.loads(meta["names"])
-        stored = set(fh.keys())
-        if set(names) != stored:
-            raise ValueError(f"{path!r} is corrupt: its metadata names do not match its tensors")
-        tensors = {n: fh.get_tensor(n) for n in names}
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Fisher file {path!r} does not exist")
+    from safetensors import SafetensorError
+
+    try:
+        meta, names, tensors = _read(path)
+    except (SafetensorError, json.JSONDecodeError, KeyError) as err:
+        raise ValueError(f"{path!r} is truncated or corrupt: {err}") from err
     shapes = {n: t.shape for n, t in tensors.items()}
     space = _check_against(names, shapes, model, path)
     flat = (
