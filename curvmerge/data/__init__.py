@@ -33,6 +33,7 @@ from curvmerge.data.vision import (
     VISION_DATASETS,
     digit_subset_tasks,
     load_images,
+    pooled_digits,
     rotate_images,
     rotation_tasks,
     vision_task,
@@ -49,6 +50,7 @@ __all__ = [
     "load_images",
     "vision_task",
     "digit_subset_tasks",
+    "pooled_digits",
     "rotation_tasks",
     "rotate_images",
     # text

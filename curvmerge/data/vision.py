@@ -37,6 +37,7 @@ from curvmerge.data.tasks import Task, TensorSplit, stratified_split
 __all__ = [
     "VISION_DATASETS",
     "digit_subset_tasks",
+    "pooled_digits",
     "load_images",
     "rotate_images",
     "rotation_tasks",
@@ -179,6 +180,24 @@ def digit_subset_tasks(
             )
         )
     return tasks
+
+
+def pooled_digits(tasks: Sequence[Task[TensorSplit]], split: str = "train") -> TensorSplit:
+    """One split of several digit-subset tasks pooled, with the original digits as labels.
+
+    The tasks of :func:`digit_subset_tasks` renumber their labels; this undoes it, e.g. to
+    train a 10-way base model on exactly the tasks' training images.
+
+    Args:
+        tasks: Tasks from :func:`digit_subset_tasks` (their label names are the digits).
+        split: ``"train"``, ``"val"`` or ``"test"``.
+    """
+    parts = [getattr(task, split) for task in tasks]
+    digits = [torch.tensor([int(d) for d in task.label_names]) for task in tasks]
+    return TensorSplit(
+        torch.cat([part.inputs for part in parts]),
+        torch.cat([d[part.labels] for d, part in zip(digits, parts, strict=True)]),
+    )
 
 
 def rotate_images(images: Tensor, degrees: float) -> Tensor:

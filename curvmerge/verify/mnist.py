@@ -62,21 +62,18 @@ def mnist_three_tasks(
         seed: Seed of the split, the initialisations and the training order.
         log: Called with progress lines.
     """
-    from curvmerge.data import digit_subset_tasks
+    from curvmerge.data import digit_subset_tasks, pooled_digits
     from curvmerge.models import body_regex, make_cnn
     from curvmerge.train import finetune
 
     say = log or (lambda s: None)
     tasks = digit_subset_tasks("mnist", SUBSETS, seed=seed)
     # the base sees the tasks' training images only, with their original digit labels
-    X = torch.cat([task.train.inputs for task in tasks])
-    y = torch.cat(
-        [torch.tensor([int(d) for d in task.label_names])[task.train.labels] for task in tasks]
-    )
+    pooled = pooled_digits(tasks)
     base = make_cnn(10, seed=seed)
     finetune(
         base,
-        (X, y),
+        pooled,
         steps=base_steps,
         batch_size=64,
         lr=lr,
