@@ -27,6 +27,7 @@ __all__ = [
     "ProductOperator",
     "AdjointOperator",
     "DENSE_LIMIT",
+    "probe_diagonal",
 ]
 
 #: Largest space (P) that :meth:`LinearOperator.to_dense` materialises by default.
@@ -45,6 +46,20 @@ def _is_scalar(x) -> bool:
     if isinstance(x, numbers.Number):
         return True
     return isinstance(x, Tensor) and x.ndim == 0
+
+
+def probe_diagonal(A: LinearOperator, block: int = 256) -> Tensor:
+    """The diagonal :math:`d_j = e_j^\\top A e_j` by products with blocks of ``block`` unit
+    vectors (:math:`P` products in all), whatever ``A``'s structure."""
+    P = A.shape[0]
+    out = torch.empty(P, dtype=A.dtype, device=A.device)
+    for start in range(0, P, block):
+        stop = min(start + block, P)
+        idx = torch.arange(start, stop, device=A.device)
+        E = torch.zeros(P, stop - start, dtype=A.dtype, device=A.device)
+        E[idx, idx - start] = 1.0
+        out[start:stop] = (A @ E)[idx, idx - start]
+    return out
 
 
 class LinearOperator:
@@ -202,14 +217,7 @@ class LinearOperator:
                 f"{type(self).__name__} has no cheap diagonal and P={P} is too large to "
                 "probe with unit vectors; estimate it instead (curvmerge.verify)"
             )
-        out = torch.empty(P, dtype=self.dtype, device=self.device)
-        block = 256
-        for start in range(0, P, block):
-            stop = min(start + block, P)
-            E = torch.zeros(P, stop - start, dtype=self.dtype, device=self.device)
-            E[torch.arange(start, stop), torch.arange(stop - start)] = 1.0
-            out[start:stop] = (self @ E)[torch.arange(start, stop), torch.arange(stop - start)]
-        return out
+        return probe_diagonal(self)
 
     def to_scipy(self, dtype: np.dtype | type | None = None):
         """A :class:`scipy.sparse.linalg.LinearOperator` view (numpy in, numpy out).

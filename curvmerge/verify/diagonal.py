@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from curvmerge.operators.base import DENSE_LIMIT, LinearOperator
+from curvmerge.operators.base import DENSE_LIMIT, LinearOperator, probe_diagonal
 from curvmerge.space import ParamSpace
 from curvmerge.verify.estimators import Z_SCORE, DiagonalEstimate
 
@@ -46,14 +46,7 @@ def exact_diagonal(A: LinearOperator, *, max_size: int = DENSE_LIMIT, block: int
             f"exact_diagonal would probe P={P} unit vectors (> max_size={max_size}); "
             "use the diagonal Fisher engine or curvmerge.verify.estimate_diagonal"
         )
-    out = torch.empty(P, dtype=torch.float64, device=A.device)
-    for start in range(0, P, block):
-        stop = min(start + block, P)
-        E = torch.zeros(P, stop - start, dtype=A.dtype, device=A.device)
-        idx = torch.arange(start, stop, device=A.device)
-        E[idx, idx - start] = 1.0
-        out[start:stop] = (A @ E)[idx, idx - start].to(torch.float64)
-    return out
+    return probe_diagonal(A, block).to(torch.float64)
 
 
 @dataclass
