@@ -122,20 +122,17 @@ def conv1d():
 
 
 def tiny_bert(seed=0, num_labels=3):
-    from transformers import BertConfig, BertForSequenceClassification
+    from curvmerge.models import tiny_bert as build
 
-    torch.manual_seed(seed)
-    cfg = BertConfig(
+    return build(
+        num_labels,
         vocab_size=30,
         hidden_size=8,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=12,
-        max_position_embeddings=16,
-        num_labels=num_labels,
-        attn_implementation="eager",
+        num_layers=2,
+        num_heads=2,
+        max_length=16,
+        seed=seed,
     )
-    return BertForSequenceClassification(cfg).eval()
 
 
 def tiny_gpt2(seed=0):

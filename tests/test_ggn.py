@@ -74,19 +74,11 @@ def make_problem(name: str, seed: int = 0):
             data.append((torch.randn(n, 5, 3, generator=g, dtype=DT), y))
         return model, nn.CrossEntropyLoss(), data
     if name == "bert":
-        from transformers import BertConfig, BertForSequenceClassification
+        from curvmerge.models import tiny_bert
 
-        config = BertConfig(
-            vocab_size=20,
-            hidden_size=8,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=12,
-            max_position_embeddings=12,
-            num_labels=3,
-            attn_implementation="eager",
-        )
-        model = BertForSequenceClassification(config).to(DT).eval()
+        model = tiny_bert(
+            3, vocab_size=20, hidden_size=8, num_layers=1, num_heads=2, max_length=12
+        ).to(DT)
         data = []
         for n in (3, 2):
             ids = torch.randint(1, 20, (n, 6), generator=g)
