@@ -72,7 +72,7 @@ def test_conv_contractions_agree(cases, case, monkeypatch):
     """Both contractions of the convolution squares (grouped convolution; unfolded input and
     one matrix product per example), with several cotangents at once, whole and in chunks of
     one example, equal the per-example loop."""
-    from curvmerge.fisher import per_example
+    from curvmerge.statistics import per_example
 
     model, data = cases[case]
     ref = brute_force(model, nn.CrossEntropyLoss(), data, "exact")

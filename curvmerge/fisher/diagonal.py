@@ -21,7 +21,7 @@ row and is the diagonal of the GGN. Squares are always of per-example gradients:
 a batch-summed gradient, as some merging code does, is a different, biased quantity.
 
 Fisher-weighted averaging with this diagonal is Matena & Raffel, "Merging models with
-Fisher-weighted averaging", NeurIPS 2022. The engine (:mod:`curvmerge.fisher.per_example`)
+Fisher-weighted averaging", NeurIPS 2022. The engine (:mod:`curvmerge.statistics.per_example`)
 forms the squares from layer inputs and output gradients, in the spirit of BackPACK
 (Dangel et al., ICLR 2020) and Goodfellow's per-example gradient trick (2015).
 """
@@ -41,7 +41,7 @@ from curvmerge.batches import (
     model_outputs,
     move_batch,
 )
-from curvmerge.fisher.per_example import DEFAULT_MEMORY_BUDGET, PerExampleSquares
+from curvmerge.statistics.per_example import DEFAULT_MEMORY_BUDGET, PerExampleSquares
 from curvmerge.losses import (
     LossSpec,
     count_terms,
@@ -288,7 +288,7 @@ def diagonal_fisher(
                 inputs = move_batch(inputs, device, dtype)
                 targets = move_batch(targets, device, dtype)
                 B = batch_size(inputs)
-                out = engine.forward(lambda inputs=inputs: model_outputs(model, inputs), B)
+                out = engine.forward(lambda x: model_outputs(model, x), inputs)
                 num_examples += B
                 num_terms += count_terms(spec, targets)
                 cots = fisher_cotangents(

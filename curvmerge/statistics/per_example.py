@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from curvmerge.batches import batch_size
+
 __all__ = ["PerExampleSquares", "supported_layer"]
 
 DEFAULT_MEMORY_BUDGET = 2**30
@@ -401,8 +403,8 @@ class PerExampleSquares:
     """Accumulates :math:`\\sum_n (\\nabla_\\theta\\, v_n^\\top f_n)^{\\odot 2}` over examples
     :math:`n` and output cotangents :math:`v` for the selected parameters of a model.
 
-    Usage: ``out = engine.forward(call)`` runs the model with hooks (``call`` is a
-    zero-argument function returning the output tensor), then ``engine.accumulate(out, V)``
+    Usage: ``out = engine.forward(call, inputs)`` runs the model with hooks (``call`` maps a
+    batch of inputs, batch dimension first, to the output tensor), then ``engine.accumulate(out, V)``
     for each cotangent ``V`` (same shape as ``out``; examples must not be mixed by the
     model), then ``engine.release()``. ``engine.squares`` holds the running sums.
 
@@ -520,16 +522,18 @@ class PerExampleSquares:
         return hook
 
     # ---------------------------------------------------------------- forward and plan
-    def forward(self, fn, batch: int) -> Tensor:
-        """Run ``fn()`` (the model's forward on a batch of ``batch`` examples) with hooks and
-        plan how each parameter's per-example gradient is obtained."""
+    def forward(self, call, inputs) -> Tensor:
+        """Run ``call(inputs)`` (the model's forward on a batch of inputs, a tensor or a dict
+        of tensors with the batch dimension first) with hooks and plan how each parameter's
+        per-example gradient is obtained."""
+        batch = batch_size(inputs)
         for _ in range(3):
             self.release()
             self._batch = batch
             self._capturing = True
             try:
                 with torch.enable_grad():
-                    out = fn()
+                    out = call(inputs)
             finally:
                 self._capturing = False
             changed = {
