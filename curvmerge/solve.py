@@ -19,7 +19,9 @@ class CGResult:
 
     Attributes:
         x: The solution, same shape as ``b``.
-        info: 0 if every column converged, else the number of iterations done.
+        info: 0 if every column converged; -1 on a breakdown (a product, the
+            preconditioner or a step turned NaN or Inf: NaN is never converged);
+            else the number of iterations done (``maxiter``), as scipy.
         iterations: CG iterations done.
         products: Products with ``A`` (iterations plus one for a non-zero ``x0``).
         residuals: Relative residual ``‖b − Ax‖ / ‖b‖`` (largest over columns) after each
@@ -51,6 +53,16 @@ def _as_apply(A) -> Callable[[Tensor], Tensor]:
     raise TypeError(f"A must be a LinearOperator, a tensor or a callable, got {type(A).__name__}")
 
 
+def _dot(U: Tensor, V: Tensor) -> Tensor:
+    """Column-wise :math:`u_k^\\top v_k`, accumulated in float64."""
+    return (U * V).sum(0, dtype=torch.float64)
+
+
+def _norm(U: Tensor) -> Tensor:
+    """Column-wise Euclidean norms, in float64."""
+    return torch.linalg.vector_norm(U, dim=0, dtype=torch.float64)
+
+
 def solve_cg(
     A,
     b: Tensor,
@@ -75,11 +87,17 @@ def solve_cg(
     def finish(X, info, it, products, history):
         return CGResult(X.squeeze(1) if vector else X, info, it, products, history)
 
-    bnorm = torch.linalg.vector_norm(B, dim=0)
+    bnorm = _norm(B)
     if not torch.isfinite(bnorm).all():
         raise ValueError("cg: the right-hand side b contains NaN or Inf")
     tol = torch.clamp(rtol * bnorm, min=atol)
     scale = torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
+    nan = torch.full_like(bnorm, float("nan"))
+
+    def relative(rnorm, broken):
+        # Largest over columns; a column that broke down shows NaN, never a small number.
+        return float(torch.where(broken, nan, rnorm / scale).max())
+
     products = 0
     if x0 is None:
         X = torch.zeros_like(B)
@@ -88,44 +106,60 @@ def solve_cg(
         X = (x0.unsqueeze(1) if vector else x0).to(B).clone()
         if X.shape != B.shape:
             raise ValueError(f"x0 has shape {tuple(x0.shape)}, b has {tuple(b.shape)}")
+        if not bool(torch.isfinite(X).all()):
+            raise ValueError("cg: the initial guess x0 contains NaN or Inf")
         R = B - apply_A(X)
         products += 1
-    rnorm = torch.linalg.vector_norm(R, dim=0)
-    history = [float((rnorm / scale).max())]
     if bool((bnorm == 0).all()):
         return finish(torch.zeros_like(B), 0, 0, products, [0.0])
+    rnorm = _norm(R)
+    # A column breaks down when a product, the preconditioner or a step turns non-finite:
+    # it stops moving (keeping its last finite iterate) and the run ends with info = -1.
+    broken = ~torch.isfinite(rnorm)
+    history = [relative(rnorm, broken)]
 
     P_dir = None
     rho_prev = None
-    for it in range(maxiter):
-        active = rnorm > tol
-        if not bool(active.any()):
-            return finish(X, 0, it, products, history)
+    it = 0
+    for it in range(maxiter + 1):  # ``it`` is the number of iterations done at exit
+        active = (rnorm > tol) & ~broken
+        if it == maxiter or not bool(active.any()):
+            break
         Z = apply_M(R) if apply_M is not None else R
-        rho = (R * Z).sum(0)
+        rho = _dot(R, Z)
         if P_dir is None:
             P_dir = Z.clone()
         else:
             beta = torch.where(active, rho / torch.where(rho_prev != 0, rho_prev, 1.0), 0.0)
-            P_dir = Z + beta * P_dir
+            P_dir = Z + beta.to(B.dtype) * P_dir
         Q = apply_A(P_dir)
         products += 1
-        pq = (P_dir * Q).sum(0)
-        if bool((active & ~(pq > 0)).any()):
+        pq = _dot(P_dir, Q)
+        finite = torch.isfinite(rho) & torch.isfinite(pq)
+        if bool((active & finite & ~(pq > 0)).any()):
             raise ValueError(
-                "cg: p^T A p <= 0 (or NaN): the operator is not positive definite "
+                "cg: p^T A p <= 0: the operator is not positive definite "
                 "(check the curvatures and the damping)"
             )
-        alpha = torch.where(active, rho / torch.where(active, pq, 1.0), 0.0)
-        X = X + alpha * P_dir
-        R = R - alpha * Q
+        step = active & finite
+        alpha = torch.where(step, rho / torch.where(step, pq, 1.0), 0.0)
+        X_new = X + alpha.to(B.dtype) * P_dir
+        R_new = R - alpha.to(B.dtype) * Q
+        rnorm_new = _norm(R_new)
+        step &= torch.isfinite(alpha) & torch.isfinite(rnorm_new) & torch.isfinite(X_new).all(0)
+        broken |= active & ~step
+        X = torch.where(step, X_new, X)
+        R = torch.where(step, R_new, R)
+        rnorm = torch.where(step, rnorm_new, rnorm)
         rho_prev = rho
-        rnorm = torch.linalg.vector_norm(R, dim=0)
-        history.append(float((rnorm / scale).max()))
+        history.append(relative(rnorm, broken))
         if callback is not None:
             callback(X.squeeze(1) if vector else X)
-    info = 0 if bool((rnorm <= tol).all()) else maxiter
-    return finish(X, info, maxiter, products, history)
+    if bool(broken.any()):
+        info = -1
+    else:
+        info = 0 if bool((rnorm <= tol).all()) else maxiter
+    return finish(X, info, it, products, history)
 
 
 def cg(
@@ -143,14 +177,16 @@ def cg(
 
     Mirrors :func:`scipy.sparse.linalg.cg`: the iteration stops once
     :math:`\\|b - A x\\| \\le \\max(\\text{rtol}\\,\\|b\\|, \\text{atol})`, and ``info`` is 0
-    on convergence, else the number of iterations done (``maxiter``). Several right-hand
+    on convergence, else the number of iterations done (``maxiter``), or -1 on a
+    breakdown (a product with ``A`` or ``M`` or a step turned NaN or Inf; scipy's
+    ``info < 0``); NaN is never converged. Several right-hand
     sides ``b`` of shape ``[P, K]`` are solved at once, each column with its own step
     sizes and stopping test; ``info`` is 0 only when every column converged.
 
     Args:
         A: A :class:`~curvmerge.LinearOperator`, a dense tensor or a callable ``X -> A X``.
         b: Right-hand side, ``[P]`` or ``[P, K]``; its device and dtype are used throughout.
-        x0: Initial guess (default zeros).
+        x0: Initial guess (default zeros); NaN or Inf entries raise ``ValueError``.
         rtol: Relative tolerance.
         atol: Absolute tolerance.
         maxiter: Maximum number of iterations (default ``10 * P``, as scipy).

@@ -107,3 +107,57 @@ def test_cg_float32_and_callable():
     x, info = cg(lambda v: S @ v, b, rtol=1e-5)
     assert info == 0 and x.dtype == torch.float32
     assert _rel(x.double(), torch.linalg.solve(S.double(), b.double())) < 1e-4
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_x0_is_refused(bad):
+    S = random_spd(P, seed=11)
+    x0 = torch.zeros(P, dtype=torch.float64)
+    x0[3] = bad
+    with pytest.raises(ValueError, match="x0 contains NaN or Inf"):
+        cg(S, torch.ones(P, dtype=torch.float64), x0)
+
+
+def _poisoned(S, value, *, after, column=None):
+    """``X -> S X`` that returns ``value`` (entry 0, or a whole column) from product ``after`` on.
+
+    An Inf entry gets the sign of the direction it multiplies, so ``p^T A p`` is ``+inf``
+    and the step is zero: the residual, not the curvature test, is what goes NaN.
+    """
+    calls = [0]
+
+    def apply(X):
+        calls[0] += 1
+        Y = S @ X
+        if calls[0] >= after:
+            Y = Y.clone()
+            if column is None:
+                Y[0] = value * (torch.sign(X[0]) if value == float("inf") else 1.0)
+            else:
+                Y[:, column] = value
+        return Y
+
+    return apply
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_product_is_a_breakdown_never_convergence(value):
+    S = random_spd(P, seed=12)
+    b = torch.randn(P, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    res = solve_cg(_poisoned(S, value, after=3), b, rtol=1e-10)
+    assert res.info == -1 and not res.converged
+    assert not np.isfinite(res.relative_residual)
+    assert torch.isfinite(res.x).all()  # the last finite iterate, not NaN
+    _, info = cg(_poisoned(S, value, after=3), b, rtol=1e-10)
+    assert info == -1
+
+
+def test_a_nan_column_breaks_down_alone():
+    S = random_spd(P, seed=14)
+    B = torch.randn(P, 3, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
+    res = solve_cg(_poisoned(S, float("nan"), after=2, column=1), B, rtol=1e-12)
+    assert res.info == -1 and not res.converged
+    assert not np.isfinite(res.relative_residual)
+    exact = torch.linalg.solve(S, B)
+    for k in (0, 2):
+        assert _rel(res.x[:, k], exact[:, k]) < 1e-10
