@@ -21,7 +21,8 @@ row and is the diagonal of the GGN. Squares are always of per-example gradients:
 a batch-summed gradient, as some merging code does, is a different, biased quantity.
 
 Fisher-weighted averaging with this diagonal is Matena & Raffel, "Merging models with
-Fisher-weighted averaging", NeurIPS 2022. The engine (:mod:`curvmerge.statistics.per_example`)
+Fisher-weighted averaging", NeurIPS 2022. The engine (:mod:`curvmerge.statistics.per_example`,
+summed by :func:`curvmerge.statistics.diagonal.diagonal_squares`)
 forms the squares from layer inputs and output gradients, in the spirit of BackPACK
 (Dangel et al., ICLR 2020) and Goodfellow's per-example gradient trick (2015).
 """
@@ -30,37 +31,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-import torch
-from torch import Tensor, nn
+import torch  # noqa: F401 (the doctests use it)
+from torch import nn
 
-from curvmerge.batches import (
-    batch_size,
-    check_deterministic,
-    iterate_batches,
-    model_device,
-    model_outputs,
-    move_batch,
-)
-from curvmerge.statistics.per_example import DEFAULT_MEMORY_BUDGET, PerExampleSquares
-from curvmerge.losses import (
-    LossSpec,
-    count_terms,
-    flatten_rows,
-    output_grad,
-    output_hessian_sqrt,
-    resolve_loss,
-    sample_targets,
-)
+from curvmerge.losses import LossSpec
 from curvmerge.operators import DiagonalOperator
 from curvmerge.space import ParamSpace
+from curvmerge.statistics.base import CurvatureComputer
+from curvmerge.statistics.diagonal import FISHER_KINDS, diagonal_squares
+from curvmerge.statistics.per_example import DEFAULT_MEMORY_BUDGET
 
-__all__ = ["diagonal_fisher", "DiagonalFisher", "FISHER_KINDS", "fisher_cotangents"]
-
-FISHER_KINDS = ("exact", "mc", "empirical")
-
-# Cross-entropy with at most this many classes uses a rank C-1 Hessian factor (one backward
-# pass fewer per row); above it the factor of :func:`output_hessian_sqrt` is used as is.
-_REDUCE_MAX_CLASSES = 64
+__all__ = ["diagonal_fisher", "DiagonalFisher", "FISHER_KINDS"]
 
 
 class DiagonalFisher(DiagonalOperator):
@@ -104,103 +85,6 @@ class DiagonalFisher(DiagonalOperator):
         return (
             f"DiagonalFisher(kind={self.kind!r}, num_examples={self.num_examples}, {self.space!r})"
         )
-
-
-def _hessian_factor(spec: LossSpec, f: Tensor) -> Tensor:
-    """A factor ``[M, C, K]`` with :math:`S_m S_m^\\top = H_m`.
-
-    For cross-entropy :math:`H = \\operatorname{diag}(p) - pp^\\top` has rank at most
-    :math:`C-1` (:math:`H\\mathbf 1 = 0`); its eigendecomposition without the null
-    direction gives a factor with :math:`C-1` columns, one backward pass fewer per row.
-    """
-    S = output_hessian_sqrt(spec, f)
-    C = f.shape[-1]
-    if spec.name != "cross_entropy" or not 2 <= C <= _REDUCE_MAX_CLASSES or f.shape[0] == 0:
-        return S
-    S64 = S.to(torch.float64)
-    evals, evecs = torch.linalg.eigh(S64 @ S64.transpose(1, 2))
-    return (evecs[:, :, 1:] * evals[:, 1:].clamp_min(0).sqrt().unsqueeze(1)).to(S.dtype)
-
-
-def _row_positions(spec: LossSpec, out: Tensor, targets: Tensor) -> Tensor:
-    """Index of each loss row (as returned by :func:`flatten_rows`) among the rows of
-    ``out`` (``[-1, C]`` for cross-entropy, ``[B, -1]`` otherwise)."""
-    if spec.name == "cross_entropy":
-        keep = targets.reshape(-1) != spec.ignore_index
-        return keep.nonzero().squeeze(1)
-    return torch.arange(out.shape[0], device=out.device)
-
-
-def fisher_cotangents(
-    spec: LossSpec,
-    kind: str,
-    out: Tensor,
-    targets: Tensor,
-    *,
-    mc_samples: int = 1,
-    generator: torch.Generator | None = None,
-) -> Iterable[tuple[Tensor, float]]:
-    """Output cotangents ``V`` (shaped as ``out``) and weights ``w`` such that the kind's
-    diagonal is :math:`c \\sum_V w \\sum_n (\\nabla_\\theta\\, V_n^\\top f_n)^{\\odot 2}`.
-
-    Empirical: one cotangent (the loss gradient of every row). MC: one per sample. Exact:
-    one per column of the Hessian factor and per row position within an example (rows of one
-    example are never mixed, since :math:`H_n` is block diagonal over its rows).
-    """
-    out = out.detach()
-    f, y, example = flatten_rows(spec, out, targets)
-    if f.shape[0] == 0:
-        return
-    C = f.shape[1]
-    R = out.numel() // C
-    pos = _row_positions(spec, out, targets)
-
-    def place(rows: Tensor | None, vals: Tensor) -> Tensor:
-        V = out.new_zeros(R, C)
-        V[pos if rows is None else pos[rows]] = vals.to(out.dtype)
-        return V.view(out.shape)
-
-    if kind == "empirical":
-        yield place(None, output_grad(spec, f, y)), 1.0
-    elif kind == "mc":
-        Y = sample_targets(spec, f, mc_samples, generator)
-        for s in range(mc_samples):
-            yield place(None, output_grad(spec, f, Y[s])), 1.0 / mc_samples
-    else:
-        S = _hessian_factor(spec, f)
-        counts = torch.bincount(example, minlength=out.shape[0])
-        starts = counts.cumsum(0) - counts
-        slot = torch.arange(f.shape[0], device=f.device) - starts[example]
-        for s in range(int(slot.max()) + 1):
-            rows = (slot == s).nonzero().squeeze(1)
-            for k in range(S.shape[2]):
-                yield place(rows, S[rows, :, k]), 1.0
-
-
-def _accumulate_all(engine: PerExampleSquares, out: Tensor, cots) -> None:
-    """Feed cotangents to the engine, stacking those of equal weight so that up to
-    ``engine.max_columns()`` share one vmapped backward pass."""
-    if not engine.can_batch_columns():
-        for V, w in cots:
-            engine.accumulate(out, V, w)
-        return
-    kmax = engine.max_columns()
-    group: list[Tensor] = []
-    weight = None
-
-    def flush():
-        if len(group) == 1:
-            engine.accumulate(out, group[0], weight)
-        elif group:
-            engine.accumulate(out, torch.stack(group), weight, columns=len(group))
-        group.clear()
-
-    for V, w in cots:
-        if group and (w != weight or len(group) >= kmax or not engine.can_batch_columns()):
-            flush()
-        group.append(V)
-        weight = w
-    flush()
 
 
 def diagonal_fisher(
@@ -258,61 +142,27 @@ def diagonal_fisher(
         >>> F.shape, F.kind, F.num_examples
         ((26, 26), 'exact', 5)
     """
-    if kind not in FISHER_KINDS:
-        raise ValueError(f"kind must be one of {', '.join(FISHER_KINDS)}; got {kind!r}")
-    if kind == "mc" and (not isinstance(mc_samples, int) or mc_samples < 1):
-        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
-    spec = resolve_loss(loss_fn)
-    check_deterministic(model)
-    space = params if isinstance(params, ParamSpace) else ParamSpace.from_module(model, params)
-    named = dict(model.named_parameters())
-    space.check(named, what="model")
-    device = model_device(model)
-    dtype = named[space.names[0]].dtype if len(space) else torch.get_default_dtype()
-    generator = torch.Generator().manual_seed(seed)
-
-    batches = iterate_batches(data)
-    if progress:
-        from tqdm.auto import tqdm
-
-        total = len(data) if hasattr(data, "__len__") else None
-        batches = tqdm(batches, total=total, desc=f"diagonal Fisher ({kind})", leave=False)
-
-    requires = {n: p.requires_grad for n, p in named.items()}
-    num_examples = num_terms = 0
-    try:
-        for n in space.names:
-            named[n].requires_grad_(True)
-        with PerExampleSquares(model, space.names, memory_budget) as engine:
-            for inputs, targets in batches:
-                inputs = move_batch(inputs, device, dtype)
-                targets = move_batch(targets, device, dtype)
-                B = batch_size(inputs)
-                out = engine.forward(lambda x: model_outputs(model, x), inputs)
-                num_examples += B
-                num_terms += count_terms(spec, targets)
-                cots = fisher_cotangents(
-                    spec, kind, out, targets, mc_samples=mc_samples, generator=generator
-                )
-                _accumulate_all(engine, out, cots)
-                engine.release()
-                del out
-            squares = engine.squares
-    finally:
-        for n, p in named.items():
-            p.requires_grad_(requires[n])
+    computer = CurvatureComputer(model, loss_fn, data, params=params)
+    stats = diagonal_squares(
+        computer,
+        kind=kind,
+        mc_samples=mc_samples,
+        seed=seed,
+        memory_budget=memory_budget,
+        progress=progress,
+    )
+    spec = computer.loss
     if spec.reduction == "mean":
-        if num_terms == 0:
+        if stats.num_terms == 0:
             raise ValueError("data has no loss terms (every target is ignore_index)")
-        scale = 1.0 / num_terms
+        diag = stats.sums / stats.num_terms
     else:
-        scale = 1.0
-    diag = space.flatten(squares) * scale if len(space) else torch.zeros(0, dtype=dtype)
+        diag = stats.sums
     return DiagonalFisher(
-        space,
+        computer.space,
         diag,
         kind=kind,
-        num_examples=num_examples,
+        num_examples=stats.num_examples,
         loss=spec.name,
         reduction=spec.reduction,
         mc_samples=mc_samples if kind == "mc" else None,

@@ -1,0 +1,218 @@
+"""The base every curvature computer shares: model, loss, data, selected parameters.
+
+A curvature computer reads a data set once or many times (a matrix-free GGN reads it at
+every product). What it owns, once, for every computer:
+
+- the selected parameter space, the model's device and the dtype of the computation;
+- the data loop: ``(inputs, targets)`` pairs, moved to the device, with a **data-order
+  check**: every batch's fingerprint (shapes, dtypes and two position-weighted checksums of
+  its tensors) is recorded on the first pass and compared on every later pass, so a shuffled
+  ``DataLoader`` or random augmentation is refused instead of silently mixing one pass's
+  output-space data (sampled labels, kept rows) with another pass's batches (curvlinops
+  guards the same way);
+- ``num_data``: the normaliser of a ``"mean"`` loss (see :mod:`curvmerge.losses`);
+- :meth:`CurvatureComputer.state_key`: what every cache is keyed on, i.e. every parameter
+  and buffer the forward pass may read (identity, storage and in-place version) and every
+  module's training flag.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from curvmerge.batches import check_deterministic, iterate_batches, move_batch
+from curvmerge.losses import LossSpec, count_terms, resolve_loss
+from curvmerge.space import ParamSpace
+
+__all__ = ["CurvatureComputer", "DataOrderError", "batch_fingerprint"]
+
+
+class DataOrderError(ValueError):
+    """The data yielded different batches on a later pass than on the first."""
+
+
+def _tensors(obj, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
+    if isinstance(obj, Tensor):
+        yield prefix, obj
+    elif isinstance(obj, Mapping):
+        for key, value in obj.items():
+            yield from _tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(obj, (tuple, list)):
+        for i, value in enumerate(obj):
+            yield from _tensors(value, f"{prefix}[{i}]")
+
+
+def batch_fingerprint(inputs, targets) -> tuple:
+    """Shapes, dtypes and two checksums of every tensor of a batch.
+
+    The checksums are :math:`\\sum_i x_i` and :math:`\\sum_i x_i \\cos(i)` in float64: equal
+    batches give equal fingerprints, and a batch whose examples are permuted, replaced or
+    perturbed gives another (up to a coincidence of both sums).
+    """
+    parts = []
+    for key, t in _tensors({"inputs": inputs, "targets": targets}):
+        flat = t.detach().reshape(-1).to(torch.float64)
+        weights = torch.arange(flat.numel(), dtype=torch.float64, device=flat.device).cos_()
+        sums = torch.stack([flat.sum(), (flat * weights).sum()]).tolist()
+        parts.append((key, tuple(t.shape), str(t.dtype), *sums))
+    return tuple(parts)
+
+
+def _same_fingerprint(a: tuple, b: tuple) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        if x[:3] != y[:3]:
+            return False
+        for u, v in zip(x[3:], y[3:], strict=True):
+            if not (u == v or math.isclose(u, v, rel_tol=1e-9, abs_tol=1e-12)):
+                return False
+    return True
+
+
+def _describe(fp: tuple) -> str:
+    return ", ".join(f"{k} {list(shape)}" for k, shape, *_ in fp)
+
+
+class CurvatureComputer:
+    """Model, loss, data and selected parameters of a curvature computation.
+
+    Args:
+        model: A ``torch.nn.Module`` (Hugging Face models included), in eval mode or free of
+            dropout and batch norm.
+        loss_fn: ``nn.CrossEntropyLoss``, ``nn.MSELoss``, ``nn.BCEWithLogitsLoss``, a name or
+            a :class:`~curvmerge.losses.LossSpec`.
+        data: Iterable of ``(inputs, targets)`` batches, the batch dimension first; it must
+            yield the same batches in the same order on every pass (checked).
+        params: Names or a regex of the selected parameters (default: all), or a
+            :class:`~curvmerge.space.ParamSpace`.
+        num_data: The normaliser of a ``"mean"`` loss over the whole data set (loss terms:
+            examples for classification, non-padding tokens for token-level cross-entropy,
+            entries for MSE/BCE); ``None`` counts it in one pass when first needed.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module | str | LossSpec,
+        data: Iterable,
+        *,
+        params: str | Sequence[str] | ParamSpace | None = None,
+        num_data: int | None = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(data, (Tensor, tuple)) or data is None:
+            raise TypeError(
+                "data must be an iterable of (inputs, targets) batches (a list or a "
+                "DataLoader), not a single tensor or pair; wrap one batch as [(inputs, targets)]"
+            )
+        self.loss = resolve_loss(loss_fn)
+        check_deterministic(model)
+        space = params if isinstance(params, ParamSpace) else ParamSpace.from_module(model, params)
+        named = dict(model.named_parameters())
+        space.check(named, what="model")
+        if not len(space):
+            raise ValueError("params selects no parameter")
+        self.model = model
+        self.data = data
+        self.space = space
+        first = named[space.names[0]]
+        self.device = first.device
+        self.dtype = first.dtype
+        if num_data is not None and not (
+            isinstance(num_data, int) and not isinstance(num_data, bool) and num_data > 0
+        ):
+            raise ValueError(f"num_data must be a positive integer, got {num_data!r}")
+        self._num_data = num_data
+        self._fingerprints: list[tuple] | None = None
+        self.passes = 0  # passes over the data started
+
+    # ------------------------------------------------------------------ data
+    def batches(self, desc: str | None = None, progress: bool = False):
+        """Iterate ``(index, inputs, targets)`` over the data, moved to the device (floating
+        inputs cast to the computer's dtype), checking that every pass yields the batches of
+        the first.
+
+        Raises:
+            DataOrderError: a batch differs from the first pass's batch at its index, or the
+                pass yields more or fewer batches.
+        """
+        self.passes += 1
+        record = self._fingerprints is None
+        seen: list[tuple] = []
+        items = iterate_batches(self.data)
+        if progress:
+            from tqdm.auto import tqdm
+
+            total = len(self.data) if hasattr(self.data, "__len__") else None
+            items = tqdm(items, total=total, desc=desc, leave=False)
+        for index, (inputs, targets) in enumerate(items):
+            fp = batch_fingerprint(inputs, targets)
+            if record:
+                seen.append(fp)
+            else:
+                self._check_batch(index, fp)
+            yield index, move_batch(inputs, self.device, self.dtype), targets
+        if record:
+            self._fingerprints = seen
+        elif index + 1 != len(self._fingerprints):
+            raise DataOrderError(
+                f"data yielded {index + 1} batches on this pass but "
+                f"{len(self._fingerprints)} on the first; {self._how_to_fix()}"
+            )
+
+    def _check_batch(self, index: int, fp: tuple) -> None:
+        known = self._fingerprints
+        if index >= len(known):
+            raise DataOrderError(
+                f"data yielded more batches on this pass than the {len(known)} of the first; "
+                + self._how_to_fix()
+            )
+        if not _same_fingerprint(known[index], fp):
+            raise DataOrderError(
+                f"batch {index} differs from batch {index} of the first pass over the data "
+                f"({_describe(fp)}): the data is shuffled, augmented at random or changed. "
+                + self._how_to_fix()
+            )
+
+    def _how_to_fix(self) -> str:
+        return (
+            f"{type(self).__name__} reads the data several times and needs the same batches "
+            "in the same order on every pass: use DataLoader(..., shuffle=False) (or a "
+            "sampler with a fixed seed), no random augmentation, or pass a list of batches"
+        )
+
+    @property
+    def num_data(self) -> int:
+        """The ``"mean"`` normaliser (counted in one pass over the data if not given)."""
+        if self._num_data is None:
+            total = 0
+            for _, _, targets in self.batches():
+                total += count_terms(self.loss, targets)
+            if total == 0 and self.loss.reduction == "mean":
+                raise ValueError("data has no loss terms (every target is ignore_index)")
+            self._num_data = max(total, 1)
+        return self._num_data
+
+    @property
+    def scale(self) -> float:
+        """:math:`c`: ``1 / num_data`` for a ``"mean"`` loss, 1 for ``"sum"``."""
+        return 1.0 / self.num_data if self.loss.reduction == "mean" else 1.0
+
+    # ------------------------------------------------------------------ caches
+    def state_key(self) -> tuple:
+        """What a cache of this computer's results depends on in the model: every parameter
+        and buffer (object, storage and in-place version) and every module's training flag.
+        Any in-place update, reassignment or ``train()``/``eval()`` switch changes it."""
+        key = []
+        for name, t in self.model.named_parameters(remove_duplicate=False):
+            key.append((name, id(t), t.data_ptr(), t._version, t.dtype, t.device))
+        for name, t in self.model.named_buffers(remove_duplicate=False):
+            key.append((name, id(t), t.data_ptr(), t._version, t.dtype, t.device))
+        key.append(tuple(m.training for m in self.model.modules()))
+        return tuple(key)
