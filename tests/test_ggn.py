@@ -386,3 +386,115 @@ def test_errors():
     GGNOperator(dropout.eval(), loss_fn, data)  # fine in eval mode
     with pytest.raises(ValueError, match="ignore_index"):
         GGNOperator(model, loss_fn, [(data[0][0], torch.full((4,), -100))])
+
+
+# ---------------------------------------------------------------------------- trust (issue 10)
+def _loader(shuffle: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(12, 4, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (12,), generator=g)
+    dataset = torch.utils.data.TensorDataset(X, y)
+    gen = torch.Generator().manual_seed(1)
+    return torch.utils.data.DataLoader(dataset, batch_size=5, shuffle=shuffle, generator=gen)
+
+
+@pytest.mark.parametrize("kind", ["exact", "empirical", "mc"])
+def test_shuffled_loader_is_refused_by_streaming_products(kind):
+    from curvmerge.statistics.base import DataOrderError
+
+    torch.manual_seed(0)
+    model = _mlp(3).to(DT)
+    op = GGNOperator(model, nn.CrossEntropyLoss(), _loader(shuffle=True), kind=kind, cache=False)
+    x = torch.randn(op.shape[0], dtype=DT)
+    with pytest.raises(DataOrderError, match="shuffle=False"):
+        op @ x
+        op @ x
+
+
+def test_fixed_order_loader_streams_like_dense():
+    torch.manual_seed(0)
+    model = _mlp(3).to(DT)
+    data = _loader(shuffle=False)
+    for kind in ("exact", "empirical"):
+        op = GGNOperator(model, nn.CrossEntropyLoss(), data, kind=kind, cache=False)
+        G = dense_ggn(model, nn.CrossEntropyLoss(), list(data), op.space.names, kind, op)
+        check_products(op, G)
+
+
+def test_cache_follows_updates_outside_params():
+    """The head is not in ``params`` but the body's curvature depends on it."""
+    model, loss_fn, data = make_problem("ce")
+    for cache in (True, False):
+        op = GGNOperator(model, loss_fn, data, params=r"^0\.", cache=cache)
+        x = torch.randn(op.shape[0], dtype=DT)
+        op @ x
+        with torch.no_grad():
+            model[2].weight.mul_(-2.0)
+        G = dense_ggn(model, loss_fn, data, op.space.names)
+        assert rel_err(op @ x, G @ x) < 1e-6
+
+
+def test_cache_follows_buffers_and_reassigned_parameters():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _mlp(3)
+            self.register_buffer("temperature", torch.tensor(1.0))
+
+        def forward(self, x):
+            return self.net(x) / self.temperature
+
+    model, loss_fn, data = make_problem("ce")
+    scaled = Scaled().to(DT)
+    scaled.net.load_state_dict(model.state_dict())
+    op = GGNOperator(scaled, loss_fn, data, params=r"^net\.0\.")
+    x = torch.randn(op.shape[0], dtype=DT)
+    op @ x
+    scaled.temperature.fill_(3.0)
+    G = dense_ggn(scaled, loss_fn, data, op.space.names)
+    assert rel_err(op @ x, G @ x) < 1e-6
+    scaled.net[2].weight = nn.Parameter(scaled.net[2].weight.detach() * 0.5)
+    G = dense_ggn(scaled, loss_fn, data, op.space.names)
+    assert rel_err(op @ x, G @ x) < 1e-6
+
+
+def test_diagonal_follows_parameter_updates():
+    model, loss_fn, data = make_problem("ce")
+    op = GGNOperator(model, loss_fn, data, params=r"^0\.")
+    op.diagonal()
+    assert op.diagonal_passes == 1
+    op.diagonal()
+    assert op.diagonal_passes == 1  # cached while nothing changed
+    for module in (model[0], model[2]):  # a selected parameter, then one outside params
+        with torch.no_grad():
+            module.weight.mul_(1.7)
+        G = dense_ggn(model, loss_fn, data, op.space.names)
+        assert rel_err(op.diagonal(), G.diagonal()) < 1e-6
+    assert op.diagonal_passes == 3
+
+
+def test_diagonal_errors_are_not_hidden(monkeypatch):
+    """No lazy import that falls back to P unit-vector products on an ImportError."""
+    import curvmerge.operators.ggn as ggn
+
+    def broken(*args, **kwargs):
+        raise ImportError("a real import error inside the engine")
+
+    monkeypatch.setattr(ggn, "diagonal_squares", broken)
+    model, loss_fn, data = make_problem("ce")
+    with pytest.raises(ImportError, match="real import error"):
+        GGNOperator(model, loss_fn, data).diagonal()
+
+
+def test_diagonal_refuses_shuffled_data():
+    from curvmerge.statistics.base import DataOrderError
+
+    torch.manual_seed(0)
+    model = _mlp(3).to(DT)
+    data = _loader(shuffle=True)
+    op = GGNOperator(model, nn.CrossEntropyLoss(), data, kind="mc", num_data=12)
+    op @ torch.randn(op.shape[0], dtype=DT)  # the first pass (num_data is given)
+    with pytest.raises(DataOrderError):
+        op.diagonal()
+    with pytest.raises(DataOrderError):  # counting num_data and the first product: two passes
+        GGNOperator(model, nn.CrossEntropyLoss(), data) @ torch.randn(op.shape[0], dtype=DT)

@@ -44,24 +44,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from curvmerge.batches import (
-    check_deterministic,
-    iterate_batches,
-    model_device,
-    model_outputs,
-    move_batch,
-)
+from curvmerge.batches import model_outputs, move_batch
 from curvmerge.losses import (
     LossSpec,
-    count_terms,
     flatten_rows,
     output_grad,
     output_hessian_matmul,
-    resolve_loss,
     sample_targets,
 )
-from curvmerge.operators.base import DENSE_LIMIT, LinearOperator
+from curvmerge.operators.base import LinearOperator
 from curvmerge.space import ParamSpace
+from curvmerge.statistics.base import CurvatureComputer
+from curvmerge.statistics.diagonal import diagonal_squares
 
 __all__ = ["GGNOperator", "GGN_KINDS"]
 
@@ -130,7 +124,7 @@ class _Graphs:
     nbytes: int
 
 
-class GGNOperator(LinearOperator):
+class GGNOperator(LinearOperator, CurvatureComputer):
     """The GGN / Fisher of a model's loss over a data set, as a matrix-free operator.
 
     .. math::
@@ -150,8 +144,11 @@ class GGNOperator(LinearOperator):
             ``[B, T, C]`` with ``ignore_index`` padding), ``nn.MSELoss``,
             ``nn.BCEWithLogitsLoss``, or one of their names.
         data: Iterable of ``(inputs, targets)`` batches; ``inputs`` is a tensor or a dict
-            (passed as keyword arguments). It must yield the same batches on every pass.
-            Batches are moved to the model's device.
+            (passed as keyword arguments), the batch dimension first. It is read on every
+            streamed product and must yield the same batches in the same order each time:
+            a shuffled ``DataLoader`` or random augmentation is refused with a
+            :class:`~curvmerge.statistics.base.DataOrderError`. Batches are moved to the
+            model's device.
         params: Names or a regex of the parameters the operator acts on (default: all);
             the others stay fixed (task heads).
         kind: ``"exact"``, ``"mc"`` or ``"empirical"``.
@@ -165,8 +162,9 @@ class GGNOperator(LinearOperator):
         cache: Keep each batch's graphs between products: ``"auto"`` (while they fit in
             half the free GPU memory or a quarter of the available RAM), ``True``
             (always), ``False`` (never), or a budget in bytes. Batches past the budget are
-            streamed. The cache assumes the parameters do not change; it is rebuilt when
-            they are modified in place.
+            streamed. The cache is keyed on every parameter and buffer of the model (see
+            :meth:`~curvmerge.statistics.base.CurvatureComputer.state_key`), selected or
+            not: it is rebuilt after any in-place update, reassignment or mode switch.
         progress: Show a progress bar over the batches of each product.
 
     Example:
@@ -197,30 +195,14 @@ class GGNOperator(LinearOperator):
         cache: bool | int | str = "auto",
         progress: bool = False,
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if kind not in GGN_KINDS:
             raise ValueError(f"kind must be one of {', '.join(GGN_KINDS)}; got {kind!r}")
         if kind == "mc" and (
             not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1
         ):
             raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
-        if isinstance(data, (Tensor, tuple)) or data is None:
-            raise TypeError(
-                "data must be an iterable of (inputs, targets) batches (a list or a "
-                "DataLoader), not a single tensor or pair; wrap one batch as [(inputs, targets)]"
-            )
-        self.loss = resolve_loss(loss_fn)
-        check_deterministic(model)
-        space = params if isinstance(params, ParamSpace) else ParamSpace.from_module(model, params)
-        named = dict(model.named_parameters())
-        space.check(named, what="model")
-        if not len(space):
-            raise ValueError("params selects no parameter")
-        dtype = named[space.names[0]].dtype
-        super().__init__(space, dtype, model_device(model))
-        self.model = model
-        self.data = data
+        CurvatureComputer.__init__(self, model, loss_fn, data, params=params, num_data=num_data)
+        LinearOperator.__init__(self, self.space, self.dtype, self.device)
         self.kind = kind
         self.mc_samples = int(mc_samples) if kind == "mc" else 1
         self.seed = int(seed)
@@ -231,39 +213,19 @@ class GGNOperator(LinearOperator):
             self.cache_budget = math.inf
         elif cache is False or cache is None:
             self.cache_budget = 0
-        elif isinstance(cache, int) and cache >= 0:
+        elif isinstance(cache, int) and not isinstance(cache, bool) and cache >= 0:
             self.cache_budget = cache
         else:
             raise ValueError(f"cache must be 'auto', True, False or a byte budget, got {cache!r}")
-        if num_data is not None:
-            if not (isinstance(num_data, int) and num_data > 0):
-                raise ValueError(f"num_data must be a positive integer, got {num_data!r}")
-            self.num_data = num_data
-        else:
-            self.num_data = self._count_terms()
-        if self.loss.reduction == "mean":
-            self.scale = 1.0 / self.num_data
-        else:
-            self.scale = 1.0
+        _ = self.num_data  # counted now (one pass) when not given: errors surface early
         self._batches: list[_Batch] | None = None
         self._no_forward_ad = False
-        self._versions: tuple[int, ...] | None = None
-        self._diagonal: Tensor | None = None
+        self._key: tuple | None = None  # state_key() the cached batches were built at
+        self._diagonal: tuple[tuple, Tensor] | None = None  # (state_key(), diagonal)
         self.cached_bytes = 0
+        self.diagonal_passes = 0
 
     # ------------------------------------------------------------------ setup helpers
-    def _count_terms(self) -> int:
-        total = 0
-        for _, targets in iterate_batches(self.data):
-            total += count_terms(self.loss, targets)
-        if total == 0 and self.loss.reduction == "mean":
-            raise ValueError("data has no loss terms (every target is ignore_index)")
-        return max(total, 1)
-
-    def _param_versions(self) -> tuple[int, ...]:
-        named = dict(self.model.named_parameters())
-        return tuple(named[n]._version for n in self.space.names)
-
     def _leaves(self) -> tuple[dict[str, Tensor], list[Tensor]]:
         """Detached copies of all parameters; the selected ones require grad."""
         selected = set(self.space.names)
@@ -341,22 +303,14 @@ class GGNOperator(LinearOperator):
         return self._unrows(batch, self.scale * U, JV)
 
     # ------------------------------------------------------------------ products
-    def _data_iter(self, desc: str):
-        items = enumerate(iterate_batches(self.data))
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            total = len(self.data) if hasattr(self.data, "__len__") else None
-            items = tqdm(items, total=total, desc=desc, leave=False)
-        return items
-
     def _matmat(self, X: Tensor) -> Tensor:
         with _eager_attention(self.model):
             return self._matmat_eager(X)
 
     def _matmat_eager(self, X: Tensor) -> Tensor:
-        if self._versions is not None and self._versions != self._param_versions():
-            self.clear_cache()  # parameters changed in place: the graphs are stale
+        key = self.state_key()
+        if self._key is not None and self._key != key:
+            self.clear_cache()  # a parameter or buffer changed: the graphs are stale
         K = X.shape[1]
         V = [
             v.reshape(*s, K).movedim(-1, 0)
@@ -365,7 +319,7 @@ class GGNOperator(LinearOperator):
         out = torch.zeros(K, self.space.size, dtype=self.dtype, device=self.device)
         if self._batches is None:
             batches = []
-            for index, (inputs, targets) in self._data_iter("GGN product (first)"):
+            for index, inputs, targets in self.batches("GGN product (first)", self.progress):
                 batch, graphs = self._first_visit(index, inputs, targets)
                 batches.append(batch)
                 if graphs is not None:
@@ -373,7 +327,7 @@ class GGNOperator(LinearOperator):
                 else:
                     out += self._product_streaming(batch, batch.inputs, V)
                     batch.inputs = batch.targets = None
-            self._batches, self._versions = batches, self._param_versions()
+            self._batches, self._key = batches, key
         elif all(b.graphs is not None for b in self._batches):
             items = self._batches
             if self.progress:
@@ -383,19 +337,14 @@ class GGNOperator(LinearOperator):
             for batch in items:
                 out += self._product_cached(batch.graphs, batch, V)
         else:
-            count = 0
-            for index, (inputs, _targets) in self._data_iter("GGN product"):
-                if index >= len(self._batches):
-                    raise ValueError("data yielded more batches than on the first pass")
+            # the data-order check of ``batches`` makes the first pass's rows and label
+            # samples belong to the batch at the same index
+            for index, inputs, _targets in self.batches("GGN product", self.progress):
                 batch = self._batches[index]
-                count += 1
                 if batch.graphs is not None:
                     out += self._product_cached(batch.graphs, batch, V)
                 else:
-                    inputs = move_batch(inputs, self.device, self.dtype)
                     out += self._product_streaming(batch, inputs, V)
-            if count != len(self._batches):
-                raise ValueError("data yielded fewer batches than on the first pass")
         return out.T.contiguous()
 
     def _flat(self, grads: Sequence[Tensor | None], K: int) -> Tensor:
@@ -408,8 +357,7 @@ class GGNOperator(LinearOperator):
         return torch.cat(parts, dim=1)
 
     def _first_visit(self, index: int, inputs, targets) -> tuple[_Batch, _Graphs | None]:
-        """Move a batch, build its graphs (kept if the budget allows), prepare its rows."""
-        inputs = move_batch(inputs, self.device, self.dtype)
+        """Build a batch's graphs (kept if the budget allows), prepare its rows."""
         graphs = None
         if self.cached_bytes < self.cache_budget or self._no_forward_ad:
             graphs = self._graphs(inputs)
@@ -512,45 +460,29 @@ class GGNOperator(LinearOperator):
     # ------------------------------------------------------------------ extras
     def clear_cache(self) -> None:
         """Drop the stored graphs and label samples (the next product rebuilds them)."""
-        self._batches, self._versions, self.cached_bytes = None, None, 0
+        self._batches, self._key, self.cached_bytes = None, None, 0
 
     def diagonal(self) -> Tensor:
-        """The diagonal of the operator.
-
-        Uses :func:`curvmerge.fisher.diagonal_fisher` (the exact GGN diagonal for
-        ``kind="exact"``, an estimate with its own label samples for ``"mc"``) when that
-        engine is available, else probes unit vectors (small spaces only).
+        """The diagonal of the operator, from one pass of the per-example engine
+        (:func:`curvmerge.statistics.diagonal.diagonal_squares`): the exact GGN diagonal for
+        ``kind="exact"`` and ``"empirical"``, an estimate with its own label samples for
+        ``"mc"``. Cached under the model's :meth:`state_key` (any change of a parameter or
+        buffer recomputes it); ``diagonal_passes`` counts the passes run.
         """
-        if self._diagonal is not None:
-            return self._diagonal
-        try:
-            from curvmerge.fisher.diagonal import diagonal_fisher
-        except ImportError:
-            diagonal_fisher = None
-        if diagonal_fisher is None:
-            if self.space.size > DENSE_LIMIT:
-                raise NotImplementedError(
-                    f"GGNOperator.diagonal(): no diagonal Fisher engine is available and "
-                    f"P={self.space.size} is too large to probe with unit vectors"
-                )
-            diag = super().diagonal()
-        else:
-            with _eager_attention(self.model):
-                D = diagonal_fisher(
-                    self.model,
-                    self.loss,
-                    self.data,
-                    params=list(self.space.names),
-                    kind=self.kind,
-                    mc_samples=self.mc_samples,
-                    seed=self.seed,
-                    progress=self.progress,
-                )
-            diag = D.diagonal().to(self.device, self.dtype)
-            if self.loss.reduction == "mean":
-                # the engine normalises by the terms it counted; use ours (num_data)
-                diag = diag * (self._count_terms() / self.num_data)
-        self._diagonal = diag
+        key = self.state_key()
+        if self._diagonal is not None and self._diagonal[0] == key:
+            return self._diagonal[1]
+        with _eager_attention(self.model):
+            stats = diagonal_squares(
+                self,
+                kind=self.kind,
+                mc_samples=self.mc_samples,
+                seed=self.seed,
+                progress=self.progress,
+            )
+        self.diagonal_passes += 1
+        diag = (stats.sums * self.scale).to(self.device, self.dtype)
+        self._diagonal = (key, diag)
         return diag
 
     def __repr__(self) -> str:
