@@ -50,11 +50,24 @@ _ALIASES = {
 
 @dataclass(frozen=True)
 class LossSpec:
-    """A supported loss: its name, reduction and (cross-entropy) ``ignore_index``."""
+    """A supported loss: its name, reduction and (cross-entropy) ``ignore_index``.
+
+    Cross-entropy outputs are read with the classes last (``[B, C]``, ``[B, T, C]``: Hugging
+    Face logits). An output ``[B, T, C]`` with ``T == C`` also fits torch's own ``[B, C, T]``
+    layout; such a batch is refused unless ``classes_last=True`` declares the layout.
+    """
 
     name: str
     reduction: str = "mean"
     ignore_index: int = -100
+    classes_last: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.classes_last is False:
+            raise ValueError(
+                "cross-entropy outputs in torch's [B, C, ...] layout are not supported: return "
+                "the classes last (e.g. logits.movedim(1, -1)), as Hugging Face models do"
+            )
 
     def module(self) -> nn.Module:
         """The equivalent ``torch.nn`` loss module."""
@@ -117,6 +130,18 @@ def flatten_rows(spec: LossSpec, outputs: Tensor, targets: Tensor) -> tuple[Tens
             raise ValueError(
                 f"cross-entropy targets must have shape {tuple(outputs.shape[:-1])} "
                 f"(outputs {tuple(outputs.shape)}, classes last), got {tuple(targets.shape)}"
+            )
+        if (
+            outputs.ndim >= 3
+            and spec.classes_last is None
+            and targets.shape == (B, *outputs.shape[2:])
+        ):
+            raise ValueError(
+                f"ambiguous cross-entropy layout: outputs {tuple(outputs.shape)} with targets "
+                f"{tuple(targets.shape)} fit both classes last ([B, T, C], as curvmerge and "
+                "Hugging Face read them) and torch's [B, C, T]; declare the layout with "
+                "loss_fn=LossSpec('cross_entropy', classes_last=True) if the classes are last, "
+                "or return classes-last logits (logits.movedim(1, -1)) if they are not"
             )
         C = outputs.shape[-1]
         f = outputs.reshape(-1, C)

@@ -287,3 +287,17 @@ def test_minilm_two_tasks_fisher_merge():
             logits = merged(input_ids=test["input_ids"], attention_mask=test["attention_mask"])
         acc = (logits.logits.argmax(-1) == test["labels"]).float().mean()
         assert torch.isfinite(logits.logits).all() and acc > 0.2
+
+
+def test_exact_kind_refuses_a_vocabulary_sized_hessian_factor():
+    """[M, C, C] with C = 4096 and 20 token rows is 1.3 GB in float32: refused before allocating."""
+    model = nn.Embedding(4096, 8)
+    head = nn.Linear(8, 4096)
+    lm = nn.Sequential(model, head)
+    ids = torch.randint(0, 4096, (4, 5))
+    data = [(ids, ids)]
+    with pytest.raises(ValueError, match="kind='mc'"):
+        diagonal_fisher(lm, nn.CrossEntropyLoss(), data, params=r"^1\.bias", progress=False)
+    F = diagonal_fisher(lm, nn.CrossEntropyLoss(), data, params=r"^1\.bias", kind="mc",
+                        progress=False)  # fmt: skip
+    assert F.shape == (4096, 4096)

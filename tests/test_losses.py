@@ -97,3 +97,30 @@ def test_causal_lm_targets_shift_and_mask_padding():
     ids = torch.tensor([[5, 6, 7, 0]])
     mask = torch.tensor([[1, 1, 1, 0]])
     assert causal_lm_targets(ids, mask).tolist() == [[6, 7, -100, -100]]
+
+
+def test_ambiguous_cross_entropy_layout_is_refused_unless_declared():
+    """[B, T, C] with T == C also fits torch's [B, C, T]: never read silently."""
+    from curvmerge import GGNOperator, diagonal_fisher
+
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(2, 3, 3, generator=g)
+    y = torch.randint(0, 3, (2, 3), generator=g)
+    with pytest.raises(ValueError, match="ambiguous cross-entropy layout"):
+        flatten_rows(LossSpec("cross_entropy"), out, y)
+    f, _, example = flatten_rows(LossSpec("cross_entropy", classes_last=True), out, y)
+    assert f.shape == (6, 3) and example.tolist() == [0, 0, 0, 1, 1, 1]
+    flatten_rows(LossSpec("cross_entropy"), torch.randn(2, 4, 3), torch.zeros(2, 4).long())
+    with pytest.raises(ValueError, match="movedim"):
+        LossSpec("cross_entropy", classes_last=False)
+
+    model = torch.nn.Linear(3, 3)
+    data = [(torch.randn(2, 3, 3, generator=g), y)]
+    with pytest.raises(ValueError, match="ambiguous"):
+        diagonal_fisher(model, torch.nn.CrossEntropyLoss(), data, progress=False)
+    with pytest.raises(ValueError, match="ambiguous"):
+        GGNOperator(model, "cross_entropy", data) @ torch.zeros(12)
+    declared = LossSpec("cross_entropy", classes_last=True)
+    F = diagonal_fisher(model, declared, data, progress=False)
+    G = GGNOperator(model, declared, data)
+    torch.testing.assert_close(F.diagonal(), G.diagonal())
