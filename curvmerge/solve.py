@@ -19,13 +19,18 @@ class CGResult:
 
     Attributes:
         x: The solution, same shape as ``b``.
-        info: 0 if every column converged; -1 on a breakdown (a product, the
-            preconditioner or a step turned NaN or Inf: NaN is never converged);
-            else the number of iterations done (``maxiter``), as scipy.
+        info: 0 if the true residual of every column meets the tolerance; -1 on a
+            breakdown (a product, the preconditioner or a step turned NaN or Inf: NaN is
+            never converged); else the number of iterations done (``maxiter``), as scipy.
         iterations: CG iterations done.
-        products: Products with ``A`` (iterations plus one for a non-zero ``x0``).
+        products: Products with ``A``: one per iteration, one for a non-zero ``x0``, and
+            the ``true_residual_checks``.
         residuals: Relative residual ``‖b − Ax‖ / ‖b‖`` (largest over columns) after each
-            iteration, starting with the initial guess.
+            iteration, starting with the initial guess. Entries come from the recurrence,
+            except where the true residual was computed; the last entry always is the
+            true residual of ``x`` (NaN if it is NaN in any column).
+        true_residual_checks: Products spent on the true residual ``b − A x``: one each
+            time the recurrence claimed convergence, and one at exit.
     """
 
     x: Tensor
@@ -33,6 +38,7 @@ class CGResult:
     iterations: int
     products: int
     residuals: list[float] = field(default_factory=list)
+    true_residual_checks: int = 0
 
     @property
     def converged(self) -> bool:
@@ -84,8 +90,8 @@ def solve_cg(
     P = B.shape[0]
     maxiter = 10 * P if maxiter is None else int(maxiter)
 
-    def finish(X, info, it, products, history):
-        return CGResult(X.squeeze(1) if vector else X, info, it, products, history)
+    def finish(X, info, it, products, checks, history):
+        return CGResult(X.squeeze(1) if vector else X, info, it, products, history, checks)
 
     bnorm = _norm(B)
     if not torch.isfinite(bnorm).all():
@@ -99,6 +105,7 @@ def solve_cg(
         return float(torch.where(broken, nan, rnorm / scale).max())
 
     products = 0
+    checks = 0
     if x0 is None:
         X = torch.zeros_like(B)
         R = B.clone()
@@ -111,20 +118,34 @@ def solve_cg(
         R = B - apply_A(X)
         products += 1
     if bool((bnorm == 0).all()):
-        return finish(torch.zeros_like(B), 0, 0, products, [0.0])
+        return finish(torch.zeros_like(B), 0, 0, products, 0, [0.0])
     rnorm = _norm(R)
     # A column breaks down when a product, the preconditioner or a step turns non-finite:
     # it stops moving (keeping its last finite iterate) and the run ends with info = -1.
     broken = ~torch.isfinite(rnorm)
     history = [relative(rnorm, broken)]
+    # R is the true residual b - A X (not the recurrence's) right after it is computed.
+    true_now = True
 
     P_dir = None
     rho_prev = None
-    it = 0
-    for it in range(maxiter + 1):  # ``it`` is the number of iterations done at exit
+    it = 0  # iterations done
+    while True:
         active = (rnorm > tol) & ~broken
         if it == maxiter or not bool(active.any()):
-            break
+            if true_now:
+                break
+            # The recurrence says done (or maxiter): check the true residual, which in low
+            # precision can stagnate far above the recursive one. One product.
+            R = B - apply_A(X)
+            products += 1
+            checks += 1
+            true_now = True
+            rnorm = _norm(R)
+            broken |= ~torch.isfinite(rnorm)
+            history[-1] = relative(rnorm, torch.zeros_like(broken))
+            P_dir = None  # restart the recurrence from the true residual: p = z
+            continue
         Z = apply_M(R) if apply_M is not None else R
         rho = _dot(R, Z)
         if P_dir is None:
@@ -152,14 +173,17 @@ def solve_cg(
         R = torch.where(step, R_new, R)
         rnorm = torch.where(step, rnorm_new, rnorm)
         rho_prev = rho
+        it += 1
+        true_now = False
         history.append(relative(rnorm, broken))
         if callback is not None:
             callback(X.squeeze(1) if vector else X)
+    # rnorm is the true residual of X here.
     if bool(broken.any()):
         info = -1
     else:
-        info = 0 if bool((rnorm <= tol).all()) else maxiter
-    return finish(X, info, it, products, history)
+        info = 0 if bool((rnorm <= tol).all()) else it
+    return finish(X, info, it, products, checks, history)
 
 
 def cg(
@@ -182,6 +206,13 @@ def cg(
     ``info < 0``); NaN is never converged. Several right-hand
     sides ``b`` of shape ``[P, K]`` are solved at once, each column with its own step
     sizes and stopping test; ``info`` is 0 only when every column converged.
+
+    The test is first made on the recursive residual; when that passes (and at exit), the
+    true residual :math:`b - A x` is computed (one product). In low precision the two can
+    differ by orders of magnitude, so a column whose true residual misses the tolerance
+    restarts from it (:math:`p = M r`) and iterates on: ``info`` is 0 only if the true
+    residual of the returned ``x`` meets the tolerance. Vectors stay in ``b``'s dtype;
+    inner products and norms are accumulated in float64.
 
     Args:
         A: A :class:`~curvmerge.LinearOperator`, a dense tensor or a callable ``X -> A X``.

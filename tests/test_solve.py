@@ -161,3 +161,48 @@ def test_a_nan_column_breaks_down_alone():
     exact = torch.linalg.solve(S, B)
     for k in (0, 2):
         assert _rel(res.x[:, k], exact[:, k]) < 1e-10
+
+
+def _ill_conditioned(n=400, seed=0):
+    """``Q diag(logspace(0, 6)) Q^T`` (condition number 1e6) in float64, a hard ``b`` (whose
+    solution is as large as ``b``, so float32 cannot get its residual below ~1e-2) and an
+    easy one (``A y``)."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    S = (Q * torch.logspace(0, 6, n, dtype=torch.float64)) @ Q.T
+    hard = torch.randn(n, generator=g, dtype=torch.float64)
+    easy = S @ torch.randn(n, generator=g, dtype=torch.float64)
+    return S, hard, easy
+
+
+def _true_rel(S, b, x):
+    """``‖b − A x‖ / ‖b‖`` per column, recomputed in float64."""
+    b = b.reshape(b.shape[0], -1)
+    r = b - S @ x.double().reshape(b.shape)
+    return r.norm(dim=0) / b.norm(dim=0)
+
+
+@pytest.mark.parametrize("rtol", [1e-2, 1e-3])
+def test_float32_never_claims_a_convergence_the_true_residual_misses(rtol):
+    S, hard, _ = _ill_conditioned()
+    res = solve_cg(S.float(), hard.float(), rtol=rtol)
+    true = float(_true_rel(S, hard, res.x).max())
+    if res.converged:
+        assert true <= rtol
+    else:
+        assert res.info == res.iterations > 0
+        assert true / 1.5 <= res.relative_residual <= 1.5 * true  # reported, not recursive
+        assert res.true_residual_checks >= 2  # a restart from the true residual was tried
+    assert res.products == res.iterations + res.true_residual_checks
+
+
+def test_float32_columns_are_checked_one_by_one():
+    S, hard, easy = _ill_conditioned()
+    B = torch.stack([easy, hard], 1)
+    res = solve_cg(S.float(), B.float(), rtol=1e-3)
+    true = _true_rel(S, B, res.x)
+    assert not res.converged
+    assert float(true[0]) <= 1e-3
+    assert true[1] / 1.5 <= res.relative_residual <= 1.5 * true[1]
+    easy_alone = solve_cg(S.float(), easy.float(), rtol=1e-4)
+    assert easy_alone.converged and float(_true_rel(S, easy, easy_alone.x)) <= 1e-4
