@@ -25,6 +25,12 @@ parameter is handled by the nearest module that holds it and was called on the b
 ``torch.func``: ``vmap`` over examples of the module's vector-Jacobian product. Parameters
 used by several calls (a layer applied twice, tied embeddings) get their per-example
 gradients summed over the calls before squaring.
+
+The batch axis of every tensor a layer sees is traced, not guessed from its shape: a probe
+run on one example records the shapes, and the batch axis is the one axis whose size
+follows the number of examples (``[T, B, D]`` in sequence-first layers, even when
+:math:`T = B`). Calls where no such axis exists (sizes that change otherwise) are handled
+by an enclosing module, or refused with the module's name.
 """
 
 from __future__ import annotations
@@ -326,19 +332,24 @@ def _tensors_of(obj) -> list[Tensor | None]:
 
 def _fallback_per_example(module, call, d_list, names, lo, hi):
     """Per-example gradients of ``module``'s own parameters ``names`` for examples
-    ``lo:hi``, by ``vmap`` over examples of a ``torch.func.vjp`` of the module."""
+    ``lo:hi``, by ``vmap`` over examples of a ``torch.func.vjp`` of the module. Every
+    batched input and output gradient is cut along its own traced batch axis, and each
+    example keeps a batch axis of size one there (the module sees its usual layout)."""
     from torch.func import functional_call, vjp, vmap
 
-    B = call.batch
     params = {n: module.get_parameter(n).detach() for n in names}
     args, kwargs = call.args, call.kwargs
     keys = [("a", i) for i in range(len(args))] + [("k", k) for k in kwargs]
     values = list(args) + list(kwargs.values())
-    flags = [isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == B for v in values]
-    batched = [v.detach()[lo:hi].unsqueeze(1) for v, f in zip(values, flags, strict=True) if f]
-    where = [i for i, f in enumerate(flags) if f]
+
+    def cut(v, axis):
+        return v.detach().narrow(axis, lo, hi - lo).unsqueeze(axis + 1)
+
+    where = [i for i, a in enumerate(call.arg_axes) if a is not None]
+    batched = [cut(values[i], call.arg_axes[i]) for i in where]
     active = [i for i, t in enumerate(call.outputs) if t is not None]
-    deltas = [d_list[i][lo:hi].unsqueeze(1) for i in active]
+    deltas = [cut(d_list[i], call.out_axes[i]) for i in active]
+    in_dims = ([call.arg_axes[i] for i in where], [call.out_axes[i] for i in active])
     consts = [v.detach() if isinstance(v, Tensor) else v for v in values]
 
     def one(bvals, bdeltas):
@@ -355,7 +366,53 @@ def _fallback_per_example(module, call, d_list, names, lo, hi):
         _, pullback = vjp(f, params)
         return pullback(tuple(bdeltas))[0]
 
-    return vmap(one)(batched, deltas)
+    return vmap(one, in_dims=in_dims)(batched, deltas)
+
+
+# --------------------------------------------------------------------------- batch axes
+def _probe_inputs(inputs, batch: int):
+    """The probe sub-batch: the first example (the first example twice when the batch has
+    one), cut from every tensor of ``inputs`` along its first axis."""
+
+    def cut(v):
+        if not isinstance(v, Tensor) or v.ndim == 0:
+            return v
+        return v[:1] if batch > 1 else torch.cat([v[:1], v[:1]])
+
+    if isinstance(inputs, Mapping):
+        return {k: cut(v) for k, v in inputs.items()}
+    return cut(inputs)
+
+
+def _shapes(args, kwargs, output) -> tuple[list, list]:
+    """Shapes of a call's inputs (positional, then keyword) and floating outputs."""
+    values = list(args) + list(kwargs.values())
+    ins = [tuple(v.shape) if isinstance(v, Tensor) else None for v in values]
+    outs = [tuple(t.shape) if t is not None else None for t in _tensors_of(output)]
+    return ins, outs
+
+
+def _trace_axis(real, probe, batch: int, size: int) -> tuple[int | None, str | None]:
+    """The batch axis of a tensor of shape ``real`` in a batch of ``batch`` examples and of
+    shape ``probe`` in the probe of ``size`` examples: the one axis of sizes ``batch`` and
+    ``size``, all others equal.
+
+    Returns ``(axis, None)``; ``(None, None)`` for equal shapes (the tensor does not depend
+    on the examples: it is broadcast); ``(None, reason)`` when no axis is the batch axis.
+    """
+    if probe is None:
+        return None, "has no counterpart in the probe run"
+    real, probe = tuple(real), tuple(probe)
+    diff = [i for i, (r, q) in enumerate(zip(real, probe, strict=False)) if r != q]
+    if len(real) == len(probe):
+        if not diff:
+            return None, None
+        if len(diff) == 1 and real[diff[0]] == batch and probe[diff[0]] == size:
+            return diff[0], None
+    return None, (
+        f"has shape {list(real)} for {batch} example(s) but {list(probe)} for {size}: "
+        "no single axis follows the number of examples"
+    )
 
 
 # --------------------------------------------------------------------------- engine
@@ -369,15 +426,86 @@ class _Call:
     outputs: list = field(default_factory=list)  # floating output tensors (or None)
     versions: list = field(default_factory=list)
     x_version: int | None = None
+    # traced batch axes (None: not batched) of ``x``, of ``args`` then ``kwargs`` values,
+    # and of ``outputs``; ``problem`` says why the call cannot give per-example gradients
+    x_axis: int | None = 0
+    arg_axes: list = field(default_factory=list)
+    out_axes: list = field(default_factory=list)
+    problem: str | None = None
 
     def is_batched(self) -> bool:
-        outs = [t for t in self.outputs if t is not None]
-        if not outs or any(t.ndim == 0 or t.shape[0] != self.batch for t in outs):
-            return False
-        if self.x is not None:
-            return self.x.ndim > 0 and self.x.shape[0] == self.batch
-        vals = list(self.args) + list(self.kwargs.values())
-        return any(isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == self.batch for v in vals)
+        return self.problem is None
+
+    def batch_first_x(self) -> Tensor:
+        """The input of a supported layer, detached, examples along the first axis."""
+        return self.x.detach().movedim(self.x_axis, 0)
+
+
+def _trace_layer(call: _Call, kind: str, outs, rec, size: int) -> bool:
+    """Trace the batch axes of a supported layer's call (``call.x`` and its one output).
+    Returns whether the call is a broadcast one with a leading axis of one (position ids
+    ``[1, T]``), to be expanded to the batch."""
+    B = call.batch
+    call.out_axes = [None] * len(outs)
+    t = outs[0] if len(outs) == 1 else None
+    if rec is None or t is None or len(rec[1]) != 1 or not rec[0]:
+        call.problem = "was not called the same way on the probe sub-batch"
+        return False
+    x_axis, why_x = _trace_axis(call.x.shape, rec[0][0], B, size)
+    o_axis, why_o = _trace_axis(t.shape, rec[1][0], B, size)
+    if why_x or why_o:
+        call.problem = f"its {'input' if why_x else 'output'} {why_x or why_o}"
+        return False
+    if x_axis is None and o_axis is None:
+        if call.x.ndim > 1 and call.x.shape[0] == 1 and t.ndim > 0 and t.shape[0] == 1:
+            call.x_axis, call.out_axes = 0, [0]
+            return True
+        call.problem = "its input and output have no batch axis (they are shared by all examples)"
+        return False
+    if x_axis is None or x_axis != o_axis:
+        call.problem = (
+            f"its input has batch axis {x_axis} but its output batch axis {o_axis}; "
+            "examples are mixed"
+        )
+        return False
+    if kind == "conv" and x_axis != 0:
+        call.problem = f"a convolution needs the batch at axis 0, not {x_axis}"
+        return False
+    call.x_axis, call.out_axes = x_axis, [o_axis]
+    return False
+
+
+def _trace_module(call: _Call, values, outs, rec, size: int) -> None:
+    """Trace the batch axes of every tensor input and floating output of a call handled by
+    the ``torch.func`` fallback."""
+    B = call.batch
+    call.arg_axes = [None] * len(values)
+    call.out_axes = [None] * len(outs)
+    if rec is None or len(rec[0]) != len(values) or len(rec[1]) != len(outs):
+        call.problem = "was not called the same way on the probe sub-batch"
+        return
+    for i, v in enumerate(values):
+        if isinstance(v, Tensor) and v.ndim > 0:
+            call.arg_axes[i], why = _trace_axis(v.shape, rec[0][i], B, size)
+            if why:
+                call.problem = f"its input {i} {why}"
+                return
+    if all(a is None for a in call.arg_axes):
+        call.problem = "none of its inputs has a batch axis"
+        return
+    if all(t is None for t in outs):
+        call.problem = "none of its outputs depends on the parameters"
+        return
+    for j, t in enumerate(outs):
+        if t is None:
+            continue
+        call.out_axes[j], why = _trace_axis(t.shape, rec[1][j], B, size)
+        if why:
+            call.problem = f"its output {j} {why}"
+            return
+        if call.out_axes[j] is None:
+            call.problem = f"its output {j} has no batch axis (it is shared by all examples)"
+            return
 
 
 def _graph_uses(root: Tensor) -> dict[int, int]:
@@ -404,9 +532,12 @@ class PerExampleSquares:
     :math:`n` and output cotangents :math:`v` for the selected parameters of a model.
 
     Usage: ``out = engine.forward(call, inputs)`` runs the model with hooks (``call`` maps a
-    batch of inputs, batch dimension first, to the output tensor), then ``engine.accumulate(out, V)``
-    for each cotangent ``V`` (same shape as ``out``; examples must not be mixed by the
-    model), then ``engine.release()``. ``engine.squares`` holds the running sums.
+    batch of inputs, batch dimension first, to the output tensor, batch dimension first),
+    then ``engine.accumulate(out, V)`` for each cotangent ``V`` (same shape as ``out``;
+    examples must not be mixed by the model), then ``engine.release()``.
+    ``engine.squares`` holds the running sums. Inside the model, any module may hold the
+    batch at another axis (sequence-first attention and recurrent layers): the axis of every
+    tensor is traced from the model input by a probe run (see :meth:`forward`).
 
     Args:
         model: The model.
@@ -449,6 +580,10 @@ class PerExampleSquares:
         self._calls: list[_Call] = []
         self._clone: set[str] = set()
         self._capturing = False
+        self._probing = False
+        self._probe: dict[str, list] = {}  # module name -> shapes of each call in the probe
+        self._probe_size = 0
+        self._seen: dict[str, int] = {}
         self._batch = 0
         self._workspace: Tensor | None = None
         self._batch_ok = True
@@ -486,22 +621,25 @@ class PerExampleSquares:
         kind = supported_layer(mod)
 
         def hook(module, args, kwargs, output):
+            if self._probing:
+                self._probe.setdefault(mname, []).append(_shapes(args, kwargs, output))
+                return None
             if not self._capturing:
                 return None
+            # the probe record of the same call (the i-th call of this module)
+            i = self._seen.get(mname, 0)
+            self._seen[mname] = i + 1
+            recs = self._probe.get(mname, [])
+            rec = recs[i] if i < len(recs) else None
             call = _Call(mname, self._batch)
+            outs = [t if t is not None and t.requires_grad else None for t in _tensors_of(output)]
             if kind is not None:
                 call.x = args[0] if args else next(iter(kwargs.values()))
                 call.x_version = call.x._version
-                B = self._batch
-                if (
-                    B > 1
-                    and isinstance(output, Tensor)
-                    and call.x.ndim > 1
-                    and call.x.shape[0] == 1
-                    and output.shape[0] == 1
-                ):
+                if _trace_layer(call, kind, outs, rec, self._probe_size):
                     # broadcast input (position ids [1, T]): give each example its own
                     # copy so that its output gradient is not summed over the batch
+                    B = self._batch
                     call.x = call.x.expand(B, *call.x.shape[1:])
                     output = output.expand(B, *output.shape[1:])
                     call.outputs = [output] if output.requires_grad else [None]
@@ -510,8 +648,9 @@ class PerExampleSquares:
                     return output
             else:
                 call.args, call.kwargs = args, dict(kwargs)
-            call.outputs = _tensors_of(output)
-            call.outputs = [t if t is not None and t.requires_grad else None for t in call.outputs]
+                values = list(args) + list(kwargs.values())
+                _trace_module(call, values, outs, rec, self._probe_size)
+            call.outputs = outs
             call.versions = [t._version if t is not None else 0 for t in call.outputs]
             self._calls.append(call)
             if mname in self._clone and isinstance(output, Tensor):
@@ -525,11 +664,30 @@ class PerExampleSquares:
     def forward(self, call, inputs) -> Tensor:
         """Run ``call(inputs)`` (the model's forward on a batch of inputs, a tensor or a dict
         of tensors with the batch dimension first) with hooks and plan how each parameter's
-        per-example gradient is obtained."""
+        per-example gradient is obtained.
+
+        The batch axis of every tensor a hooked module sees is traced, not guessed: a probe
+        run of ``call`` on the first example (twice, for a batch of one) records their
+        shapes, and a tensor's batch axis is the one axis whose size follows the number of
+        examples (a tensor of equal shapes is shared by all examples)."""
         batch = batch_size(inputs)
+        if batch == 0:
+            raise ValueError("the batch has no examples")
+        probe = _probe_inputs(inputs, batch)
+        self._probe_size = batch_size(probe)
+        self._probe = {}
+        self._probing = True
+        try:
+            # with gradients, as the batch: fused inference kernels (nn.TransformerEncoderLayer
+            # without grad) skip the submodules and would leave their calls untraced
+            with torch.enable_grad():
+                probe_shape = tuple(call(probe).shape)
+        finally:
+            self._probing = False
         for _ in range(3):
             self.release()
             self._batch = batch
+            self._seen = {}
             self._capturing = True
             try:
                 with torch.enable_grad():
@@ -548,6 +706,11 @@ class PerExampleSquares:
             if not changed - self._clone:
                 break
             self._clone |= changed  # outputs modified in place later: capture copies
+        self._probe = {}
+        axis, why = _trace_axis(out.shape, probe_shape, batch, self._probe_size)
+        if axis != 0:
+            where = why or ("has no batch axis" if axis is None else f"has it at axis {axis}")
+            raise RuntimeError(f"the model output must have the batch dimension first; it {where}")
         if not out.requires_grad:
             raise RuntimeError(
                 "the model output does not depend on the selected parameters (it does not "
@@ -579,13 +742,31 @@ class PerExampleSquares:
             # fallback: nearest ancestor (the owner itself included) called on batched inputs
             entries = self._fallback_entries(name, calls_by_module)
             if entries is None:
-                raise RuntimeError(
-                    f"parameter {name!r} is used by the forward pass, but no module holding it "
-                    "was called on inputs with the batch dimension first; its per-example "
-                    "gradients cannot be formed"
-                )
+                raise RuntimeError(self._no_batch_axis_message(name, calls_by_module))
             work[name] = entries
         self.plan = work
+
+    def _no_batch_axis_message(self, name, calls_by_module) -> str:
+        """Why no module holding parameter ``name`` gives its per-example gradients: the
+        problem of the nearest one that was called, and how to fix it."""
+        mname = self.owners[name][0][0]
+        parts = mname.split(".") if mname else []
+        detail = "no module holding it was called on the batch"
+        for k in range(len(parts), -1, -1):
+            anc = ".".join(parts[:k])
+            bad = [c for c in calls_by_module.get(anc, []) if c.problem is not None]
+            if bad:
+                mod = self.modules[anc]
+                detail = f"module {anc or '<model>'!r} ({type(mod).__name__}): {bad[0].problem}"
+                break
+        return (
+            f"parameter {name!r} is used by the forward pass, but its per-example gradients "
+            f"cannot be formed: {detail}. The batch axis of every tensor is traced from the "
+            "model input (a probe run on one example); make the model's inputs batch-first "
+            "and keep the other sizes independent of the batch (pad sequences to a fixed "
+            "length, do not flatten examples together) in the modules that hold the selected "
+            "parameters"
+        )
 
     def _fallback_entries(self, name, calls_by_module):
         mname, local = self.owners[name][0]
@@ -618,7 +799,7 @@ class PerExampleSquares:
         extra = 0
         mod = self.modules[call.module_name]
         if call.x is not None and isinstance(mod, (nn.Conv1d, nn.Conv2d)):
-            extra = 2 * call.x[0].numel()  # padded, regrouped input
+            extra = 2 * call.x.numel() // call.batch  # padded, regrouped input
         per = max(1, (2 * numel + extra) * itemsize)
         return max(1, min(call.batch, self.memory_budget // per))
 
@@ -626,7 +807,7 @@ class PerExampleSquares:
         mod = self.modules[call.module_name]
         kind = supported_layer(mod) if call.x is not None else None
         if kind is not None:
-            return _PER_EXAMPLE[kind](mod, call.x[lo:hi].detach(), deltas[0][lo:hi], locals_)
+            return _PER_EXAMPLE[kind](mod, call.x[lo:hi], deltas[0][lo:hi], locals_)
         return _fallback_per_example(mod, call, deltas, locals_, lo, hi)
 
     def can_batch_columns(self) -> bool:
@@ -685,29 +866,29 @@ class PerExampleSquares:
         deltas: list[list] = [[None] * len(c.outputs) for c in calls]
         for (i, j, _t), g in zip(flat, grads, strict=True):
             g = g.detach()
-            deltas[i][j] = g.reshape(-1, *g.shape[2:]) if columns is not None else g
-        if columns is not None:
-            # the K cotangents become K copies of each example
-            multi_ids = {
-                id(c) for entries in self.plan.values() if len(entries) > 1 for c, _ in entries
-            }
+            if calls[i].x is not None:  # supported layers: examples along the first axis
+                axis = calls[i].out_axes[j]
+                if columns is not None:  # the K cotangents become K copies of each example
+                    g = g.movedim(axis + 1, 1)
+                    g = g.reshape(-1, *g.shape[2:])
+                else:
+                    g = g.movedim(axis, 0)
+            deltas[i][j] = g
+        multi_ids = {
+            id(c) for entries in self.plan.values() if len(entries) > 1 for c, _ in entries
+        }
 
-            def proxy(c):
-                if c.x is None:
-                    return c
-                x = c.x
-                if (
-                    id(c) in multi_ids
-                    or supported_layer(self.modules[c.module_name]) not in _SQ_INTO
-                ):
-                    x = x.repeat(K, *[1] * (x.ndim - 1))
-                return _Call(c.module_name, c.batch * K, x=x, outputs=c.outputs)
+        def batch_first(c):
+            if c.x is None:
+                return c
+            x = c.batch_first_x()
+            if columns is not None and (
+                id(c) in multi_ids or supported_layer(self.modules[c.module_name]) not in _SQ_INTO
+            ):
+                x = x.repeat(K, *[1] * (x.ndim - 1))
+            return _Call(c.module_name, c.batch * K, x=x)
 
-            calls = [proxy(c) for c in calls]
-        for c, ds in zip(calls, deltas, strict=True):
-            for j, t in enumerate(c.outputs):
-                if t is not None and ds[j] is None:
-                    ds[j] = torch.zeros_like(t)
+        calls = [batch_first(c) for c in calls]
 
         # group: single-use parameters of one call are handled together
         single: dict[int, list[tuple[str, str]]] = {}
@@ -726,7 +907,7 @@ class PerExampleSquares:
                 kind = supported_layer(mod) if call.x is not None else None
                 if kind in _SQ_INTO:
                     accs = {loc: self.squares[name] for name, loc in pairs}
-                    x = call.x.detach()[: call.batch // K]  # the un-repeated inputs
+                    x = call.x[: call.batch // K]  # the un-repeated inputs
                     _SQ_INTO[kind](self, mod, x, ds[0], accs, scale, reps=K)
                     continue
                 res = self._sq_by_chunks([(call, ds, loc) for loc in locals_], locals_)

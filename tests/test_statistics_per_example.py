@@ -1,0 +1,172 @@
+"""The per-example squared-gradient engine against per-example loops (one example at a time
+through the whole model): sequence-first layouts, retries of batched accumulation, and
+low-precision models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from curvmerge.fisher import diagonal_fisher
+from curvmerge.statistics.per_example import PerExampleSquares
+from tests.fisher_cases import brute_force
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def one_at_a_time(model, loss_fn, data, kind):
+    """The per-example loop: every example alone through the whole model, its loss term's
+    gradient squared (``brute_force`` on batches of one example; the mean reduction divides
+    by the number of loss terms of the whole data)."""
+    single = [(x[n : n + 1], y[n : n + 1]) for x, y in data for n in range(len(y))]
+    return brute_force(model, loss_fn, single, kind)
+
+
+# --------------------------------------------------------------------------- layouts
+class SeqFirstAttention(nn.Module):
+    """``nn.MultiheadAttention(batch_first=False)`` on inputs transposed inside the model; its
+    key padding mask stays batch-first (one module, two batch axes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(3, 8)
+        self.mha = nn.MultiheadAttention(8, 2)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        mask = x[..., 0] > 1.2  # [B, T]
+        mask[:, 0] = False
+        h = self.emb(x).transpose(0, 1)  # [T, B, 8]
+        h, _ = self.mha(h, h, h, key_padding_mask=mask, need_weights=False)
+        return self.head(h.mean(0))
+
+
+class SeqFirstEncoder(nn.Module):
+    """``nn.TransformerEncoderLayer(batch_first=False)``: its Linear and LayerNorm layers see
+    ``[T, B, D]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(3, 8)
+        self.layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.layer(self.emb(x).transpose(0, 1))
+        return self.head(h.mean(0))
+
+
+class SeqFirstLinear(nn.Module):
+    """A Linear applied to ``[T, B, D]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x.transpose(0, 1)))
+        return self.head(h.sum(0))
+
+
+LAYOUTS = {
+    "mha_seq_first": SeqFirstAttention,
+    "encoder_layer_seq_first": SeqFirstEncoder,
+    "linear_seq_first": SeqFirstLinear,
+}
+
+
+def _layout_data(T, Bs, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(B, T, 3, generator=g, dtype=torch.float64),
+            torch.randint(0, 3, (B,), generator=g),
+        )
+        for B in Bs
+    ]
+
+
+@pytest.mark.parametrize("kind", ["exact", "empirical"])
+@pytest.mark.parametrize("T", [4, 3], ids=["T_eq_B", "T_ne_B"])
+@pytest.mark.parametrize("case", list(LAYOUTS))
+def test_sequence_first_layouts_match_per_example_loop(case, T, kind):
+    """Batches of 4 examples with T == 4 (positions must not be taken as examples) or T == 3,
+    and a batch of one example (the probe then duplicates it)."""
+    torch.manual_seed(0)
+    model = LAYOUTS[case]().double().eval()
+    data = _layout_data(T, (4, 4, 1))
+    loss = nn.CrossEntropyLoss()
+    F = diagonal_fisher(model, loss, data, kind=kind, progress=False)
+    ref = one_at_a_time(model, loss, data, kind)
+    assert ref.abs().max() > 0
+    assert rel_err(F.diagonal(), ref) < 1e-8
+
+
+def _engine_plan(model, names, x):
+    with PerExampleSquares(model, names) as engine:
+        engine.forward(model, x)
+        return {n: sorted({c.module_name for c, _ in e}) for n, e in engine.plan.items()}
+
+
+def test_sequence_first_layers_use_their_closed_forms():
+    """Linear and LayerNorm layers on ``[T, B, D]`` keep their closed forms (no fallback to
+    the whole model); attention is vmapped along its own batch axis."""
+    torch.manual_seed(0)
+    model = SeqFirstEncoder().double().eval()
+    names = ["layer.linear1.weight", "layer.norm2.bias", "layer.self_attn.out_proj.weight"]
+    plan = _engine_plan(model, names, _layout_data(4, (4,))[0][0])
+    assert plan == {
+        "layer.linear1.weight": ["layer.linear1"],
+        "layer.norm2.bias": ["layer.norm2"],
+        "layer.self_attn.out_proj.weight": ["layer.self_attn"],
+    }
+
+
+class BatchLastConv(nn.Module):
+    """A Conv1d of kernel size one applied along the examples (``[C, B]``, unbatched)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 2, 1)
+        self.head = nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x.mean(1).T)).T)
+
+
+def test_convolution_needs_batch_at_axis_zero():
+    torch.manual_seed(0)
+    model = BatchLastConv().double().eval()
+    data = _layout_data(4, (4, 1))
+    assert _engine_plan(model, ["conv.weight"], data[0][0]) == {"conv.weight": [""]}
+    F = diagonal_fisher(model, "cross_entropy", data, kind="empirical", progress=False)
+    ref = one_at_a_time(model, nn.CrossEntropyLoss(), data, "empirical")
+    assert rel_err(F.diagonal(), ref) < 1e-8
+
+
+def test_untraceable_batch_axis_raises_naming_the_module():
+    """Examples flattened together (``[B * T, D]``) with no enclosing module called on the
+    batch: refused, naming the module and the fix."""
+    torch.manual_seed(0)
+    model = SeqFirstLinear().double()
+    x = _layout_data(4, (4,))[0][0]
+
+    def call(x):
+        return model.lin(x.reshape(-1, 3)).view(x.shape[0], -1, 5).sum(1)
+
+    with PerExampleSquares(model, ["lin.weight"]) as engine:
+        with pytest.raises(RuntimeError, match=r"'lin' \(Linear\).*batch-first"):
+            engine.forward(call, x)
+
+
+def test_output_must_be_batch_first():
+    torch.manual_seed(0)
+    model = SeqFirstLinear().double()
+    x = _layout_data(3, (4,))[0][0]
+    with PerExampleSquares(model, ["lin.weight"]) as engine:
+        with pytest.raises(RuntimeError, match="model output must have the batch dimension first"):
+            engine.forward(lambda x: model.lin(x.transpose(0, 1)), x)
