@@ -151,3 +151,20 @@ def test_block_diagonal_matches_dense():
     assert_matches_dense(partial, expected)
     with pytest.raises(SpaceMismatchError, match="'p1' is in block 0 and block 1"):
         BlockDiagonalOperator(SPACE, [blocks[1], blocks[1]])
+
+
+def test_sum_of_operators_starts_from_zero_and_keeps_structure():
+    cases = _cases()
+    (D1, d1), (D2, d2) = cases["diagonal"], cases["diag + diag"]
+    (I, eye), (dA, A) = cases["identity"], cases["dense"]
+    assert 0 + D1 is D1 and D1 + 0 is D1 and D1 - 0 is D1
+    assert type(sum([D1, D2])) is DiagonalOperator
+    assert type(sum([I, I])) is IdentityOperator
+    assert_matches_dense(sum([D1, D2]), d1 + d2)
+    assert_matches_dense(sum([D1, I, dA]), d1 + eye + A)
+    assert_matches_dense(sum([dA, D1], start=I), eye + A + d1)
+    assert_matches_dense(0 - dA, -A)
+    with pytest.raises(TypeError):
+        1 + D1
+    with pytest.raises(TypeError):
+        D1 + 1.0

@@ -5,6 +5,9 @@ Conventions follow :class:`scipy.sparse.linalg.LinearOperator`: an operator has 
 hooks, ``_matmat`` (``[P, K] -> [P, K]``) and ``_adjoint``; a class that sets
 ``SELF_ADJOINT = True`` needs only ``_matmat``.
 
+Operators form a vector space: ``A + B``, ``A - B``, ``c * A``, ``A / c``, and ``0 + A``
+is ``A`` (so ``sum(operators)`` works); structured operators keep their type.
+
 ``A @ x`` accepts a flat vector ``[P]``, a matrix ``[P, K]`` or a parameter dict and
 returns the same format. Inputs are moved to the operator's device and dtype.
 """
@@ -46,6 +49,11 @@ def _is_scalar(x) -> bool:
     if isinstance(x, numbers.Number):
         return True
     return isinstance(x, Tensor) and x.ndim == 0
+
+
+def _is_zero(x) -> bool:
+    """The scalar 0 (``sum`` starts from it): the neutral element of operator addition."""
+    return _is_scalar(x) and bool(x == 0)
 
 
 def probe_diagonal(A: LinearOperator, block: int = 256) -> Tensor:
@@ -150,15 +158,27 @@ class LinearOperator:
         self.space.check_same(other.space, what="operand of the operator sum")
 
     def __add__(self, other):
+        if _is_zero(other):
+            return self
         if not isinstance(other, LinearOperator):
             return NotImplemented
         self._check_compatible(other)
         return SumOperator([self, other])
 
+    def __radd__(self, other):
+        # ``0 + A`` (``sum`` starts from 0) and operators whose ``__add__`` declined:
+        # addition commutes, so ``self.__add__`` keeps the structured types' closure.
+        return self.__add__(other)
+
     def __sub__(self, other):
+        if _is_zero(other):
+            return self
         if not isinstance(other, LinearOperator):
             return NotImplemented
         return self + (-1.0) * other
+
+    def __rsub__(self, other):
+        return (-self).__add__(other)
 
     def __neg__(self):
         return (-1.0) * self
