@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from curvmerge.fisher import diagonal_fisher
+from curvmerge.statistics import per_example
 from curvmerge.statistics.per_example import PerExampleSquares
-from tests.fisher_cases import brute_force
+from tests.fisher_cases import brute_force, mlp_plain, tensor_batches
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -170,3 +171,49 @@ def test_output_must_be_batch_first():
     with PerExampleSquares(model, ["lin.weight"]) as engine:
         with pytest.raises(RuntimeError, match="model output must have the batch dimension first"):
             engine.forward(lambda x: model.lin(x.transpose(0, 1)), x)
+
+
+# --------------------------------------------------------------------------- retries
+def test_failed_batched_accumulation_never_counts_twice(monkeypatch):
+    """A RuntimeError inside batched accumulation after a first layer has added its squares:
+    it propagates, or the result equals the per-example loop; never a layer counted twice."""
+    model = mlp_plain().double().eval()
+    data = tensor_batches((5,), n_batches=1, B=6)
+    ref = one_at_a_time(model, nn.CrossEntropyLoss(), data, "exact")
+    original = per_example._SQ_INTO["linear"]
+    batched = []
+
+    def flaky(engine, module, x, d, accs, scale, reps=1):
+        if reps > 1 and batched:
+            raise RuntimeError("injected failure")
+        original(engine, module, x, d, accs, scale, reps=reps)
+        batched.append(reps > 1)
+
+    monkeypatch.setitem(per_example._SQ_INTO, "linear", flaky)
+    try:
+        F = diagonal_fisher(model, "cross_entropy", data, kind="exact", progress=False)
+    except RuntimeError as exc:
+        assert "injected failure" in str(exc)
+    else:
+        assert rel_err(F.diagonal(), ref) < 1e-8
+    assert batched[0]  # the first layer did accumulate in the batched attempt
+
+
+def test_batched_backward_without_batching_rule_falls_back(monkeypatch):
+    """The shared (vmapped) backward pass failing: one cotangent at a time, same result."""
+    model = mlp_plain().double().eval()
+    data = tensor_batches((5,), n_batches=2, B=6)
+    ref = one_at_a_time(model, nn.CrossEntropyLoss(), data, "exact")
+    grad = torch.autograd.grad
+    refused = []
+
+    def no_batching_rule(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            refused.append(True)
+            raise RuntimeError("no batching rule")
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_batching_rule)
+    F = diagonal_fisher(model, "cross_entropy", data, kind="exact", progress=False)
+    assert refused
+    assert rel_err(F.diagonal(), ref) < 1e-8

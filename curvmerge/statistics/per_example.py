@@ -835,36 +835,46 @@ class PerExampleSquares:
         """Add :math:`\\text{scale} \\sum_n (\\nabla_\\theta v_n^\\top f_n)^{\\odot 2}` for
         the cotangent ``v`` (``cotangent``, shaped as ``out``); with ``columns=K``,
         ``cotangent`` stacks K cotangents ``[K, *out.shape]`` that share one vmapped backward
-        pass (``torch.autograd.grad(..., is_grads_batched=True)``)."""
+        pass (``torch.autograd.grad(..., is_grads_batched=True)``). When that pass fails (an
+        operation without a batching rule), the K cotangents are taken one at a time; errors
+        while the squares are added propagate (a retry could count a layer twice)."""
         if columns is not None:
             try:
-                self._accumulate(out, cotangent, scale, columns)
-                return
+                calls, grads = self._output_grads(out, cotangent, columns)
             except RuntimeError:
-                self._batch_ok = False  # an operation without a batching rule: one at a time
-            for k in range(columns):
-                self._accumulate(out, cotangent[k], scale, None)
+                # an operation without a batching rule: one cotangent at a time. Only the
+                # shared backward pass falls back; nothing has been added to the squares yet
+                self._batch_ok = False
+                for k in range(columns):
+                    self._add_squares(*self._output_grads(out, cotangent[k], None), scale, None)
+                return
+            self._add_squares(calls, grads, scale, columns)
             return
-        self._accumulate(out, cotangent, scale, None)
+        self._add_squares(*self._output_grads(out, cotangent, None), scale, None)
 
-    def _accumulate(self, out, cotangent, scale, columns):
+    def _output_grads(self, out, cotangent, columns):
+        """The planned calls and the gradients of their outputs (one backward pass)."""
         calls = list(dict.fromkeys(c for entries in self.plan.values() for c, _ in entries))
-        index = {id(c): i for i, c in enumerate(calls)}
-        flat = [
-            (i, j, t) for i, c in enumerate(calls) for j, t in enumerate(c.outputs) if t is not None
-        ]
+        flat = [t for c in calls for t in c.outputs if t is not None]
         grads = torch.autograd.grad(
             out,
-            [t for _, _, t in flat],
+            flat,
             cotangent,
             retain_graph=True,
             allow_unused=True,
             materialize_grads=True,
             is_grads_batched=columns is not None,
         )
+        return calls, grads
+
+    def _add_squares(self, calls, grads, scale, columns):
+        index = {id(c): i for i, c in enumerate(calls)}
+        flat = [
+            (i, j) for i, c in enumerate(calls) for j, t in enumerate(c.outputs) if t is not None
+        ]
         K = columns or 1
         deltas: list[list] = [[None] * len(c.outputs) for c in calls]
-        for (i, j, _t), g in zip(flat, grads, strict=True):
+        for (i, j), g in zip(flat, grads, strict=True):
             g = g.detach()
             if calls[i].x is not None:  # supported layers: examples along the first axis
                 axis = calls[i].out_axes[j]
