@@ -168,3 +168,26 @@ def test_sum_of_operators_starts_from_zero_and_keeps_structure():
         1 + D1
     with pytest.raises(TypeError):
         D1 + 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_to_scipy_of_half_precision_operators_works_through_float32(dtype):
+    S = random_spd(P, seed=16)
+    op = DenseOperator(SPACE, S.to(dtype), self_adjoint=True)
+    dense = S.to(dtype).double()  # the operator's own (rounded) matrix
+    sp = op.to_scipy()
+    assert sp.dtype == np.float32
+    x = np.random.default_rng(1).standard_normal(P)
+    X = np.random.default_rng(2).standard_normal((P, 3)).astype(np.float32)
+    eps = torch.finfo(dtype).eps
+    for got, want in [
+        (sp @ x, dense.numpy() @ x),
+        (sp.matmat(X), dense.numpy() @ X),
+        (sp.rmatvec(x), dense.numpy().T @ x),
+    ]:
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=0, atol=20 * eps * np.abs(want).max())
+    y, info = spla.cg(sp, x, rtol=1e-2)
+    assert info == 0
+    np.testing.assert_allclose(y, np.linalg.solve(dense.numpy(), x), atol=0.1)
+    assert op.to_scipy(dtype=np.float64).matvec(x).dtype == np.float64

@@ -45,6 +45,16 @@ _TORCH_TO_NUMPY = {
 }
 
 
+def _scipy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The numpy dtype scipy sees for an operator of ``dtype``: half precisions (which
+    numpy lacks or scipy's solvers refuse) are computed in torch and seen as float32."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return np.dtype(np.float32)
+    if dtype not in _TORCH_TO_NUMPY:
+        raise TypeError(f"to_scipy: no numpy dtype for an operator of dtype {dtype}")
+    return np.dtype(_TORCH_TO_NUMPY[dtype])
+
+
 def _is_scalar(x) -> bool:
     if isinstance(x, numbers.Number):
         return True
@@ -242,16 +252,21 @@ class LinearOperator:
     def to_scipy(self, dtype: np.dtype | type | None = None):
         """A :class:`scipy.sparse.linalg.LinearOperator` view (numpy in, numpy out).
 
+        Products are computed in torch in the operator's dtype; inputs are cast to it and
+        results to ``dtype``.
+
         Args:
-            dtype: The numpy dtype scipy sees; defaults to the operator's dtype.
+            dtype: The numpy dtype scipy sees; defaults to the operator's dtype, or float32
+                for bfloat16 and float16 operators.
         """
         from scipy.sparse.linalg import LinearOperator as ScipyLinearOperator
 
-        np_dtype = np.dtype(dtype if dtype is not None else _TORCH_TO_NUMPY[self.dtype])
+        np_dtype = np.dtype(dtype) if dtype is not None else _scipy_dtype(self.dtype)
+        out_dtype = torch.from_numpy(np.zeros(0, dtype=np_dtype)).dtype
 
         def apply(op, x):
             X = torch.as_tensor(np.ascontiguousarray(x)).to(self.device, self.dtype)
-            return (op @ X).detach().cpu().numpy().astype(np_dtype, copy=False)
+            return (op @ X).detach().to(device="cpu", dtype=out_dtype).numpy()
 
         adj = self.adjoint()
         return ScipyLinearOperator(
