@@ -38,6 +38,9 @@ def assert_matches_dense(op: LinearOperator, dense: torch.Tensor, rtol: float = 
     out = op @ op.space.unflatten(x)
     assert isinstance(out, dict) and list(out) == list(op.space.names)
     close(op.space.flatten(out), dense @ x)
+    x32 = x.float()  # a dict in another dtype goes the way of a tensor in that dtype
+    out32 = op @ op.space.unflatten(x32)
+    torch.testing.assert_close(op.space.flatten(out32), op @ x32, rtol=0, atol=0)
     close(op.adjoint() @ X, dense.T @ X)
     close(op.to_dense(), dense)
     close(op.diagonal(), dense.diagonal())

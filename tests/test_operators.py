@@ -191,3 +191,28 @@ def test_to_scipy_of_half_precision_operators_works_through_float32(dtype):
     assert info == 0
     np.testing.assert_allclose(y, np.linalg.solve(dense.numpy(), x), atol=0.1)
     assert op.to_scipy(dtype=np.float64).matvec(x).dtype == np.float64
+
+
+@pytest.mark.parametrize("op_dtype", [torch.float64, torch.float32])
+def test_dict_inputs_are_cast_like_tensor_inputs(op_dtype):
+    from curvmerge import ParamSpace
+
+    # The space records float32 parameters (as ParamSpace.of(model) does).
+    typed = ParamSpace(SPACE.names, SPACE.shapes, (torch.float32,) * len(SPACE.names))
+    S = random_spd(P, seed=17)
+    op = DenseOperator(typed, S.to(op_dtype), self_adjoint=True)
+    dense = S.to(op_dtype).double()
+    x = torch.randn(P, generator=torch.Generator().manual_seed(18), dtype=torch.float64)
+    dicts = {dtype: SPACE.unflatten(x.to(dtype)) for dtype in (torch.float64, torch.bfloat16)}
+    dicts["mixed"] = {
+        n: t.to(torch.float64 if i % 2 else torch.float32)
+        for i, (n, t) in enumerate(SPACE.unflatten(x).items())
+    }
+    tol = 1e-12 if op_dtype == torch.float64 else 1e-5
+    for d in dicts.values():
+        vec = SPACE.flatten(d)  # the input as a tensor (mixed dtypes promote to float64)
+        got = op @ d
+        assert {v.dtype for v in got.values()} == {(op @ vec).dtype} == {op_dtype}
+        torch.testing.assert_close(SPACE.flatten(got), op @ vec, rtol=0, atol=0)
+        want = dense @ vec.double()
+        assert float((SPACE.flatten(got).double() - want).norm() / want.norm()) < tol

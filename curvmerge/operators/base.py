@@ -9,7 +9,8 @@ Operators form a vector space: ``A + B``, ``A - B``, ``c * A``, ``A / c``, and `
 is ``A`` (so ``sum(operators)`` works); structured operators keep their type.
 
 ``A @ x`` accepts a flat vector ``[P]``, a matrix ``[P, K]`` or a parameter dict and
-returns the same format. Inputs are moved to the operator's device and dtype.
+returns the same format. Inputs (every tensor of a dict) are moved to the operator's
+device and dtype, and results come back in the operator's dtype.
 """
 
 from __future__ import annotations
@@ -144,21 +145,33 @@ class LinearOperator:
             raise ValueError(f"matvec expects a vector [P], got shape {tuple(x.shape)}")
         return self._matmat(x.unsqueeze(1)).squeeze(1)
 
+    def _flatten(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        """A parameter dict as a flat vector on the operator's device and dtype. Names and
+        shapes are checked; dtypes are not (inputs are cast, as tensors are)."""
+        ParamSpace(self.space.names, self.space.shapes).check(tensors)
+        parts = [tensors[n].reshape(-1) for n in self.space.names]
+        if not parts:
+            return torch.zeros(0, device=self.device, dtype=self.dtype)
+        return torch.cat([t.to(device=self.device, dtype=self.dtype) for t in parts])
+
+    def _apply(self, X: Tensor) -> Tensor:
+        """``A @ X`` for ``[P]`` or ``[P, K]``: the one path every input takes."""
+        X = self._prepare(X)
+        if X.ndim == 1:
+            return self._matmat(X.unsqueeze(1)).squeeze(1)
+        return self._matmat(X)
+
     def __matmul__(self, other):
         if isinstance(other, LinearOperator):
             return ProductOperator(self, other)
         if isinstance(other, Mapping):
-            x = self.space.flatten(other).to(device=self.device, dtype=self.dtype)
-            y = self.matvec(x)
+            y = self._apply(self._flatten(other))
             return {k: v.clone() for k, v in self.space.unflatten(y).items()}
         if isinstance(other, np.ndarray):
             raise TypeError(
                 "curvmerge operators take torch tensors; use A.to_scipy() for numpy arrays"
             )
-        X = self._prepare(other)
-        if X.ndim == 1:
-            return self._matmat(X.unsqueeze(1)).squeeze(1)
-        return self._matmat(X)
+        return self._apply(other)
 
     def __call__(self, x):
         return self @ x
