@@ -4,6 +4,8 @@ low-precision models."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -217,3 +219,29 @@ def test_batched_backward_without_batching_rule_falls_back(monkeypatch):
     F = diagonal_fisher(model, "cross_entropy", data, kind="exact", progress=False)
     assert refused
     assert rel_err(F.diagonal(), ref) < 1e-8
+
+
+# --------------------------------------------------------------------------- precision
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_models_accumulate_in_float32(dtype):
+    """4096 examples of small gradients in 1024 batches: sums in bfloat16 stop taking
+    increments once they are about 2^9 times larger, squares in float16 underflow to zero.
+    The statistics are summed in float32 and match a float64 copy of the same weights (on
+    the same rounded inputs) to the model's forward precision, entry by entry."""
+    torch.manual_seed(0)
+    low = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)).to(dtype).eval()
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(4096, 6, generator=g) * 3e-4).to(dtype)
+    y = torch.randint(0, 3, (4096,), generator=g)
+    data = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 4096, 4)]
+    F = diagonal_fisher(low, "cross_entropy", data, kind="empirical", progress=False)
+    high = copy.deepcopy(low).double()
+    ref = diagonal_fisher(
+        high, "cross_entropy", [(x.double(), y)], kind="empirical", progress=False
+    ).diagonal()
+    assert F.dtype == torch.float32
+    d = F.diagonal().double()
+    assert ref.min() > 0 and not (d == 0).any()
+    assert float(((d - ref).abs() / ref).max()) < 5e-2
+    with PerExampleSquares(low, ["0.weight", "2.bias"]) as engine:
+        assert {s.dtype for s in engine.squares.values()} == {torch.float32}

@@ -535,7 +535,8 @@ class PerExampleSquares:
     batch of inputs, batch dimension first, to the output tensor, batch dimension first),
     then ``engine.accumulate(out, V)`` for each cotangent ``V`` (same shape as ``out``;
     examples must not be mixed by the model), then ``engine.release()``.
-    ``engine.squares`` holds the running sums. Inside the model, any module may hold the
+    ``engine.squares`` holds the running sums, in the parameter dtype promoted to at least
+    float32 (bfloat16 and float16 sums lose increments). Inside the model, any module may hold the
     batch at another axis (sequence-first attention and recurrent layers): the axis of every
     tensor is traced from the model input by a probe run (see :meth:`forward`).
 
@@ -556,8 +557,14 @@ class PerExampleSquares:
         self.memory_budget = int(memory_budget)
         all_params = dict(model.named_parameters(remove_duplicate=False))
         self.params = {n: all_params[n] for n in self.names}
+        # statistics accumulate in at least float32 whatever the model dtype: summed in
+        # bfloat16 they stop taking increments, squared in float16 they underflow
         self.squares = {
-            n: torch.zeros_like(p, memory_format=torch.contiguous_format)
+            n: torch.zeros_like(
+                p,
+                dtype=torch.promote_types(p.dtype, torch.float32),
+                memory_format=torch.contiguous_format,
+            )
             for n, p in self.params.items()
         }
         modules = dict(model.named_modules(remove_duplicate=False))
@@ -824,9 +831,9 @@ class PerExampleSquares:
         for c in calls:
             for t in c.outputs:
                 if t is not None:
-                    per += 3 * t.numel() * t.element_size()
+                    per += 3 * t.numel() * max(4, t.element_size())  # summed in >= float32
             if c.x is not None:
-                per += c.x.numel() * c.x.element_size()
+                per += c.x.numel() * max(4, c.x.element_size())
         return max(1, self.memory_budget // max(1, per))
 
     def accumulate(
@@ -873,16 +880,23 @@ class PerExampleSquares:
             (i, j) for i, c in enumerate(calls) for j, t in enumerate(c.outputs) if t is not None
         ]
         K = columns or 1
+        # the dtype of the sums each call adds to (at least float32): supported layers get
+        # their inputs and output gradients in it, others their per-example gradients
+        acc_dtype: dict[int, torch.dtype] = {}
+        for name, entries in self.plan.items():
+            for c, _ in entries:
+                dt = self.squares[name].dtype
+                acc_dtype[id(c)] = torch.promote_types(acc_dtype.get(id(c), dt), dt)
         deltas: list[list] = [[None] * len(c.outputs) for c in calls]
         for (i, j), g in zip(flat, grads, strict=True):
             g = g.detach()
             if calls[i].x is not None:  # supported layers: examples along the first axis
                 axis = calls[i].out_axes[j]
                 if columns is not None:  # the K cotangents become K copies of each example
-                    g = g.movedim(axis + 1, 1)
+                    g = g.movedim(axis + 1, 1).to(acc_dtype[id(calls[i])])
                     g = g.reshape(-1, *g.shape[2:])
                 else:
-                    g = g.movedim(axis, 0)
+                    g = g.movedim(axis, 0).to(acc_dtype[id(calls[i])])
             deltas[i][j] = g
         multi_ids = {
             id(c) for entries in self.plan.values() if len(entries) > 1 for c, _ in entries
@@ -892,12 +906,15 @@ class PerExampleSquares:
             if c.x is None:
                 return c
             x = c.batch_first_x()
+            if x.is_floating_point():
+                x = x.to(acc_dtype[id(c)])
             if columns is not None and (
                 id(c) in multi_ids or supported_layer(self.modules[c.module_name]) not in _SQ_INTO
             ):
                 x = x.repeat(K, *[1] * (x.ndim - 1))
             return _Call(c.module_name, c.batch * K, x=x)
 
+        dtypes = [acc_dtype[id(c)] for c in calls]
         calls = [batch_first(c) for c in calls]
 
         # group: single-use parameters of one call are handled together
@@ -920,7 +937,8 @@ class PerExampleSquares:
                     x = call.x[: call.batch // K]  # the un-repeated inputs
                     _SQ_INTO[kind](self, mod, x, ds[0], accs, scale, reps=K)
                     continue
-                res = self._sq_by_chunks([(call, ds, loc) for loc in locals_], locals_)
+                items = [(call, ds, loc) for loc in locals_]
+                res = self._sq_by_chunks(items, locals_, dtypes[i])
                 for name, loc in pairs:
                     self.squares[name].add_(res[loc].reshape(self.squares[name].shape), alpha=scale)
             for name, entries in multi:
@@ -929,25 +947,24 @@ class PerExampleSquares:
                     i = index[id(c)]
                     ds = [d for d in deltas[i] if d is not None] if c.x is not None else deltas[i]
                     items.append((calls[i], ds, loc))
-                res = self._sq_by_chunks(items, None)
+                res = self._sq_by_chunks(items, None, self.squares[name].dtype)
                 self.squares[name].add_(res.reshape(self.squares[name].shape), alpha=scale)
 
-    def _sq_by_chunks(self, items, locals_):
-        """Sum of squares of per-example gradients. ``locals_`` given: ``items`` are
-        ``(call, deltas, local)`` of one call, result per local name. Else: the items are
-        the uses of one parameter, summed per example before squaring."""
+    def _sq_by_chunks(self, items, locals_, dtype):
+        """Sum of squares of per-example gradients, in ``dtype``. ``locals_`` given:
+        ``items`` are ``(call, deltas, local)`` of one call, result per local name. Else: the
+        items are the uses of one parameter, summed per example before squaring."""
         call0 = items[0][0]
         B = call0.batch
-        p0 = self.modules[call0.module_name].get_parameter(items[0][2])
         numel = sum(self.modules[c.module_name].get_parameter(loc).numel() for c, _, loc in items)
-        chunk = self._chunk(call0, numel * (1 if locals_ is not None else 2), p0.element_size())
+        chunk = self._chunk(call0, numel * (1 if locals_ is not None else 2), dtype.itemsize)
         if locals_ is not None:
             total = {}
             for lo in range(0, B, chunk):
                 hi = min(B, lo + chunk)
                 g = self._per_example(call0, items[0][1], locals_, lo, hi)
                 for loc in locals_:
-                    s = g[loc].square().sum(0)
+                    s = g[loc].to(dtype).square().sum(0)
                     total[loc] = s if loc not in total else total[loc] + s
             return total
         total = None
@@ -955,7 +972,7 @@ class PerExampleSquares:
             hi = min(B, lo + chunk)
             g = None
             for c, ds, loc in items:
-                gi = self._per_example(c, ds, [loc], lo, hi)[loc]
+                gi = self._per_example(c, ds, [loc], lo, hi)[loc].to(dtype)
                 g = gi if g is None else g + gi
             s = g.square().sum(0)
             total = s if total is None else total + s
