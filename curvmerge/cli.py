@@ -42,6 +42,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from curvmerge.merging.system import DEFAULT_DAMPING
+
 __all__ = ["main", "build_parser", "CLIError"]
 
 PROG = "curvmerge"
@@ -314,7 +316,7 @@ def _parse_options(items: Sequence[str] | None) -> dict[str, Any]:
 
 
 def _check_weights(weights, n: int, where: str) -> list[float] | None:
-    from curvmerge.merging.equation import check_weights
+    from curvmerge.merging.system import check_weights
 
     if weights is None:
         return None
@@ -453,6 +455,7 @@ def _merge_settings(args) -> dict[str, Any]:
             "method",
             "weights",
             "damping",
+            "damping_scale",
             "prior",
             "params",
             "output",
@@ -485,6 +488,7 @@ def _merge_settings(args) -> dict[str, Any]:
         "method": args.method,
         "weights": args.weights,
         "damping": args.damping,
+        "damping_scale": args.damping_scale,
         "prior": args.prior,
         "params": args.params,
         "output": str(args.output) if args.output else None,
@@ -513,7 +517,24 @@ def _merge_settings(args) -> dict[str, Any]:
         if not (math.isfinite(d) and d >= 0):
             raise CLIError(f"{where}: damping must be finite and >= 0, got {d:g}")
         cfg["damping"] = d
+    if cfg.get("damping_scale") is not None:
+        cfg["damping_scale"] = _damping_scale(cfg["damping_scale"], where)
     return cfg
+
+
+def _damping_scale(value, where: str) -> str | float:
+    """``auto`` or a positive number (the scale that multiplies the damping)."""
+    from curvmerge.merging.system import check_damping_scale
+
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        scale = check_damping_scale(float(value))
+    except (TypeError, ValueError):
+        raise CLIError(
+            f"{where}: damping_scale must be 'auto' or a positive number, got {value!r}"
+        ) from None
+    return scale
 
 
 def cmd_merge(args) -> int:
@@ -536,6 +557,8 @@ def cmd_merge(args) -> int:
         options["damping"] = cfg["damping"]
     if cfg.get("prior") is not None:
         options["prior"] = cfg["prior"]
+    if cfg.get("damping_scale") is not None:
+        options["damping_scale"] = cfg["damping_scale"]
     curvatures = None
     if spec.statistics == "diagonal_fisher":
         if not cfg.get("fisher"):
@@ -642,6 +665,11 @@ def cmd_sweep(args) -> int:
     if len(ckpts) < 2:
         raise CLIError("a sweep needs at least two checkpoints")
     names = _shared_names(ckpts, args.params)
+    base = Checkpoint(args.base) if args.base else None
+    if base is not None:
+        _shared_names([ckpts[0], base], args.params)
+    if args.prior == "base" and base is None:
+        raise CLIError("--prior base needs --base (the checkpoint the models were fine-tuned from)")
     if args.fisher:
         curvatures, fisher_seconds = _load_fishers(args.fisher, ckpts, names)
     else:
@@ -672,8 +700,10 @@ def cmd_sweep(args) -> int:
         test=lambda r: scores(r, test),
         weights=grid,
         dampings=args.damping,
-        prior=args.prior if args.prior != "zero" else None,
-        params=names if curvatures is None else None,
+        damping_scale=_damping_scale(args.damping_scale, "--damping-scale"),
+        prior=args.prior,
+        base=base.model if base is not None else None,
+        params=names,
         statistics_seconds=fisher_seconds or None,
         progress=not args.quiet,
         verbose=False,
@@ -784,6 +814,16 @@ def _add_common(p, *, force: bool = True):
     )
 
 
+DAMPING_HELP = (
+    "damping >= 0 of curvature merges, relative: lambda = damping x the mean diagonal of "
+    f"sum_t w_t F_t (default {DEFAULT_DAMPING:g}; the same for every Fisher scale)"
+)
+DAMPING_SCALE_HELP = (
+    "what the damping multiplies: auto (the mean diagonal of the weighted curvature, "
+    "default) or a number; 1 makes the damping an absolute lambda"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``curvmerge`` command."""
     parser = argparse.ArgumentParser(
@@ -882,7 +922,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--weights", "-w", type=float, nargs="+", help="one non-negative coefficient per model"
     )
-    p.add_argument("--damping", type=float, help="damping lambda >= 0 of curvature merges")
+    p.add_argument("--damping", type=float, help=DAMPING_HELP)
+    p.add_argument("--damping-scale", help=DAMPING_SCALE_HELP)
     p.add_argument(
         "--prior",
         choices=["mean", "zero", "base"],
@@ -951,10 +992,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--damping",
         type=float,
         nargs="+",
-        default=[1e-6],
-        help="damping value(s) to sweep (default 1e-6)",
+        default=[DEFAULT_DAMPING],
+        help=f"damping value(s) to sweep, relative as in 'merge' (default {DEFAULT_DAMPING:g})",
     )
-    p.add_argument("--prior", default="mean", choices=["mean", "zero"], help="theta_0")
+    p.add_argument("--damping-scale", default="auto", help=DAMPING_SCALE_HELP)
+    p.add_argument(
+        "--prior",
+        default="mean",
+        choices=["mean", "zero", "base"],
+        help="theta_0: mean (default), zero, base (needs --base)",
+    )
+    p.add_argument("--base", help="base checkpoint, for --prior base")
     p.add_argument("--params", help="regex selecting the merged parameters (default: the body)")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     p.add_argument("--output", "-o", required=True, help="output stem (writes .md/.csv/.png)")

@@ -17,9 +17,10 @@ validation splits only, and reports test accuracy per task:
 - ``task_arithmetic``: base + s * sum of task vectors, s chosen on validation;
 - ``ties``: density and scaling chosen on validation;
 - ``fisher_diagonal``: Fisher-weighted averaging with the exact diagonal Fisher, damping
-  chosen on validation (relative to the mean of the summed diagonal);
+  chosen on validation (relative, as everywhere: :math:`\\lambda` = damping times the mean
+  diagonal of :math:`\\sum_t w_t F_t`);
 - ``fisher_exact``: the exact Fisher (matrix-free GGN) merge by CG, damping chosen on
-  validation;
+  validation (the same relative damping; the scale is the GGN operators' own diagonal);
 - ``ensemble``: output ensembling, a reference that is not a merge (T times the inference).
 
 Finally a 25-point two-model diagonal-Fisher sweep prints its cost (without evaluation) as a
@@ -42,9 +43,10 @@ import torch
 from torch import Tensor, nn
 
 from curvmerge.fisher import diagonal_fisher
-from curvmerge.merging.equation import ConvergenceWarning, parameters_of
 from curvmerge.merging.registry import get_method, task_models
+from curvmerge.merging.report import ConvergenceWarning, parameters_of
 from curvmerge.merging.sweep import grid_search, line_grid, sweep
+from curvmerge.merging.system import DEFAULT_DAMPING
 from curvmerge.train import Data, evaluate, iter_batches
 
 __all__ = [
@@ -194,8 +196,8 @@ def compare_methods(
     *,
     methods: Sequence[str] = ALL_METHODS,
     fisher_kind: str = "exact",
-    relative_dampings: Sequence[float] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
-    exact_relative_dampings: Sequence[float] = (1e-1, 1e-2, 1e-3),
+    dampings: Sequence[float] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
+    exact_dampings: Sequence[float] = (1e-1, 1e-2, 1e-3),
     exact_maxiter: int = 80,
     exact_examples: int = 256,
     scalings: Sequence[float] = (0.3, 0.5, 0.7, 1.0),
@@ -218,9 +220,9 @@ def compare_methods(
         methods: Registry names to run (``fisher_exact`` is skipped with a note when the GGN
             operator cannot be imported).
         fisher_kind: Kind of the diagonal Fisher (``"exact"``, ``"mc"`` or ``"empirical"``).
-        relative_dampings: Diagonal-Fisher dampings, as multiples of the mean entry of
-            :math:`\\sum_t w_t \\operatorname{diag} F_t`.
-        exact_relative_dampings: Exact-Fisher dampings (same scale), tried in this order
+        dampings: Diagonal-Fisher dampings, relative as in :func:`~curvmerge.merge` (multiples
+            of the mean entry of :math:`\\sum_t w_t \\operatorname{diag} F_t`).
+        exact_dampings: Exact-Fisher dampings (relative the same way), tried in this order
             (each CG solve warm-starts from the previous one).
         exact_maxiter: CG iteration limit per exact merge.
         exact_examples: Examples per task for the exact Fisher operators (the first batches of
@@ -298,19 +300,18 @@ def compare_methods(
             res.validation[method] = found.best_point.validation
         elif method == "fisher_diagonal":
             F = need_fishers()
-            scale = float(sum(f.diagonal().mean() for f in F) / T)
             found = sweep(
                 setup.models,
                 F,
                 validate=lambda r: ev.result(r, "val"),
                 weights=[(1.0 / T,) * T],
-                dampings=[r * scale for r in relative_dampings],
+                dampings=dampings,
                 verbose=False,
             )
             result = found.best_result
             choice = {
                 "damping": found.best_point.coefficients["damping"],
-                "relative damping": found.best_point.coefficients["damping"] / scale,
+                "λ": found.best_point.effective_damping,
             }
             res.validation[method] = found.best_point.validation
         elif method == "fisher_exact":
@@ -319,8 +320,6 @@ def compare_methods(
             except ImportError as err:
                 res.notes.append(f"fisher_exact: skipped ({err})")
                 continue
-            F = need_fishers()
-            scale = float(sum(f.diagonal().mean() for f in F) / T)
             t_ops = time.perf_counter()
             ops = [
                 ggn_cls(
@@ -340,7 +339,7 @@ def compare_methods(
                     ops,
                     validate=lambda r: ev.result(r, "val"),
                     weights=[(1.0 / T,) * T],
-                    dampings=[r * scale for r in exact_relative_dampings],
+                    dampings=exact_dampings,
                     maxiter=exact_maxiter,
                     verbose=False,
                 )
@@ -348,9 +347,11 @@ def compare_methods(
             best = found.best_point
             choice = {
                 "damping": best.coefficients["damping"],
-                "relative damping": best.coefficients["damping"] / scale,
+                "λ": best.effective_damping,
                 "CG products": found.prepare_products + sum(p.products for p in found.points),
             }
+            if found.prepare_costs is not None and found.prepare_costs.diagonal_passes:
+                choice["diagonal passes"] = found.prepare_costs.diagonal_passes
             res.validation[method] = best.validation
             if not all(p.converged for p in found.points):
                 res.notes.append(
@@ -381,9 +382,7 @@ def compare_methods(
             sweep_val=(setup.sweep_val or setup.val)[:2],
         )
         ev2 = _Evaluator(sub, batch_size)
-        damping = res.choices.get("fisher_diagonal", {}).get("damping")
-        if damping is None:
-            damping = 1e-3 * float(sum(f.diagonal().mean() for f in F[:2]) / 2)
+        damping = res.choices.get("fisher_diagonal", {}).get("damping", DEFAULT_DAMPING)
         res.sweep = sweep(
             setup.models[:2],
             F[:2],
@@ -680,8 +679,8 @@ def run_text_demo(
         setup,
         methods=methods,
         exact_maxiter=40,
-        exact_relative_dampings=(1e-1, 1e-2),
-        relative_dampings=(1e-3, 1e-2, 1e-1),
+        exact_dampings=(1e-1, 1e-2),
+        dampings=(1e-3, 1e-2, 1e-1),
         scalings=(0.3, 0.5, 0.7, 1.0),
         ties_points=({"density": 0.2, "scaling": 1.0}, {"density": 0.5, "scaling": 0.7}),
         batch_size=128,

@@ -85,13 +85,19 @@ diagonal = [curvmerge.DiagonalOperator(space, F.diagonal()) for F in exact]
 # %%
 # Merging
 # -------
-DAMPING = 1e-3
+# The damping is relative: :math:`\lambda` is ``damping`` times the mean diagonal entry of
+# :math:`\sum_t w_t F_t`, so the same value means the same thing whatever the scale of the
+# Fisher (``damping_scale=1.0`` would make it absolute). Each report states
+# :math:`\lambda` and what the merge cost. We take ten times the default (``1e-3``) so that
+# the section below has weakly seen directions to show.
+DAMPING = 1e-2
 merged = {
     "average": curvmerge.merge(models),
     "diagonal Fisher": curvmerge.merge(models, diagonal, damping=DAMPING),
     "exact Fisher": curvmerge.merge(models, exact, damping=DAMPING, rtol=1e-10),
 }
 print(merged["exact Fisher"].report)
+LAMBDA = merged["exact Fisher"].report.effective_damping  # the damping in the equation
 
 
 def task_losses(params: dict) -> list[float]:
@@ -129,11 +135,8 @@ eigvals, eigvecs = torch.linalg.eigh(total)
 for t, F in enumerate(fishers_dense):
     rank = int((torch.linalg.eigvalsh(F) > 1e-10 * eigvals.max()).sum())
     print(f"task {t}: Fisher rank {rank} of {space.size}")
-weak = eigvals < 1e-2 * DAMPING
-print(
-    f"directions the Fishers barely see (eigenvalue < damping/100): {int(weak.sum())} of "
-    f"{space.size}"
-)
+weak = eigvals < 1e-2 * LAMBDA
+print(f"directions the Fishers barely see (eigenvalue < λ/100): {int(weak.sum())} of {space.size}")
 
 textbook = curvmerge.merge(models, exact, damping=DAMPING, prior=None, rtol=1e-10)
 with_mean = merged["exact Fisher"]
@@ -167,7 +170,7 @@ def dense_fisher(model: nn.Module, X: torch.Tensor) -> torch.Tensor:
 
 
 reference_fishers = [dense_fisher(m, X) for m, (X, _) in zip(models, tasks, strict=True)]
-A = DAMPING * torch.eye(space.size) + sum(reference_fishers) / NUM_TASKS
+A = LAMBDA * torch.eye(space.size) + sum(reference_fishers) / NUM_TASKS
 b = sum(
     F @ space.flatten(dict(m.named_parameters())) / NUM_TASKS
     for F, m in zip(reference_fishers, models, strict=True)

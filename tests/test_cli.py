@@ -271,3 +271,42 @@ def test_help_explains_options():
     ):
         assert option in text
     assert run_main()[0] == 2  # no command: help and a usage status
+
+
+def test_merge_of_a_tiny_fisher_is_the_same_merge(work):
+    """Fisher files 1e-6 times smaller give the same diagonal-Fisher merge with the
+    command's defaults (the damping is relative to the curvature), not the average."""
+    import torch
+
+    from curvmerge.fisher import load_fisher, save_fisher
+
+    d = work
+    if not (d / "fbase.safetensors").exists():
+        status, _, err = run_main(
+            "fisher", d / "base.safetensors", "--examples", "64", "-q",
+            "-o", d / "fbase.safetensors",
+        )  # fmt: skip
+        assert status == 0, err
+    for name in ("fbase", "fb"):
+        F = load_fisher(d / f"{name}.safetensors")
+        save_fisher(d / f"{name}_tiny.safetensors", 1e-6 * F, kind=F.kind,
+                    num_examples=F.num_examples)  # fmt: skip
+    models = (d / "base.safetensors", d / "b.safetensors")
+    outputs = {}
+    for tag, fishers in (("plain", ("fbase", "fb")), ("tiny", ("fbase_tiny", "fb_tiny"))):
+        out = d / f"tiny_{tag}.safetensors"
+        status, printed, err = run_main(
+            "merge", *models, "-m", "fisher_diagonal", "--fisher",
+            *(d / f"{f}.safetensors" for f in fishers), "-o", out, "--force",
+        )  # fmt: skip
+        assert status == 0, err
+        outputs[tag] = load_params(out)
+    status, _, err = run_main("merge", *models, "-o", d / "tiny_avg.safetensors", "--force")
+    assert status == 0, err
+    average = load_params(d / "tiny_avg.safetensors")
+    for n in outputs["plain"]:
+        plain, tiny = outputs["plain"][n], outputs["tiny"][n]
+        assert torch.allclose(tiny, plain, rtol=1e-5, atol=1e-7), n
+    moved = sum(float((outputs["plain"][n] - average[n]).norm()) for n in average)
+    assert moved > 1e-3  # not the average
+    assert "λ" in printed  # the report states the effective damping

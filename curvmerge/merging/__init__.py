@@ -5,15 +5,7 @@ The subpackage is :mod:`curvmerge.merging`; the merge function is :func:`curvmer
 """
 
 from curvmerge.merging.ensemble import EnsembleResult, OutputEnsemble, output_ensemble
-from curvmerge.merging.equation import (
-    ConvergenceError,
-    ConvergenceWarning,
-    MergeReport,
-    MergeResult,
-    load_merged,
-    merge,
-    parameters_of,
-)
+from curvmerge.merging.equation import merge
 from curvmerge.merging.methods import MethodReport, dare, slerp, task_arithmetic, ties
 from curvmerge.merging.prepared import PreparedMerge
 from curvmerge.merging.registry import (
@@ -24,6 +16,16 @@ from curvmerge.merging.registry import (
     method_names,
     task_models,
 )
+from curvmerge.merging.report import (
+    ConvergenceError,
+    ConvergenceWarning,
+    DampingWarning,
+    MergeCosts,
+    MergeReport,
+    MergeResult,
+    load_merged,
+    parameters_of,
+)
 from curvmerge.merging.sweep import (
     SweepPoint,
     SweepResult,
@@ -33,14 +35,18 @@ from curvmerge.merging.sweep import (
     simplex_grid,
     sweep,
 )
+from curvmerge.merging.system import DEFAULT_DAMPING
 
 __all__ = [
     # the equation
     "merge",
     "MergeResult",
     "MergeReport",
+    "MergeCosts",
+    "DEFAULT_DAMPING",
     "ConvergenceWarning",
     "ConvergenceError",
+    "DampingWarning",
     "load_merged",
     "parameters_of",
     # other methods

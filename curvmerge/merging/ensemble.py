@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from curvmerge.batches import logits_from
-from curvmerge.merging.equation import check_weights
 from curvmerge.merging.methods import MethodReport
+from curvmerge.merging.system import check_weights
 from curvmerge.space import ParamSpace
 
 __all__ = ["OutputEnsemble", "EnsembleResult", "output_ensemble"]

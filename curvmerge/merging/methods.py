@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvmerge.merging.equation import MergeReport, MergeResult, check_weights, parameters_of
+from curvmerge.merging.report import MergeReport, MergeResult, parameters_of
+from curvmerge.merging.system import check_weights
 from curvmerge.space import ParamSpace
 
 __all__ = [
@@ -135,7 +136,7 @@ def _report(
         method=method,
         num_models=flat.thetas.shape[0],
         weights=weights,
-        damping=0.0,
+        damping=None,
         prior="given" if flat.base is not None else "none",
         seconds=time.perf_counter() - start,
         options=options,

@@ -1,14 +1,14 @@
-"""Merges that reuse per-model statistics: prepare once, merge at many coefficients.
-
-A coefficient sweep calls the merge equation
+"""The merge equation, prepared once and solved at any weights and damping.
 
 .. math::
 
     \\theta^*(w, \\lambda) = \\theta_0 + (\\lambda I + \\textstyle\\sum_t w_t F_t)^{-1}
-    \\textstyle\\sum_t w_t F_t (\\theta_t - \\theta_0)
+    \\textstyle\\sum_t w_t F_t (\\theta_t - \\theta_0), \\qquad
+    \\lambda = \\text{damping} \\cdot s(w).
 
-at many weights :math:`w` and dampings :math:`\\lambda`. :class:`PreparedMerge` computes what
-does not depend on them once:
+:class:`PreparedMerge` is the one implementation of the equation: :func:`~curvmerge.merge` is
+one point of it, a coefficient sweep is many. What does not depend on :math:`w` and
+:math:`\\lambda` is computed once:
 
 - diagonal (and identity) curvatures: the stacks :math:`d_t` and :math:`g_t = d_t \\odot
   \\theta_t`, so that with :math:`D = \\sum_t w_t d_t` and :math:`G = \\sum_t w_t g_t` a point
@@ -19,53 +19,54 @@ does not depend on them once:
       \\theta^* = \\theta_0 + \\frac{G - D \\odot \\theta_0}{\\lambda + D};
 
 - operator curvatures (exact GGN/Fisher): the products :math:`F_t \\theta_s` (or
-  :math:`F_t(\\theta_t - \\theta_0)` for a fixed prior), so that the right-hand side costs no
-  operator product, and each solve warm-starts CG from the previous point's solution.
-
-Every point equals :func:`~curvmerge.merge` called with the same arguments (up to rounding,
-and CG's tolerance for operators).
+  :math:`F_t(\\theta_t - \\theta_0)` for a fixed prior) when they fit in ``cache_bytes``, so
+  that the right-hand side costs no operator product, and each solve warm-starts CG from
+  the previous point's solution;
+- the damping scale: the mean diagonal entry :math:`s_t` of each :math:`F_t` (its diagonal
+  when cheap, else a Hutchinson estimate), so that the scale of :math:`\\sum_t w_t F_t` is
+  :math:`s(w) = \\sum_t w_t s_t` at every point.
 """
 
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from curvmerge.merging.equation import (
+from curvmerge.merging.report import (
+    ConvergenceError,
     ConvergenceWarning,
+    DampingWarning,
+    MergeCosts,
     MergeReport,
     MergeResult,
+)
+from curvmerge.merging.system import (
+    DAMPING_DOMINANCE,
+    DEFAULT_DAMPING,
+    check_damping,
+    check_damping_scale,
+    check_finite,
     check_inputs,
+    check_preconditioner,
     check_weights,
+    has_cheap_diagonal,
     make_preconditioner,
+    mean_diagonals,
+    resolve_prior,
     solve_system,
     system_operator,
+    warn_user,
 )
 from curvmerge.operators import DiagonalOperator, IdentityOperator, LinearOperator
 from curvmerge.space import ParamSpace
 
-__all__ = ["PreparedMerge"]
+__all__ = ["PreparedMerge", "CROSS_PRODUCT_CACHE_BYTES"]
 
-#: Largest cache of cross products :math:`F_t \theta_s` (bytes) kept for the mean prior.
+#: Largest cache of products :math:`F_t \theta_s` (bytes) a :class:`PreparedMerge` keeps.
 CROSS_PRODUCT_CACHE_BYTES = 2**30
-
-
-def _finite(x: Tensor, what: str) -> None:
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{what} contains NaN or Inf")
-
-
-def _check_row(x: Tensor, what: str, nonnegative: bool = False) -> None:
-    """One pass: NaN/Inf anywhere (NaN propagates through min/max), and the sign."""
-    lo, hi = torch.aminmax(x) if x.numel() else (x.new_zeros(()), x.new_zeros(()))
-    if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
-        raise ValueError(f"{what} contains NaN or Inf")
-    if nonnegative and float(lo) < 0:
-        raise ValueError(f"{what} has negative diagonal entries: not PSD")
 
 
 def _flatten_into(space: ParamSpace, tensors: Mapping[str, Tensor], out: Tensor) -> None:
@@ -74,31 +75,40 @@ def _flatten_into(space: ParamSpace, tensors: Mapping[str, Tensor], out: Tensor)
         out[sl].copy_(tensors[name].detach().reshape(-1))
 
 
+def _norm(x: Tensor) -> float:
+    return float(torch.linalg.vector_norm(x, dtype=torch.float64))
+
+
 class PreparedMerge:
-    """Per-model statistics prepared once; :meth:`merge` at any weights and damping.
+    """The merge equation with its per-model statistics prepared once; :meth:`merge` solves
+    it at any weights and damping, exactly as :func:`~curvmerge.merge` does.
 
     Args:
         thetas: The models (modules or parameter dicts).
         curvatures: One operator per model; ``None`` means identity (weighted averaging).
             All :class:`~curvmerge.operators.DiagonalOperator` gives the elementwise path,
             anything else the CG path.
-        prior: ``"mean"`` (the :math:`w`-weighted average), ``None`` (zero) or a parameter
-            dict (for example the base model), as in :func:`~curvmerge.merge`.
-        params: Names or a regex of the merged parameters when ``curvatures`` is ``None``.
+        prior: :math:`\\theta_0`, as in :func:`~curvmerge.merge`: ``"mean"``, ``"zero"``
+            (or ``None``), ``"base"`` (with ``base``) or a parameter dict.
+        base: The model the tasks were fine-tuned from (for ``prior="base"``).
+        params: Names or a regex of the merged parameters (see :func:`~curvmerge.merge`).
+        damping_scale: ``"auto"`` (the mean diagonal of :math:`\\sum_t w_t F_t`) or a fixed
+            positive scale (``1.0`` makes the damping absolute).
         rtol: CG relative tolerance (operator path).
         maxiter: CG iteration limit (default ``10 * P``).
-        preconditioner: ``None`` (plain CG, the default, as :func:`~curvmerge.merge`),
-            ``"diagonal"`` (Jacobi, when the operators have a diagonal) or a fixed operator
-            approximating the inverse.
-        warm_start: Start each CG solve from the previous point's solution (the first from the
-            diagonal merge, when diagonals are available).
-        cache_bytes: Memory allowed for the cross products :math:`F_t \\theta_s` that make the
-            mean prior's right-hand side free; above it, each point pays :math:`T` products.
+        preconditioner: As in :func:`~curvmerge.merge`.
+        warm_start: Start each CG solve from the previous point's solution (the first from
+            the diagonal merge, when the curvatures have a cheap diagonal).
+        cache_bytes: Memory allowed for the products :math:`F_t \\theta_s` (mean prior) or
+            :math:`F_t (\\theta_t - \\theta_0)` (fixed prior) that make the right-hand side
+            free; above it (and with ``0``, as :func:`~curvmerge.merge` uses), each point
+            pays one product per model.
 
     Attributes:
         kind: ``"identity"``, ``"diagonal"`` or ``"operator"``.
-        prepare_seconds: Time spent preparing (flattening, stacking, products).
-        prepare_products: Operator products spent preparing.
+        prepare_costs: Products, diagonal passes and their seconds spent preparing
+            (:class:`~curvmerge.merging.MergeCosts`).
+        prepare_seconds: Wall-clock time of the preparation.
 
     Example:
         >>> a, b = {"w": torch.tensor([0.0, 2.0])}, {"w": torch.tensor([2.0, 4.0])}
@@ -113,7 +123,9 @@ class PreparedMerge:
         curvatures: Sequence[LinearOperator] | None = None,
         *,
         prior: str | Mapping[str, Tensor] | None = "mean",
+        base: nn.Module | Mapping[str, Tensor] | None = None,
         params: str | Sequence[str] | None = None,
+        damping_scale: str | float = "auto",
         rtol: float = 1e-6,
         maxiter: int | None = None,
         preconditioner: str | LinearOperator | None = None,
@@ -122,219 +134,241 @@ class PreparedMerge:
     ):
         start = time.perf_counter()
         dicts, curvatures, space, dtype, device = check_inputs(thetas, curvatures, params)
-        self.num_models = len(dicts)
-        self.space = space
-        self._reference = {n: dicts[0][n] for n in space.names}
+        T, P = len(dicts), space.size
+        self.num_models, self.space = T, space
         self.dtype, self.device = dtype, device
-        T, P = self.num_models, space.size
-
-        if isinstance(prior, str) and prior == "mean":
-            self.prior_name, self._prior = "mean", None
-        elif prior is None:
-            self.prior_name = "zero"
-            self._prior = torch.zeros(P, dtype=dtype, device=device)
-        elif isinstance(prior, Mapping):
-            self.prior_name = "given"
-            self._prior = space.flatten(prior).to(device=device, dtype=dtype)
-            _check_row(self._prior, "the prior")
-        else:
-            raise ValueError(f"prior must be 'mean', None or a parameter dict, got {prior!r}")
-
+        self._reference = {n: dicts[0][n] for n in space.names}
+        self.prior_name, self._prior = resolve_prior(prior, base, space, dtype, device)
+        self._given_scale = check_damping_scale(damping_scale)
+        check_preconditioner(preconditioner, P)
         self.rtol, self.maxiter = float(rtol), maxiter
         self.preconditioner, self.warm_start = preconditioner, warm_start
         self.curvatures = curvatures
-        self.prepare_products = 0
-        self._diags = self._stack = self._rhs = self._cross = None
+        costs = MergeCosts()
+        self._d = self._g = self._rhs = self._cross = None
         self._last: Tensor | None = None
 
-        diagonal = curvatures is not None and all(
-            isinstance(F, DiagonalOperator) for F in curvatures
-        )
-        if diagonal:
-            # one stack [d_1..d_T, 1 | g_1..g_T, theta_1..theta_T (or theta_0)], filled in
-            # place: a point is two matrix-vector products over contiguous blocks
-            # (denominator, numerator) and one division
-            rows = 2 * T + 1 + (T if self._prior is None else 1)
-            self._stack = torch.empty(rows, P, dtype=dtype, device=device)
-            self._diags = self._stack[:T]
-            self._stack[T].fill_(1.0)
-            if self._prior is None:
-                self.thetas = self._stack[2 * T + 1 :]
-            else:
-                self._stack[2 * T + 1].copy_(self._prior)
-                self.thetas = torch.empty(T, P, dtype=dtype, device=device)
-        else:
-            self.thetas = torch.empty(T, P, dtype=dtype, device=device)
+        self.thetas = torch.empty(T, P, dtype=dtype, device=device)
         for i, d in enumerate(dicts):
             _flatten_into(space, d, self.thetas[i])
-            _check_row(self.thetas[i], f"model {i}")
+            check_finite(self.thetas[i], f"model {i}", space)
 
         if curvatures is None:
             self.kind, self._method = "identity", "average"
-        elif diagonal:
+            self._means, self._scale_source = [1.0] * T, "identity"
+        elif all(isinstance(F, DiagonalOperator) for F in curvatures):
             self.kind = "diagonal"
             identity = all(isinstance(F, IdentityOperator) for F in curvatures)
             self._method = "average" if identity else "diagonal"
-            self._diag_stack(curvatures, out=self._diags)
-            torch.mul(self._diags, self.thetas, out=self._stack[T + 1 : 2 * T + 1])
+            self._means, self._d, source = mean_diagonals(
+                curvatures, space, dtype, device, need_diagonal=True, costs=costs
+            )
+            self._scale_source = "identity" if identity else source
+            self._g = self._d * self.thetas
             if self._prior is not None:
                 self.thetas = None  # only needed for g_t = d_t * theta_t
         else:
             self.kind, self._method = "operator", "cg"
-            try:
-                self._diags = self._diag_stack(curvatures)
-            except NotImplementedError:
-                self._diags = None
-            if self._prior is not None:  # fixed prior: F_t (theta_t - theta_0), once
-                self._rhs = torch.stack(
-                    [
-                        (F @ (self.thetas[t] - self._prior)).to(device, dtype)
-                        for t, F in enumerate(curvatures)
-                    ]
+            stack = warm_start or preconditioner == "diagonal"
+            self._means = self._scale_source = None
+            if self._given_scale is None:
+                self._means, self._d, self._scale_source = mean_diagonals(
+                    curvatures, space, dtype, device, need_diagonal=stack, costs=costs
                 )
-                self.prepare_products = T
-            elif T * T * space.size * self.thetas.element_size() <= cache_bytes:
-                # mean prior: F_t theta_s for all s, one block product per model
-                self._cross = torch.stack(
-                    [F.matmat(self.thetas.T).to(device, dtype) for F in curvatures]
-                )  # [T, P, T]
-                self.prepare_products = T * T
+            elif stack and all(has_cheap_diagonal(F) for F in curvatures):
+                # a given scale: diagonals only for warm starts and Jacobi, never estimated
+                _, self._d, _ = mean_diagonals(
+                    curvatures, space, dtype, device, need_diagonal=True, costs=costs
+                )
+            self._prepare_rhs(cache_bytes, costs)
+        self.prepare_costs = costs
         self.prepare_seconds = time.perf_counter() - start
 
-    def _diag_stack(self, curvatures, out: Tensor | None = None) -> Tensor:
-        if out is None:
-            out = torch.empty(
-                len(curvatures), self.space.size, dtype=self.dtype, device=self.device
+    def _prepare_rhs(self, cache_bytes: int, costs: MergeCosts) -> None:
+        T, P = self.num_models, self.space.size
+        size = self.thetas.element_size() * P * T
+        t0 = time.perf_counter()
+        if self._prior is not None and size <= cache_bytes:
+            # fixed prior: F_t (theta_t - theta_0), one product per model
+            self._rhs = torch.stack(
+                [
+                    (F @ (self.thetas[t] - self._prior)).to(self.device, self.dtype)
+                    for t, F in enumerate(self.curvatures)
+                ]
             )
-        for i, F in enumerate(curvatures):
-            out[i].copy_(F.diagonal())
-            _check_row(out[i], f"curvature {i}", nonnegative=True)
-        return out
+            costs.rhs_products += T
+        elif self._prior is None and size * T <= cache_bytes:
+            # mean prior: F_t theta_s for all s, one block product per model
+            self._cross = torch.stack(
+                [F.matmat(self.thetas.T).to(self.device, self.dtype) for F in self.curvatures]
+            )  # [T, P, T]
+            costs.rhs_products += T * T
+        costs.rhs_seconds += time.perf_counter() - t0
 
-    # ------------------------------------------------------------------ merging
-    def _theta0(self, w: Tensor) -> Tensor:
-        if self._prior is not None:
-            return self._prior
-        return (w @ self.thetas) / w.sum()
+    @property
+    def prepare_products(self) -> int:
+        """Operator products spent preparing (``prepare_costs.products``)."""
+        return self.prepare_costs.products
 
     def reset(self) -> None:
         """Forget the previous solution (the next CG solve starts cold or from the diagonal)."""
         self._last = None
 
-    def merge(self, weights: Sequence[float] | None = None, damping: float = 1e-3) -> MergeResult:
+    # ------------------------------------------------------------------ merging
+    def merge(
+        self,
+        weights: Sequence[float] | None = None,
+        damping: float = DEFAULT_DAMPING,
+        *,
+        require_convergence: bool = False,
+        callback=None,
+    ) -> MergeResult:
         """The merge at ``weights`` (default :math:`1/T`) and ``damping``.
 
+        Args:
+            weights: Coefficients :math:`w_t \\ge 0`.
+            damping: Relative to the damping scale (see :func:`~curvmerge.merge`).
+            require_convergence: Raise :class:`~curvmerge.merging.ConvergenceError` instead
+                of warning when CG misses its tolerance.
+            callback: Passed to CG (called with the task-vector iterate).
+
         Returns:
-            A :class:`~curvmerge.merging.MergeResult`, as :func:`~curvmerge.merge` returns it.
+            A :class:`~curvmerge.merging.MergeResult`, as :func:`~curvmerge.merge` returns
+            it; its report counts this point's costs (see ``prepare_costs`` for the rest).
         """
         start = time.perf_counter()
-        wl = check_weights(weights, self.num_models, 1.0 / self.num_models)
-        damping = float(damping)
-        if not damping >= 0:
-            raise ValueError(f"damping must be >= 0, got {damping}")
+        T = self.num_models
+        wl = check_weights(weights, T, 1.0 / T)
+        damping = check_damping(damping)
         w = torch.tensor(wl, dtype=self.dtype, device=self.device)
         report = MergeReport(
-            method="",
-            num_models=self.num_models,
-            weights=wl,
-            damping=damping,
-            prior=self.prior_name,
+            method=self._method, num_models=T, weights=wl, damping=damping, prior=self.prior_name
         )
-        if self.kind == "operator":
-            theta0 = self._theta0(w)
-            merged = theta0 + self._solve(w, damping, theta0, report)
-            self._last = merged
+        if self._given_scale is not None:
+            scale, source = self._given_scale, "given"
         else:
-            merged = self._closed_form(w, damping, report)
-        if self.kind == "operator":  # closed forms of finite, checked inputs stay finite
-            _finite(merged, "the merged parameters")
+            scale = sum(wt * s for wt, s in zip(wl, self._means, strict=True))
+            source = self._scale_source
+        lam = damping * scale
+        if self.kind == "identity" and self._prior is None:
+            report.damping = None  # the average, whatever the damping
+        else:
+            report.damping_scale, report.damping_scale_source = scale, source
+            report.effective_damping = lam
+
+        if self.kind == "identity":
+            merged = self._identity(w, lam, report)
+        elif self.kind == "diagonal":
+            merged = self._closed_form(w, lam, report)
+        else:
+            merged = self._solve(w, lam, report, callback)
+            if not report.converged:
+                msg = (
+                    f"CG did not converge at weights={wl}, damping={damping:g} (λ={lam:.3g}): "
+                    f"relative residual {report.relative_residual:.2e} > rtol={self.rtol:g} "
+                    f"after {report.iterations} iterations; the merged parameters are "
+                    "inaccurate. Raise maxiter or the damping, or use a preconditioner."
+                )
+                if require_convergence:
+                    raise ConvergenceError(msg)
+                warn_user(msg, ConvergenceWarning)
+        report.damping_dominates = report.curvature_share < DAMPING_DOMINANCE
+        if report.damping_dominates:
+            hint = (
+                "leave damping_scale='auto' so that the damping is relative to the curvature"
+                if source == "given"
+                else "lower the damping"
+            )
+            warn_user(
+                f"the damping dominates the curvature: the merge kept "
+                f"{report.curvature_share:.1e} of its undamped step, so it is within about "
+                f"that fraction of its prior ({self.prior_name}); λ = {lam:.3g} = damping "
+                f"{damping:g} x scale {scale:.3g} ({source}). To merge by curvature, {hint}.",
+                DampingWarning,
+            )
         out = {}
         for name, value in self.space.unflatten(merged).items():
             ref = self._reference[name]
             converted = value.to(device=ref.device, dtype=ref.dtype)
-            # closed forms return a fresh tensor: views of it need no copy
+            # closed forms return a fresh tensor; CG's is kept as the next warm start
             fresh = converted is not value or self.kind != "operator"
             out[name] = converted if fresh else converted.clone()
+        report.products = report.costs.products
         report.seconds = time.perf_counter() - start
         return MergeResult(out, report)
 
-    def _closed_form(self, w: Tensor, damping: float, report: MergeReport) -> Tensor:
-        """:math:`(\\lambda\\theta_0 + G) / (\\lambda + D)`, with :math:`\\theta_0` where
-        :math:`\\lambda + D = 0`."""
-        report.method = self._method
-        W = w.sum()
-        if self._stack is None:  # identity (curvatures=None): D = W, G = sum_t w_t theta_t
-            average = torch.mv(self.thetas.T, w / W)
-            if self._prior is None:
-                return average
-            a = float(W / (W + damping))
-            return torch.add(average.mul_(a), self._prior, alpha=1.0 - a)
-        T = self.num_models
-        # denominator  lambda + sum_t w_t d_t
-        cd = torch.cat([w, w.new_tensor([damping])])
-        denom = torch.mv(self._stack[: T + 1].T, cd)
-        # numerator  sum_t w_t g_t + lambda theta_0
-        if self._prior is None:  # theta_0 = sum_t (w_t / W) theta_t
-            cn = torch.cat([w, w * (damping / W)])
-        else:
-            cn = torch.cat([w, w.new_tensor([damping])])
-        numer = torch.mv(self._stack[T + 1 :].T, cn)
-        if damping:
-            return numer.div_(denom)
-        unseen = denom == 0
-        report.unseen = int(unseen.sum())
-        if not report.unseen:
-            return numer.div_(denom)
-        theta0 = self._theta0(w)
-        return torch.where(unseen, theta0, numer / torch.where(unseen, 1.0, denom))
+    def _theta0(self, w: Tensor) -> Tensor:
+        if self._prior is not None:
+            return self._prior
+        return torch.mv(self.thetas.T, w / w.sum())
 
-    def _solve(self, w: Tensor, damping: float, theta0: Tensor, report: MergeReport) -> Tensor:
+    def _identity(self, w: Tensor, lam: float, report: MergeReport) -> Tensor:
+        """:math:`\\theta_0 + \\frac{W}{W + \\lambda}(\\bar\\theta - \\theta_0)`."""
+        W = float(w.sum())
+        average = torch.mv(self.thetas.T, w / W)
+        if self._prior is None:
+            return average
+        a = W / (W + lam)
+        if lam > 0 and bool((average != self._prior).any()):
+            report.curvature_share = a
+        return torch.add(average.mul_(a), self._prior, alpha=1.0 - a)
+
+    def _closed_form(self, w: Tensor, lam: float, report: MergeReport) -> Tensor:
+        """:math:`\\theta_0 + (G - D\\theta_0) / (\\lambda + D)`, with :math:`\\theta_0`
+        where :math:`\\lambda + D = 0`."""
+        D = torch.mv(self._d.T, w)
+        theta0 = self._theta0(w)
+        b = torch.addcmul(torch.mv(self._g.T, w), D, theta0, value=-1.0)
+        seen = D > 0
+        undamped = torch.where(seen, b / torch.where(seen, D, 1.0), 0.0)
+        if lam > 0:
+            y = b.div_(D.add_(lam))
+            full = _norm(undamped)
+            if full > 0:
+                report.curvature_share = min(1.0, _norm(y) / full)
+        else:
+            y = undamped
+            report.unseen = int((~seen).sum())
+        return y.add_(theta0)
+
+    def _solve(self, w: Tensor, lam: float, report: MergeReport, callback) -> Tensor:
         space, dtype, device = self.space, self.dtype, self.device
         wl = w.tolist()
-        A = system_operator(self.curvatures, wl, damping, space, dtype, device)
-        rhs_products = 0
+        theta0 = self._theta0(w)
+        costs = report.costs
+        A = system_operator(self.curvatures, wl, lam, space, dtype, device)
         if self._rhs is not None:
             b = w @ self._rhs
         elif self._cross is not None:
-            coeff = w / w.sum()
             idx = torch.arange(self.num_models, device=device)
             own = self._cross[idx, :, idx]  # F_t theta_t, [T, P]
-            b = w @ (own - self._cross @ coeff)
+            b = w @ (own - self._cross @ (w / w.sum()))
         else:
+            t0 = time.perf_counter()
             b = torch.zeros(space.size, dtype=dtype, device=device)
             for wt, F, th in zip(wl, self.curvatures, self.thetas, strict=True):
                 if wt != 0:
                     b = b + wt * (F @ (th - theta0)).to(device, dtype)
-                    rhs_products += 1
-        _finite(b, "the right-hand side")
+                    costs.rhs_products += 1
+            costs.rhs_seconds += time.perf_counter() - t0
+        check_finite(b, "the right-hand side sum_t w_t F_t (theta_t - theta_0)", space)
 
-        diag = None if self._diags is None else w @ self._diags
-        M, sketch_products = make_preconditioner(
-            self.preconditioner, self.curvatures, wl, damping, diag, space, report
-        )
+        diag = None if self._d is None else torch.mv(self._d.T, w)
+        M = make_preconditioner(self.preconditioner, self.curvatures, wl, lam, diag, space, report)
         x0 = None
         if self.warm_start and self._last is not None:
             x0 = self._last - theta0  # the previous point
         elif self.warm_start and diag is not None:
-            denom = diag + damping
-            numer = w @ (self._diags * (self.thetas - theta0))
+            denom = diag + lam
+            numer = w @ (self._d * (self.thetas - theta0))
             x0 = torch.where(denom > 0, numer / torch.where(denom > 0, denom, 1.0), 0.0)
         y = solve_system(
-            A,
-            b,
-            x0,
-            M,
-            report,
-            rtol=self.rtol,
-            maxiter=self.maxiter,
-            extra_products=rhs_products + sketch_products,
+            A, b, x0, M, report, rtol=self.rtol, maxiter=self.maxiter, callback=callback
         )
-        if not report.converged:
-            warnings.warn(
-                f"PreparedMerge: CG did not converge at weights={report.weights}, "
-                f"damping={damping:g}: relative residual {report.relative_residual:.2e} > "
-                f"rtol={self.rtol:g} after {report.iterations} iterations",
-                ConvergenceWarning,
-                stacklevel=3,
-            )
-        return y
+        bn = _norm(b)
+        if lam > 0 and bn > 0:
+            report.curvature_share = min(1.0, _norm(b - lam * y) / bn)
+        merged = theta0 + y
+        check_finite(merged, "the merged parameters", space)
+        self._last = merged
+        return merged

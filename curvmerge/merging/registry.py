@@ -30,8 +30,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from curvmerge.merging.ensemble import EnsembleResult, output_ensemble
-from curvmerge.merging.equation import MergeResult, load_merged, merge, parameters_of
+from curvmerge.merging.equation import merge
 from curvmerge.merging.methods import dare, slerp, task_arithmetic, ties
+from curvmerge.merging.report import MergeResult, load_merged
+from curvmerge.merging.system import DEFAULT_DAMPING
 from curvmerge.operators import DiagonalOperator, LinearOperator
 
 __all__ = [
@@ -154,28 +156,13 @@ def _check_curvatures(spec: MethodSpec, curvatures, num_models: int) -> None:
             raise TypeError(f"curvature {i} is a {type(F).__name__}, not a LinearOperator")
 
 
-def _prior(prior, base):
-    if isinstance(prior, Mapping):
-        return prior
-    if prior == "mean":
-        return "mean"
-    if prior in (None, "zero"):
-        return None
-    if prior == "base":
-        if base is None:
-            raise ValueError("prior='base' needs the base model: pass base=...")
-        return parameters_of(base)
-    raise ValueError(f"prior must be 'mean', 'zero', 'base' or a parameter dict, got {prior!r}")
-
-
 # ---------------------------------------------------------------------------------- adapters
-def _average(models, *, base, curvatures, weights, params, damping, prior):
-    return merge(models, None, weights=weights, params=params, damping=damping,
-                 prior=_prior(prior, base))  # fmt: skip
+def _average(models, *, base, curvatures, weights, params, **equation):
+    return merge(models, None, weights=weights, params=params, base=base, **equation)
 
 
-def _curvature_merge(models, *, base, curvatures, weights, params, prior, **solver):
-    return merge(models, curvatures, weights=weights, prior=_prior(prior, base), **solver)
+def _curvature_merge(models, *, base, curvatures, weights, params, **equation):
+    return merge(models, curvatures, weights=weights, params=params, base=base, **equation)
 
 
 def _task_arithmetic(models, *, base, curvatures, weights, params, scaling):
@@ -200,9 +187,10 @@ def _ensemble(models, *, base, curvatures, weights, params, combine):
     return output_ensemble(models, weights=weights, params=params, combine=combine)
 
 
+_EQUATION = {"damping": DEFAULT_DAMPING, "damping_scale": "auto", "prior": "mean"}
+
 _SOLVER = {
-    "damping": 1e-3,
-    "prior": "mean",
+    **_EQUATION,
     "rtol": 1e-6,
     "maxiter": None,
     "preconditioner": None,
@@ -216,7 +204,7 @@ _TABLE: tuple[MethodSpec, ...] = (
         summary="weighted average of the parameters (identity curvature)",
         reference="Wortsman et al., Model soups, ICML 2022",
         function=_average,
-        options={"damping": 0.0, "prior": "mean"},
+        options={**_EQUATION, "damping": 0.0},
     ),
     MethodSpec(
         name="task_arithmetic",
@@ -266,7 +254,7 @@ _TABLE: tuple[MethodSpec, ...] = (
         reference="Matena & Raffel, Merging models with Fisher-weighted averaging, NeurIPS 2022",
         function=_curvature_merge,
         statistics="diagonal_fisher",
-        options={"damping": 1e-3, "prior": "mean"},
+        options=_EQUATION,
     ),
     MethodSpec(
         name="fisher_exact",

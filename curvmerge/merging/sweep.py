@@ -18,14 +18,16 @@ from __future__ import annotations
 import itertools
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
 
-from curvmerge.merging.equation import MergeResult, check_weights
 from curvmerge.merging.prepared import PreparedMerge
+from curvmerge.merging.report import DampingWarning, MergeCosts, MergeResult
+from curvmerge.merging.system import DEFAULT_DAMPING, check_damping, check_weights, warn_user
 from curvmerge.operators import LinearOperator
 
 __all__ = [
@@ -98,6 +100,9 @@ class SweepPoint:
         products: Operator products of the merge (0 for closed forms).
         iterations: CG iterations (0 for closed forms).
         converged: Whether the merge's solve converged.
+        effective_damping: The merge's :math:`\\lambda` (``None`` when it has none).
+        damping_dominates: Whether the damping held the merge at its prior (see
+            :class:`~curvmerge.merging.MergeReport`); the sweep warns once, not per point.
     """
 
     index: int
@@ -109,6 +114,8 @@ class SweepPoint:
     products: int = 0
     iterations: int = 0
     converged: bool = True
+    effective_damping: float | None = None
+    damping_dominates: bool = False
 
 
 @dataclass
@@ -125,6 +132,8 @@ class SweepResult:
         statistics_seconds: Time spent computing the per-model statistics, if known.
         prepare_seconds: Time spent preparing the sweep (stacking, products).
         prepare_products: Operator products spent preparing.
+        prepare_costs: Every product, diagonal pass and their seconds spent preparing
+            (:class:`~curvmerge.merging.MergeCosts`; ``None`` when unknown).
         higher_is_better: Direction of the validation score.
     """
 
@@ -137,6 +146,7 @@ class SweepResult:
     statistics_seconds: float | None = None
     prepare_seconds: float = 0.0
     prepare_products: int = 0
+    prepare_costs: MergeCosts | None = None
     higher_is_better: bool = True
 
     @property
@@ -186,6 +196,17 @@ class SweepResult:
                 "computing the statistics"
             )
         lines.append(cost + f" (evaluation {self.eval_seconds:.3g} s excluded)")
+        if self.prepare_costs is not None and (
+            self.prepare_costs.products or self.prepare_costs.diagonal_passes
+        ):
+            lines.append(f"  preparation: {self.prepare_costs}")
+        dominated = sum(p.damping_dominates for p in self.points)
+        if dominated:
+            lines.append(
+                f"  the damping dominates the curvature at {dominated} of {len(self.points)} "
+                "points (the merge stays at its prior there)"
+                + (" including the chosen one" if bp.damping_dominates else "")
+            )
         return "\n".join(lines)
 
     def rows(self) -> list[dict[str, Any]]:
@@ -204,6 +225,8 @@ class SweepResult:
                 merge_seconds=p.merge_seconds,
                 products=p.products,
                 iterations=p.iterations,
+                effective_damping=p.effective_damping,
+                damping_dominates=p.damping_dominates,
                 chosen=p.index == self.best,
             )
             out.append(row)
@@ -216,6 +239,10 @@ def _fmt(v) -> str:
     if isinstance(v, (tuple, list)):
         return "(" + ", ".join(_fmt(x) for x in v) + ")"
     return str(v)
+
+
+def _fmt_point(coefficients: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in coefficients.items())
 
 
 def _score(value: Score, what: str) -> tuple[float, dict[str, float]]:
@@ -252,6 +279,7 @@ def grid_search(
     statistics_seconds: float | None = None,
     prepare_seconds: float = 0.0,
     prepare_products: int = 0,
+    prepare_costs: MergeCosts | None = None,
     progress: bool = False,
     verbose: bool = False,
 ) -> SweepResult:
@@ -269,11 +297,14 @@ def grid_search(
         statistics_seconds: Time spent computing per-model statistics, for the cost ratio.
         prepare_seconds: Time spent preparing, counted in the sweep's cost.
         prepare_products: Operator products spent preparing.
+        prepare_costs: Their details, if known.
         progress: Show a tqdm progress bar.
         verbose: Print :meth:`SweepResult.summary` at the end.
 
     Returns:
-        A :class:`SweepResult`; ties keep the earliest point.
+        A :class:`SweepResult`; ties keep the earliest point. Points where the damping
+        dominates the curvature are flagged, not warned about one by one; one
+        :class:`~curvmerge.merging.DampingWarning` says so if the chosen point is one.
     """
     points = [dict(p) for p in points]
     if not points:
@@ -287,7 +318,9 @@ def grid_search(
     best, best_result = -1, None
     for i, kwargs in enumerate(iterator):
         t0 = time.perf_counter()
-        result = make(**kwargs)
+        with warnings.catch_warnings():  # flagged per point, summarised below
+            warnings.simplefilter("ignore", DampingWarning)
+            result = make(**kwargs)
         t1 = time.perf_counter()
         score, detail = _score(validate(result), "validate")
         t2 = time.perf_counter()
@@ -302,6 +335,8 @@ def grid_search(
             products=getattr(report, "products", 0),
             iterations=getattr(report, "iterations", 0),
             converged=getattr(report, "converged", True),
+            effective_damping=getattr(report, "effective_damping", None),
+            damping_dominates=bool(getattr(report, "damping_dominates", False)),
         )
         evaluated.append(point)
         if best < 0 or _better(score, evaluated[best].validation, higher_is_better):
@@ -314,8 +349,16 @@ def grid_search(
         statistics_seconds=statistics_seconds,
         prepare_seconds=prepare_seconds,
         prepare_products=prepare_products,
+        prepare_costs=prepare_costs,
         higher_is_better=higher_is_better,
     )
+    if out.best_point.damping_dominates:
+        warn_user(
+            f"sweep ({method}): at the point chosen on validation "
+            f"({_fmt_point(out.best_point.coefficients)}) the damping dominates the "
+            "curvature: that merge is close to its prior; extend the grid to smaller dampings",
+            DampingWarning,
+        )
     if test is not None:
         out.test, out.test_detail = _score(test(best_result), "test")
     if verbose:
@@ -330,8 +373,10 @@ def sweep(
     validate: Callable[[MergeResult], Score],
     test: Callable[[MergeResult], Score] | None = None,
     weights: Sequence[Sequence[float]] | None = None,
-    dampings: Sequence[float] = (1e-3,),
+    dampings: Sequence[float] = (DEFAULT_DAMPING,),
+    damping_scale: str | float = "auto",
     prior: str | Mapping[str, Tensor] | None = "mean",
+    base: nn.Module | Mapping[str, Tensor] | None = None,
     params: str | Sequence[str] | None = None,
     statistics_seconds: float | None = None,
     higher_is_better: bool = True,
@@ -358,9 +403,13 @@ def sweep(
         test: Called once, on the chosen point.
         weights: The weight grid (default :func:`line_grid` ``(25)`` for two models, else
             :func:`simplex_grid` with 4 steps).
-        dampings: The damping grid.
-        prior: As in :func:`~curvmerge.merge`.
-        params: As in :func:`~curvmerge.merge` (without curvatures).
+        dampings: The damping grid, relative to the damping scale as in
+            :func:`~curvmerge.merge` (default: :func:`~curvmerge.merge`'s default).
+        damping_scale: As in :func:`~curvmerge.merge` (``"auto"``: the mean diagonal of
+            :math:`\\sum_t w_t F_t` at each point).
+        prior: As in :func:`~curvmerge.merge` (``"mean"``, ``"zero"``, ``"base"``, a dict).
+        base: The base model, for ``prior="base"``.
+        params: As in :func:`~curvmerge.merge`.
         statistics_seconds: Time the caller spent computing ``curvatures`` (for the cost
             ratio); measured when ``curvatures`` is a callable.
         higher_is_better: Direction of the validation score.
@@ -382,7 +431,9 @@ def sweep(
         thetas,
         curvatures,
         prior=prior,
+        base=base,
         params=params,
+        damping_scale=damping_scale,
         rtol=rtol,
         maxiter=maxiter,
         preconditioner=preconditioner,
@@ -392,12 +443,12 @@ def sweep(
     if weights is None:
         weights = line_grid(25) if T == 2 else simplex_grid(T, 4)
     grid_w = [tuple(check_weights(w, T, 1.0 / T)) for w in weights]
-    dampings = [float(d) for d in dampings]
-    if not grid_w or not dampings:
+    if not grid_w or not len(dampings):
         raise ValueError("the sweep grid is empty")
-    bad = [d for d in dampings if not d >= 0 or not math.isfinite(d)]
-    if bad:
-        raise ValueError(f"dampings must be finite and >= 0, got {bad[0]}")
+    try:
+        dampings = [check_damping(d) for d in dampings]
+    except ValueError as err:
+        raise ValueError(f"dampings: {err}") from None
     points = []
     for j, damping in enumerate(dampings):
         row = grid_w if j % 2 == 0 else grid_w[::-1]
@@ -412,6 +463,7 @@ def sweep(
         statistics_seconds=statistics_seconds,
         prepare_seconds=prepared.prepare_seconds,
         prepare_products=prepared.prepare_products,
+        prepare_costs=prepared.prepare_costs,
         progress=progress,
         verbose=verbose,
     )
