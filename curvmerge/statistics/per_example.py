@@ -685,9 +685,9 @@ class PerExampleSquares:
         self._probe = {}
         self._probing = True
         try:
-            # with gradients, as the batch: fused inference kernels (nn.TransformerEncoderLayer
-            # without grad) skip the submodules and would leave their calls untraced
-            with torch.enable_grad():
+            # shapes only: a call that takes another path without gradients (a fused
+            # inference kernel) does not match its counterpart and is refused, never guessed
+            with torch.no_grad():
                 probe_shape = tuple(call(probe).shape)
         finally:
             self._probing = False
