@@ -21,7 +21,8 @@ class CGResult:
         x: The solution, same shape as ``b``.
         info: 0 if the true residual of every column meets the tolerance; -1 on a
             breakdown (a product, the preconditioner or a step turned NaN or Inf: NaN is
-            never converged); else the number of iterations done (``maxiter``), as scipy.
+            never converged); else the number of iterations done (``maxiter``), as scipy,
+            but at least 1.
         iterations: CG iterations done.
         products: Products with ``A``: one per iteration, one for a non-zero ``x0``, and
             the ``true_residual_checks``.
@@ -115,6 +116,7 @@ def solve_cg(
             raise ValueError(f"x0 has shape {tuple(x0.shape)}, b has {tuple(b.shape)}")
         if not bool(torch.isfinite(X).all()):
             raise ValueError("cg: the initial guess x0 contains NaN or Inf")
+        X = torch.where(bnorm > 0, X, 0.0)  # b = 0 has x = 0 (scipy returns b), exactly
         R = B - apply_A(X)
         products += 1
     if bool((bnorm == 0).all()):
@@ -182,7 +184,8 @@ def solve_cg(
     if bool(broken.any()):
         info = -1
     else:
-        info = 0 if bool((rnorm <= tol).all()) else it
+        # Not converged is never 0, even after maxiter=0 iterations (where scipy says 0).
+        info = 0 if bool((rnorm <= tol).all()) else max(it, 1)
     return finish(X, info, it, products, checks, history)
 
 

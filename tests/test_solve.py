@@ -206,3 +206,18 @@ def test_float32_columns_are_checked_one_by_one():
     assert true[1] / 1.5 <= res.relative_residual <= 1.5 * true[1]
     easy_alone = solve_cg(S.float(), easy.float(), rtol=1e-4)
     assert easy_alone.converged and float(_true_rel(S, easy, easy_alone.x)) <= 1e-4
+
+
+def test_edge_cases_never_report_a_false_convergence():
+    S = random_spd(P, seed=19)
+    b = torch.randn(P, generator=torch.Generator().manual_seed(20), dtype=torch.float64)
+    # maxiter=0: scipy says info 0 without converging; we say not converged.
+    res = solve_cg(S, b, maxiter=0)
+    assert not res.converged and res.iterations == 0 and res.relative_residual == 1.0
+    # A zero column of b has the solution 0 whatever the warm start (scipy returns b).
+    B = torch.stack([b, torch.zeros_like(b)], 1)
+    X0 = torch.randn(P, 2, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
+    res = solve_cg(S, B, X0, rtol=1e-10)
+    assert res.converged and res.iterations <= P  # not 10 P chasing an exact zero
+    assert not res.x[:, 1].any()
+    assert _rel(res.x[:, 0], torch.linalg.solve(S, b)) < 1e-8
