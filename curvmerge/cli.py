@@ -32,13 +32,15 @@ with ``--force``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -347,6 +349,20 @@ def _evaluate_tasks(ckpts, body, split: str, batch_size: int, progress: bool):
     return scores
 
 
+@contextlib.contextmanager
+def _warnings_as_messages() -> Iterator[None]:
+    """Print the library's warnings (damping dominates, CG not converged) as
+    ``curvmerge: warning: ...`` lines instead of Python warning records."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        if issubclass(w.category, UserWarning):
+            print(f"{PROG}: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 # ---------------------------------------------------------------------------------- commands
 def cmd_finetune(args) -> int:
     from curvmerge.io import save_checkpoint
@@ -586,7 +602,8 @@ def cmd_merge(args) -> int:
     if spec.statistics == "none":
         kwargs["params"] = names
     try:
-        result = spec(models, base=base.model if base else None, **kwargs, **options)
+        with _warnings_as_messages():
+            result = spec(models, base=base.model if base else None, **kwargs, **options)
     except TypeError as err:
         raise CLIError(str(err)) from None
     meta = {
@@ -693,21 +710,22 @@ def cmd_sweep(args) -> int:
 
     originals = [{n: p.detach().clone() for n, p in c.model.named_parameters()} for c in ckpts]
     models = [dict(o) for o in originals]
-    res = sweep(
-        models,
-        curvatures,
-        validate=lambda r: scores(r, val),
-        test=lambda r: scores(r, test),
-        weights=grid,
-        dampings=args.damping,
-        damping_scale=_damping_scale(args.damping_scale, "--damping-scale"),
-        prior=args.prior,
-        base=base.model if base is not None else None,
-        params=names,
-        statistics_seconds=fisher_seconds or None,
-        progress=not args.quiet,
-        verbose=False,
-    )
+    with _warnings_as_messages():
+        res = sweep(
+            models,
+            curvatures,
+            validate=lambda r: scores(r, val),
+            test=lambda r: scores(r, test),
+            weights=grid,
+            dampings=args.damping,
+            damping_scale=_damping_scale(args.damping_scale, "--damping-scale"),
+            prior=args.prior,
+            base=base.model if base is not None else None,
+            params=names,
+            statistics_seconds=fisher_seconds or None,
+            progress=not args.quiet,
+            verbose=False,
+        )
     print(res.summary())
     if curvatures is not None and res.cost_ratio is None:
         print("  (the Fisher files record no computation time: cost ratio unknown)")

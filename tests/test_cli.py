@@ -273,24 +273,29 @@ def test_help_explains_options():
     assert run_main()[0] == 2  # no command: help and a usage status
 
 
-def test_merge_of_a_tiny_fisher_is_the_same_merge(work):
-    """Fisher files 1e-6 times smaller give the same diagonal-Fisher merge with the
-    command's defaults (the damping is relative to the curvature), not the average."""
-    import torch
-
+def _tiny_fishers(d):
+    """Fisher files of base and b, and copies 1e-6 times smaller (made once)."""
     from curvmerge.fisher import load_fisher, save_fisher
 
-    d = work
-    if not (d / "fbase.safetensors").exists():
+    if not (d / "fb_tiny.safetensors").exists():
         status, _, err = run_main(
             "fisher", d / "base.safetensors", "--examples", "64", "-q",
             "-o", d / "fbase.safetensors",
         )  # fmt: skip
         assert status == 0, err
-    for name in ("fbase", "fb"):
-        F = load_fisher(d / f"{name}.safetensors")
-        save_fisher(d / f"{name}_tiny.safetensors", 1e-6 * F, kind=F.kind,
-                    num_examples=F.num_examples)  # fmt: skip
+        for name in ("fbase", "fb"):
+            F = load_fisher(d / f"{name}.safetensors")
+            save_fisher(d / f"{name}_tiny.safetensors", 1e-6 * F, kind=F.kind,
+                        num_examples=F.num_examples)  # fmt: skip
+    return d
+
+
+def test_merge_of_a_tiny_fisher_is_the_same_merge(work):
+    """Fisher files 1e-6 times smaller give the same diagonal-Fisher merge with the
+    command's defaults (the damping is relative to the curvature), not the average."""
+    import torch
+
+    d = _tiny_fishers(work)
     models = (d / "base.safetensors", d / "b.safetensors")
     outputs = {}
     for tag, fishers in (("plain", ("fbase", "fb")), ("tiny", ("fbase_tiny", "fb_tiny"))):
@@ -310,3 +315,34 @@ def test_merge_of_a_tiny_fisher_is_the_same_merge(work):
     moved = sum(float((outputs["plain"][n] - average[n]).norm()) for n in average)
     assert moved > 1e-3  # not the average
     assert "λ" in printed  # the report states the effective damping
+
+
+def test_absolute_damping_on_a_tiny_fisher_says_it_dominates(work):
+    d = _tiny_fishers(work)
+    fishers = (d / "fbase_tiny.safetensors", d / "fb_tiny.safetensors")
+    models = (d / "base.safetensors", d / "b.safetensors")
+    status, out, err = run_main(
+        "merge", *models, "-m", "fisher_diagonal", "--fisher", *fishers,
+        "--damping", "1e-3", "--damping-scale", "1", "-o", d / "abs.safetensors", "--force",
+    )  # fmt: skip
+    assert status == 0, err
+    assert "damping dominates" in out and "(given)" in out
+    assert "curvmerge: warning: the damping dominates the curvature" in err
+    err = _error(
+        "merge", *models, "-m", "fisher_diagonal", "--fisher", *fishers,
+        "--damping-scale", "-2", "-o", d / "abs.safetensors", "--force",
+    )  # fmt: skip
+    assert "damping_scale" in err
+
+
+def test_sweep_prior_base(work):
+    d = _tiny_fishers(work)
+    args = [
+        "sweep", d / "b.safetensors", d / "b.safetensors", "--fisher", d / "fb.safetensors",
+        d / "fb.safetensors", "--points", "3", "-q", "--prior", "base",
+    ]  # fmt: skip
+    err = _error(*args, "-o", d / "sweep_base")
+    assert "--prior base needs --base" in err
+    status, out, err = run_main(*args, "--base", d / "base.safetensors", "-o", d / "sweep_base")
+    assert status == 0, err
+    assert "3 points" in out

@@ -478,3 +478,26 @@ def test_one_default_damping_everywhere():
         assert get_method(name).options["damping"] == default
     args = build_parser().parse_args(["sweep", "a.safetensors", "b.safetensors", "-o", "x"])
     assert args.damping == [default]
+
+
+def test_tiny_ggn_merge_matches_and_counts_its_diagonal_passes():
+    """Real GGN operators of small MLPs and the same operators times 1e-6 (a model whose
+    Fisher is tiny in absolute terms): the same exact merge with default arguments; the
+    report counts the diagonal passes the scale and warm start ran (none once cached)."""
+    from curvmerge import GGNOperator
+
+    torch.manual_seed(0)
+    X = torch.randn(16, 3, dtype=torch.float64)
+    models, ops = [], []
+    for _ in range(2):
+        m = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+        models.append(m)
+        ops.append(GGNOperator(m, nn.MSELoss(), [(X, torch.zeros(16, 2, dtype=torch.float64))]))
+    ref = merge(models, ops, rtol=1e-10)
+    assert ref.report.converged and ref.report.costs.diagonal_passes == 2
+    tiny = merge(models, [1e-6 * F for F in ops], rtol=1e-10)
+    assert tiny.report.costs.diagonal_passes == 0  # cached by the operators
+    assert tiny.report.effective_damping == pytest.approx(1e-6 * ref.report.effective_damping)
+    space = ops[0].space
+    err = (space.flatten(tiny.params) - space.flatten(ref.params)).norm()
+    assert float(err / space.flatten(ref.params).norm()) <= 1e-8

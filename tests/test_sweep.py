@@ -231,3 +231,45 @@ def test_sweep_bad_input():
         PreparedMerge(models, _diagonals(3))
     with pytest.raises(TypeError, match="number or a mapping"):
         sweep(models, validate=lambda r: "good", verbose=False)
+
+
+def test_sweep_flags_points_where_the_damping_dominates_and_warns_once():
+    """Dampings are relative: 1e3 holds every point at the prior; those points are flagged
+    (one warning, for the chosen point), the others are not; rows and summary say so."""
+    import warnings
+
+    from curvmerge import DampingWarning
+
+    models = _models(2)
+    tiny = [DiagonalOperator(SPACE, 1e-6 * F.diagonal()) for F in _diagonals(2, zeros=False)]
+
+    def closest_to_average(result):  # picks the most damped point
+        avg = merge(models).params
+        return -sum(float((result.params[n] - avg[n]).norm()) for n in avg)
+
+    with pytest.warns(DampingWarning, match="chosen on validation") as record:
+        out = sweep(models, tiny, validate=closest_to_average, dampings=[1e-3, 1e3],
+                    weights=line_grid(5), verbose=False)  # fmt: skip
+    assert len([w for w in record if w.category is DampingWarning]) == 1
+    flags = [p.damping_dominates for p in out.points]
+    assert flags == [False] * 5 + [True] * 5
+    assert out.best_point.damping_dominates and out.best_point.coefficients["damping"] == 1e3
+    assert "dominates" in out.summary() and out.rows()[-1]["damping_dominates"]
+    lam = out.points[0].effective_damping
+    assert lam == pytest.approx(
+        1e-3 * 1e-6 * float(_diagonals(2, zeros=False)[1].diagonal().mean())
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sweep(models, tiny, validate=lambda r: 0.0, weights=line_grid(3), verbose=False)
+
+
+def test_prepared_merge_prior_base_and_damping_scale_match_merge():
+    models, curv, base = _models(2), _dense(2), _models(1, seed=9)[0]
+    for kwargs in ({"prior": "base", "base": base}, {"prior": "zero"}, {"damping_scale": 2.5}):
+        prepared = PreparedMerge(models, curv, rtol=1e-12, **kwargs)
+        for w in line_grid(4):
+            got = prepared.merge(w, 0.1)
+            ref = merge(models, curv, weights=w, damping=0.1, rtol=1e-12, **kwargs)
+            _close(got.params, ref.params, atol=1e-8)
+            assert got.report.effective_damping == pytest.approx(ref.report.effective_damping)
