@@ -536,9 +536,10 @@ class PerExampleSquares:
     then ``engine.accumulate(out, V)`` for each cotangent ``V`` (same shape as ``out``;
     examples must not be mixed by the model), then ``engine.release()``.
     ``engine.squares`` holds the running sums, in the parameter dtype promoted to at least
-    float32 (bfloat16 and float16 sums lose increments). Inside the model, any module may hold the
-    batch at another axis (sequence-first attention and recurrent layers): the axis of every
-    tensor is traced from the model input by a probe run (see :meth:`forward`).
+    float32 (bfloat16 and float16 sums lose increments). Inside the model, a module may hold
+    the batch at another axis (sequence-first attention, layers on ``[T, B, D]``): the axis
+    of every tensor is traced from the model input by a probe run (see :meth:`forward`).
+    ``nn.LSTM`` and ``nn.GRU`` are not supported (``torch.func.vmap`` fails inside them).
 
     Args:
         model: The model.
