@@ -501,3 +501,19 @@ def test_tiny_ggn_merge_matches_and_counts_its_diagonal_passes():
     space = ops[0].space
     err = (space.flatten(tiny.params) - space.flatten(ref.params)).norm()
     assert float(err / space.flatten(ref.params).norm()) <= 1e-8
+
+
+def test_large_closed_form_measures_its_step_on_a_subsample():
+    """Past PreparedMerge.SHARE_ENTRIES entries the kept share is measured on evenly spaced
+    entries; it still tells a dominated merge from a normal one."""
+    from curvmerge import DampingWarning
+    from curvmerge.merging.prepared import PreparedMerge
+
+    n = 3 * PreparedMerge.SHARE_ENTRIES + 7
+    space = ParamSpace(("w",), ((n,),))
+    g = torch.Generator().manual_seed(3)
+    thetas = [{"w": torch.randn(n, generator=g)} for _ in range(2)]
+    Fs = [DiagonalOperator(space, 1e-6 * torch.rand(n, generator=g)) for _ in range(2)]
+    assert 0.5 < merge(thetas, Fs).report.curvature_share <= 1.0
+    with pytest.warns(DampingWarning):
+        assert merge(thetas, Fs, damping=1e-3, damping_scale=1.0).report.damping_dominates

@@ -117,6 +117,10 @@ class PreparedMerge:
         tensor([1.5000, 3.5000])
     """
 
+    #: Entries on which a closed-form point measures how much of its undamped step it kept
+    #: (``MergeReport.curvature_share``): evenly spaced, all of them in smaller spaces.
+    SHARE_ENTRIES = 2**16
+
     def __init__(
         self,
         thetas: Sequence[nn.Module | Mapping[str, Tensor]],
@@ -145,7 +149,7 @@ class PreparedMerge:
         self.preconditioner, self.warm_start = preconditioner, warm_start
         self.curvatures = curvatures
         costs = MergeCosts()
-        self._d = self._g = self._rhs = self._cross = None
+        self._d = self._g = self._stack = self._rhs = self._cross = None
         self._last: Tensor | None = None
 
         self.thetas = torch.empty(T, P, dtype=dtype, device=device)
@@ -160,13 +164,27 @@ class PreparedMerge:
             self.kind = "diagonal"
             identity = all(isinstance(F, IdentityOperator) for F in curvatures)
             self._method = "average" if identity else "diagonal"
-            self._means, self._d, source = mean_diagonals(
-                curvatures, space, dtype, device, need_diagonal=True, costs=costs
+            # one stack [d_1..d_T, 1 | g_1..g_T, theta_1..theta_T (or theta_0)]: a point is
+            # two matrix-vector products over contiguous blocks and one division
+            rows = 2 * T + 1 + (T if self._prior is None else 1)
+            self._stack = torch.empty(rows, P, dtype=dtype, device=device)
+            self._d = self._stack[:T]
+            self._means, _, source = mean_diagonals(
+                curvatures, space, dtype, device, need_diagonal=True, costs=costs, out=self._d
             )
             self._scale_source = "identity" if identity else source
-            self._g = self._d * self.thetas
-            if self._prior is not None:
+            self._stack[T].fill_(1.0)
+            self._g = self._stack[T + 1 : 2 * T + 1]
+            torch.mul(self._d, self.thetas, out=self._g)
+            if self._prior is None:
+                self._stack[2 * T + 1 :].copy_(self.thetas)
+                self.thetas = self._stack[2 * T + 1 :]
+            else:
+                self._stack[2 * T + 1].copy_(self._prior)
                 self.thetas = None  # only needed for g_t = d_t * theta_t
+            # evenly spaced entries, copied once, on which each point measures its step
+            k = max(1, -(-P // self.SHARE_ENTRIES))
+            self._share = self._stack if k == 1 else self._stack[:, ::k].contiguous()
         else:
             self.kind, self._method = "operator", "cg"
             stack = warm_start or preconditioner == "diagonal"
@@ -314,22 +332,42 @@ class PreparedMerge:
         return torch.add(average.mul_(a), self._prior, alpha=1.0 - a)
 
     def _closed_form(self, w: Tensor, lam: float, report: MergeReport) -> Tensor:
-        """:math:`\\theta_0 + (G - D\\theta_0) / (\\lambda + D)`, with :math:`\\theta_0`
-        where :math:`\\lambda + D = 0`."""
-        D = torch.mv(self._d.T, w)
-        theta0 = self._theta0(w)
-        b = torch.addcmul(torch.mv(self._g.T, w), D, theta0, value=-1.0)
-        seen = D > 0
-        undamped = torch.where(seen, b / torch.where(seen, D, 1.0), 0.0)
-        if lam > 0:
-            y = b.div_(D.add_(lam))
-            full = _norm(undamped)
-            if full > 0:
-                report.curvature_share = min(1.0, _norm(y) / full)
+        """:math:`(\\lambda\\theta_0 + G) / (\\lambda + D)`, with :math:`\\theta_0` where
+        :math:`\\lambda + D = 0`."""
+        T = self.num_models
+        W = w.sum()
+        lam_t = w.new_tensor([lam])
+        denom = torch.mv(self._stack[: T + 1].T, torch.cat([w, lam_t]))  # lambda + D
+        if self._prior is None:  # theta_0 = sum_t (w_t / W) theta_t
+            coeff = torch.cat([w, w * (lam / W)])
         else:
-            y = undamped
-            report.unseen = int((~seen).sum())
-        return y.add_(theta0)
+            coeff = torch.cat([w, lam_t])
+        numer = torch.mv(self._stack[T + 1 :].T, coeff)  # G + lambda theta_0
+        if lam > 0:
+            report.curvature_share = self._kept_share(w, lam)
+            return numer.div_(denom)
+        unseen = denom == 0
+        report.unseen = int(unseen.sum())
+        if not report.unseen:
+            return numer.div_(denom)
+        return torch.where(unseen, self._theta0(w), numer / torch.where(unseen, 1.0, denom))
+
+    def _kept_share(self, w: Tensor, lam: float) -> float:
+        """:math:`\\|y\\| / \\|y_{\\lambda=0}\\|` of the closed form's step :math:`y =
+        (G - D\\theta_0)/(\\lambda + D)`, on at most :attr:`SHARE_ENTRIES` evenly spaced
+        entries (all of them in spaces that small): a sweep point stays two products."""
+        T, sub = self.num_models, self._share
+        D = torch.mv(sub[:T].T, w)
+        G = torch.mv(sub[T + 1 : 2 * T + 1].T, w)
+        if self._prior is None:
+            theta0 = torch.mv(sub[2 * T + 1 :].T, w / w.sum())
+        else:
+            theta0 = sub[2 * T + 1]
+        b = torch.addcmul(G, D, theta0, value=-1.0)
+        full = _norm(torch.nan_to_num_(b / D, nan=0.0, posinf=0.0, neginf=0.0))
+        if full == 0:
+            return 1.0
+        return min(1.0, _norm(b.div_(D.add_(lam))) / full)
 
     def _solve(self, w: Tensor, lam: float, report: MergeReport, callback) -> Tensor:
         space, dtype, device = self.space, self.dtype, self.device

@@ -278,9 +278,12 @@ def hutchinson_mean_diagonal(F: LinearOperator, probes: int = SCALE_PROBES, seed
     return float((Z * FZ).sum(dtype=torch.float64)) / (probes * P)
 
 
-def mean_diagonals(curvatures, space, dtype, device, *, need_diagonal: bool, costs: MergeCosts):
+def mean_diagonals(
+    curvatures, space, dtype, device, *, need_diagonal: bool, costs: MergeCosts, out=None
+):
     """Per-curvature mean diagonal entries :math:`s_t` and, when ``need_diagonal`` and every
-    curvature has a cheap diagonal, the stack of diagonals ``[T, P]``.
+    curvature has a cheap diagonal, the stack of diagonals ``[T, P]`` (written into ``out``
+    when given).
 
     Curvatures without a cheap diagonal get a Hutchinson estimate (never :math:`P` probes).
     The cost of diagonals (passes, seconds) and probes goes into ``costs``.
@@ -293,7 +296,7 @@ def mean_diagonals(curvatures, space, dtype, device, *, need_diagonal: bool, cos
     cheap = [has_cheap_diagonal(F) for F in curvatures]
     stack = None
     if need_diagonal and all(cheap):
-        stack = torch.empty(T, space.size, dtype=dtype, device=device)
+        stack = out if out is not None else torch.empty(T, space.size, dtype=dtype, device=device)
     means = []
     for i, F in enumerate(curvatures):
         if cheap[i]:
