@@ -132,6 +132,7 @@ def solve_cg(
     P_dir = None
     rho_prev = None
     it = 0  # iterations done
+    checked = None  # true residual norms at the previous check that missed the tolerance
     while True:
         active = (rnorm > tol) & ~broken
         if it == maxiter or not bool(active.any()):
@@ -146,6 +147,10 @@ def solve_cg(
             rnorm = _norm(R)
             broken |= ~torch.isfinite(rnorm)
             history[-1] = relative(rnorm, torch.zeros_like(broken))
+            missing = (rnorm > tol) & ~broken
+            if checked is not None and bool((rnorm[missing] > 0.9 * checked[missing]).all()):
+                break  # a restart no longer gains 10 %: the precision of the dtype is reached
+            checked = rnorm.clone() if bool(missing.any()) else None
             P_dir = None  # restart the recurrence from the true residual: p = z
             continue
         Z = apply_M(R) if apply_M is not None else R
@@ -213,9 +218,11 @@ def cg(
     The test is first made on the recursive residual; when that passes (and at exit), the
     true residual :math:`b - A x` is computed (one product). In low precision the two can
     differ by orders of magnitude, so a column whose true residual misses the tolerance
-    restarts from it (:math:`p = M r`) and iterates on: ``info`` is 0 only if the true
-    residual of the returned ``x`` meets the tolerance. Vectors stay in ``b``'s dtype;
-    inner products and norms are accumulated in float64.
+    restarts from it (:math:`p = M r`) and iterates on, until ``maxiter`` or until a
+    restart no longer lowers the true residual by 10 % (stagnation at the precision of the
+    dtype): ``info`` is 0 only if the true residual of the returned ``x`` meets the
+    tolerance. Vectors stay in ``b``'s dtype; inner products and norms are accumulated in
+    float64.
 
     Args:
         A: A :class:`~curvmerge.LinearOperator`, a dense tensor or a callable ``X -> A X``.

@@ -221,3 +221,17 @@ def test_edge_cases_never_report_a_false_convergence():
     assert res.converged and res.iterations <= P  # not 10 P chasing an exact zero
     assert not res.x[:, 1].any()
     assert _rel(res.x[:, 0], torch.linalg.solve(S, b)) < 1e-8
+
+
+def test_float32_stagnation_stops_long_before_maxiter():
+    """At the float32 floor restarts gain nothing: CG stops, honestly unconverged, instead of
+    spending maxiter products (10 P by default: 220 million for a MiniLM body)."""
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(400, 400, generator=g, dtype=torch.float64))
+    A = (Q * torch.logspace(0, 6, 400, dtype=torch.float64)) @ Q.T
+    b = torch.randn(400, generator=g, dtype=torch.float64)
+    result = solve_cg(A.float(), b.float(), rtol=1e-6, maxiter=100_000)
+    true = float((b - A @ result.x.double()).norm() / b.norm())
+    assert result.info > 0 and not result.converged
+    assert result.iterations < 20_000
+    assert abs(result.relative_residual - true) < 0.05 * true
