@@ -38,3 +38,11 @@ def test_layer_imports_point_one_way(layer):
         for name in _imports(path):
             top = name.split(".")[1]
             assert top not in FORBIDDEN[layer], f"{path.relative_to(ROOT)} imports {name}"
+
+
+def test_no_module_imports_another_modules_private_names():
+    for path in sorted(ROOT.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("curvmerge"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{path.relative_to(ROOT)} imports {private} from {node.module}"

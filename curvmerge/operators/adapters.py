@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from curvmerge.operators.base import _TORCH_TO_NUMPY, LinearOperator
+from curvmerge.operators.base import TORCH_TO_NUMPY, LinearOperator
 from curvmerge.operators.dense import DenseOperator
 from curvmerge.space import ParamSpace
 
 __all__ = ["as_operator", "CurvlinopsOperator", "ScipyOperator"]
 
-_NUMPY_TO_TORCH = {np.dtype(v): k for k, v in _TORCH_TO_NUMPY.items()}
+_NUMPY_TO_TORCH = {np.dtype(v): k for k, v in TORCH_TO_NUMPY.items()}
 
 
 def _resolve_space(space, P: int) -> ParamSpace:

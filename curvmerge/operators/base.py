@@ -37,7 +37,7 @@ __all__ = [
 #: Largest space (P) that :meth:`LinearOperator.to_dense` materialises by default.
 DENSE_LIMIT = 20_000
 
-_TORCH_TO_NUMPY = {
+TORCH_TO_NUMPY = {
     torch.float64: np.float64,
     torch.float32: np.float32,
     torch.float16: np.float16,
@@ -51,12 +51,12 @@ def _scipy_dtype(dtype: torch.dtype) -> np.dtype:
     numpy lacks or scipy's solvers refuse) are computed in torch and seen as float32."""
     if dtype in (torch.bfloat16, torch.float16):
         return np.dtype(np.float32)
-    if dtype not in _TORCH_TO_NUMPY:
+    if dtype not in TORCH_TO_NUMPY:
         raise TypeError(f"to_scipy: no numpy dtype for an operator of dtype {dtype}")
-    return np.dtype(_TORCH_TO_NUMPY[dtype])
+    return np.dtype(TORCH_TO_NUMPY[dtype])
 
 
-def _is_scalar(x) -> bool:
+def is_scalar(x) -> bool:
     if isinstance(x, numbers.Number):
         return True
     return isinstance(x, Tensor) and x.ndim == 0
@@ -64,7 +64,7 @@ def _is_scalar(x) -> bool:
 
 def _is_zero(x) -> bool:
     """The scalar 0 (``sum`` starts from it): the neutral element of operator addition."""
-    return _is_scalar(x) and bool(x == 0)
+    return is_scalar(x) and bool(x == 0)
 
 
 def probe_diagonal(A: LinearOperator, block: int = 256) -> Tensor:
@@ -207,14 +207,14 @@ class LinearOperator:
         return (-1.0) * self
 
     def __mul__(self, c):
-        if not _is_scalar(c):
+        if not is_scalar(c):
             return NotImplemented
         return ScaledOperator(self, float(c))
 
     __rmul__ = __mul__
 
     def __truediv__(self, c):
-        if not _is_scalar(c):
+        if not is_scalar(c):
             return NotImplemented
         c = float(c)
         if c == 0.0:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from curvmerge.operators.base import LinearOperator, _is_scalar
+from curvmerge.operators.base import LinearOperator, is_scalar
 from curvmerge.space import ParamSpace
 
 __all__ = ["DiagonalOperator", "IdentityOperator"]
@@ -90,7 +90,7 @@ class DiagonalOperator(LinearOperator):
         return super().__add__(other)
 
     def __mul__(self, c):
-        if not _is_scalar(c):
+        if not is_scalar(c):
             return NotImplemented
         return DiagonalOperator(self.space, float(c) * self._diag)
 
@@ -150,7 +150,7 @@ class IdentityOperator(DiagonalOperator):
         return super().__add__(other)
 
     def __mul__(self, c):
-        if not _is_scalar(c):
+        if not is_scalar(c):
             return NotImplemented
         return IdentityOperator(
             self.space, float(c) * self.scale, dtype=self.dtype, device=self.device

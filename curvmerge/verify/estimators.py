@@ -92,7 +92,7 @@ class Estimate:
     def error_bar(self, z: float = Z_SCORE) -> float:
         """Half-width of the error bar: :math:`z \\cdot \\text{stderr}`, or the Student-t
         quantile of the same confidence level times ``stderr`` when ``dof`` is known."""
-        return _quantile(z, self.dof) * self.stderr
+        return t_quantile(z, self.dof) * self.stderr
 
     def covers(self, truth: float, z: float = Z_SCORE) -> bool:
         """Whether ``truth`` lies within the error bar."""
@@ -108,7 +108,7 @@ class Estimate:
         }
 
 
-def _quantile(z: float, dof: int | None) -> float:
+def t_quantile(z: float, dof: int | None) -> float:
     """The Student-t quantile with ``dof`` degrees of freedom at the two-sided confidence
     level of ``z`` normal standard errors (``z`` itself when ``dof`` is ``None``)."""
     if dof is None or dof <= 0 or z <= 0:
@@ -180,13 +180,13 @@ def rademacher(
     return (2.0 * signs.to(torch.float64) - 1.0).to(device=device, dtype=dtype)
 
 
-def _generator(seed: int | torch.Generator) -> torch.Generator:
+def as_generator(seed: int | torch.Generator) -> torch.Generator:
     if isinstance(seed, torch.Generator):
         return seed
     return torch.Generator().manual_seed(int(seed))
 
 
-def _blocks(m: int, block: int) -> Iterator[int]:
+def block_sizes(m: int, block: int) -> Iterator[int]:
     done = 0
     while done < m:
         b = min(block, m - done)
@@ -194,7 +194,7 @@ def _blocks(m: int, block: int) -> Iterator[int]:
         done += b
 
 
-def _apply(A: LinearOperator, X: Tensor) -> Tensor:
+def apply_block(A: LinearOperator, X: Tensor) -> Tensor:
     """``A @ X`` computed in ``A``'s dtype, returned in float64 on ``X``'s device."""
     return (A @ X.to(device=A.device, dtype=A.dtype)).to(device=X.device, dtype=torch.float64)
 
@@ -245,7 +245,7 @@ def estimate_diagonal(
         >>> bool(est.covers(M.diagonal()))
         True
     """
-    g = _generator(seed)
+    g = as_generator(seed)
     if method == "hutchinson":
         return _hutchinson_diagonal(A, num_products, g, block_size)
     if method in ("diag++", "diagpp", "hutch++"):
@@ -261,9 +261,9 @@ def _hutchinson_diagonal(A, m, g, block_size, *, deflate: Tensor | None = None):
     P = A.shape[0]
     total = torch.zeros(P, dtype=torch.float64, device=A.device)
     total_sq = torch.zeros_like(total)
-    for b in _blocks(m, block_size):
+    for b in block_sizes(m, block_size):
         Z = rademacher(P, b, g, device=A.device)
-        AZ = _apply(A, Z)
+        AZ = apply_block(A, Z)
         if deflate is not None:
             Q, AQ = deflate
             AZ = AZ - Q @ (AQ.T @ Z)  # (I - QQ^T) A z, using Q^T A = (A Q)^T
@@ -284,7 +284,7 @@ def _sketch(A: LinearOperator, s: int, g: torch.Generator) -> tuple[Tensor, Tens
     """``Omega``, ``Q = orth(A Omega)`` and ``R``."""
     P = A.shape[0]
     Omega = rademacher(P, s, g, device=A.device)
-    Y = _apply(A, Omega)
+    Y = apply_block(A, Omega)
     Q, R = torch.linalg.qr(Y)
     return Omega, Q, R
 
@@ -294,7 +294,7 @@ def _diagpp(A, m, g, block_size):
     s = min(m // 3, P)
     _check(A, m - 2 * s, 2, "diag++ (after the sketch)")
     _, Q, _ = _sketch(A, s, g)
-    AQ = _apply(A, Q)
+    AQ = apply_block(A, Q)
     exact_part = (Q * AQ).sum(1)
     rest = _hutchinson_diagonal(A, m - 2 * s, g, block_size, deflate=(Q, AQ))
     value = exact_part + rest.value
@@ -308,7 +308,7 @@ def _xdiag_terms(A, m, g):
     P = A.shape[0]
     k = min(k, P)
     Omega, Q, R = _sketch(A, k, g)
-    Z = _apply(A, Q)
+    Z = apply_block(A, Q)
     # columns s_i of S: R^{-T} e_i normalised; n_i = ||R^{-T} e_i||
     Rinv_T = torch.linalg.solve_triangular(
         R.T, torch.eye(k, dtype=R.dtype, device=R.device), upper=False
@@ -356,14 +356,14 @@ def estimate_trace(
         >>> round(estimate_trace(A, 8, method="hutch++").value, 8)  # the sketch sees rank 2
         5.0
     """
-    g = _generator(seed)
+    g = as_generator(seed)
     if method == "hutchinson":
         return _hutchinson_trace(A, num_products, g, block_size, None)
     if method in ("hutch++", "hutchpp"):
         P = A.shape[0]
         s = min(num_products // 3, P)
         _, Q, _ = _sketch(A, s, g)
-        AQ = _apply(A, Q)
+        AQ = apply_block(A, Q)
         exact = float((Q * AQ).sum())
         rest_m = num_products - 2 * s
         if s == P or rest_m < 2:
@@ -381,11 +381,11 @@ def _hutchinson_trace(A, m, g, block_size, Q):
     _check(A, m, 2, "hutchinson")
     P = A.shape[0]
     samples = []
-    for b in _blocks(m, block_size):
+    for b in block_sizes(m, block_size):
         Z = rademacher(P, b, g, device=A.device)
         if Q is not None:
             Z = Z - Q @ (Q.T @ Z)
-        samples.append((Z * _apply(A, Z)).sum(0))
+        samples.append((Z * apply_block(A, Z)).sum(0))
     t = torch.cat(samples)
     value = float(t.mean())
     se = max(float(t.std(correction=1) / math.sqrt(m)), _roundoff(A, P) * abs(value))
@@ -411,12 +411,12 @@ def estimate_frobenius_norm(
         5.0
     """
     _check(A, num_products, 2, "frobenius norm")
-    g = _generator(seed)
+    g = as_generator(seed)
     P = A.shape[0]
     samples = []
-    for b in _blocks(num_products, block_size):
+    for b in block_sizes(num_products, block_size):
         Z = rademacher(P, b, g, device=A.device)
-        samples.append((_apply(A, Z) ** 2).sum(0))
+        samples.append((apply_block(A, Z) ** 2).sum(0))
     t = torch.cat(samples)
     sq, se_sq = float(t.mean()), float(t.std(correction=1) / math.sqrt(num_products))
     value = math.sqrt(max(sq, 0.0))

@@ -45,7 +45,14 @@ from torch import Tensor
 
 from curvmerge.operators.base import DENSE_LIMIT, LinearOperator
 from curvmerge.space import ParamSpace
-from curvmerge.verify.estimators import Z_SCORE, _apply, _blocks, _generator, _quantile, rademacher
+from curvmerge.verify.estimators import (
+    Z_SCORE,
+    apply_block,
+    as_generator,
+    block_sizes,
+    rademacher,
+    t_quantile,
+)
 
 __all__ = ["DiagonalShare", "exact_diagonal_share", "estimate_diagonal_share", "diagonal_share"]
 
@@ -89,17 +96,17 @@ class DiagonalShare:
 
     def error_bar(self, z: float = Z_SCORE) -> float:
         """Half-width of the error bar on ``share`` (Student-t, ``num_probes - 1`` dof)."""
-        return _quantile(z, self.num_probes - 1 if self.num_probes else None) * self.stderr
+        return t_quantile(z, self.num_probes - 1 if self.num_probes else None) * self.stderr
 
     def layer_error_bar(self, name: str, z: float = Z_SCORE) -> float:
         """Half-width of the error bar on ``per_layer[name]``."""
         dof = self.num_probes - 1 if self.num_probes else None
-        return _quantile(z, dof) * self.per_layer_stderr.get(name, 0.0)
+        return t_quantile(z, dof) * self.per_layer_stderr.get(name, 0.0)
 
     def fraction_error_bar(self, name: str, z: float = Z_SCORE) -> float:
         """Half-width of the error bar on ``per_layer_fraction[name]``."""
         dof = self.num_probes - 1 if self.num_probes else None
-        return _quantile(z, dof) * self.per_layer_fraction_stderr.get(name, 0.0)
+        return t_quantile(z, dof) * self.per_layer_fraction_stderr.get(name, 0.0)
 
     def to_dict(self) -> dict:
         out = dict(self.__dict__)
@@ -189,13 +196,13 @@ def estimate_diagonal_share(
     """
     if diagonal is None:
         diagonal = F.diagonal()
-    g = _generator(seed)
+    g = as_generator(seed)
     d = diagonal.detach().to(device=F.device, dtype=torch.float64).reshape(-1)
     slices = list(F.space.slices().items())
     t_blocks = []
-    for b in _blocks(num_products, block_size):
+    for b in block_sizes(num_products, block_size):
         Z = rademacher(F.shape[0], b, g, device=F.device)
-        FZ = _apply(F, Z)
+        FZ = apply_block(F, Z)
         t_blocks.append(torch.stack([(FZ[sl] ** 2).sum(0) for _, sl in slices]))
     T = torch.cat(t_blocks, 1).cpu()  # [layers, m]
     d2 = [float((d[sl] ** 2).sum()) for _, sl in slices]
