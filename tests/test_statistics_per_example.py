@@ -245,3 +245,31 @@ def test_low_precision_models_accumulate_in_float32(dtype):
     assert float(((d - ref).abs() / ref).max()) < 5e-2
     with PerExampleSquares(low, ["0.weight", "2.bias"]) as engine:
         assert {s.dtype for s in engine.squares.values()} == {torch.float32}
+
+
+class Recurrent(nn.Module):
+    """``nn.LSTM``/``nn.GRU`` (fused over the batch: no vmap batching rule), batch first or
+    sequence first (the hidden states are ``[layers, B, H]`` either way)."""
+
+    def __init__(self, cell, batch_first):
+        super().__init__()
+        self.batch_first = batch_first
+        self.rnn = cell(3, 5, batch_first=batch_first)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        h, _ = self.rnn(x if self.batch_first else x.transpose(0, 1))
+        return self.head(h[:, -1] if self.batch_first else h[-1])
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_recurrent_layers_match_per_example_loop(cell, batch_first):
+    torch.manual_seed(0)
+    model = Recurrent(cell, batch_first).double()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(4, 4, 3, generator=g, dtype=torch.float64), torch.tensor([0, 1, 1, 0]))]
+    for kind in ("exact", "empirical"):
+        F = diagonal_fisher(model, nn.CrossEntropyLoss(), data, kind=kind, progress=False)
+        ref = one_at_a_time(model, nn.CrossEntropyLoss(), data, kind)
+        assert rel_err(F.diagonal(), ref) < 1e-10

@@ -334,7 +334,9 @@ def _fallback_per_example(module, call, d_list, names, lo, hi):
     """Per-example gradients of ``module``'s own parameters ``names`` for examples
     ``lo:hi``, by ``vmap`` over examples of a ``torch.func.vjp`` of the module. Every
     batched input and output gradient is cut along its own traced batch axis, and each
-    example keeps a batch axis of size one there (the module sees its usual layout)."""
+    example keeps a batch axis of size one there (the module sees its usual layout).
+    Modules whose kernels have no batching rule (``nn.LSTM``, ``nn.GRU``: fused over the
+    batch) are run one example at a time instead."""
     from torch.func import functional_call, vjp, vmap
 
     params = {n: module.get_parameter(n).detach() for n in names}
@@ -366,7 +368,16 @@ def _fallback_per_example(module, call, d_list, names, lo, hi):
         _, pullback = vjp(f, params)
         return pullback(tuple(bdeltas))[0]
 
-    return vmap(one, in_dims=in_dims)(batched, deltas)
+    try:
+        return vmap(one, in_dims=in_dims)(batched, deltas)
+    except (RuntimeError, NotImplementedError):
+        pass  # no batching rule for some kernel: a loop over the examples computes the same
+    grads = []
+    for e in range(hi - lo):
+        bvals = [v.select(axis, e) for v, axis in zip(batched, in_dims[0], strict=True)]
+        bdeltas = [d.select(axis, e) for d, axis in zip(deltas, in_dims[1], strict=True)]
+        grads.append(one(bvals, bdeltas))
+    return {n: torch.stack([g[n] for g in grads]) for n in names}
 
 
 # --------------------------------------------------------------------------- batch axes
