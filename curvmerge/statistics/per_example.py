@@ -550,7 +550,8 @@ class PerExampleSquares:
     float32 (bfloat16 and float16 sums lose increments). Inside the model, a module may hold
     the batch at another axis (sequence-first attention, layers on ``[T, B, D]``): the axis
     of every tensor is traced from the model input by a probe run (see :meth:`forward`).
-    ``nn.LSTM`` and ``nn.GRU`` are not supported (``torch.func.vmap`` fails inside them).
+    ``nn.LSTM`` and ``nn.GRU`` (no ``torch.func.vmap`` batching rule) are handled one
+    example at a time.
 
     Args:
         model: The model.
