@@ -517,3 +517,19 @@ def test_large_closed_form_measures_its_step_on_a_subsample():
     assert 0.5 < merge(thetas, Fs).report.curvature_share <= 1.0
     with pytest.warns(DampingWarning):
         assert merge(thetas, Fs, damping=1e-3, damping_scale=1.0).report.damping_dominates
+
+
+def test_a_diagonal_that_declines_falls_back_to_the_hutchinson_scale():
+    class Declines(_GGNLike):
+        def diagonal(self):
+            raise NotImplementedError("no engine")
+
+    space = ParamSpace(("w",), ((30,),))
+    g = torch.Generator().manual_seed(4)
+    thetas = [{"w": torch.randn(30, generator=g, dtype=torch.float64)} for _ in range(2)]
+    ops = [Declines(space, torch.diag(torch.rand(30, generator=g, dtype=torch.float64)))
+           for _ in range(2)]  # fmt: skip
+    report = merge(thetas, ops, rtol=1e-10).report
+    assert report.converged and not report.warm_start
+    assert report.damping_scale_source.startswith("hutchinson")
+    assert report.costs.scale_products > 0

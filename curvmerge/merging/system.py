@@ -300,7 +300,11 @@ def mean_diagonals(
     means = []
     for i, F in enumerate(curvatures):
         if cheap[i]:
-            d = _diagonal(F, costs)
+            try:
+                d = _diagonal(F, costs)
+            except NotImplementedError:  # it declined (no engine, space too large)
+                cheap[i], stack = False, None
+        if cheap[i]:
             check_finite(d, f"curvature {i}", space, nonnegative=True)
             means.append(float(d.sum(dtype=torch.float64)) / max(space.size, 1))
             if stack is not None:
