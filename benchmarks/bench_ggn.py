@@ -206,7 +206,9 @@ def cnn_merge(
             # the machine may be shared: time a gradient pass right before and after
             before = grad3()
             t = time.perf_counter()
-            res = merge(models, ops, damping=damping, preconditioner=pre, maxiter=maxiter)
+            res = merge(
+                models, ops, damping=damping, damping_scale=1.0, preconditioner=pre, maxiter=maxiter
+            )  # absolute damping, as in docs/benchmarks_ggn.md
             secs = time.perf_counter() - t
             grad = (before + grad3()) / 2
             r = res.report

@@ -180,6 +180,7 @@ def main():
         models,
         curvatures=ops,
         damping=args.damping,
+        damping_scale=1.0,  # --damping is the absolute lambda
         prior="mean",
         rtol=args.rtol,
         maxiter=args.maxiter,
@@ -203,7 +204,7 @@ def main():
         for m, d in zip(models, fisher_data, strict=True)
     ]
     diag_s = time.perf_counter() - t
-    diag = merge(models, curvatures=diags, damping=args.damping, prior="mean")
+    diag = merge(models, curvatures=diags, damping=args.damping, damping_scale=1.0, prior="mean")
     avg = merge(models, params=names)
 
     acc = {

@@ -54,7 +54,7 @@ def main() -> None:
             )
             fisher_seconds += time.perf_counter() - start
         start = time.perf_counter()
-        prepared = PreparedMerge(models, fishers)
+        prepared = PreparedMerge(models, fishers, damping_scale=1.0)  # absolute damping
         for w in line_grid(args.points):
             prepared.merge(w, damping=1e-8)
         sweep_seconds = time.perf_counter() - start

@@ -70,7 +70,7 @@ def test_kfac_merge():
         ref = KFACLinearOperator(model, loss_fn, [named[n] for n in names], data)
         ops.append(as_operator(ref, ParamSpace.from_module(model, names)))
         thetas.append(model)
-    result = merge(thetas, ops, damping=1e-2, rtol=1e-10, prior=None)
+    result = merge(thetas, ops, damping=1e-2, damping_scale=1.0, rtol=1e-10, prior=None)
     assert result.report.converged
     A = 1e-2 * torch.eye(ops[0].shape[0], dtype=DT)
     b = torch.zeros(ops[0].shape[0], dtype=DT)

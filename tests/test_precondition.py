@@ -57,13 +57,14 @@ def test_merge_with_nystrom_matches_dense_solve():
     g = torch.Generator().manual_seed(2)
     thetas = [{"w": torch.randn(200, generator=g, dtype=DT)} for _ in mats]
     lam = 1e-2
-    res = merge(thetas, ops, damping=lam, prior=None, preconditioner="nystrom:30", rtol=1e-10)
+    absolute = {"damping": lam, "damping_scale": 1.0, "prior": None, "rtol": 1e-10}
+    res = merge(thetas, ops, preconditioner="nystrom:30", **absolute)
     A = lam * torch.eye(200, dtype=DT) + 0.5 * (mats[0] + mats[1])
     b = 0.5 * (mats[0] @ thetas[0]["w"] + mats[1] @ thetas[1]["w"])
     expected = torch.linalg.solve(A, b)
     assert res.report.converged and res.report.preconditioner == "nystrom (rank 30)"
     assert float((res.params["w"] - expected).norm() / expected.norm()) < 1e-6
-    plain = merge(thetas, ops, damping=lam, prior=None, preconditioner=None, rtol=1e-10)
+    plain = merge(thetas, ops, preconditioner=None, **absolute)
     assert res.report.products < plain.report.products
 
 

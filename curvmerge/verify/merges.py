@@ -154,6 +154,7 @@ def compare_merges(
     task_names: Sequence[str] | None = None,
     weights: Sequence[float] | None = None,
     damping: float = 1e-3,
+    damping_scale: str | float = "auto",
     prior="mean",
     rtol: float = 1e-6,
     maxiter: int | None = None,
@@ -169,8 +170,9 @@ def compare_merges(
         params: Names or regex of the merged parameters (needed for ``None`` curvatures;
             with operators their space decides).
         task_names: Labels of the tasks (default ``task0``, ...).
-        weights, damping, prior, rtol, maxiter, preconditioner: Passed to
-            :func:`~curvmerge.merge`.
+        weights, damping, damping_scale, prior, rtol, maxiter, preconditioner: Passed to
+            :func:`~curvmerge.merge` (``damping_scale=1.0``: ``damping`` is the absolute
+            :math:`\\lambda`).
         include_task_models: Also evaluate each unmerged task model on every task.
 
     Returns:
@@ -190,6 +192,7 @@ def compare_merges(
             curv,
             weights=weights,
             damping=damping,
+            damping_scale=damping_scale,
             prior=prior,
             params=params if curv is None else None,
             rtol=rtol,

@@ -154,7 +154,7 @@ def run_verification(
             \\theta_0` (a model or parameter dict; default the average of the models,
             the merge's prior).
         weights: Merge coefficients (default :math:`1/T`).
-        damping: Merge damping :math:`\\lambda`; also the threshold below which an
+        damping: Merge damping :math:`\\lambda`, absolute; also the threshold below which an
             eigenvalue counts as "barely seen".
         k: Eigenpairs per Lanczos run.
         num_products: Products per stochastic estimate.
@@ -286,6 +286,7 @@ def run_verification(
             task_names=names,
             weights=w,
             damping=damping,
+            damping_scale=1.0,  # the report's damping is the absolute lambda of its spectra
             rtol=rtol,
             maxiter=maxiter,
             preconditioner=None,
