@@ -42,6 +42,7 @@ from curvmerge.operators import (
 from curvmerge.precondition import NystromPreconditioner
 from curvmerge.solve import CGResult, cg, solve_cg
 from curvmerge.space import ParamSpace, SpaceMismatchError
+from curvmerge.statistics.base import DataOrderError
 
 __version__ = "0.1.0"
 
@@ -59,6 +60,7 @@ __all__ = [
     "as_operator",
     # curvature statistics
     "diagonal_fisher",
+    "DataOrderError",
     "save_fisher",
     "load_fisher",
     # solver
