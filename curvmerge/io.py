@@ -44,6 +44,7 @@ __all__ = [
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
+    "atomic_folder",
     "check_compatible",
     "load_checkpoint",
     "load_hf_model",
@@ -339,8 +340,32 @@ def load_checkpoint(
 
 
 @contextlib.contextmanager
-def _atomic_folder(target: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary folder beside ``target`` and move it into place on success."""
+def atomic_folder(target: PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target`` and move it into place on success.
+
+    Write everything into the yielded folder; when the ``with`` block ends without an error
+    the folder is renamed to ``target`` (replacing an existing one only with ``force``), so
+    the whole output appears at once. On any error (or interrupt) the temporary folder is
+    removed and ``target`` is left as it was. A killed process may leave the hidden
+    temporary folder (``.NAME.*.tmp``) beside ``target``, never a half-written ``target``.
+
+    Args:
+        target: The output folder; its parent must exist.
+        force: Replace an existing ``target``.
+
+    Raises:
+        CheckpointExistsError: ``target`` exists and ``force`` is false.
+        CheckpointNotFoundError: The parent folder does not exist.
+
+    Example:
+        >>> import tempfile
+        >>> parent = Path(tempfile.mkdtemp())
+        >>> with atomic_folder(parent / "out") as tmp:
+        ...     _ = (tmp / "a.txt").write_text("done")
+        >>> (parent / "out" / "a.txt").read_text()
+        'done'
+    """
+    target = Path(target)
     _check_target(target, force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
@@ -385,7 +410,7 @@ def save_hf_model(
         The folder written.
     """
     target = Path(folder)
-    with _atomic_folder(target, force) as tmp:
+    with atomic_folder(target, force) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
