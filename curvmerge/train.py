@@ -1,4 +1,4 @@
-"""A small, seeded fine-tuning loop and evaluation for classifiers.
+"""A small, seeded fine-tuning loop and evaluation for classifiers and regressors.
 
 Data come in one of three forms, all with integer class labels:
 
@@ -9,6 +9,11 @@ Data come in one of three forms, all with integer class labels:
   ``labels``, and trailing columns that are padding in the whole mini-batch are cut off.
 
 Models return logits ``[N, C]`` or an output object with ``.logits``.
+
+Evaluation (:func:`evaluate`) reports accuracy *and* macro-F1 for classifiers, MSE for
+regressors, and how much of the data the model sends to its most frequent class: a model
+that predicts one class for nearly every input can keep a respectable accuracy on skewed data,
+and :func:`check_one_class` warns about it (:class:`OneClassWarning`).
 
 Example:
     >>> from curvmerge.train import finetune, evaluate
@@ -21,6 +26,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeAlias
 
@@ -40,6 +47,14 @@ __all__ = [
     "iter_batches",
     "num_examples",
     "predict",
+    # metrics
+    "METRICS",
+    "ONE_CLASS_SHARE",
+    "OneClassWarning",
+    "check_one_class",
+    "classification_metrics",
+    "macro_f1",
+    "regression_metrics",
 ]
 
 Data: TypeAlias = TensorSplit | tuple[Tensor, Tensor] | Mapping[str, Tensor]
@@ -309,29 +324,225 @@ def evaluate(
     *,
     batch_size: int = 256,
     loss_fn: LossFn | None = None,
+    loss: str = "cross_entropy",
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Return accuracy and mean loss of ``model`` on ``data``; the model is put in eval mode.
+    """Return the metrics of ``model`` on ``data``; the model is put in eval mode.
 
     Args:
-        model: A classifier.
+        model: A classifier (logits ``[N, C]``, or ``[N, T, C]`` with ``-100`` marking
+            padded targets) or a regressor (outputs shaped like the targets).
         data: Examples with labels (see :data:`Data`).
         batch_size: Examples per forward pass.
-        loss_fn: ``loss_fn(logits, labels) -> mean loss``; default cross-entropy.
+        loss_fn: ``loss_fn(outputs, labels) -> mean loss``; default: the loss named by
+            ``loss``.
+        loss: ``"cross_entropy"`` (classes; predictions are the arg-max),
+            ``"bce"`` (binary labels, logits thresholded at 0) or ``"mse"`` (regression).
         progress: Show a tqdm progress bar.
 
     Returns:
-        ``{"accuracy": float, "loss": float, "n": int}``; loss is the mean over examples.
+        For classifiers, :func:`classification_metrics` (``accuracy``, ``macro_f1``,
+        ``predicted_class``, ``predicted_share``, ``label_share``) plus ``loss`` and ``n``;
+        for ``"mse"``, :func:`regression_metrics` (``mse``) plus ``loss`` and ``n``. The loss
+        is the mean over loss terms.
+
+    Example:
+        >>> model = nn.Linear(2, 2)
+        >>> sorted(evaluate(model, (torch.randn(8, 2), torch.arange(8) % 2)))
+        ['accuracy', 'label_share', 'loss', 'macro_f1', 'n', 'predicted_class', 'predicted_share']
     """
+    if loss not in _LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(_LOSSES)}, got {loss!r}")
     _, labels = as_examples(data)
-    logits = predict(model, data, batch_size=batch_size, progress=progress)
     n = int(labels.shape[0])
     if n == 0:
-        return {"accuracy": float("nan"), "loss": float("nan"), "n": 0}
+        empty = {"loss": math.nan, "n": 0}
+        if loss == "mse":
+            return {"mse": math.nan, **empty}
+        return {**classification_metrics(torch.zeros(0), torch.zeros(0)), **empty}
+    outputs = predict(model, data, batch_size=batch_size, progress=progress)
     labels = labels.cpu()
-    if loss_fn is None:
-        loss = float(F.cross_entropy(logits, labels, reduction="mean"))
+    if loss == "mse":
+        targets = (
+            labels.float().reshape(outputs.shape)
+            if labels.numel() == outputs.numel()
+            else labels.float()
+        )
+        out = regression_metrics(outputs, targets)
+        value = out["mse"] if loss_fn is None else float(loss_fn(outputs, targets))
+        return {**out, "loss": value, "n": n}
+    if loss == "bce":
+        targets = (
+            labels.float().reshape(outputs.shape)
+            if labels.numel() == outputs.numel()
+            else labels.float()
+        )
+        value = (
+            float(F.binary_cross_entropy_with_logits(outputs, targets))
+            if loss_fn is None
+            else float(loss_fn(outputs, targets))
+        )
+        out = classification_metrics((outputs > 0).long().reshape(-1), targets.long().reshape(-1))
+        return {**out, "loss": value, "n": n}
+    if outputs.dim() == 3:  # token level: [N, T, C] with -100 marking padding
+        rows, targets = outputs.reshape(-1, outputs.shape[-1]), labels.reshape(-1)
+        keep = targets != -100
+        rows, targets = rows[keep], targets[keep]
     else:
-        loss = float(loss_fn(logits, labels))
-    accuracy = float((logits.argmax(dim=-1) == labels).float().mean())
-    return {"accuracy": accuracy, "loss": loss, "n": n}
+        rows, targets = outputs, labels
+    value = (
+        float(F.cross_entropy(rows, targets, reduction="mean"))
+        if loss_fn is None
+        else float(loss_fn(outputs, labels))
+    )
+    out = classification_metrics(rows.argmax(dim=-1), targets)
+    return {**out, "loss": value, "n": n}
+
+
+# ---------------------------------------------------------------------------------- metrics
+_LOSSES = ("cross_entropy", "bce", "mse")
+
+#: The metrics :func:`evaluate` reports, and whether higher values are better.
+METRICS: dict[str, bool] = {"accuracy": True, "macro_f1": True, "mse": False, "loss": False}
+
+#: Share of the inputs in one predicted class above which :func:`check_one_class` warns.
+ONE_CLASS_SHARE = 0.95
+
+
+class OneClassWarning(UserWarning):
+    """A model predicts one class for nearly every input while the labels are not that skewed.
+
+    Accuracy alone can hide it (a merged model that says "neutral" to every tweet still
+    scores the share of neutral tweets); macro-F1 and the majority-class reference show it.
+    """
+
+
+def macro_f1(predictions: Tensor, labels: Tensor) -> float:
+    r"""The unweighted mean over classes of the per-class F1 score.
+
+    .. math::
+
+        \text{macro-F1} = \frac{1}{|K|} \sum_{k \in K}
+        \frac{2\,\mathrm{TP}_k}{2\,\mathrm{TP}_k + \mathrm{FP}_k + \mathrm{FN}_k}
+
+    over the classes :math:`K` that occur in the labels or the predictions (scikit-learn's
+    ``f1_score(average="macro")``); a class with no true or predicted example scores 0.
+
+    Args:
+        predictions: Predicted classes ``[N]`` (integers).
+        labels: True classes ``[N]``.
+
+    Example:
+        >>> macro_f1(torch.tensor([0, 0, 0, 0]), torch.tensor([0, 0, 1, 1]))  # F1 2/3 and 0
+        0.3333333333333333
+    """
+    predictions = torch.as_tensor(predictions).reshape(-1).long().cpu()
+    labels = torch.as_tensor(labels).reshape(-1).long().cpu()
+    if predictions.shape != labels.shape:
+        raise ValueError(f"{predictions.numel()} predictions but {labels.numel()} labels")
+    if labels.numel() == 0:
+        return math.nan
+    classes, index = torch.unique(torch.cat([labels, predictions]), return_inverse=True)
+    K, n = classes.numel(), labels.numel()
+    y, p = index[:n], index[n:]
+    confusion = torch.bincount(y * K + p, minlength=K * K).reshape(K, K).double()
+    tp = confusion.diagonal()
+    denom = confusion.sum(0) + confusion.sum(1)  # 2 TP + FP + FN
+    f1 = torch.where(denom > 0, 2 * tp / denom.clamp_min(1), torch.zeros_like(tp))
+    return float(f1.mean())
+
+
+def _top_share(values: Tensor) -> tuple[int, float]:
+    classes, counts = torch.unique(values, return_counts=True)
+    top = int(counts.argmax())
+    return int(classes[top]), float(counts[top]) / values.numel()
+
+
+def classification_metrics(predictions: Tensor, labels: Tensor) -> dict[str, float]:
+    """Accuracy, macro-F1 and how concentrated the predictions and labels are.
+
+    Args:
+        predictions: Predicted classes ``[N]``.
+        labels: True classes ``[N]``.
+
+    Returns:
+        ``accuracy``, ``macro_f1`` (:func:`macro_f1`), ``predicted_class`` (the most
+        frequent prediction), ``predicted_share`` (its share of the inputs) and
+        ``label_share`` (the share of the most frequent true class); NaN when empty.
+
+    Example:
+        >>> m = classification_metrics(torch.tensor([1, 1, 1, 1]), torch.tensor([0, 1, 1, 0]))
+        >>> m["accuracy"], m["predicted_class"], m["predicted_share"], m["label_share"]
+        (0.5, 1, 1.0, 0.5)
+    """
+    predictions = torch.as_tensor(predictions).reshape(-1).long().cpu()
+    labels = torch.as_tensor(labels).reshape(-1).long().cpu()
+    if predictions.shape != labels.shape:
+        raise ValueError(f"{predictions.numel()} predictions but {labels.numel()} labels")
+    if labels.numel() == 0:
+        nan = math.nan
+        return {"accuracy": nan, "macro_f1": nan, "predicted_class": -1,
+                "predicted_share": nan, "label_share": nan}  # fmt: skip
+    cls, share = _top_share(predictions)
+    return {
+        "accuracy": float((predictions == labels).double().mean()),
+        "macro_f1": macro_f1(predictions, labels),
+        "predicted_class": cls,
+        "predicted_share": share,
+        "label_share": _top_share(labels)[1],
+    }
+
+
+def regression_metrics(outputs: Tensor, targets: Tensor) -> dict[str, float]:
+    """The mean squared error over all entries (``{"mse": ...}``).
+
+    Example:
+        >>> regression_metrics(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0]))
+        {'mse': 2.5}
+    """
+    outputs, targets = torch.as_tensor(outputs).double(), torch.as_tensor(targets).double()
+    if outputs.numel() == 0:
+        return {"mse": math.nan}
+    return {"mse": float(((outputs - targets.reshape(outputs.shape)) ** 2).mean())}
+
+
+def check_one_class(
+    metrics: Mapping[str, Any],
+    *,
+    what: str = "the model",
+    threshold: float = ONE_CLASS_SHARE,
+    warn: bool = True,
+) -> bool:
+    """Whether ``metrics`` show one class predicted for nearly every input; warns if so.
+
+    The test is ``predicted_share > threshold`` while ``label_share <= threshold``: the model
+    puts more than ``threshold`` of the inputs in one class although the labels are not that
+    skewed. Metrics without class shares (regression) never trigger it.
+
+    Args:
+        metrics: From :func:`evaluate` or :func:`classification_metrics`.
+        what: Names the model and data in the warning (``"average on airline"``).
+        threshold: The share, in (0, 1].
+        warn: Issue a :class:`OneClassWarning` (else only return the answer).
+
+    Example:
+        >>> m = classification_metrics(torch.zeros(100), torch.arange(100) % 3)
+        >>> check_one_class(m, warn=False)
+        True
+    """
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    share, labels = metrics.get("predicted_share"), metrics.get("label_share")
+    if share is None or labels is None or math.isnan(share) or math.isnan(labels):
+        return False
+    if not (share > threshold and labels <= threshold):
+        return False
+    if warn:
+        warnings.warn(
+            f"{what} predicts class {metrics.get('predicted_class')} for {100 * share:.1f}% of "
+            f"the inputs, while the most frequent label covers {100 * labels:.1f}%: "
+            "accuracy alone hides this; look at macro-F1 and the majority-class row",
+            OneClassWarning,
+            stacklevel=2,
+        )
+    return True

@@ -224,3 +224,96 @@ def test_minilm_finetune_rotten_tomatoes(_one_thread):
     result = evaluate(model, test, batch_size=64)
     assert result["loss"] < before["loss"]
     assert result["accuracy"] > 0.65
+
+
+# ---------------------------------------------------------------------------------- metrics
+def test_macro_f1_hand_computed_and_sklearn():
+    from sklearn.metrics import f1_score
+
+    from curvmerge.train import macro_f1
+
+    y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 2])
+    p = torch.tensor([0, 1, 0, 1, 2, 2, 2, 0, 2, 2])
+    # class 0: TP 2, FP 1, FN 1 -> 4/6; class 1: TP 1, FP 1, FN 1 -> 2/4;
+    # class 2: TP 4, FP 1, FN 1 -> 8/10
+    assert macro_f1(p, y) == pytest.approx((4 / 6 + 2 / 4 + 8 / 10) / 3)
+    # a class only predicted (3) counts with F1 0, a class never predicted too
+    p2 = torch.tensor([3, 3, 0, 1, 1, 2, 2, 2, 2, 2])
+    expected = f1_score(y.numpy(), p2.numpy(), average="macro")
+    assert macro_f1(p2, y) == pytest.approx(expected)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        y, p = torch.randint(0, 4, (50,), generator=gen), torch.randint(0, 5, (50,), generator=gen)
+        assert macro_f1(p, y) == pytest.approx(f1_score(y.numpy(), p.numpy(), average="macro"))
+    assert macro_f1(torch.tensor([1, 1]), torch.tensor([1, 1])) == 1.0
+    with pytest.raises(ValueError, match="predictions but"):
+        macro_f1(torch.tensor([1]), torch.tensor([1, 2]))
+
+
+class _Constant(torch.nn.Module):
+    """Predicts class ``k`` of ``C`` for every input."""
+
+    def __init__(self, k: int, C: int):
+        super().__init__()
+        self.k, self.C, self.w = k, C, torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        out = torch.zeros(x.shape[0], self.C) + 0 * self.w
+        out[:, self.k] = 1.0
+        return out
+
+
+def test_evaluate_reports_macro_f1_and_one_class_warning(blobs):
+    import warnings
+
+    from curvmerge.train import OneClassWarning, check_one_class
+
+    x, y = blobs
+    result = evaluate(_Constant(1, 3), (x, y))
+    assert result["predicted_share"] == 1.0 and result["predicted_class"] == 1
+    share1 = float((y == 1).float().mean())
+    assert result["accuracy"] == pytest.approx(share1)
+    assert result["macro_f1"] == pytest.approx((2 * share1 / (1 + share1)) / 3)
+    with pytest.warns(OneClassWarning, match="predicts class 1 for 100.0%"):
+        assert check_one_class(result, what="constant")
+    good = finetune(make_mlp(6, 3, seed=0), blobs, epochs=20, lr=2e-2, batch_size=16,
+                    progress=False)  # fmt: skip
+    metrics = evaluate(good, (x, y))
+    assert metrics["macro_f1"] > 0.7 and metrics["predicted_share"] < 0.95
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not check_one_class(metrics)
+    # labels as skewed as the predictions: no warning
+    skewed = evaluate(_Constant(0, 3), (x, torch.zeros_like(y)))
+    assert skewed["label_share"] == 1.0 and not check_one_class(skewed, warn=False)
+
+
+def test_evaluate_regression_and_token_level():
+    x = torch.randn(20, 3)
+    model = torch.nn.Linear(3, 1)
+    targets = torch.randn(20)
+    with torch.no_grad():
+        mse = float(((model(x).squeeze(1) - targets) ** 2).mean())
+    out = evaluate(model, (x, targets), loss="mse")
+    assert set(out) == {"mse", "loss", "n"} and out["mse"] == pytest.approx(mse, rel=1e-5)
+    # token-level logits [N, T, C]; -100 targets are excluded
+    logits = torch.randn(4, 5, 7)
+    labels = logits.argmax(-1)
+    labels[:, 3:] = -100
+    labels[0, 0] = (labels[0, 0] + 1) % 7
+    out = evaluate(lambda_model(logits), (torch.arange(4), labels))
+    assert out["accuracy"] == pytest.approx(11 / 12)  # 4 x 3 kept tokens, one wrong
+    with pytest.raises(ValueError, match="loss must be one of"):
+        evaluate(model, (x, targets), loss="hinge")
+
+
+def lambda_model(logits):
+    class Lookup(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Parameter(logits.clone())
+
+        def forward(self, idx):
+            return self.table[idx]
+
+    return Lookup()
