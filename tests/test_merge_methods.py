@@ -315,3 +315,41 @@ def test_registry_errors():
     assert spec.operator == "curvmerge.operators.ggn:GGNOperator"
     with pytest.raises(ValueError, match="needs no curvature operator"):
         get_method("ties").operator_class()
+
+
+def test_registry_rows_carry_grids_and_statistics_needs():
+    from curvmerge.merging.registry import get_method, list_methods, methods_table
+
+    for spec in list_methods():
+        points = spec.grid_points()  # every default point uses the method's own options
+        assert points and all(isinstance(p, dict) for p in points)
+        if spec.grid:
+            result = (
+                spec([A, B], base=BASE, curvatures=None, **points[-1])
+                if (spec.statistics == "none")
+                else None
+            )
+            assert result is None or set(result.params) == set(A)
+        assert spec.needs == (
+            (() if spec.statistics == "none" else (spec.statistics,))
+            + (("base",) if spec.needs_base else ())
+        )
+    assert get_method("fisher_diagonal").needs == ("diagonal_fisher",)
+    assert get_method("ties").needs == ("base",)
+    assert [p["damping"] for p in get_method("fisher_exact").grid_points()] == [0.1, 0.01, 0.001]
+    assert {s.name for s in list_methods() if s.equation} == {
+        "average", "fisher_diagonal", "fisher_exact"}  # fmt: skip
+    # overrides: a list of points or a product of values; options are checked
+    spec = get_method("fisher_diagonal")
+    half = (0.5, 0.5)
+    assert spec.grid_points({"damping": [1e-3, 1e-2], "weights": [half]}) == [
+        {"damping": 1e-3, "weights": half},
+        {"damping": 1e-2, "weights": half},
+    ]
+    assert spec.grid_points([{"damping": 1.0}]) == [{"damping": 1.0}]
+    assert get_method("average").grid_points() == [{}]
+    with pytest.raises(ValueError, match="no option 'dampng'.*damping"):
+        spec.grid_points({"dampng": [1.0]})
+    with pytest.raises(ValueError, match="grid 'damping' has no values"):
+        spec.grid_points({"damping": []})
+    assert "| ties | none | density ∈ {0.2, 0.5}, scaling ∈ {0.7, 1} |" in methods_table()

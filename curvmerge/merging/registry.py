@@ -18,11 +18,19 @@ not a merge); :func:`task_models` turns either into one evaluable module per tas
 - ``"exact_ggn"``: one matrix-free :class:`~curvmerge.operators.LinearOperator` per model,
   normally ``curvmerge.operators.ggn.GGNOperator`` (named in ``spec.operator``, imported only
   by :meth:`MethodSpec.operator_class`).
+
+``spec.grid`` is the method's default coefficient grid: the points (keyword arguments of the
+call, ``weights`` included) among which an experiment chooses on validation data (empty: the
+method has nothing to choose and runs once at its defaults). ``spec.equation`` marks the
+methods that are one point of the merge equation: a whole grid of weights and dampings is
+served by one :class:`~curvmerge.merging.PreparedMerge` (statistics stacked once).
+:meth:`MethodSpec.grid_points` checks a grid against the method's options.
 """
 
 from __future__ import annotations
 
 import importlib
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +79,11 @@ class MethodSpec:
         num_models: Number of models the method takes (``None``: any).
         weights: What ``weights`` means for this method.
         operator: ``"module:Class"`` of the operator that computes the statistics, if any.
+        grid: The default coefficient grid, one mapping of keyword arguments per point
+            (chosen on validation; empty: run once at the defaults).
+        equation: The method is one point of the merge equation, so its ``weights`` and
+            ``damping`` points can share one :class:`~curvmerge.merging.PreparedMerge`;
+            its other options are those of the prepared merge.
     """
 
     name: str
@@ -84,6 +97,59 @@ class MethodSpec:
     num_models: int | None = None
     weights: str = "per-model coefficients w_t >= 0"
     operator: str | None = None
+    grid: tuple[Mapping[str, Any], ...] = ()
+    equation: bool = False
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """What a caller must supply besides the models: the statistics kind (unless
+        ``"none"``) and ``"base"`` when the base model is required."""
+        out = () if self.statistics == "none" else (self.statistics,)
+        return out + (("base",) if self.needs_base else ())
+
+    def grid_points(
+        self, grid: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]] | None = None
+    ) -> list[dict[str, Any]]:
+        """The grid as a list of points, checked against the method's options.
+
+        Args:
+            grid: ``None`` (the default grid), a list of points, or a mapping of option to
+                values whose product is the grid (``{"damping": [1e-3, 1e-2]}``).
+
+        Returns:
+            At least one point (``[{}]``: the defaults).
+
+        Raises:
+            ValueError: A key that is neither an option of the method nor ``weights``, or an
+                empty list of values.
+
+        Example:
+            >>> get_method("ties").grid_points({"density": [0.2, 0.5], "scaling": [1.0]})
+            [{'density': 0.2, 'scaling': 1.0}, {'density': 0.5, 'scaling': 1.0}]
+        """
+        if grid is None:
+            grid = self.grid
+        if isinstance(grid, Mapping):
+            keys = list(grid)
+            values = []
+            for k in keys:
+                v = grid[k]
+                v = list(v) if isinstance(v, (list, tuple)) else [v]
+                if not v:
+                    raise ValueError(f"method {self.name!r}: grid {k!r} has no values")
+                values.append(v)
+            points = [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*values)]
+        else:
+            points = [dict(p) for p in grid]
+        valid = {*self.options, "weights"}
+        for point in points:
+            unknown = sorted(set(point) - valid)
+            if unknown:
+                raise ValueError(
+                    f"method {self.name!r} has no option {unknown[0]!r} to choose on a grid "
+                    f"(its options: {', '.join(sorted(valid))})"
+                )
+        return points or [{}]
 
     def __call__(
         self,
@@ -205,6 +271,7 @@ _TABLE: tuple[MethodSpec, ...] = (
         reference="Wortsman et al., Model soups, ICML 2022",
         function=_average,
         options={**_EQUATION, "damping": 0.0},
+        equation=True,
     ),
     MethodSpec(
         name="task_arithmetic",
@@ -214,6 +281,7 @@ _TABLE: tuple[MethodSpec, ...] = (
         options={"scaling": 1.0},
         needs_base=True,
         weights="per-model multipliers of the task vectors (default 1)",
+        grid=tuple({"scaling": s} for s in (0.3, 0.5, 0.7, 1.0)),
     ),
     MethodSpec(
         name="ties",
@@ -223,6 +291,7 @@ _TABLE: tuple[MethodSpec, ...] = (
         options={"density": 0.2, "scaling": 1.0},
         needs_base=True,
         weights="per-model multipliers of the trimmed task vectors (default 1)",
+        grid=tuple({"density": d, "scaling": s} for d in (0.2, 0.5) for s in (0.7, 1.0)),
     ),
     MethodSpec(
         name="dare",
@@ -238,6 +307,7 @@ _TABLE: tuple[MethodSpec, ...] = (
         },
         needs_base=True,
         weights="per-model multipliers of the task vectors (default 1)",
+        grid=tuple({"drop_rate": d, "scaling": s} for d in (0.5, 0.9) for s in (0.5, 1.0)),
     ),
     MethodSpec(
         name="slerp",
@@ -247,6 +317,7 @@ _TABLE: tuple[MethodSpec, ...] = (
         options={"t": None, "per_tensor": True},
         num_models=2,
         weights="(w1, w2) sets t = w2 / (w1 + w2)",
+        grid=tuple({"t": t} for t in (0.25, 0.5, 0.75)),
     ),
     MethodSpec(
         name="fisher_diagonal",
@@ -255,6 +326,8 @@ _TABLE: tuple[MethodSpec, ...] = (
         function=_curvature_merge,
         statistics="diagonal_fisher",
         options=_EQUATION,
+        grid=tuple({"damping": d} for d in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)),
+        equation=True,
     ),
     MethodSpec(
         name="fisher_exact",
@@ -265,6 +338,9 @@ _TABLE: tuple[MethodSpec, ...] = (
         statistics="exact_ggn",
         options=_SOLVER,
         operator="curvmerge.operators.ggn:GGNOperator",
+        # largest first: each CG solve warm-starts from the previous, better-conditioned one
+        grid=tuple({"damping": d} for d in (1e-1, 1e-2, 1e-3)),
+        equation=True,
     ),
     MethodSpec(
         name="ensemble",
@@ -308,11 +384,29 @@ def get_method(name: str) -> MethodSpec:
     return _REGISTRY[key]
 
 
+def _grid_text(spec: MethodSpec) -> str:
+    if not spec.grid:
+        return "–"
+    keys: list[str] = []
+    for point in spec.grid:
+        keys.extend(k for k in point if k not in keys)
+    parts = []
+    for k in keys:
+        values = list(dict.fromkeys(p[k] for p in spec.grid if k in p))
+        parts.append(f"{k} ∈ {{{', '.join(f'{v:g}' for v in values)}}}")
+    return ", ".join(parts)
+
+
 def methods_table() -> str:
-    """A Markdown table of the registry (name, statistics, summary, reference)."""
-    lines = ["| method | statistics | summary | reference |", "| --- | --- | --- | --- |"]
+    """A Markdown table of the registry (name, statistics, grid, summary, reference)."""
+    lines = [
+        "| method | statistics | grid | summary | reference |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for s in _TABLE:
-        lines.append(f"| {s.name} | {s.statistics} | {s.summary} | {s.reference} |")
+        lines.append(
+            f"| {s.name} | {s.statistics} | {_grid_text(s)} | {s.summary} | {s.reference} |"
+        )
     return "\n".join(lines)
 
 
