@@ -9,7 +9,10 @@ its per-task scores, in the order rows should appear:
     paths = write_comparison(rows, "out/compare")  # out/compare.md, .csv, .png
 
 Each table has one column per task and a ``mean`` column (the unweighted mean over tasks;
-blank when a task is missing). Sweeps (:class:`~curvmerge.merging.sweep.SweepResult`) are written
+blank when a task is missing). Several metrics of one comparison (accuracy, macro-F1, MSE)
+are *metric tables*, ``{metric: rows}``, written together by :func:`write_metrics`: one
+Markdown section and one plot panel per metric, and one CSV with a ``metric`` column.
+Sweeps (:class:`~curvmerge.merging.sweep.SweepResult`) are written
 by :func:`write_sweep`: every point with its coefficients and scores, the chosen point, its
 test score and the sweep's cost.
 
@@ -36,12 +39,28 @@ __all__ = [
     "comparison_csv",
     "plot_comparison",
     "write_comparison",
+    "METRIC_NAMES",
+    "metrics_markdown",
+    "metrics_csv",
+    "plot_metrics",
+    "write_metrics",
     "sweep_markdown",
     "plot_sweep",
     "write_sweep",
 ]
 
 Rows = Mapping[str, Mapping[str, float]]
+Tables = Mapping[str, Rows]
+
+#: Display name of each metric and whether lower values are better (for highlighting).
+METRIC_NAMES: dict[str, tuple[str, bool]] = {
+    "accuracy": ("accuracy", False),
+    "macro_f1": ("macro-F1", False),
+    "mse": ("MSE", True),
+    "loss": ("loss", True),
+}
+#: Metrics shown as percentages.
+PERCENT_METRICS = ("accuracy", "macro_f1")
 
 
 # ---------------------------------------------------------------------------------- files
@@ -93,6 +112,7 @@ def markdown_table(
     percent: bool = False,
     highlight_best: bool = True,
     label: str = "method",
+    lower_is_better: bool = False,
 ) -> str:
     """A Markdown table: one row per entry of ``rows``, one column per task, then the mean.
 
@@ -101,8 +121,9 @@ def markdown_table(
         tasks: Column order (default: :func:`comparison_tasks`).
         digits: Decimals (for ``percent``, decimals of the fraction, so 3 gives ``91.2``).
         percent: Show scores as percentages.
-        highlight_best: Bold the best (highest) value of each column.
+        highlight_best: Bold the best value of each column.
         label: Header of the first column.
+        lower_is_better: The best value is the lowest (errors such as MSE).
 
     Example:
         >>> print(markdown_table({"a": {"x": 0.5, "y": 1.0}, "b": {"x": 0.75, "y": 0.5}}), end="")
@@ -112,8 +133,9 @@ def markdown_table(
         | b | **0.750** | 0.500 | 0.625 |
     """
     header, body = _table(rows, tasks)
+    pick = min if lower_is_better else max
     best = [
-        max((r[j] for r in body if not math.isnan(r[j])), default=math.nan)
+        pick((r[j] for r in body if not math.isnan(r[j])), default=math.nan)
         for j in range(len(header))
     ]
     lines = [
@@ -207,6 +229,145 @@ def write_comparison(
     }
     if plot:
         paths["png"] = plot_comparison(rows, stem.with_suffix(".png"), tasks=tasks, title=title)
+    return paths
+
+
+# ---------------------------------------------------------------------------------- metrics
+def _metric_name(metric: str) -> str:
+    return METRIC_NAMES.get(metric, (metric, False))[0]
+
+
+def metrics_markdown(
+    tables: Tables,
+    *,
+    digits: int = 3,
+    highlight_best: bool = True,
+    label: str = "method",
+    heading: str = "###",
+) -> str:
+    """One Markdown section per metric: accuracy and macro-F1 as percentages, MSE as numbers.
+
+    Args:
+        tables: ``{metric: {row: {task: value}}}``, in display order.
+        digits: As in :func:`markdown_table`.
+        highlight_best: Bold the best value of each column (lowest for MSE and loss).
+        label: Header of the first column.
+        heading: Markdown heading of each section.
+
+    Example:
+        >>> tables = {"accuracy": {"a": {"x": 0.5}}, "macro_f1": {"a": {"x": 0.25}}}
+        >>> print(metrics_markdown(tables, highlight_best=False), end="")
+        ### accuracy (%)
+        <BLANKLINE>
+        | method | x | mean |
+        | --- | ---: | ---: |
+        | a | 50.0 | 50.0 |
+        <BLANKLINE>
+        ### macro-F1 (%)
+        <BLANKLINE>
+        | method | x | mean |
+        | --- | ---: | ---: |
+        | a | 25.0 | 25.0 |
+    """
+    parts = []
+    for metric, rows in tables.items():
+        percent = metric in PERCENT_METRICS
+        lower = METRIC_NAMES.get(metric, (metric, False))[1]
+        title = _metric_name(metric) + (" (%)" if percent else "")
+        table = markdown_table(rows, digits=digits, percent=percent, label=label,
+                               highlight_best=highlight_best, lower_is_better=lower)  # fmt: skip
+        parts.append(f"{heading} {title}\n\n{table}")
+    if not parts:
+        raise ValueError("no metric tables")
+    return "\n".join(parts)
+
+
+def metrics_csv(tables: Tables, *, label: str = "method") -> str:
+    """Every metric table as one CSV: ``label, metric, <tasks...>, mean`` (full precision).
+
+    The task columns are the union over metrics; a task a metric does not apply to (MSE of a
+    classification task) is an empty cell.
+    """
+    tasks: list[str] = []
+    for rows in tables.values():
+        tasks.extend(t for t in comparison_tasks(rows) if t not in tasks)
+    if not tasks:
+        raise ValueError("a comparison needs at least one task column")
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow([label, "metric", *tasks, "mean"])
+    for metric, rows in tables.items():
+        own = comparison_tasks(rows)
+        for name, scores in rows.items():
+            values = [_value(scores, t) for t in tasks]
+            mean = _mean(scores, own)
+            writer.writerow([name, metric, *("" if math.isnan(v) else repr(v) for v in values),
+                             "" if math.isnan(mean) else repr(mean)])  # fmt: skip
+    return buf.getvalue()
+
+
+def plot_metrics(tables: Tables, path: str | os.PathLike, *, title: str | None = None) -> Path:
+    """Grouped bars, one panel per metric (one group per task and the mean, one bar per row).
+    Written atomically."""
+    if not tables:
+        raise ValueError("no metric tables")
+    panels = [(metric, *_table(rows, None)) for metric, rows in tables.items()]
+    n_rows = max(len(body) for _, _, body in panels)
+    n_cols = max(len(header) for _, header, _ in panels)
+    width = max(6.0, 1.1 * n_cols + 0.25 * n_rows * n_cols)
+    fig = _figure(width, 3.4 * len(panels) + 0.8)
+    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+    for ax, (metric, header, body), rows in zip(axes, panels, tables.values(), strict=True):
+        n = len(body)
+        bar = 0.8 / n
+        for i, (name, values) in enumerate(zip(rows, body, strict=True)):
+            xs = [j + (i - (n - 1) / 2) * bar for j in range(len(header))]
+            ax.bar(xs, [0 if math.isnan(v) else v for v in values], bar, label=str(name))
+        ax.set_xticks(range(len(header)), header)
+        ax.set_ylabel(_metric_name(metric))
+        finite = [v for r in body for v in r if not math.isnan(v)]
+        if metric in PERCENT_METRICS and finite and 0 <= min(finite) and max(finite) <= 1:
+            ax.set_ylim(max(0.0, min(finite) - 0.1), 1.0)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize="small", ncols=min(n_rows, 4), loc="lower center",
+                   bbox_to_anchor=(0.5, 1.0))  # fmt: skip
+    if title:
+        fig.suptitle(title)
+    return atomic_write_bytes(path, _png_bytes(fig))
+
+
+def write_metrics(
+    tables: Tables,
+    stem: str | os.PathLike,
+    *,
+    title: str | None = None,
+    plot: bool = True,
+    label: str = "method",
+    preamble: str = "",
+) -> dict[str, Path]:
+    """Write ``<stem>.md`` (:func:`metrics_markdown`), ``<stem>.csv`` (:func:`metrics_csv`)
+    and (``plot``) ``<stem>.png`` (:func:`plot_metrics`), each atomically; return the paths.
+
+    Args:
+        tables: ``{metric: {row: {task: value}}}``.
+        stem: Output path without suffix.
+        title: Heading of the Markdown file and title of the plot.
+        plot: Write the PNG.
+        label: Header of the first column.
+        preamble: Markdown placed after the title, before the tables.
+    """
+    stem = Path(stem)
+    md = metrics_markdown(tables, label=label)
+    if preamble:
+        md = preamble.rstrip("\n") + "\n\n" + md
+    if title:
+        md = f"## {title}\n\n{md}"
+    paths = {
+        "markdown": atomic_write_text(stem.with_suffix(".md"), md),
+        "csv": atomic_write_text(stem.with_suffix(".csv"), metrics_csv(tables, label=label)),
+    }
+    if plot:
+        paths["png"] = plot_metrics(tables, stem.with_suffix(".png"), title=title)
     return paths
 
 

@@ -91,3 +91,32 @@ def test_write_sweep_files(tmp_path):
     out = grid_search(lambda scaling: scaling, [{"scaling": s} for s in (0.1, 0.5, 1.0)],
                       validate=lambda r: -math.fabs(r - 0.5))  # fmt: skip
     _is_png(write_sweep(out, tmp_path / "scaling")["png"])
+
+
+def test_metric_tables_markdown_csv_png(tmp_path):
+    from curvmerge.results import metrics_markdown, write_metrics
+
+    tables = {
+        "accuracy": {"average": {"a": 0.9, "b": 0.8}, "majority class": {"a": 0.5, "b": 0.6}},
+        "macro_f1": {"average": {"a": 0.85, "b": 0.7}, "majority class": {"a": 0.33, "b": 0.4}},
+        "mse": {"average": {"r": 2.0}, "majority class": {"r": 1.0}},
+    }
+    md = metrics_markdown(tables)
+    assert "### accuracy (%)" in md and "### macro-F1 (%)" in md and "### MSE" in md
+    assert "| average | **90.0** | **80.0** | **85.0** |" in md
+    assert "| majority class | **1.000** | **1.000** |" in md  # lower MSE is better
+    paths = write_metrics(tables, tmp_path / "out" / "results", title="T", preamble="hello")
+    text = paths["markdown"].read_text()
+    assert text.startswith("## T\n\nhello\n\n### accuracy")
+    with open(paths["csv"], newline="") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ["method", "metric", "a", "b", "r", "mean"]
+    assert [(r["method"], r["metric"]) for r in table][:3] == [
+        ("average", "accuracy"),
+        ("majority class", "accuracy"),
+        ("average", "macro_f1"),
+    ]
+    assert float(table[0]["mean"]) == pytest.approx(0.85) and table[0]["r"] == ""
+    assert float(table[4]["mean"]) == 2.0 and table[4]["a"] == ""
+    _is_png(paths["png"])
+    assert not [p for p in os.listdir(paths["csv"].parent) if p.endswith(".tmp")]
