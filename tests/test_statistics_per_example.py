@@ -273,3 +273,41 @@ def test_recurrent_layers_match_per_example_loop(cell, batch_first):
         F = diagonal_fisher(model, nn.CrossEntropyLoss(), data, kind=kind, progress=False)
         ref = one_at_a_time(model, nn.CrossEntropyLoss(), data, kind)
         assert rel_err(F.diagonal(), ref) < 1e-10
+
+
+class Squeezed(nn.Module):
+    """A single output squeezed away: ``[B, 1] -> [B]``, and ``[] `` for one example."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x))).squeeze()
+
+
+class InPlaceInput(nn.Module):
+    """Scales its input in place (a view of the user's batch when nothing copies it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.lin(x.mul_(2.0))
+
+
+def test_probe_handles_squeezed_outputs_and_in_place_inputs():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    bce = [(x, (torch.rand(5, generator=g) < 0.5).double())]
+    model = Squeezed().double()
+    F = diagonal_fisher(model, nn.BCEWithLogitsLoss(), bce, progress=False)
+    assert rel_err(F.diagonal(), brute_force(model, nn.BCEWithLogitsLoss(), bce, "exact")) < 1e-10
+    model = InPlaceInput().double()
+    data = [(x.clone(), torch.tensor([0, 1, 1, 0, 1]))]
+    F = diagonal_fisher(model, nn.CrossEntropyLoss(), data, progress=False)
+    ref = brute_force(model, nn.CrossEntropyLoss(), [(x.clone(), data[0][1])], "exact")
+    assert rel_err(F.diagonal(), ref) < 1e-10

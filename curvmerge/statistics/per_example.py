@@ -27,7 +27,7 @@ used by several calls (a layer applied twice, tied embeddings) get their per-exa
 gradients summed over the calls before squaring.
 
 The batch axis of every tensor a layer sees is traced, not guessed from its shape: a probe
-run on one example records the shapes, and the batch axis is the one axis whose size
+run on two or three examples records the shapes, and the batch axis is the one axis whose size
 follows the number of examples (``[T, B, D]`` in sequence-first layers, even when
 :math:`T = B`). Calls where no such axis exists (sizes that change otherwise) are handled
 by an enclosing module, or refused with the module's name.
@@ -382,13 +382,17 @@ def _fallback_per_example(module, call, d_list, names, lo, hi):
 
 # --------------------------------------------------------------------------- batch axes
 def _probe_inputs(inputs, batch: int):
-    """The probe sub-batch: the first example (the first example twice when the batch has
-    one), cut from every tensor of ``inputs`` along its first axis."""
+    """The probe sub-batch, copied from every tensor of ``inputs`` along its first axis:
+    two examples (the first and second; the first twice for a batch of one), three for a
+    batch of two (the probe size must differ from the batch size). Never one: a size-1 axis
+    is squeezed and broadcast by models where a batch axis is not. Copies, so that a model
+    that changes its input in place changes neither the batch nor the user's data."""
+    index = [0, 1] if batch > 2 else ([0, 1, 0] if batch == 2 else [0, 0])
 
     def cut(v):
         if not isinstance(v, Tensor) or v.ndim == 0:
             return v
-        return v[:1] if batch > 1 else torch.cat([v[:1], v[:1]])
+        return v[torch.tensor(index, device=v.device)]
 
     if isinstance(inputs, Mapping):
         return {k: cut(v) for k, v in inputs.items()}
@@ -687,8 +691,8 @@ class PerExampleSquares:
         per-example gradient is obtained.
 
         The batch axis of every tensor a hooked module sees is traced, not guessed: a probe
-        run of ``call`` on the first example (twice, for a batch of one) records their
-        shapes, and a tensor's batch axis is the one axis whose size follows the number of
+        run of ``call`` on a copy of two or three examples (see :func:`_probe_inputs`)
+        records their shapes, and a tensor's batch axis is the one axis whose size follows the number of
         examples (a tensor of equal shapes is shared by all examples)."""
         batch = batch_size(inputs)
         if batch == 0:
@@ -782,7 +786,7 @@ class PerExampleSquares:
         return (
             f"parameter {name!r} is used by the forward pass, but its per-example gradients "
             f"cannot be formed: {detail}. The batch axis of every tensor is traced from the "
-            "model input (a probe run on one example); make the model's inputs batch-first "
+            "model input (a probe run on two or three examples); make the model's inputs batch-first "
             "and keep the other sizes independent of the batch (pad sequences to a fixed "
             "length, do not flatten examples together) in the modules that hold the selected "
             "parameters"
