@@ -692,8 +692,8 @@ class PerExampleSquares:
 
         The batch axis of every tensor a hooked module sees is traced, not guessed: a probe
         run of ``call`` on a copy of two or three examples (see :func:`_probe_inputs`)
-        records their shapes, and a tensor's batch axis is the one axis whose size follows the number of
-        examples (a tensor of equal shapes is shared by all examples)."""
+        records their shapes, and a tensor's batch axis is the one axis whose size follows
+        the number of examples (a tensor of equal shapes is shared by all examples)."""
         batch = batch_size(inputs)
         if batch == 0:
             raise ValueError("the batch has no examples")
@@ -786,10 +786,10 @@ class PerExampleSquares:
         return (
             f"parameter {name!r} is used by the forward pass, but its per-example gradients "
             f"cannot be formed: {detail}. The batch axis of every tensor is traced from the "
-            "model input (a probe run on two or three examples); make the model's inputs batch-first "
-            "and keep the other sizes independent of the batch (pad sequences to a fixed "
-            "length, do not flatten examples together) in the modules that hold the selected "
-            "parameters"
+            "model input (a probe run on two or three examples); make the model's inputs "
+            "batch-first and keep the other sizes independent of the batch (pad sequences to "
+            "a fixed length, do not flatten examples together) in the modules that hold the "
+            "selected parameters"
         )
 
     def _fallback_entries(self, name, calls_by_module):
