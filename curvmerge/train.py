@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeAlias
 
 import torch
@@ -44,6 +44,7 @@ __all__ = [
     "as_examples",
     "evaluate",
     "finetune",
+    "is_batches",
     "iter_batches",
     "num_examples",
     "predict",
@@ -318,9 +319,30 @@ def predict(
     return torch.cat(chunks)
 
 
+def is_batches(data: Any) -> bool:
+    """Whether ``data`` is an iterable of ``(inputs, targets)`` batches rather than
+    :data:`Data` (a ``TensorSplit``, an ``(inputs, labels)`` pair or a batch dict)."""
+    if isinstance(data, (TensorSplit, TextSplit, Mapping, Tensor, str)):
+        return False
+    if (
+        isinstance(data, tuple)
+        and len(data) == 2
+        and isinstance(data[0], (Tensor, Mapping))
+        and isinstance(data[1], Tensor)
+    ):
+        return False
+    return hasattr(data, "__iter__")
+
+
+def _targets_like(targets: Tensor, outputs: Tensor) -> Tensor:
+    targets = targets.float()
+    return targets.reshape(outputs.shape) if targets.numel() == outputs.numel() else targets
+
+
+@torch.no_grad()
 def evaluate(
     model: nn.Module,
-    data: Data,
+    data: Data | Iterable[tuple[Any, Tensor]],
     *,
     batch_size: int = 256,
     loss_fn: LossFn | None = None,
@@ -332,10 +354,11 @@ def evaluate(
     Args:
         model: A classifier (logits ``[N, C]``, or ``[N, T, C]`` with ``-100`` marking
             padded targets) or a regressor (outputs shaped like the targets).
-        data: Examples with labels (see :data:`Data`).
-        batch_size: Examples per forward pass.
-        loss_fn: ``loss_fn(outputs, labels) -> mean loss``; default: the loss named by
-            ``loss``.
+        data: Examples with labels (see :data:`Data`), or an iterable of ``(inputs,
+            targets)`` batches (such as statistics batches or a ``DataLoader``).
+        batch_size: Examples per forward pass (for :data:`Data`).
+        loss_fn: ``loss_fn(outputs, targets) -> mean loss`` of a batch; default: the loss
+            named by ``loss``.
         loss: ``"cross_entropy"`` (classes; predictions are the arg-max),
             ``"bce"`` (binary labels, logits thresholded at 0) or ``"mse"`` (regression).
         progress: Show a tqdm progress bar.
@@ -344,7 +367,7 @@ def evaluate(
         For classifiers, :func:`classification_metrics` (``accuracy``, ``macro_f1``,
         ``predicted_class``, ``predicted_share``, ``label_share``) plus ``loss`` and ``n``;
         for ``"mse"``, :func:`regression_metrics` (``mse``) plus ``loss`` and ``n``. The loss
-        is the mean over loss terms.
+        is the mean over loss terms (rows, non-padding tokens, or entries).
 
     Example:
         >>> model = nn.Linear(2, 2)
@@ -353,50 +376,56 @@ def evaluate(
     """
     if loss not in _LOSSES:
         raise ValueError(f"loss must be one of {', '.join(_LOSSES)}, got {loss!r}")
-    _, labels = as_examples(data)
-    n = int(labels.shape[0])
-    if n == 0:
-        empty = {"loss": math.nan, "n": 0}
-        if loss == "mse":
-            return {"mse": math.nan, **empty}
-        return {**classification_metrics(torch.zeros(0), torch.zeros(0)), **empty}
-    outputs = predict(model, data, batch_size=batch_size, progress=progress)
-    labels = labels.cpu()
-    if loss == "mse":
-        targets = (
-            labels.float().reshape(outputs.shape)
-            if labels.numel() == outputs.numel()
-            else labels.float()
-        )
-        out = regression_metrics(outputs, targets)
-        value = out["mse"] if loss_fn is None else float(loss_fn(outputs, targets))
-        return {**out, "loss": value, "n": n}
-    if loss == "bce":
-        targets = (
-            labels.float().reshape(outputs.shape)
-            if labels.numel() == outputs.numel()
-            else labels.float()
-        )
-        value = (
-            float(F.binary_cross_entropy_with_logits(outputs, targets))
-            if loss_fn is None
-            else float(loss_fn(outputs, targets))
-        )
-        out = classification_metrics((outputs > 0).long().reshape(-1), targets.long().reshape(-1))
-        return {**out, "loss": value, "n": n}
-    if outputs.dim() == 3:  # token level: [N, T, C] with -100 marking padding
-        rows, targets = outputs.reshape(-1, outputs.shape[-1]), labels.reshape(-1)
-        keep = targets != -100
-        rows, targets = rows[keep], targets[keep]
+    device = _device_of(model)
+    if is_batches(data):
+        from curvmerge.batches import move_batch
+
+        batches = ((move_batch(x, device), y) for x, y in data)
+        total = len(data) if hasattr(data, "__len__") else None
     else:
-        rows, targets = outputs, labels
-    value = (
-        float(F.cross_entropy(rows, targets, reduction="mean"))
-        if loss_fn is None
-        else float(loss_fn(outputs, labels))
-    )
-    out = classification_metrics(rows.argmax(dim=-1), targets)
-    return {**out, "loss": value, "n": n}
+        n_all = num_examples(data)
+        batches = iter_batches(data, batch_size, device=device)
+        total = -(-n_all // batch_size)
+    model.eval()
+    preds, targets, sse = [], [], 0.0
+    n = terms = 0
+    loss_sum = 0.0
+    for inputs, y in tqdm(batches, total=total, desc="evaluate", disable=not progress,
+                          leave=False):  # fmt: skip
+        out = model_outputs(model, inputs).float().cpu()
+        y = torch.as_tensor(y).cpu()
+        n += int(y.shape[0])
+        if loss in ("mse", "bce"):
+            t = _targets_like(y, out)
+            rows = out.numel()
+            if loss == "mse":
+                batch_loss = F.mse_loss(out, t, reduction="sum") / max(rows, 1)
+                sse += float(((out - t.reshape(out.shape)) ** 2).sum(dtype=torch.float64))
+            else:
+                batch_loss = F.binary_cross_entropy_with_logits(out, t)
+                preds.append((out > 0).long().reshape(-1))
+                targets.append(t.long().reshape(-1))
+        else:
+            if out.dim() == 3:  # token level: [N, T, C] with -100 marking padding
+                r, t = out.reshape(-1, out.shape[-1]), y.reshape(-1)
+                keep = t != -100
+                r, t = r[keep], t[keep]
+            else:
+                r, t = out, y
+            rows = int(t.shape[0])
+            batch_loss = F.cross_entropy(r, t) if rows else torch.zeros(())
+            preds.append(r.argmax(dim=-1))
+            targets.append(t)
+        if loss_fn is not None:
+            batch_loss = loss_fn(out, y)
+        loss_sum += float(batch_loss) * rows
+        terms += rows
+    value = loss_sum / terms if terms else math.nan
+    if loss == "mse":
+        return {"mse": sse / terms if terms else math.nan, "loss": value, "n": n}
+    p = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+    t = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
+    return {**classification_metrics(p, t), "loss": value, "n": n}
 
 
 # ---------------------------------------------------------------------------------- metrics

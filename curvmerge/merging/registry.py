@@ -24,7 +24,9 @@ call, ``weights`` included) among which an experiment chooses on validation data
 method has nothing to choose and runs once at its defaults). ``spec.equation`` marks the
 methods that are one point of the merge equation: a whole grid of weights and dampings is
 served by one :class:`~curvmerge.merging.PreparedMerge` (statistics stacked once).
-:meth:`MethodSpec.grid_points` checks a grid against the method's options.
+``spec.sweep_options`` are defaults a grid search uses instead of the method's own (a sweep
+needs merges accurate enough to rank its points: ``fisher_exact`` caps CG at 100 iterations
+per point). :meth:`MethodSpec.grid_points` checks a grid against the method's options.
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ class MethodSpec:
         equation: The method is one point of the merge equation, so its ``weights`` and
             ``damping`` points can share one :class:`~curvmerge.merging.PreparedMerge`;
             its other options are those of the prepared merge.
+        sweep_options: Option defaults while choosing on a grid (overridable), e.g. a CG
+            iteration cap: a sweep only needs merges accurate enough to rank its points.
     """
 
     name: str
@@ -99,6 +103,7 @@ class MethodSpec:
     operator: str | None = None
     grid: tuple[Mapping[str, Any], ...] = ()
     equation: bool = False
+    sweep_options: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -341,6 +346,7 @@ _TABLE: tuple[MethodSpec, ...] = (
         # largest first: each CG solve warm-starts from the previous, better-conditioned one
         grid=tuple({"damping": d} for d in (1e-1, 1e-2, 1e-3)),
         equation=True,
+        sweep_options={"maxiter": 100},
     ),
     MethodSpec(
         name="ensemble",

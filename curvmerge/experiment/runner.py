@@ -1,0 +1,525 @@
+"""The experiment runner: statistics once, coefficients on validation, test once.
+
+:func:`run_experiment` takes a :class:`~curvmerge.experiment.ModelPool`, a task pool (one
+:class:`~curvmerge.experiment.TaskData` per model) and methods (registry names, or
+:class:`MethodRun` entries that override a method's grid and options), and
+
+1. evaluates the reference rows on test: each fine-tuned body with every task's head
+   (``model: <task>``), the base, and the majority class of each task's training labels;
+2. for each method, fetches the statistics its registry row needs from one
+   :class:`~curvmerge.experiment.StatisticsStore` (every diagonal Fisher and GGN operator is
+   computed once, whatever the number of methods and grid points), merges at every point of
+   its grid (methods that are points of the merge equation share one
+   :class:`~curvmerge.merging.PreparedMerge`), scores each point on the validation splits
+   only, and evaluates the chosen point once on the test splits;
+3. warns with :class:`~curvmerge.train.OneClassWarning` when a merge predicts one class for
+   nearly every test input of a task while the labels are not that skewed.
+
+The :class:`ExperimentResult` holds the test metrics of every row (accuracy, macro-F1, MSE
+for regression tasks), the chosen coefficients and their validation scores, every sweep, the
+merged parameters and the costs (seconds, operator products, data passes).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from curvmerge.experiment.evaluation import Evaluator, majority_metrics
+from curvmerge.experiment.pools import ModelPool, TaskData, fisher_batches
+from curvmerge.experiment.statistics import StatisticsStore
+from curvmerge.merging.prepared import PreparedMerge
+from curvmerge.merging.registry import MethodSpec, get_method
+from curvmerge.merging.report import ConvergenceWarning, MergeResult, parameters_of
+from curvmerge.merging.sweep import SweepResult, grid_search
+from curvmerge.train import ONE_CLASS_SHARE, check_one_class
+
+__all__ = [
+    "DEFAULT_METHODS",
+    "REFERENCE_ROW",
+    "ExperimentResult",
+    "MethodRun",
+    "Settings",
+    "run_experiment",
+]
+
+#: Methods an experiment runs by default, in table order.
+DEFAULT_METHODS = (
+    "average",
+    "task_arithmetic",
+    "ties",
+    "fisher_diagonal",
+    "fisher_exact",
+    "ensemble",
+)
+
+#: Name of the majority-class reference row.
+REFERENCE_ROW = "majority class"
+
+_PREPARED_OPTIONS = ("prior", "damping_scale", "rtol", "maxiter", "preconditioner", "warm_start")
+_TABLE_METRICS = ("accuracy", "macro_f1", "mse")
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    """A method of an experiment: a registry row, its grid and options, its row label.
+
+    Attributes:
+        method: The registry name.
+        label: The table row (default: the method name); lets one method run twice.
+        grid: Points to choose from on validation: a list of option mappings, or a mapping
+            of option to values whose product is the grid; ``None``: the registry's grid.
+        options: Fixed options for every point (``maxiter``, ``prior``, ``weights``, ...).
+    """
+
+    method: str
+    label: str | None = None
+    grid: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]] | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def spec(self) -> MethodSpec:
+        """The registry row (raises :class:`~curvmerge.merging.UnknownMethodError`)."""
+        return get_method(self.method)
+
+    @property
+    def name(self) -> str:
+        """The row label."""
+        return self.label or self.spec.name
+
+    def points(self) -> list[dict[str, Any]]:
+        """The grid, checked against the method's options."""
+        return self.spec.grid_points(self.grid)
+
+    def fixed_options(self) -> dict[str, Any]:
+        """The options every point gets: the registry row's sweep defaults, then ours."""
+        return {**self.spec.sweep_options, **self.options}
+
+    def check(self) -> None:
+        """Check the options and grid against the registry row.
+
+        Raises:
+            ValueError: An unknown option or grid key (naming it and the valid ones).
+        """
+        spec = self.spec
+        valid = {*spec.options, "weights"}
+        unknown = sorted(set(self.options) - valid)
+        if unknown:
+            raise ValueError(
+                f"method {spec.name!r} has no option {unknown[0]!r} "
+                f"(its options: {', '.join(sorted(valid))})"
+            )
+        self.points()
+
+    @classmethod
+    def parse(cls, entry: str | MethodRun | Mapping[str, Any]) -> MethodRun:
+        """A registry name, a :class:`MethodRun`, or ``{"method", "label", "grid",
+        "options"}``."""
+        if isinstance(entry, MethodRun):
+            return entry
+        if isinstance(entry, str):
+            return cls(get_method(entry).name)
+        if isinstance(entry, Mapping):
+            unknown = sorted(set(entry) - {"method", "label", "grid", "options"})
+            if unknown:
+                raise ValueError(f"method entry has no key {unknown[0]!r}")
+            if "method" not in entry:
+                raise ValueError("method entry needs a 'method' (a registry name)")
+            return cls(
+                get_method(entry["method"]).name,
+                label=entry.get("label"),
+                grid=entry.get("grid"),
+                options=dict(entry.get("options") or {}),
+            )
+        raise TypeError(f"a method is a name or a mapping, got {type(entry).__name__}")
+
+
+@dataclass
+class Settings:
+    """How an experiment computes statistics and evaluates.
+
+    Attributes:
+        fisher_kind: Kind of the diagonal Fisher (``"exact"``, ``"mc"``, ``"empirical"``).
+        fisher_examples: Training examples per task for the statistics (drawn with ``seed``;
+            ignored for tasks that bring ``fisher_batches``; ``None``: all).
+        fisher_batch_size: Batch size of those examples.
+        mc_samples: Samples per example for ``fisher_kind="mc"``.
+        exact_examples: Examples per task for the GGN operators (the first statistics
+            batches; each CG iteration is a pass over them).
+        seed: Seed of the draw of statistics examples and of Monte-Carlo labels.
+        batch_size: Evaluation batch size.
+        references: Add the ``model: <task>``, ``base`` and majority-class rows.
+        one_class_share: Share of a task's test inputs in one predicted class above which a
+            merge gets a :class:`~curvmerge.train.OneClassWarning`.
+        fisher_dir: Folder of Fisher files, reused when they match (``None``: none).
+    """
+
+    fisher_kind: str = "exact"
+    fisher_examples: int | None = 512
+    fisher_batch_size: int = 64
+    mc_samples: int = 1
+    exact_examples: int | None = 256
+    seed: int = 0
+    batch_size: int = 256
+    references: bool = True
+    one_class_share: float = ONE_CLASS_SHARE
+    fisher_dir: str | Path | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as JSON-ready values."""
+        out = asdict(self)
+        out["fisher_dir"] = None if self.fisher_dir is None else str(self.fisher_dir)
+        return out
+
+
+@dataclass
+class ExperimentResult:
+    """What an experiment found.
+
+    Attributes:
+        tasks: The task names (table columns).
+        metrics: ``{row: {task: test metrics}}`` (see :func:`curvmerge.train.evaluate`), rows
+            in table order: references, then methods.
+        kinds: ``{row: "model" | "base" | "reference" | "merge" | "ensemble"}``.
+        choices: ``{method: coefficients chosen on validation}``.
+        validation: ``{method: mean validation score at the chosen point}``.
+        details: ``{method: {"λ": effective damping, "products": ..., ...}}`` of the chosen
+            point.
+        sweeps: ``{method: SweepResult}`` for methods with more than one grid point.
+        merged: ``{method: merged shared parameters}`` (merges only).
+        costs: Statistics (computed, loaded, seconds, passes), per method (seconds, points,
+            products, diagonal passes) and evaluation.
+        seconds: Flat ``{what: seconds}`` (statistics, each method, evaluation, total).
+        one_class: Every (row, task) whose test predictions fell into one class.
+        notes: Lines worth reading (skipped methods, CG stops, reused files).
+        settings: Every setting (JSON-ready).
+        paths: Files written.
+    """
+
+    tasks: list[str]
+    metrics: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    kinds: dict[str, str] = field(default_factory=dict)
+    choices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    validation: dict[str, float] = field(default_factory=dict)
+    details: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sweeps: dict[str, SweepResult] = field(default_factory=dict)
+    merged: dict[str, dict[str, Tensor]] = field(default_factory=dict, repr=False)
+    costs: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    one_class: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    paths: dict[str, Path] = field(default_factory=dict)
+
+    def table(self, metric: str = "accuracy") -> dict[str, dict[str, float]]:
+        """``{row: {task: value}}`` of one metric, over the tasks it applies to."""
+        out: dict[str, dict[str, float]] = {}
+        for row, per_task in self.metrics.items():
+            values = {t: float(m[metric]) for t, m in per_task.items() if metric in m}
+            if values:
+                out[row] = values
+        return out
+
+    def tables(self) -> dict[str, dict[str, dict[str, float]]]:
+        """Every metric that applies to some task: accuracy, macro-F1, MSE."""
+        return {m: t for m in _TABLE_METRICS if (t := self.table(m))}
+
+    @property
+    def rows(self) -> dict[str, dict[str, float]]:
+        """The accuracy table (MSE when every task is a regression)."""
+        return self.table("accuracy") or self.table("mse")
+
+    def mean(self, row: str, metric: str = "accuracy") -> float:
+        """The mean of ``metric`` over the tasks of ``row``."""
+        values = list(self.table(metric)[row].values())
+        return sum(values) / len(values)
+
+
+def _say(log: Callable[[str], None] | None, msg: str) -> None:
+    if log is not None:
+        log(msg)
+
+
+def _prepared(spec: MethodSpec, run: MethodRun, pool: ModelPool, names, curvatures):
+    """One PreparedMerge for an equation method; ``make(**point)`` merges at a point."""
+    fixed = {**spec.options, **run.fixed_options()}
+    prepared = PreparedMerge(
+        pool.models,
+        curvatures,
+        base=pool.base,
+        params=names,
+        **{k: fixed[k] for k in _PREPARED_OPTIONS if k in fixed},
+    )
+
+    def make(**point):
+        return prepared.merge(
+            weights=point.get("weights", fixed.get("weights")),
+            damping=point.get("damping", fixed.get("damping")),
+            require_convergence=fixed.get("require_convergence", False),
+        )
+
+    return prepared, make
+
+
+def _skip_reason(spec: MethodSpec, pool: ModelPool) -> str | None:
+    if spec.needs_base and pool.base is None:
+        return "no base model"
+    if spec.num_models is not None and spec.num_models != len(pool.models):
+        return f"merges exactly {spec.num_models} models, the pool has {len(pool.models)}"
+    if spec.operator is not None:
+        try:
+            spec.operator_class()
+        except ImportError as err:
+            return str(err)
+    return None
+
+
+def _check_runs(runs: Sequence[MethodRun], pool: ModelPool) -> None:
+    labels = set()
+    for run in runs:
+        run.check()
+        if run.name in labels:
+            raise ValueError(f"two methods have the row label {run.name!r}; give each a label")
+        labels.add(run.name)
+        prior = {**run.spec.options, **run.fixed_options()}.get("prior")
+        if prior == "base" and pool.base is None:
+            raise ValueError(f"method {run.name!r}: prior 'base' needs a base model")
+
+
+def run_experiment(
+    pool: ModelPool,
+    tasks: Sequence[TaskData],
+    methods: Sequence[str | MethodRun | Mapping[str, Any]] = DEFAULT_METHODS,
+    *,
+    settings: Settings | None = None,
+    store: StatisticsStore | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> ExperimentResult:
+    """Merge the pool's models with each method, choosing coefficients on validation.
+
+    Args:
+        pool: The task models, the base, the shared parameters.
+        tasks: One task per model, in the same order.
+        methods: Registry names, :class:`MethodRun` entries or their mappings.
+        settings: Statistics and evaluation settings (default :class:`Settings`).
+        store: A statistics store to use (and fill); default: a new one from ``settings``.
+        progress: Progress bars while computing statistics.
+        log: Called with progress lines (nothing is printed otherwise).
+
+    Returns:
+        An :class:`ExperimentResult`; coefficients are chosen on the validation splits, and
+        the test splits are evaluated once per row.
+
+    Raises:
+        ValueError: A method option or grid key the method does not have, two rows with one
+            label, a task pool that does not match the model pool.
+    """
+    start = time.perf_counter()
+    settings = settings or Settings()
+    tasks = list(tasks)
+    if len(tasks) != len(pool.models):
+        raise ValueError(f"{len(pool.models)} models for {len(tasks)} tasks: one model per task")
+    if len({t.name for t in tasks}) != len(tasks):
+        raise ValueError("task names must be unique")
+    runs = [MethodRun.parse(m) for m in methods]
+    _check_runs(runs, pool)
+    names = pool.shared_names()
+    task_names = [t.name for t in tasks]
+    if store is None:
+        batches = [
+            t.fisher_batches
+            if t.fisher_batches is not None
+            else fisher_batches(
+                t.train, settings.fisher_examples, settings.fisher_batch_size, settings.seed
+            )
+            for t in tasks
+        ]
+        store = StatisticsStore(
+            pool.models,
+            batches,
+            [t.loss for t in tasks],
+            names,
+            names=list(pool.names or task_names),
+            fisher_kind=settings.fisher_kind,
+            mc_samples=settings.mc_samples,
+            seed=settings.seed,
+            exact_examples=settings.exact_examples,
+            fisher_dir=settings.fisher_dir,
+            progress=progress,
+            log=log,
+        )
+    ev = Evaluator(pool.models, tasks, names, batch_size=settings.batch_size)
+    res = ExperimentResult(tasks=task_names, settings=settings.as_dict())
+    method_costs: dict[str, dict[str, Any]] = {}
+
+    if settings.references:
+        for task, model in zip(tasks, pool.models, strict=True):
+            res.metrics[f"model: {task.name}"] = ev.body(parameters_of(model), "test")
+            res.kinds[f"model: {task.name}"] = "model"
+        if pool.base is not None:
+            res.metrics["base"] = ev.body(parameters_of(pool.base), "test")
+            res.kinds["base"] = "base"
+        res.metrics[REFERENCE_ROW] = {t.name: majority_metrics(t) for t in tasks}
+        res.kinds[REFERENCE_ROW] = "reference"
+        _say(log, "evaluated the fine-tuned models, the base and the majority class")
+
+    for run in runs:
+        spec, label = run.spec, run.name
+        reason = _skip_reason(spec, pool)
+        if reason is not None:
+            res.notes.append(f"{label}: skipped ({reason})")
+            continue
+        t_stats = time.perf_counter()
+        op_class = spec.operator_class() if spec.operator is not None else None
+        curvatures = store.get(spec.statistics, op_class)
+        t0 = time.perf_counter()
+        stats_seconds = t0 - t_stats
+        points = run.points()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if spec.equation:
+                prepared, make = _prepared(spec, run, pool, names, curvatures)
+                prep = {
+                    "prepare_seconds": prepared.prepare_seconds,
+                    "prepare_products": prepared.prepare_products,
+                    "prepare_costs": prepared.prepare_costs,
+                }
+            else:
+                prepared, prep = None, {}
+
+                def make(**point):
+                    return spec(pool.models, base=pool.base, curvatures=curvatures,  # noqa: B023
+                                params=names, **{**run.fixed_options(), **point})  # noqa: B023  # fmt: skip
+
+            found = grid_search(
+                make,
+                points,
+                validate=ev.validate,
+                method=label,
+                statistics_seconds=sum(store.seconds[spec.statistics])
+                if spec.statistics in store.seconds
+                else None,
+                **prep,
+            )
+        _relay(caught, label, res.notes)
+        best = found.best_point
+        metrics = ev.result(found.best_result, "test")
+        res.metrics[label] = metrics
+        res.kinds[label] = "merge" if spec.is_merge else "ensemble"
+        res.choices[label] = dict(best.coefficients)
+        res.validation[label] = best.validation
+        if len(points) > 1:
+            res.sweeps[label] = found
+        if isinstance(found.best_result, MergeResult):
+            res.merged[label] = found.best_result.params
+        products = found.prepare_products + sum(p.products for p in found.points)
+        detail: dict[str, Any] = {}
+        if best.effective_damping is not None:
+            detail["λ"] = best.effective_damping
+        if products:
+            detail["products"] = products
+        passes = found.prepare_costs.diagonal_passes if found.prepare_costs else 0
+        if passes:
+            detail["diagonal passes"] = passes
+        if not all(p.converged for p in found.points):
+            maxiter = {**spec.options, **run.fixed_options()}.get("maxiter")
+            res.notes.append(
+                f"{label}: CG stopped at maxiter={maxiter} at "
+                f"{sum(not p.converged for p in found.points)} of {len(found.points)} points "
+                "(the chosen point is still the best on validation)"
+            )
+        res.details[label] = detail
+        seconds = time.perf_counter() - t0
+        res.seconds[label] = seconds
+        method_costs[label] = {
+            "seconds": seconds,
+            "statistics_seconds": stats_seconds,
+            "points": len(found.points),
+            "merge_seconds": found.merge_seconds,
+            "prepare_seconds": found.prepare_seconds,
+            "validation_seconds": found.eval_seconds,
+            "products": products,
+            "diagonal_passes": passes,
+            "prepare": str(found.prepare_costs) if found.prepare_costs else None,
+        }
+        for task in tasks:
+            m = metrics[task.name]
+            what = f"{label} on {task.name} (test)"
+            if check_one_class(m, what=what, threshold=settings.one_class_share, warn=False):
+                res.one_class.append(_one_class_entry(label, task.name, m))
+                check_one_class(m, what=what, threshold=settings.one_class_share)
+        mean = sum(ev.scores(metrics).values()) / len(tasks)
+        _say(log, f"{label}: mean test score {mean:.4f} at {_fmt_choice(res.choices[label])}")
+
+    for row, per_task in res.metrics.items():
+        if res.kinds[row] in ("merge", "ensemble", "reference"):
+            continue
+        for task in tasks:
+            if check_one_class(per_task[task.name], threshold=settings.one_class_share, warn=False):
+                res.one_class.append(_one_class_entry(row, task.name, per_task[task.name]))
+
+    stats = store.costs()
+    if stats["diagonal_fisher"]["seconds"]:
+        res.seconds["diagonal Fishers"] = sum(stats["diagonal_fisher"]["seconds"])
+    if stats["exact_ggn"]["seconds"]:
+        res.seconds["exact GGN operators"] = sum(stats["exact_ggn"]["seconds"])
+    res.seconds["evaluation"] = ev.seconds
+    res.seconds["total"] = time.perf_counter() - start
+    res.costs = {
+        "statistics": stats,
+        "methods": method_costs,
+        "evaluation": {"seconds": ev.seconds, "calls": dict(ev.calls)},
+    }
+    res.notes.extend(store.notes)
+    if store.loaded:
+        res.notes.append(f"{store.loaded} diagonal Fisher(s) reused from Fisher files")
+    res.settings["methods"] = [
+        {"label": r.name, "method": r.spec.name, "grid": r.points(), "options": r.fixed_options()}
+        for r in runs
+    ]
+    res.settings["tasks"] = [{"name": t.name, "loss": t.loss, "metric": t.metric} for t in tasks]
+    res.settings["params"] = {"count": len(names), "names": names}
+    return res
+
+
+def _one_class_entry(row: str, task: str, m: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "row": row,
+        "task": task,
+        "predicted_class": m["predicted_class"],
+        "predicted_share": m["predicted_share"],
+        "label_share": m["label_share"],
+    }
+
+
+def _relay(caught, label: str, notes: list[str]) -> None:
+    """Convergence warnings become one note (counted above); others are noted and re-issued
+    once per message."""
+    seen = set()
+    for w in caught:
+        if issubclass(w.category, ConvergenceWarning):
+            continue
+        key = (w.category, str(w.message))
+        if key in seen:
+            continue
+        seen.add(key)
+        if issubclass(w.category, UserWarning):
+            notes.append(f"{label}: {w.message}")
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _fmt_choice(choice: Mapping[str, Any]) -> str:
+    if not choice:
+        return "its defaults"
+    return ", ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) and math.isfinite(v) else f"{k}={v}"
+        for k, v in choice.items()
+    )
