@@ -693,19 +693,20 @@ def _merged_state(hf: HFModel, merged: Mapping[str, Tensor]) -> dict[str, Tensor
     return {k: v.detach().cpu() for k, v in state.items()}
 
 
-def _same_heads(hfs: Sequence[HFModel], merged: Mapping[str, Tensor]) -> bool:
-    """Whether every model's unmerged parameters (and labels) equal the first model's."""
-    ref = hfs[0]
-    ref_rest = {n: p for n, p in ref.model.named_parameters() if n not in merged}
-    for hf in hfs[1:]:
+def _same_states(hfs: Sequence[HFModel], states: Sequence[Mapping[str, Tensor]]) -> bool:
+    """Whether every model's written state (merged tensors, head, buffers) and labels equal
+    the first model's, so that one folder serves all."""
+    ref, ref_state = hfs[0], states[0]
+    for hf, state in zip(hfs[1:], states[1:], strict=True):
         if hf.kind != ref.kind or hf.id2label != ref.id2label:
             return False
-        rest = {n: p for n, p in hf.model.named_parameters() if n not in merged}
-        if rest.keys() != ref_rest.keys():
+        if state.keys() != ref_state.keys():
             return False
-        for name, p in rest.items():
-            q = ref_rest[name]
-            if p.shape != q.shape or p.dtype != q.dtype or not torch.equal(p.cpu(), q.cpu()):
+        for name, value in state.items():
+            other = ref_state[name]
+            if value.shape != other.shape or value.dtype != other.dtype:
+                return False
+            if not torch.equal(value, other):
                 return False
     return True
 
@@ -731,9 +732,9 @@ def save_merged(
 
     Each task's folder holds its config (labels included), ``model.safetensors`` with the
     merged tensors and the task's own other parameters (its head), and its tokenizer or
-    image processor. When every model's unmerged parameters and labels are identical (the
-    heads were merged too, or a causal LM with tied embeddings) ``out_dir`` itself is the
-    one model folder; otherwise ``out_dir`` holds one subfolder per task, named by
+    image processor. When every model's unmerged parameters, buffers and labels are
+    identical (the heads were merged too, or a causal LM with tied embeddings) ``out_dir``
+    itself is the one model folder; otherwise ``out_dir`` holds one subfolder per task, named by
     ``names`` or by the last component of each model's source (``task_0``, ``task_1``, ...
     when those are missing or not unique). Merged tensors are stored in the dtype of the
     model's parameter; a tied alias (``lm_head.weight``) gets its parameter's merged value.
@@ -765,7 +766,7 @@ def save_merged(
         raise TypeError(f"merged_params must be a dict of tensors, got {type(merged).__name__}")
     check_same_architecture(hfs)
     states = [_merged_state(hf, merged) for hf in hfs]  # validates before anything is written
-    shared = _same_heads(hfs, merged)
+    shared = _same_states(hfs, states)
     if names is not None:
         names = [str(n) for n in names]
         if len(names) != len(hfs) or len(set(names)) != len(names):

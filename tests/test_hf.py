@@ -423,3 +423,26 @@ def test_save_merged_checks_before_writing(tmp_path):
     with pytest.raises(ArchitectureMismatchError, match="hidden_size"):
         save_merged([a, wrap_model(bert(hidden=16))], {}, tmp_path / "out")
     assert os.listdir(tmp_path) == []
+
+
+def test_save_merged_keeps_per_task_buffers(tmp_path):
+    from transformers import AutoModelForImageClassification, ResNetConfig
+    from transformers import ResNetForImageClassification as ResNet
+
+    config = ResNetConfig(embedding_size=4, hidden_sizes=[4], depths=[1], num_labels=2)
+    torch.manual_seed(0)
+    a, b = ResNet(config).eval(), ResNet(config).eval()
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():  # same parameters and head, other batch-norm statistics
+        b.resnet.embedder.embedder.normalization.running_mean += 1.0
+    hfs = [wrap_model(a), wrap_model(b)]
+    assert hfs[0].kind == "image_classification"
+    assert hfs[0].head_names == ("classifier.1.weight", "classifier.1.bias")
+    merged = _averaged_body(hfs)
+    folders = save_merged(hfs, merged, tmp_path / "out")
+    assert len(folders) == 2  # one folder would lose the second model's statistics
+    for model, folder in zip((a, b), folders):
+        loaded = AutoModelForImageClassification.from_pretrained(folder)
+        name = "resnet.embedder.embedder.normalization.running_mean"
+        assert torch.equal(loaded.state_dict()[name], model.state_dict()[name])
+    assert save_merged(hfs[:1] * 2, merged, tmp_path / "same") == [tmp_path / "same"]
