@@ -76,7 +76,11 @@ def build_model(spec: Mapping[str, Any], where: str = "model") -> tuple[nn.Modul
     if kind not in _BUILTIN:
         raise ValueError(f"{where}.kind: must be one of {', '.join(_BUILTIN)}, got {kind!r}")
     required, optional = _BUILTIN[kind]
-    given = {k for k in spec if k not in ("kind", "source", "path", "checkpoint", "options")}
+    given = {
+        k
+        for k in spec
+        if k not in ("kind", "source", "path", "checkpoint", "options") and not k.startswith("_")
+    }
     missing = sorted(required - given)
     if missing:
         raise ValueError(f"{where}: a {kind} model needs {missing[0]!r}")

@@ -1,0 +1,405 @@
+"""The experiment runner on tiny offline tasks: statistics once, validation chooses, test
+reports, files written atomically, Fisher files reused, configurations checked."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+from curvmerge.data import TensorSplit, digit_subset_tasks, pooled_digits
+from curvmerge.experiment import (
+    REFERENCE_ROW,
+    Experiment,
+    MethodRun,
+    ModelPool,
+    Settings,
+    TaskData,
+    load_config,
+    run_experiment,
+    validate_config,
+)
+from curvmerge.models import make_mlp
+from curvmerge.train import OneClassWarning, finetune
+
+HIDDEN = (16,)
+SUBSETS = ((0, 1, 2), (3, 4, 5))
+SETTINGS = dict(fisher_examples=64, fisher_batch_size=32, exact_examples=32)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _train():
+    tasks = digit_subset_tasks("digits", SUBSETS)
+    base = make_mlp(64, 10, hidden=HIDDEN, seed=0)
+    finetune(base, pooled_digits(tasks), steps=20, lr=1e-2, progress=False)
+    body = {k: v for k, v in base.state_dict().items() if not k.startswith("head.")}
+    models = []
+    for i, task in enumerate(tasks):
+        model = make_mlp(64, task.num_classes, hidden=HIDDEN, seed=i + 1)
+        model.load_state_dict(body, strict=False)
+        finetune(model, task.train, steps=15, lr=1e-2, seed=i, progress=False)
+        models.append(model)
+    return tasks, base, models
+
+
+@pytest.fixture(scope="module")
+def trained():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pools(trained, *, poison=False):
+    tasks, base, models = trained
+    out = []
+    for k, t in enumerate(tasks):
+        test = t.test
+        if poison:
+            g = torch.Generator().manual_seed(k)
+            test = TensorSplit(t.test.inputs, torch.randint(0, 3, t.test.labels.shape, generator=g))
+        out.append(TaskData(t.name, train=t.train, val=t.val, test=test))
+    return ModelPool(models, base=base), out
+
+
+METHODS = [
+    "average",
+    "task_arithmetic",
+    "ties",
+    "fisher_diagonal",
+    {"method": "fisher_diagonal", "label": "fisher_diagonal (weights)",
+     "grid": {"weights": [(0.3, 0.7), (0.5, 0.5), (0.7, 0.3)], "damping": [1e-4]}},
+    {"method": "fisher_exact", "grid": {"damping": [1e-1, 1e-2]}, "options": {"maxiter": 8}},
+    {"method": "fisher_exact", "label": "fisher_exact (1e-3)", "grid": [{"damping": 1e-3}],
+     "options": {"maxiter": 8, "prior": "base"}},
+    "ensemble",
+]  # fmt: skip
+
+
+def test_every_statistic_is_computed_once(trained, monkeypatch):
+    import curvmerge.experiment.statistics as stats_module
+    import curvmerge.operators.ggn as ggn
+
+    calls = {"diagonal": 0, "ggn": 0}
+    real = stats_module.diagonal_fisher
+
+    def counting(*args, **kwargs):
+        calls["diagonal"] += 1
+        return real(*args, **kwargs)
+
+    built = []
+
+    class Counting(ggn.GGNOperator):
+        def __init__(self, *args, **kwargs):
+            calls["ggn"] += 1
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(stats_module, "diagonal_fisher", counting)
+    monkeypatch.setattr(ggn, "GGNOperator", Counting)
+    pool, tasks = _pools(trained)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CG caps, damping notes
+        res = run_experiment(pool, tasks, METHODS, settings=Settings(**SETTINGS))
+    T = len(tasks)
+    assert calls == {"diagonal": T, "ggn": T}
+    # the GGN diagonal (damping scale, warm start) once per model for both exact methods
+    assert sum(op.diagonal_passes for op in built) == T
+    stats = res.costs["statistics"]
+    assert stats["diagonal_fisher"]["computed"] == T and stats["exact_ggn"]["built"] == T
+    assert stats["exact_ggn"]["diagonal_passes"] == T
+    rows = list(res.metrics)
+    assert rows[: T + 2] == [f"model: {t.name}" for t in tasks] + ["base", REFERENCE_ROW]
+    assert rows[T + 2 :] == [MethodRun.parse(m).name for m in METHODS]
+    # the test split is read once per row and task; validation once per point and task
+    points = sum(c["points"] for c in res.costs["methods"].values())
+    assert points == sum(len(s.points) for s in res.sweeps.values()) + 3  # 3 single points
+    assert res.costs["evaluation"]["calls"] == {"test": (len(rows) - 1) * T, "val": points * T}
+    assert res.choices["fisher_diagonal (weights)"]["weights"] in [(0.3, 0.7), (0.5, 0.5),
+                                                                   (0.7, 0.3)]  # fmt: skip
+    assert res.costs["methods"]["fisher_exact"]["products"] > 0
+    assert set(res.merged) == {r for r in rows[T + 2 :] if r != "ensemble"}
+    for task in tasks:  # every row has accuracy and macro-F1 on every task
+        for row in rows:
+            m = res.metrics[row][task.name]
+            assert 0 <= m["accuracy"] <= 1 and 0 <= m["macro_f1"] <= 1
+    assert res.table("macro_f1").keys() == res.table("accuracy").keys()
+    assert res.mean("fisher_exact") > res.mean(REFERENCE_ROW)
+
+
+def test_test_labels_never_choose(trained):
+    methods = ["task_arithmetic", "ties", "fisher_diagonal"]
+    results = []
+    for poison in (False, True):
+        pool, tasks = _pools(trained, poison=poison)
+        results.append(run_experiment(pool, tasks, methods, settings=Settings(**SETTINGS)))
+    clean, poisoned = results
+    assert clean.choices == poisoned.choices
+    assert clean.validation == poisoned.validation
+    for m in methods:
+        assert all(torch.equal(clean.merged[m][n], poisoned.merged[m][n]) for n in clean.merged[m])
+    assert clean.table("accuracy") != poisoned.table("accuracy")
+    # the majority class learns from training labels, not test labels
+    assert clean.metrics[REFERENCE_ROW] != poisoned.metrics[REFERENCE_ROW]
+
+
+def _files(folder):
+    return sorted(
+        os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs
+    )
+
+
+def test_outputs_written_atomically_and_fisher_files_reused(trained, tmp_path, monkeypatch):
+    import curvmerge.experiment.statistics as stats_module
+    from curvmerge.io import load_params
+
+    calls = []
+    real = stats_module.diagonal_fisher
+    monkeypatch.setattr(stats_module, "diagonal_fisher",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))  # fmt: skip
+    pool, tasks = _pools(trained)
+    out = tmp_path / "run"
+    methods = ["average", "fisher_diagonal", "ties"]
+    exp = Experiment(pool, tasks, methods, settings=Settings(**SETTINGS), output_dir=out,
+                     title="digits")  # fmt: skip
+    res = exp.run()
+    assert len(calls) == 2
+    files = _files(out)
+    assert not [f for f in files if f.endswith(".tmp") or "/." in f or f.startswith(".")]
+    for name in ("results.md", "results.csv", "results.png", "results_report.md",
+                 "results.json", "sweeps/fisher_diagonal.csv", "sweeps/ties.png",
+                 "merged/fisher_diagonal.safetensors"):  # fmt: skip
+        assert name in files and (out / name).stat().st_size > 0
+    assert len([f for f in files if f.startswith("fishers/")]) == 2
+    with open(out / "results.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(out / "results.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert {r["metric"] for r in table} == {"accuracy", "macro_f1"}
+    acc = {r["method"]: float(r["mean"]) for r in table if r["metric"] == "accuracy"}
+    assert acc["fisher_diagonal"] == pytest.approx(res.mean("fisher_diagonal"))
+    md = (out / "results.md").read_text()
+    assert "### accuracy (%)" in md and "### macro-F1 (%)" in md and "| majority class |" in md
+    record = json.loads((out / "results.json").read_text())
+    assert record["settings"]["fisher_examples"] == 64
+    assert record["settings"]["methods"][1]["grid"][0] == {"damping": 1e-6}
+    assert record["choices"]["fisher_diagonal"] == res.choices["fisher_diagonal"]
+    assert record["seconds"]["total"] > 0 and "diagonal Fishers" in record["seconds"]
+    assert record["costs"]["statistics"]["diagonal_fisher"]["computed"] == 2
+    merged = load_params(out / "merged/fisher_diagonal.safetensors")
+    assert all(torch.equal(merged[n], res.merged["fisher_diagonal"][n]) for n in merged)
+
+    # existing results are refused before any work
+    with pytest.raises(FileExistsError, match="already exists"):
+        exp.run()
+    assert len(calls) == 2
+
+    # a rerun reuses the Fisher files: no Fisher computed, the same merges
+    exp.force = True
+    again = exp.run()
+    assert len(calls) == 2
+    assert again.costs["statistics"]["diagonal_fisher"]["loaded"] == 2
+    assert again.choices == res.choices
+    assert torch.equal(again.merged["fisher_diagonal"]["body.1.weight"],
+                       res.merged["fisher_diagonal"]["body.1.weight"])  # fmt: skip
+
+    # a changed model invalidates its file (the key covers every parameter)
+    with torch.no_grad():
+        pool.models[1].body[1].weight.mul_(1.01)
+    try:
+        third = exp.run()
+    finally:
+        with torch.no_grad():
+            pool.models[1].body[1].weight.div_(1.01)
+    assert len(calls) == 3
+    stats = third.costs["statistics"]["diagonal_fisher"]
+    assert stats["computed"] == 1 and stats["loaded"] == 1
+    assert any("recomputed" in n for n in third.notes)
+
+
+class _Biased(torch.nn.Module):
+    """A task model whose head always favours class 0 by a wide margin."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.body, self.head = model.body, model.head
+
+    def forward(self, x):
+        out = self.head(self.body(x))
+        return out + torch.tensor([100.0] + [0.0] * (out.shape[1] - 1))
+
+
+def test_one_class_warning_in_the_runner(trained):
+    import copy
+
+    pool, tasks = _pools(trained)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OneClassWarning)  # a good pool does not warn
+        good = run_experiment(pool, tasks, ["average"], settings=Settings(**SETTINGS))
+    assert not good.one_class
+    biased = ModelPool([_Biased(copy.deepcopy(m)) for m in pool.models], base=pool.base,
+                       params=r"^body\.")  # fmt: skip
+    with pytest.warns(OneClassWarning) as caught:
+        res = run_experiment(biased, tasks, ["average"], settings=Settings(**SETTINGS))
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2 and "average on digits-0-1-2 (test) predicts class 0" in messages[0]
+    rows = {(e["row"], e["task"]) for e in res.one_class}
+    assert ("average", "digits-0-1-2") in rows and ("majority class", "digits-0-1-2") not in rows
+    m = res.metrics["average"]["digits-0-1-2"]
+    assert m["predicted_share"] == 1.0 and m["macro_f1"] < m["accuracy"]
+
+
+def test_regression_task_reports_mse(trained):
+    tasks, base, _ = trained
+    t = tasks[0]
+
+    def target(split):  # regress the digit's mean pixel, a smooth target
+        return TensorSplit(split.inputs, split.inputs.mean(dim=(1, 2, 3)).unsqueeze(1) * 10)
+
+    models = []
+    for i in range(2):  # one initialisation, two training orders
+        model = make_mlp(64, 1, hidden=HIDDEN, seed=0)
+        finetune(model, target(t.train), steps=60, lr=1e-2, seed=i, progress=False,
+                 loss_fn=torch.nn.functional.mse_loss)  # fmt: skip
+        models.append(model)
+    reg = [TaskData(f"pixels-{i}", train=target(t.train), val=target(t.val), test=target(t.test),
+                    loss="mse") for i in range(2)]  # fmt: skip
+    res = run_experiment(ModelPool(models), reg, ["average", "fisher_diagonal"],
+                         settings=Settings(**SETTINGS))  # fmt: skip
+    assert set(res.tables()) == {"mse"}
+    assert res.rows == res.table("mse")
+    assert res.metrics[REFERENCE_ROW]["pixels-0"]["mse"] > res.metrics["average"]["pixels-0"]["mse"]
+    assert res.validation["fisher_diagonal"] <= 0  # scores are -MSE: higher is better
+
+
+# ---------------------------------------------------------------------------------- configs
+def _save_checkpoints(trained, folder):
+    from curvmerge.io import save_checkpoint
+
+    tasks, base, models = trained
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = {"kind": "mlp", "in_features": 64, "hidden": list(HIDDEN)}
+    save_checkpoint(base, folder / "base.safetensors",
+                    metadata={"model": {**spec, "num_classes": 10}, "task": "digits"})  # fmt: skip
+    for subset, task, model in zip(SUBSETS, tasks, models, strict=True):
+        save_checkpoint(
+            model,
+            folder / f"{task.name}.safetensors",
+            metadata={"model": {**spec, "num_classes": 3},
+                      "task": "digits:" + ",".join(map(str, subset))},
+        )  # fmt: skip
+
+
+def test_yaml_config_runs_end_to_end(trained, tmp_path):
+    import yaml
+
+    _save_checkpoints(trained, tmp_path / "ckpt")
+    config = {
+        "title": "digits from a config",
+        "output_dir": "out",
+        "models": {
+            "base": "ckpt/base.safetensors",
+            "finetuned": {
+                "digits-0-1-2": "ckpt/digits-0-1-2.safetensors",
+                "digits-3-4-5": {"kind": "mlp", "in_features": 64, "num_classes": 3,
+                                 "hidden": list(HIDDEN), "checkpoint":
+                                 "ckpt/digits-3-4-5.safetensors"},
+            },
+        },
+        "tasks": {"digits-0-1-2": None, "digits-3-4-5": {"data": "digits:3,4,5",
+                                                          "metric": "macro_f1"}},
+        "methods": ["average", {"method": "task_arithmetic", "grid": {"scaling": ["5e-1", 1]}},
+                    {"method": "fisher_diagonal", "grid": {"damping": ["1e-4", "1e-2"]}}],
+        "fisher": {"examples": 64, "batch_size": 32},
+        "outputs": {"merged": "none"},
+    }  # fmt: skip
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(config))
+    exp = load_config(path)
+    assert [t.metric for t in exp.tasks] == ["accuracy", "macro_f1"]
+    res = exp.run()
+    assert res.choices["task_arithmetic"]["scaling"] in (0.5, 1.0)
+    assert res.choices["fisher_diagonal"]["damping"] in (1e-4, 1e-2)
+    out = tmp_path / "out"
+    assert (out / "results.md").read_text().startswith("## digits from a config")
+    assert len(list((out / "fishers").iterdir())) == 2 and not (out / "merged").exists()
+    record = json.loads((out / "results.json").read_text())
+    assert record["config"]["models"]["finetuned"]["digits-0-1-2"]["source"] == "checkpoint"
+    assert record["models"][0]["path"].endswith("digits-0-1-2.safetensors")
+    # the same models as the fixture's: the same test accuracy of the fine-tuned rows
+    pool, tasks = _pools(trained)
+    direct = run_experiment(pool, tasks, ["average"], settings=Settings(**SETTINGS))
+    assert res.metrics["average"] == direct.metrics["average"]
+
+
+BASE_CONFIG = {
+    "models": {"finetuned": {"a": {"kind": "mlp", "in_features": 64, "num_classes": 3}}},
+    "tasks": {"a": "digits:0,1,2"},
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"fishr": {}}, r"config: unknown key 'fishr'"),
+        ({"fisher": {"kind": "full"}}, r"fisher\.kind: must be one of exact, mc, empirical"),
+        ({"fisher": {"examples": 0}}, r"fisher\.examples: must be at least 1"),
+        ({"fisher": {"exampels": 3}}, r"fisher: unknown key 'exampels'"),
+        ({"seed": "zero"}, r"seed: expected an integer"),
+        ({"methods": ["fisher"]}, r"methods\[0\]: unknown method 'fisher'"),
+        ({"methods": [{"method": "ties", "grid": {"densty": [0.1]}}]},
+         r"methods\[0\]: .*no option 'densty'"),
+        ({"methods": [{"method": "ties", "options": {"sclaing": 1}}]},
+         r"methods\[0\]: .*no option 'sclaing'"),
+        ({"methods": [{"method": "ties", "grid": 3}]}, r"methods\[0\]\.grid"),
+        ({"methods": ["average", "average"]}, r"methods\[1\]: the row 'average' appears twice"),
+        ({"evaluation": {"one_class_share": 2}}, r"evaluation\.one_class_share: must be in"),
+        ({"outputs": {"merged": "pickle"}}, r"outputs\.merged: must be one of"),
+        ({"tasks": {"a": {"loss": "hinge"}}}, r"tasks\.a\.loss: must be one of"),
+        ({"tasks": {"b": "digits"}}, r"tasks\.b: no model in models\.finetuned"),
+        ({"tasks": {"a": {"data": "digits", "colour": 1}}}, r"tasks\.a: unknown key 'colour'"),
+        ({"models": {"finetuned": {}}}, r"models\.finetuned: a mapping"),
+        ({"models": {"finetuned": {"a": {"kind": "mlp", "widht": 3}}}},
+         r"models\.finetuned\.a: unknown key 'widht'"),
+        ({"models": {"finetuned": {"a": {"source": "ftp", "path": "x"}}}},
+         r"models\.finetuned\.a\.source: unknown model source 'ftp'"),
+        ({"models": {"finetuned": {"a": "a.safetensors"}, "params": "("}},
+         r"models\.params: not a valid regular expression"),
+    ],
+)  # fmt: skip
+def test_config_errors_name_the_key(change, match):
+    config = {**BASE_CONFIG, **change}
+    with pytest.raises(ValueError, match=match):
+        validate_config(config)
+
+
+def test_config_errors_at_load_time(tmp_path):
+    with pytest.raises(ValueError, match=r"models\.finetuned\.a: a mlp model needs 'in_features'"):
+        Experiment.from_config({"models": {"finetuned": {"a": {"kind": "mlp", "num_classes": 2}}},
+                                "tasks": {"a": "digits:0,1"}})  # fmt: skip
+    with pytest.raises(ValueError, match=r"tasks\.a\.data: unknown bundled task 'digitz'"):
+        Experiment.from_config({**BASE_CONFIG, "tasks": {"a": "digitz"}})
+    with pytest.raises(ValueError, match=r"tasks\.a: give 'data'"):
+        Experiment.from_config({**BASE_CONFIG, "tasks": {}})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [a, b")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match="expected a mapping"):
+        load_config(bad)
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "missing.yaml")
