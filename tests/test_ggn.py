@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -495,6 +496,65 @@ def test_diagonal_refuses_shuffled_data():
     op = GGNOperator(model, nn.CrossEntropyLoss(), data, kind="mc", num_data=12)
     op @ torch.randn(op.shape[0], dtype=DT)  # the first pass (num_data is given)
     with pytest.raises(DataOrderError):
-        op.diagonal()
-    with pytest.raises(DataOrderError):  # counting num_data and the first product: two passes
-        GGNOperator(model, nn.CrossEntropyLoss(), data) @ torch.randn(op.shape[0], dtype=DT)
+        op.diagonal()  # the mc diagonal reuses the operator's label samples, batch by batch
+
+
+def test_cache_follows_updates_through_data():
+    """``p.data.mul_()`` changes neither the object, the storage nor the version counter."""
+    model, loss_fn, data = make_problem("ce")
+    op = GGNOperator(model, loss_fn, data, params=r"^0\.")
+    x = torch.randn(op.shape[0], dtype=DT)
+    op @ x
+    op.diagonal()
+    model[2].weight.data.mul_(3.0)
+    G = dense_ggn(model, loss_fn, data, op.space.names)
+    assert rel_err(op @ x, G @ x) < 1e-6
+    assert rel_err(op.diagonal(), G.diagonal()) < 1e-6
+
+
+def test_cached_products_accept_a_shuffled_loader():
+    """Nothing reused per batch depends on the order when every graph is cached (the count
+    of num_data and the diagonal are sums over examples)."""
+    torch.manual_seed(0)
+    model = _mlp(3).to(DT)
+    data = _loader(shuffle=True)
+    op = GGNOperator(model, nn.CrossEntropyLoss(), data, cache=True)
+    G = dense_ggn(model, nn.CrossEntropyLoss(), list(_loader(shuffle=False)), op.space.names)
+    x = torch.randn(op.shape[0], dtype=DT)
+    assert rel_err(op @ x, G @ x) < 1e-6
+    assert rel_err(op @ x, G @ x) < 1e-6
+    assert rel_err(op.diagonal(), G.diagonal()) < 1e-6
+
+
+def test_mc_diagonal_is_the_diagonal_of_the_mc_operator():
+    model, loss_fn, data = make_problem("ce")
+    op = GGNOperator(model, loss_fn, data, kind="mc", mc_samples=2, seed=3)
+    G = dense_ggn(model, loss_fn, data, op.space.names, "mc", op)
+    assert rel_err(op.diagonal(), G.diagonal()) < 1e-6
+
+
+def test_low_precision_model_products_run_in_float32():
+    model, loss_fn, data = make_problem("ce")
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    low_data = [(x.to(torch.bfloat16), y) for x, y in data]
+    op = GGNOperator(low, loss_fn, low_data)
+    assert op.dtype == torch.float32
+    G = dense_ggn(copy.deepcopy(low).to(DT), loss_fn, [(x.to(DT), y) for x, y in low_data],
+                  op.space.names)  # fmt: skip
+    x = torch.randn(op.shape[0], dtype=DT)
+    assert rel_err((op @ x.float()).to(DT), G @ x) < 1e-5
+
+
+def test_exact_merge_of_a_vocabulary_sized_output_falls_back_to_a_trace_scale():
+    """The exact diagonal's [M, C, C] factor is refused for a large C; the merge's default
+    damping scale then comes from Hutchinson products instead of failing."""
+    from curvmerge import merge
+
+    torch.manual_seed(0)
+    C = 12000
+    models = [nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, C)) for _ in range(2)]
+    ids = torch.randint(0, 10, (4, 6))
+    data = [(ids, torch.randint(0, C, (4, 6)))]
+    ops = [GGNOperator(m, nn.CrossEntropyLoss(), data, params=r"^0\.") for m in models]
+    result = merge(models, ops, maxiter=50)
+    assert result.report.damping_scale_source.startswith("hutchinson")

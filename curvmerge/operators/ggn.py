@@ -37,6 +37,7 @@ Each product costs one Jacobian-vector product :math:`J v` and one vector-Jacobi
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -55,12 +56,12 @@ from curvmerge.losses import (
 from curvmerge.operators.base import LinearOperator
 from curvmerge.space import ParamSpace
 from curvmerge.statistics.base import CurvatureComputer
-from curvmerge.statistics.diagonal import diagonal_squares
+from curvmerge.statistics.diagonal import FISHER_KINDS, check_kind, diagonal_squares
 
 __all__ = ["GGNOperator", "GGN_KINDS"]
 
-#: The supported curvature kinds.
-GGN_KINDS = ("exact", "mc", "empirical")
+#: The supported curvature kinds (those of the diagonal Fisher).
+GGN_KINDS = FISHER_KINDS
 
 
 def _default_cache_budget(device: torch.device) -> int:
@@ -195,13 +196,11 @@ class GGNOperator(LinearOperator, CurvatureComputer):
         cache: bool | int | str = "auto",
         progress: bool = False,
     ):
-        if kind not in GGN_KINDS:
-            raise ValueError(f"kind must be one of {', '.join(GGN_KINDS)}; got {kind!r}")
-        if kind == "mc" and (
-            not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1
-        ):
-            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+        check_kind(kind, mc_samples)
         CurvatureComputer.__init__(self, model, loss_fn, data, params=params, num_data=num_data)
+        # products run in at least float32 (a bf16 model's products are formed with float32
+        # copies of its parameters and buffers): statistics never accumulate in half precision
+        self.dtype = torch.promote_types(self.model_dtype, torch.float32)
         LinearOperator.__init__(self, self.space, self.dtype, self.device)
         self.kind = kind
         self.mc_samples = int(mc_samples) if kind == "mc" else 1
@@ -227,11 +226,15 @@ class GGNOperator(LinearOperator, CurvatureComputer):
 
     # ------------------------------------------------------------------ setup helpers
     def _leaves(self) -> tuple[dict[str, Tensor], list[Tensor]]:
-        """Detached copies of all parameters; the selected ones require grad."""
+        """Detached parameters (and floating buffers) in the operator's dtype (copies only
+        where it differs from the model's); the selected parameters require grad."""
         selected = set(self.space.names)
         full, leaves = {}, []
+        for name, b in self.model.named_buffers():
+            if b.is_floating_point() and b.dtype != self.dtype:
+                full[name] = b.detach().to(self.dtype)
         for name, p in self.model.named_parameters():
-            t = p.detach()
+            t = p.detach().to(self.dtype)
             if name in selected:
                 t = t.requires_grad_(True)
             full[name] = t
@@ -319,7 +322,8 @@ class GGNOperator(LinearOperator, CurvatureComputer):
         out = torch.zeros(K, self.space.size, dtype=self.dtype, device=self.device)
         if self._batches is None:
             batches = []
-            for index, inputs, targets in self.batches("GGN product (first)", self.progress):
+            first = self.batches("GGN product (first)", self.progress, same_batches=True)
+            for index, inputs, targets in first:
                 batch, graphs = self._first_visit(index, inputs, targets)
                 batches.append(batch)
                 if graphs is not None:
@@ -339,7 +343,8 @@ class GGNOperator(LinearOperator, CurvatureComputer):
         else:
             # the data-order check of ``batches`` makes the first pass's rows and label
             # samples belong to the batch at the same index
-            for index, inputs, _targets in self.batches("GGN product", self.progress):
+            again = self.batches("GGN product", self.progress, same_batches=True)
+            for index, inputs, _targets in again:
                 batch = self._batches[index]
                 if batch.graphs is not None:
                     out += self._product_cached(batch.graphs, batch, V)
@@ -464,20 +469,28 @@ class GGNOperator(LinearOperator, CurvatureComputer):
 
     def diagonal(self) -> Tensor:
         """The diagonal of the operator, from one pass of the per-example engine
-        (:func:`curvmerge.statistics.diagonal.diagonal_squares`): the exact GGN diagonal for
-        ``kind="exact"`` and ``"empirical"``, an estimate with its own label samples for
-        ``"mc"``. Cached under the model's :meth:`state_key` (any change of a parameter or
-        buffer recomputes it); ``diagonal_passes`` counts the passes run.
+        (:func:`curvmerge.statistics.diagonal.diagonal_squares`), exact for every kind (for
+        ``"mc"`` with the operator's own label samples). Cached under the model's
+        :meth:`state_key` (any change of a parameter or buffer recomputes it);
+        ``diagonal_passes`` counts the passes run.
+
+        Raises:
+            DiagonalTooCostlyError: ``kind="exact"`` over a vocabulary-sized output (a
+                ``NotImplementedError``: merges then take their damping scale from
+                products).
         """
         key = self.state_key()
         if self._diagonal is not None and self._diagonal[0] == key:
             return self._diagonal[1]
+        # a low-precision model's diagonal is formed by a copy in the operator's dtype
+        model = self.model if self.model_dtype == self.dtype else copy.deepcopy(self.model)
         with _eager_attention(self.model):
             stats = diagonal_squares(
                 self,
+                model=model.to(self.dtype),
                 kind=self.kind,
                 mc_samples=self.mc_samples,
-                seed=self.seed,
+                seed=self._seed_for,  # the operator's own label samples, batch by batch
                 progress=self.progress,
             )
         self.diagonal_passes += 1

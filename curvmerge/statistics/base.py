@@ -18,7 +18,6 @@ every product). What it owns, once, for every computer:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -47,18 +46,18 @@ def _tensors(obj, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
 
 
 def batch_fingerprint(inputs, targets) -> tuple:
-    """Shapes, dtypes and two checksums of every tensor of a batch.
+    """Shapes, dtypes and per-example checksums of every tensor of a batch.
 
-    The checksums are :math:`\\sum_i x_i` and :math:`\\sum_i x_i \\cos(i)` in float64: equal
-    batches give equal fingerprints, and a batch whose examples are permuted, replaced or
-    perturbed gives another (up to a coincidence of both sums).
+    The checksums are, per example (row along the first axis), :math:`\\sum_i x_i` and
+    :math:`\\sum_i x_i^2` in float64: equal batches give equal fingerprints, and a batch
+    whose examples are permuted, replaced or perturbed gives another. One pass over the
+    batch's tensors, no larger temporary than a float64 copy.
     """
     parts = []
     for key, t in _tensors({"inputs": inputs, "targets": targets}):
-        flat = t.detach().reshape(-1).to(torch.float64)
-        weights = torch.arange(flat.numel(), dtype=torch.float64, device=flat.device).cos_()
-        sums = torch.stack([flat.sum(), (flat * weights).sum()]).tolist()
-        parts.append((key, tuple(t.shape), str(t.dtype), *sums))
+        rows = t.detach().reshape(t.shape[0] if t.ndim else 1, -1).to(torch.float64)
+        sums = torch.stack([rows.sum(1), rows.square().sum(1)]).cpu()
+        parts.append((key, tuple(t.shape), str(t.dtype), sums))
     return tuple(parts)
 
 
@@ -66,11 +65,8 @@ def _same_fingerprint(a: tuple, b: tuple) -> bool:
     if len(a) != len(b):
         return False
     for x, y in zip(a, b, strict=True):
-        if x[:3] != y[:3]:
+        if x[:3] != y[:3] or not torch.allclose(x[3], y[3], rtol=1e-9, atol=1e-12):
             return False
-        for u, v in zip(x[3:], y[3:], strict=True):
-            if not (u == v or math.isclose(u, v, rel_tol=1e-9, abs_tol=1e-12)):
-                return False
     return True
 
 
@@ -123,7 +119,8 @@ class CurvatureComputer:
         self.space = space
         first = named[space.names[0]]
         self.device = first.device
-        self.dtype = first.dtype
+        self.model_dtype = first.dtype  # the dtype the model runs in
+        self.dtype = first.dtype  # the dtype of the computation (a subclass may promote it)
         if num_data is not None and not (
             isinstance(num_data, int) and not isinstance(num_data, bool) and num_data > 0
         ):
@@ -133,17 +130,33 @@ class CurvatureComputer:
         self.passes = 0  # passes over the data started
 
     # ------------------------------------------------------------------ data
-    def batches(self, desc: str | None = None, progress: bool = False):
+    def batches(
+        self,
+        desc: str | None = None,
+        progress: bool = False,
+        *,
+        same_batches: bool = False,
+        dtype: torch.dtype | None = None,
+    ):
         """Iterate ``(index, inputs, targets)`` over the data, moved to the device (floating
-        inputs cast to the computer's dtype), checking that every pass yields the batches of
-        the first.
+        inputs cast to ``dtype``, default the computer's).
+
+        Args:
+            desc, progress: A progress bar over the batches (``progress=True``).
+            same_batches: This pass reuses what an earlier pass kept per batch index (label
+                samples, kept rows): the first such pass records every batch's fingerprint,
+                later ones are checked against it. Passes that only sum over examples (a
+                count, a diagonal) need no check and take any order.
+            dtype: Floating inputs are cast to it (default :attr:`dtype`).
 
         Raises:
-            DataOrderError: a batch differs from the first pass's batch at its index, or the
-                pass yields more or fewer batches.
+            DataOrderError: with ``same_batches``, a batch differs from the recorded batch at
+                its index, or the pass yields more or fewer batches.
         """
         self.passes += 1
-        record = self._fingerprints is None
+        check = same_batches and self._fingerprints is not None
+        record = same_batches and self._fingerprints is None
+        dtype = self.dtype if dtype is None else dtype
         seen: list[tuple] = []
         items = iterate_batches(self.data)
         if progress:
@@ -152,15 +165,14 @@ class CurvatureComputer:
             total = len(self.data) if hasattr(self.data, "__len__") else None
             items = tqdm(items, total=total, desc=desc, leave=False)
         for index, (inputs, targets) in enumerate(items):
-            fp = batch_fingerprint(inputs, targets)
             if record:
-                seen.append(fp)
-            else:
-                self._check_batch(index, fp)
-            yield index, move_batch(inputs, self.device, self.dtype), targets
+                seen.append(batch_fingerprint(inputs, targets))
+            elif check:
+                self._check_batch(index, batch_fingerprint(inputs, targets))
+            yield index, move_batch(inputs, self.device, dtype), targets
         if record:
             self._fingerprints = seen
-        elif index + 1 != len(self._fingerprints):
+        elif check and index + 1 != len(self._fingerprints):
             raise DataOrderError(
                 f"data yielded {index + 1} batches on this pass but "
                 f"{len(self._fingerprints)} on the first; {self._how_to_fix()}"
@@ -207,12 +219,22 @@ class CurvatureComputer:
     # ------------------------------------------------------------------ caches
     def state_key(self) -> tuple:
         """What a cache of this computer's results depends on in the model: every parameter
-        and buffer (object, storage and in-place version) and every module's training flag.
-        Any in-place update, reassignment or ``train()``/``eval()`` switch changes it."""
+        and buffer (object, storage, in-place version and a float64 checksum of its values,
+        which also sees updates through ``.data`` that bypass the version counter) and every
+        module's training flag. Costs one pass over the parameters, little next to a
+        product."""
         key = []
-        for name, t in self.model.named_parameters(remove_duplicate=False):
+        named = [
+            *self.model.named_parameters(remove_duplicate=False),
+            *self.model.named_buffers(remove_duplicate=False),
+        ]
+        sums = []
+        for name, t in named:
             key.append((name, id(t), t.data_ptr(), t._version, t.dtype, t.device))
-        for name, t in self.model.named_buffers(remove_duplicate=False):
-            key.append((name, id(t), t.data_ptr(), t._version, t.dtype, t.device))
+            sums.append(t.detach().sum(dtype=torch.float64) if t.numel() else t.new_zeros(()))
+            if t.is_floating_point() and t.numel():
+                sums.append(torch.linalg.vector_norm(t.detach(), dtype=torch.float64))
+        if sums:
+            key.append(tuple(torch.stack([s.to(torch.float64).cpu() for s in sums]).tolist()))
         key.append(tuple(m.training for m in self.model.modules()))
         return tuple(key)

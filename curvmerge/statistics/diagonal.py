@@ -9,11 +9,11 @@ and returns them as a tensor (the operator wrapper is :func:`curvmerge.fisher.di
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from curvmerge.batches import batch_size, model_outputs, move_batch
 from curvmerge.losses import (
@@ -27,9 +27,34 @@ from curvmerge.losses import (
 from curvmerge.statistics.base import CurvatureComputer
 from curvmerge.statistics.per_example import DEFAULT_MEMORY_BUDGET, PerExampleSquares
 
-__all__ = ["FISHER_KINDS", "fisher_cotangents", "diagonal_squares", "DiagonalSquares"]
+__all__ = [
+    "FISHER_KINDS",
+    "check_kind",
+    "fisher_cotangents",
+    "diagonal_squares",
+    "DiagonalSquares",
+    "DiagonalTooCostlyError",
+]
 
 FISHER_KINDS = ("exact", "mc", "empirical")
+
+
+class DiagonalTooCostlyError(ValueError, NotImplementedError):
+    """The exact diagonal would need an output-Hessian factor past the memory budget (a
+    language model's vocabulary); ``kind="mc"`` estimates it instead. A ``NotImplementedError``
+    too, so that callers that can do without a diagonal (a merge's damping scale, its warm
+    start) fall back to what they use then."""
+
+
+def check_kind(kind: str, mc_samples: int) -> None:
+    """Refuse an unknown curvature kind or a bad ``mc_samples`` (shared by every computer)."""
+    if kind not in FISHER_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(FISHER_KINDS)}; got {kind!r}")
+    if kind == "mc" and (
+        not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1
+    ):
+        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+
 
 # Cross-entropy with at most this many classes uses a rank C-1 Hessian factor (one backward
 # pass fewer per row); above it the factor of :func:`output_hessian_sqrt` is used as is.
@@ -104,7 +129,7 @@ def fisher_cotangents(
     else:
         nbytes = f.shape[0] * C * C * f.element_size()
         if max_factor_bytes is not None and nbytes > max_factor_bytes:
-            raise ValueError(
+            raise DiagonalTooCostlyError(
                 f"kind='exact' with {C} classes needs a [{f.shape[0]}, {C}, {C}] output-Hessian "
                 f"factor ({nbytes / 2**30:.3g} GiB, above the memory budget of "
                 f"{max_factor_bytes / 2**30:.3g} GiB) and {C - 1} backward passes per row "
@@ -168,9 +193,10 @@ def diagonal_squares(
     *,
     kind: str = "exact",
     mc_samples: int = 1,
-    seed: int = 0,
+    seed: int | Callable[[int], int] = 0,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: bool = False,
+    model: nn.Module | None = None,
 ) -> DiagonalSquares:
     """One pass over ``computer``'s data summing the kind's per-example squares.
 
@@ -178,30 +204,39 @@ def diagonal_squares(
         computer: Model, loss, data and selected parameters.
         kind: ``"exact"``, ``"mc"`` or ``"empirical"``.
         mc_samples: Labels sampled per example for ``kind="mc"``.
-        seed: Seed of the CPU generator that draws the ``mc`` labels.
+        seed: Seed of the CPU generator that draws the ``mc`` labels, or a function of the
+            batch index giving each batch its own seed (as the GGN operator's samples are
+            drawn; that pass then needs the batches of the operator's first pass, checked).
         memory_budget: Bytes the engine may use for per-example gradients at once; the
             exact kind's ``[M, C, C]`` output-Hessian factor of a batch may use the larger of
             this and ``DEFAULT_MEMORY_BUDGET`` (past it, ``"exact"`` is refused).
         progress: Show a progress bar over the batches.
+        model: Run this module instead of ``computer.model`` (a copy of it in another
+            dtype, with the same parameter names); inputs are cast to its dtype.
     """
-    if kind not in FISHER_KINDS:
-        raise ValueError(f"kind must be one of {', '.join(FISHER_KINDS)}; got {kind!r}")
-    if kind == "mc" and (
-        not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1
-    ):
-        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
-    model, spec, space = computer.model, computer.loss, computer.space
-    generator = torch.Generator().manual_seed(seed)
+    check_kind(kind, mc_samples)
+    model = computer.model if model is None else model
+    spec, space = computer.loss, computer.space
+    per_batch = callable(seed)
+    generator = None if per_batch else torch.Generator().manual_seed(seed)
     named = dict(model.named_parameters())
+    dtype = named[space.names[0]].dtype
     requires = {n: p.requires_grad for n, p in named.items()}
     num_examples = num_terms = 0
     try:
         for n in space.names:
             named[n].requires_grad_(True)
         with PerExampleSquares(model, space.names, memory_budget) as engine:
-            batches = computer.batches(f"diagonal Fisher ({kind})", progress)
-            for _, inputs, targets in batches:
-                targets = move_batch(targets, computer.device, computer.dtype)
+            batches = computer.batches(
+                f"diagonal Fisher ({kind})",
+                progress,
+                same_batches=per_batch and kind == "mc",
+                dtype=dtype,
+            )
+            for index, inputs, targets in batches:
+                if per_batch:
+                    generator = torch.Generator().manual_seed(seed(index))
+                targets = move_batch(targets, computer.device, dtype)
                 out = engine.forward(lambda x: model_outputs(model, x), inputs)
                 num_examples += batch_size(inputs)
                 num_terms += count_terms(spec, targets)
@@ -221,6 +256,6 @@ def diagonal_squares(
     finally:
         for n, p in named.items():
             p.requires_grad_(requires[n])
-    acc = torch.promote_types(computer.dtype, torch.float32)
+    acc = torch.promote_types(dtype, torch.float32)
     sums = torch.cat([squares[n].reshape(-1).to(acc) for n in space.names])
     return DiagonalSquares(sums, num_examples, num_terms)
