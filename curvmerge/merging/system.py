@@ -23,8 +23,13 @@ import torch
 from torch import Tensor, nn
 
 from curvmerge.merging.report import MergeCosts, MergeReport, parameters_of
-from curvmerge.operators import DiagonalOperator, IdentityOperator, LinearOperator
-from curvmerge.operators.base import ScaledOperator, SumOperator
+from curvmerge.operators import (
+    BlockDiagonalOperator,
+    DiagonalOperator,
+    IdentityOperator,
+    LinearOperator,
+)
+from curvmerge.operators.base import ScaledOperator, SumOperator, rademacher
 from curvmerge.solve import solve_cg
 from curvmerge.space import ParamSpace
 
@@ -155,7 +160,7 @@ def check_inputs(thetas, curvatures, params):
     Returns:
         ``(dicts, curvatures, space, dtype, device)``: the parameter dicts, the curvatures
         as a list (or ``None``), the merged space (names and shapes), and the dtype and
-        device the merge is computed in (the curvatures', else the first model's promoted
+        device the merge is computed in (the curvatures', else the first model's, promoted
         to at least float32).
 
     Raises:
@@ -196,7 +201,9 @@ def check_inputs(thetas, curvatures, params):
                     f"{len(space.names)} ({detail}); with curvatures their space decides what "
                     "is merged: pass params=None, or compute the curvatures on that selection"
                 )
-        dtype, device = curvatures[0].dtype, curvatures[0].device
+        # at least float32: CG and the right-hand side never run in half precision
+        dtype = torch.promote_types(curvatures[0].dtype, torch.float32)
+        device = curvatures[0].device
     else:
         space = ParamSpace.from_tensors(dicts[0], params)
         first = dicts[0][space.names[0]]
@@ -255,6 +262,8 @@ def has_cheap_diagonal(F: LinearOperator) -> bool:
         return has_cheap_diagonal(F.operator)
     if isinstance(F, SumOperator):
         return all(has_cheap_diagonal(op) for op in F.operators)
+    if isinstance(F, BlockDiagonalOperator):
+        return all(has_cheap_diagonal(op) for op in F.blocks)
     return type(F).diagonal is not LinearOperator.diagonal
 
 
@@ -271,11 +280,10 @@ def diagonal_passes(F: LinearOperator) -> int:
 def hutchinson_mean_diagonal(F: LinearOperator, probes: int = SCALE_PROBES, seed: int = 0):
     """:math:`\\operatorname{tr}(F)/P` by Hutchinson's estimate with one seeded
     ``[P, probes]`` Rademacher block (``probes`` products)."""
-    P = F.shape[0]
     g = torch.Generator().manual_seed(seed)
-    Z = torch.randint(0, 2, (P, probes), generator=g).to(F.device, F.dtype).mul_(2).sub_(1)
+    Z = rademacher(F.shape[0], probes, g, dtype=F.dtype, device=F.device)
     FZ = F @ Z
-    return float((Z * FZ).sum(dtype=torch.float64)) / (probes * P)
+    return float((Z * FZ).sum(dtype=torch.float64)) / (probes * F.shape[0])
 
 
 def mean_diagonals(

@@ -56,6 +56,15 @@ def _scipy_dtype(dtype: torch.dtype) -> np.dtype:
     return np.dtype(TORCH_TO_NUMPY[dtype])
 
 
+def rademacher(
+    P: int, K: int, generator: torch.Generator, dtype=torch.float64, device="cpu"
+) -> Tensor:
+    """``[P, K]`` independent random signs, the probes of Hutchinson's estimates (drawn on
+    the CPU generator, so results do not depend on the device)."""
+    signs = torch.randint(0, 2, (P, K), generator=generator, dtype=torch.int8)
+    return (2.0 * signs.to(torch.float64) - 1.0).to(device=device, dtype=dtype)
+
+
 def is_scalar(x) -> bool:
     if isinstance(x, numbers.Number):
         return True

@@ -35,7 +35,7 @@ by an enclosing module, or refused with the module's name.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -994,9 +994,3 @@ class PerExampleSquares:
             s = g.square().sum(0)
             total = s if total is None else total + s
         return total
-
-
-def iter_chunks(n: int, size: int) -> Iterable[tuple[int, int]]:
-    """``(lo, hi)`` ranges covering ``range(n)`` in steps of ``size``."""
-    for lo in range(0, n, size):
-        yield lo, min(n, lo + size)

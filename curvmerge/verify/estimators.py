@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from curvmerge.operators.base import LinearOperator
+from curvmerge.operators.base import LinearOperator, rademacher
 
 __all__ = [
     "Z_SCORE",
@@ -171,15 +171,6 @@ class DiagonalEstimate:
 
 
 # ---------------------------------------------------------------------------- probes
-def rademacher(
-    P: int, K: int, generator: torch.Generator, dtype=torch.float64, device="cpu"
-) -> Tensor:
-    """``[P, K]`` independent random signs (drawn on the CPU generator, so results do not
-    depend on the device)."""
-    signs = torch.randint(0, 2, (P, K), generator=generator, dtype=torch.int8)
-    return (2.0 * signs.to(torch.float64) - 1.0).to(device=device, dtype=dtype)
-
-
 def as_generator(seed: int | torch.Generator) -> torch.Generator:
     if isinstance(seed, torch.Generator):
         return seed
