@@ -242,9 +242,11 @@ def causal_lm_targets(
     input_ids: Tensor, attention_mask: Tensor | None = None, ignore_index: int = -100
 ) -> Tensor:
     """Next-token targets for a causal language model: ``targets[:, t] = input_ids[:, t+1]``,
-    ``ignore_index`` at the last position and wherever the next token is padding."""
+    ``ignore_index`` at the last position and wherever position t or t+1 is padding (right
+    or left padding)."""
     targets = torch.full_like(input_ids, ignore_index)
     targets[:, :-1] = input_ids[:, 1:]
     if attention_mask is not None:
-        targets[:, :-1][attention_mask[:, 1:] == 0] = ignore_index
+        pad = attention_mask == 0
+        targets[:, :-1][pad[:, 1:] | pad[:, :-1]] = ignore_index
     return targets

@@ -124,3 +124,14 @@ def test_ambiguous_cross_entropy_layout_is_refused_unless_declared():
     F = diagonal_fisher(model, declared, data, progress=False)
     G = GGNOperator(model, declared, data)
     torch.testing.assert_close(F.diagonal(), G.diagonal())
+
+
+def test_causal_lm_targets_exclude_left_and_right_padding():
+    from curvmerge.losses import causal_lm_targets
+
+    ids = torch.tensor([[0, 0, 5, 6, 7], [5, 6, 7, 0, 0]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
+    assert causal_lm_targets(ids, mask).tolist() == [
+        [-100, -100, 6, 7, -100],
+        [6, 7, -100, -100, -100],
+    ]
