@@ -274,8 +274,14 @@ def metrics_markdown(
         percent = metric in PERCENT_METRICS
         lower = METRIC_NAMES.get(metric, (metric, False))[1]
         title = _metric_name(metric) + (" (%)" if percent else "")
-        table = markdown_table(rows, digits=digits, percent=percent, label=label,
-                               highlight_best=highlight_best, lower_is_better=lower)  # fmt: skip
+        table = markdown_table(
+            rows,
+            digits=digits,
+            percent=percent,
+            label=label,
+            highlight_best=highlight_best,
+            lower_is_better=lower,
+        )
         parts.append(f"{heading} {title}\n\n{table}")
     if not parts:
         raise ValueError("no metric tables")
@@ -301,8 +307,14 @@ def metrics_csv(tables: Tables, *, label: str = "method") -> str:
         for name, scores in rows.items():
             values = [_value(scores, t) for t in tasks]
             mean = _mean(scores, own)
-            writer.writerow([name, metric, *("" if math.isnan(v) else repr(v) for v in values),
-                             "" if math.isnan(mean) else repr(mean)])  # fmt: skip
+            writer.writerow(
+                [
+                    name,
+                    metric,
+                    *("" if math.isnan(v) else repr(v) for v in values),
+                    "" if math.isnan(mean) else repr(mean),
+                ]
+            )
     return buf.getvalue()
 
 
@@ -329,8 +341,9 @@ def plot_metrics(tables: Tables, path: str | os.PathLike, *, title: str | None =
         if metric in PERCENT_METRICS and finite and 0 <= min(finite) and max(finite) <= 1:
             ax.set_ylim(max(0.0, min(finite) - 0.1), 1.0)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize="small", ncols=min(n_rows, 4), loc="lower center",
-                   bbox_to_anchor=(0.5, 1.0))  # fmt: skip
+    axes[0].legend(
+        fontsize="small", ncols=min(n_rows, 4), loc="lower center", bbox_to_anchor=(0.5, 1.0)
+    )
     if title:
         fig.suptitle(title)
     return atomic_write_bytes(path, _png_bytes(fig))

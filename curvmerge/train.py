@@ -390,8 +390,7 @@ def evaluate(
     preds, targets, sse = [], [], 0.0
     n = terms = 0
     loss_sum = 0.0
-    for inputs, y in tqdm(batches, total=total, desc="evaluate", disable=not progress,
-                          leave=False):  # fmt: skip
+    for inputs, y in tqdm(batches, total=total, desc="evaluate", disable=not progress, leave=False):
         out = model_outputs(model, inputs).float().cpu()
         y = torch.as_tensor(y).cpu()
         n += int(y.shape[0])
@@ -510,8 +509,13 @@ def classification_metrics(predictions: Tensor, labels: Tensor) -> dict[str, flo
         raise ValueError(f"{predictions.numel()} predictions but {labels.numel()} labels")
     if labels.numel() == 0:
         nan = math.nan
-        return {"accuracy": nan, "macro_f1": nan, "predicted_class": -1,
-                "predicted_share": nan, "label_share": nan}  # fmt: skip
+        return {
+            "accuracy": nan,
+            "macro_f1": nan,
+            "predicted_class": -1,
+            "predicted_share": nan,
+            "label_share": nan,
+        }
     cls, share = _top_share(predictions)
     return {
         "accuracy": float((predictions == labels).double().mean()),

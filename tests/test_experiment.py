@@ -403,3 +403,19 @@ def test_config_errors_at_load_time(tmp_path):
         load_config(bad)
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_documented_schema_is_valid(tmp_path):
+    import yaml
+
+    import curvmerge.experiment.schema as schema
+
+    doc = schema.__doc__
+    block = doc[doc.index("::\n") + 3 : doc.index("\nA model is")]
+    config = yaml.safe_load(block)
+    cfg = validate_config(config, base_dir=tmp_path)
+    assert cfg["models"]["params"] == r"^body\."
+    assert cfg["models"]["finetuned"]["digits-0-1-2"]["source"] == "checkpoint"
+    assert cfg["models"]["finetuned"]["digits-3-4-5"]["source"] == "builtin"
+    assert [r.name for r in cfg["methods"]][-1] == "fisher_exact (80 iterations)"
+    assert cfg["fisher"]["dir"] == str(tmp_path / "results/digits/fishers")

@@ -12,7 +12,7 @@ One runner serves the demo, ``curvmerge compare`` and ``curvmerge run``:
                         output_dir="results").run()
     result.table("macro_f1"), result.choices, result.costs
 
-or from a configuration (schema: :mod:`curvmerge.experiment.config`):
+or from a configuration (schema: :mod:`curvmerge.experiment.schema`):
 
 .. code-block:: python
 
@@ -26,7 +26,7 @@ for regression), with a majority-class reference row; a merge that predicts one 
 nearly every input gets a :class:`OneClassWarning`.
 """
 
-from curvmerge.experiment.config import Experiment, load_config, validate_config
+from curvmerge.experiment.config import Experiment, load_config
 from curvmerge.experiment.evaluation import Evaluator, majority_metrics, selection_score
 from curvmerge.experiment.outputs import (
     MERGED_WRITERS,
@@ -43,14 +43,8 @@ from curvmerge.experiment.pools import (
     fisher_batches,
     shared_parameters,
 )
-from curvmerge.experiment.runner import (
-    DEFAULT_METHODS,
-    REFERENCE_ROW,
-    ExperimentResult,
-    MethodRun,
-    Settings,
-    run_experiment,
-)
+from curvmerge.experiment.runner import run_experiment
+from curvmerge.experiment.schema import validate_config
 from curvmerge.experiment.sources import (
     MODEL_SOURCES,
     TASK_SOURCES,
@@ -59,6 +53,13 @@ from curvmerge.experiment.sources import (
     bundled_task,
     register_model_source,
     register_task_source,
+)
+from curvmerge.experiment.spec import (
+    DEFAULT_METHODS,
+    REFERENCE_ROW,
+    ExperimentResult,
+    MethodRun,
+    Settings,
 )
 from curvmerge.experiment.statistics import StatisticsStore, statistics_key
 from curvmerge.train import OneClassWarning

@@ -110,8 +110,10 @@ class Evaluator:
     def modules(self, modules: Sequence[nn.Module], split: str) -> Metrics:
         """Metrics per task of one module per task."""
         start = time.perf_counter()
-        out = {task.name: self._evaluate(m, k, split)
-               for k, (task, m) in enumerate(zip(self.tasks, modules, strict=True))}  # fmt: skip
+        out = {
+            task.name: self._evaluate(m, k, split)
+            for k, (task, m) in enumerate(zip(self.tasks, modules, strict=True))
+        }
         self.seconds += time.perf_counter() - start
         return out
 

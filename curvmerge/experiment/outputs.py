@@ -28,7 +28,7 @@ from torch import Tensor
 
 from curvmerge.atomic import atomic_write_text
 from curvmerge.experiment.pools import ModelPool
-from curvmerge.experiment.runner import ExperimentResult
+from curvmerge.experiment.spec import ExperimentResult
 
 __all__ = [
     "MERGED_WRITERS",
@@ -252,8 +252,9 @@ def write_results(
     )
     if sweeps:
         for label, sw in result.sweeps.items():
-            written = write_sweep(sw, out / "sweeps" / _safe(label), title=f"{label}: sweep",
-                                  plot=plots)  # fmt: skip
+            written = write_sweep(
+                sw, out / "sweeps" / _safe(label), title=f"{label}: sweep", plot=plots
+            )
             for k, v in written.items():
                 paths[f"sweep {label} {k}"] = v
     if merged is not None and result.merged:
@@ -266,6 +267,7 @@ def write_results(
                 paths[f"merged {label}" + (f" {i}" if i else "")] = Path(p)
     result.paths.update(paths)
     result.paths["json"] = out / f"{stem}.json"
-    atomic_write_text(out / f"{stem}.json", result_json(result, title=title, pool=pool,
-                                                          config=config))  # fmt: skip
+    atomic_write_text(
+        out / f"{stem}.json", result_json(result, title=title, pool=pool, config=config)
+    )
     return dict(result.paths)

@@ -92,13 +92,15 @@ def build_model(spec: Mapping[str, Any], where: str = "model") -> tuple[nn.Modul
         kwargs = {k: spec[k] for k in ("in_channels", "hidden") if k in spec}
         if "channels" in spec:
             kwargs["channels"] = tuple(spec["channels"])
-        return models.make_cnn(spec["num_classes"], image_size=spec["image_size"], seed=seed,
-                               **kwargs), None  # fmt: skip
+        return models.make_cnn(
+            spec["num_classes"], image_size=spec["image_size"], seed=seed, **kwargs
+        ), None
     if kind == "mlp":
         hidden = spec.get("hidden", (64,))
         hidden = (hidden,) if isinstance(hidden, int) else tuple(hidden)
-        return models.make_mlp(spec["in_features"], spec["num_classes"], hidden=hidden,
-                               seed=seed), None  # fmt: skip
+        return models.make_mlp(
+            spec["in_features"], spec["num_classes"], hidden=hidden, seed=seed
+        ), None
     return models.load_minilm(spec["num_classes"], seed=seed), models.load_minilm_tokenizer()
 
 
