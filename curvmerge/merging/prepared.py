@@ -182,9 +182,14 @@ class PreparedMerge:
             else:
                 self._stack[2 * T + 1].copy_(self._prior)
                 self.thetas = None  # only needed for g_t = d_t * theta_t
-            # evenly spaced entries, copied once, on which each point measures its step
-            k = max(1, -(-P // self.SHARE_ENTRIES))
-            self._share = self._stack if k == 1 else self._stack[:, ::k].contiguous()
+            # a seeded random subset of entries, copied once, on which each point measures its
+            # step (a stride could line up with the rows of a weight matrix)
+            if P <= self.SHARE_ENTRIES:
+                self._share = self._stack
+            else:
+                g = torch.Generator().manual_seed(0)
+                pick = torch.randperm(P, generator=g)[: self.SHARE_ENTRIES].sort().values
+                self._share = self._stack[:, pick.to(device)].contiguous()
         else:
             self.kind, self._method = "operator", "cg"
             stack = warm_start or preconditioner == "diagonal"
@@ -354,8 +359,9 @@ class PreparedMerge:
 
     def _kept_share(self, w: Tensor, lam: float) -> float:
         """:math:`\\|y\\| / \\|y_{\\lambda=0}\\|` of the closed form's step :math:`y =
-        (G - D\\theta_0)/(\\lambda + D)`, on at most :attr:`SHARE_ENTRIES` evenly spaced
-        entries (all of them in spaces that small): a sweep point stays two products."""
+        (G - D\\theta_0)/(\\lambda + D)`, on at most :attr:`SHARE_ENTRIES` entries (a
+        seeded random subset; all of them in spaces that small): a sweep point stays two
+        products."""
         T, sub = self.num_models, self._share
         D = torch.mv(sub[:T].T, w)
         G = torch.mv(sub[T + 1 : 2 * T + 1].T, w)
