@@ -317,3 +317,18 @@ def lambda_model(logits):
             return self.table[idx]
 
     return Lookup()
+
+
+def test_evaluate_batches_equals_data(blobs):
+    from curvmerge.train import is_batches
+
+    x, y = blobs
+    model = make_mlp(6, 3, seed=3)
+    whole = evaluate(model, (x, y), batch_size=16)
+    batches = list(iter_batches((x, y), 25))
+    assert is_batches(batches) and not is_batches((x, y)) and not is_batches(TensorSplit(x, y))
+    parts = evaluate(model, batches)
+    assert parts.keys() == whole.keys()
+    for k in whole:
+        assert parts[k] == pytest.approx(whole[k], rel=1e-6)
+    assert evaluate(model, iter(batches))["n"] == 120  # any iterable of batches
