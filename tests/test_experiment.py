@@ -419,3 +419,23 @@ def test_documented_schema_is_valid(tmp_path):
     assert cfg["models"]["finetuned"]["digits-3-4-5"]["source"] == "builtin"
     assert [r.name for r in cfg["methods"]][-1] == "fisher_exact (80 iterations)"
     assert cfg["fisher"]["dir"] == str(tmp_path / "results/digits/fishers")
+
+
+def test_grids_over_other_options_and_label_checks(trained):
+    pool, tasks = _pools(trained)
+    grid = {"prior": ["mean", "base"], "damping": [1e-3]}
+    res = run_experiment(pool, tasks, [{"method": "fisher_diagonal", "grid": grid}],
+                         settings=Settings(**SETTINGS))  # fmt: skip
+    assert res.choices["fisher_diagonal"]["prior"] in ("mean", "base")
+    assert [p.coefficients["prior"] for p in res.sweeps["fisher_diagonal"].points] == [
+        "mean", "base"]  # fmt: skip
+    with pytest.raises(ValueError, match="row label 'base' is taken"):
+        run_experiment(pool, tasks, [{"method": "average", "label": "base"}])
+    with pytest.raises(ValueError, match="prior 'base' needs a base model"):
+        run_experiment(ModelPool(pool.models), tasks,
+                       [{"method": "fisher_diagonal", "options": {"prior": "base"}}])  # fmt: skip
+    with pytest.raises(ValueError, match="2 models for 1 tasks"):
+        run_experiment(pool, tasks[:1], ["average"])
+    skipped = run_experiment(ModelPool(pool.models), tasks, ["ties", "average"],
+                             settings=Settings(**SETTINGS, references=False))  # fmt: skip
+    assert list(skipped.metrics) == ["average"] and "ties: skipped (no base model)" in skipped.notes

@@ -54,13 +54,14 @@ def _say(log: Callable[[str], None] | None, msg: str) -> None:
         log(msg)
 
 
-def _maker(spec: MethodSpec, run: MethodRun, pool: ModelPool, names, curvatures):
+def _maker(spec: MethodSpec, run: MethodRun, pool: ModelPool, names, curvatures, points):
     """``make(**point)`` runs the method at a point, and the grid search's preparation costs.
 
-    An equation method gets one PreparedMerge for its whole grid (statistics stacked once);
-    any other method is called through its registry row at each point.
+    An equation method whose grid varies only weights and damping gets one PreparedMerge for
+    its whole grid (statistics stacked once); any other method (or a grid over, say, the
+    prior) is called through its registry row at each point, with the same statistics.
     """
-    if not spec.equation:
+    if not spec.equation or any(set(p) - {"weights", "damping"} for p in points):
 
         def call(**point):
             options = {**run.fixed_options(), **point}
@@ -105,11 +106,14 @@ def _skip_reason(spec: MethodSpec, pool: ModelPool) -> str | None:
 
 
 def _check_runs(runs: Sequence[MethodRun], pool: ModelPool) -> None:
-    labels = set()
+    labels = {"base", REFERENCE_ROW}
     for run in runs:
         run.check()
-        if run.name in labels:
-            raise ValueError(f"two methods have the row label {run.name!r}; give each a label")
+        if run.name in labels or run.name.startswith("model: "):
+            raise ValueError(
+                f"the row label {run.name!r} is taken (by another method or a reference row); "
+                "give the method a label"
+            )
         labels.add(run.name)
         prior = {**run.spec.options, **run.fixed_options()}.get("prior")
         if prior == "base" and pool.base is None:
@@ -208,7 +212,7 @@ def run_experiment(
         points = run.points()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            make, prep = _maker(spec, run, pool, names, curvatures)
+            make, prep = _maker(spec, run, pool, names, curvatures, points)
             found = grid_search(
                 make,
                 points,
@@ -321,7 +325,7 @@ def _relay(caught, label: str, notes: list[str]) -> None:
         if key in seen:
             continue
         seen.add(key)
-        if issubclass(w.category, UserWarning):
+        if w.category.__module__.startswith("curvmerge"):  # not torch's performance notes
             notes.append(f"{label}: {w.message}")
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
