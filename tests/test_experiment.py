@@ -439,3 +439,22 @@ def test_grids_over_other_options_and_label_checks(trained):
     skipped = run_experiment(ModelPool(pool.models), tasks, ["ties", "average"],
                              settings=Settings(**SETTINGS, references=False))  # fmt: skip
     assert list(skipped.metrics) == ["average"] and "ties: skipped (no base model)" in skipped.notes
+
+
+def test_tasks_given_as_batches(trained):
+    from curvmerge.train import iter_batches
+
+    pool, tasks = _pools(trained)
+    batched = [
+        TaskData(t.name, train=list(iter_batches(t.train, 40)), val=list(iter_batches(t.val, 40)),
+                 test=list(iter_batches(t.test, 40)))
+        for t in tasks
+    ]  # fmt: skip
+    methods = ["average", "fisher_diagonal"]
+    a = run_experiment(pool, tasks, methods, settings=Settings(**SETTINGS))
+    b = run_experiment(pool, batched, methods, settings=Settings(**SETTINGS))
+    for row in ("model: digits-0-1-2", "base", REFERENCE_ROW, "average"):
+        for task in a.tasks:
+            for k in ("accuracy", "macro_f1", "predicted_share"):
+                assert a.metrics[row][task][k] == pytest.approx(b.metrics[row][task][k])
+    assert b.costs["statistics"]["diagonal_fisher"]["examples"] == [80, 80]  # first 2 batches

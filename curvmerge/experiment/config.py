@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from curvmerge._optional import require
 from curvmerge.experiment.outputs import output_paths, write_results
 from curvmerge.experiment.pools import ModelPool, TaskData
 from curvmerge.experiment.runner import run_experiment
@@ -202,6 +203,7 @@ def load_config(path: str | os.PathLike) -> Experiment:
         FileNotFoundError: No such file.
         ValueError: Not valid YAML, not a mapping, or an unknown key or bad value (named).
     """
+    require("yaml", "curvmerge.experiment.load_config")
     import yaml
 
     p = Path(path)

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvmerge.experiment.pools import TaskData
+from curvmerge.experiment.pools import TaskData, labels_of
 from curvmerge.merging.ensemble import EnsembleResult
 from curvmerge.merging.registry import task_models
-from curvmerge.train import METRICS, as_examples, classification_metrics, evaluate
+from curvmerge.train import METRICS, classification_metrics, evaluate
 
 __all__ = ["Evaluator", "majority_metrics", "selection_score"]
 
@@ -38,12 +38,12 @@ def selection_score(metrics: Mapping[str, Any], metric: str) -> float:
 def majority_metrics(task: TaskData) -> dict[str, Any]:
     """Test metrics of the majority-class reference: always the most frequent training class
     (for regression, the mean training target). Learned from training labels only."""
-    _, test = as_examples(task.test)
+    test = labels_of(task.test)
     train = task.reference_labels()
     n = int(test.shape[0])
     if task.is_regression:
-        mean = train.double().reshape(train.shape[0], -1).mean(0)
-        targets = test.double().reshape(n, -1)
+        mean = train.double().mean(0)
+        targets = test.double()
         mse = float(((targets - mean) ** 2).mean()) if n else math.nan
         return {"mse": mse, "loss": mse, "n": n}
     labels = train.reshape(-1)

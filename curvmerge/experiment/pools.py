@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvmerge.train import METRICS, Data, as_examples, iter_batches
+from curvmerge.train import METRICS, Data, as_examples, is_batches, iter_batches
 
 __all__ = [
     "LOSSES",
@@ -27,6 +27,7 @@ __all__ = [
     "TaskData",
     "fisher_batches",
     "first_examples",
+    "labels_of",
     "shared_parameters",
 ]
 
@@ -40,12 +41,14 @@ class TaskData:
 
     Attributes:
         name: The task's name (a column of the tables).
-        val: Validation examples (see :data:`curvmerge.train.Data`): coefficients are
+        val: Validation examples (see :data:`curvmerge.train.Data`, or an iterable of
+            ``(inputs, targets)`` batches such as data-file batches): coefficients are
             chosen here.
         test: Test examples: reported once per row, never used to choose.
         train: Training examples; statistics batches are drawn from them (``fisher_examples``
-            seeded examples) unless ``fisher_batches`` is given, and the majority-class
-            reference predicts their most frequent class.
+            seeded examples; from batches, the first batches holding that many) unless
+            ``fisher_batches`` is given, and the majority-class reference predicts their
+            most frequent class.
         fisher_batches: ``(inputs, targets)`` batches for the curvature statistics (overrides
             drawing from ``train``).
         loss: ``"cross_entropy"``, ``"bce"`` or ``"mse"`` (regression).
@@ -89,13 +92,27 @@ class TaskData:
     def reference_labels(self) -> Tensor:
         """The labels the majority-class reference learns from: ``train``, else the
         statistics batches (training examples too), never the test split."""
-        if self.train is not None:
-            return as_examples(self.train)[1]
-        return torch.cat([torch.as_tensor(t).reshape(len(t), -1) for _, t in self.fisher_batches])
+        return labels_of(self.train if self.train is not None else self.fisher_batches)
+
+
+def labels_of(data: Data | Sequence[tuple[Any, Tensor]]) -> Tensor:
+    """The labels of :data:`~curvmerge.train.Data` or of ``(inputs, targets)`` batches, one
+    row per example (``[N, k]``; token targets of batches padded to different lengths are
+    flattened to ``[M, 1]``)."""
+    if not is_batches(data):
+        labels = as_examples(data)[1]
+        return labels.reshape(labels.shape[0], -1)
+    parts = [torch.as_tensor(t) for _, t in data]
+    if not parts:
+        return torch.zeros(0, 1)
+    if len({p.shape[1:] for p in parts}) > 1:
+        return torch.cat([p.reshape(-1, 1) for p in parts])
+    return torch.cat([p.reshape(p.shape[0], -1) for p in parts])
 
 
 def fisher_batches(data: Data, examples: int | None, batch_size: int, seed: int) -> list:
-    """``examples`` examples of ``data`` drawn without replacement (seeded), as batches.
+    """``examples`` examples of ``data`` drawn without replacement (seeded), as batches
+    (``data`` given as batches: the first batches holding ``examples``).
 
     The draw is ``torch.randperm(n, generator=manual_seed(seed))[:examples]``, the one
     ``curvmerge fisher`` makes, so the same settings give the same Fisher.
@@ -106,6 +123,8 @@ def fisher_batches(data: Data, examples: int | None, batch_size: int, seed: int)
         batch_size: Examples per batch.
         seed: Seed of the draw.
     """
+    if is_batches(data):
+        return first_examples(list(data), examples)
     inputs, labels = as_examples(data)
     n = int(labels.shape[0])
     if n == 0:
