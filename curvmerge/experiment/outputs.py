@@ -120,7 +120,8 @@ def format_report(result: ExperimentResult, title: str, *, extra: str = "") -> s
                 parts.append(", ".join(f"{k}={_fmt(v)}" for k, v in detail.items()))
             val = result.validation.get(method)
             text = "; ".join(p for p in parts if p)
-            lines.append(f"- {method}: {text}" + (f" (validation {val:.4f})" if val else ""))
+            shown = f" (validation {val:.4f})" if val is not None else ""
+            lines.append(f"- {method}: {text}{shown}")
         lines.append("")
     if extra:
         lines.extend([extra.rstrip("\n"), ""])
