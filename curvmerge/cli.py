@@ -44,6 +44,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from curvmerge._optional import require
 from curvmerge.merging.system import DEFAULT_DAMPING
 
 __all__ = ["main", "build_parser", "CLIError"]
@@ -455,6 +456,7 @@ def _merge_settings(args) -> dict[str, Any]:
     """Flags, overlaid on the YAML config when one is given (flags win)."""
     cfg: dict[str, Any] = {}
     if args.config:
+        require("yaml", "a YAML --config")
         import yaml
 
         path = Path(args.config)

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvmerge._optional import require
 from curvmerge.io import atomic_folder
 from curvmerge.models import body_regex as _named_head_body_regex
 
@@ -133,6 +134,7 @@ class TokenizerMismatchError(ValueError):
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Silence ``transformers`` logging and progress bars (library code does not print)."""
+    require("transformers", "Hugging Face models (curvmerge.hf)")
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
@@ -415,6 +417,7 @@ def load_model(
             or the kind cannot be told.
         TokenizerMismatchError: The tokenizer produces ids beyond the model's embedding.
     """
+    require("transformers", "curvmerge.hf.load_model")
     import transformers
 
     source = os.fspath(path_or_id)
@@ -467,6 +470,7 @@ def load_model(
 
 
 def _load_tokenizer(source: str, *, required: bool) -> Any | None:
+    require("transformers", "loading a Hugging Face tokenizer")
     from transformers import AutoTokenizer
 
     path = Path(source)
@@ -486,6 +490,7 @@ def _load_tokenizer(source: str, *, required: bool) -> Any | None:
 
 
 def _load_image_processor(source: str) -> Any | None:
+    require("transformers", "loading a Hugging Face image processor")
     from transformers import AutoImageProcessor
 
     path = Path(source)

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvmerge._optional import require
 from curvmerge.atomic import atomic_write_bytes
 
 __all__ = [
@@ -452,6 +453,7 @@ def load_hf_model(
     for file in weights:
         read_metadata(file)  # raises CorruptCheckpointError for a truncated file
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    require("transformers", "curvmerge.io.load_hf_model")
     import transformers
 
     cls = getattr(transformers, auto_class)

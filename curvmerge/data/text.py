@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvmerge._optional import require
 from curvmerge.data.cache import DataPackage, DataUnavailableError, locate_data_file
 from curvmerge.data.tasks import Task, TextSplit
 
@@ -171,6 +172,7 @@ def _split_task(
 
 def _rotten_tomatoes_from_datasets() -> tuple[list[str], list[int]]:  # pragma: no cover
     """Load Rotten Tomatoes from the Hugging Face hub (optional, needs network)."""
+    require("datasets", "Rotten Tomatoes from the Hugging Face hub")
     from datasets import load_dataset  # type: ignore[import-not-found]
 
     ds = load_dataset("cornell-movie-review-data/rotten_tomatoes")

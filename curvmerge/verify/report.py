@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from curvmerge._optional import require
 from curvmerge.verify.run import VerificationResult
 
 __all__ = [
@@ -80,6 +81,7 @@ def _json_default(obj):
 
 # ---------------------------------------------------------------------------- figures
 def _plt():
+    require("matplotlib", "the verification report's figures")
     import matplotlib
 
     matplotlib.use("Agg", force=False)
