@@ -1,0 +1,115 @@
+"""``curvmerge compare``: several methods side by side, through the experiment runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from curvmerge.commands.common import (
+    BASE_HELP,
+    MODEL_HELP,
+    add_common,
+    add_data_options,
+    add_split_options,
+    check_outputs,
+    load_base,
+    load_models,
+    log,
+    shared_names,
+    warnings_as_messages,
+)
+
+
+def add_parser(sub) -> None:
+    from curvmerge.experiment import DEFAULT_METHODS
+
+    p = sub.add_parser(
+        "compare",
+        help="compare methods side by side (table and plot)",
+        description="Merge models with several methods through the experiment runner "
+        "(every statistic computed once, coefficients chosen on validation from each "
+        "method's registry grid) and compare test accuracy and macro-F1 per task with each "
+        "fine-tuned model, the base, the majority class and output ensembling. Hugging Face "
+        "models' --data files are split into train, validation and test parts. Writes "
+        "<output>.md/.csv/.png, <output>_report.md and <output>.json.",
+    )
+    p.add_argument("models", nargs="+", metavar="model", help=MODEL_HELP)
+    p.add_argument("--base", help=BASE_HELP)
+    p.add_argument(
+        "--methods",
+        help="comma-separated registry names (default: " + ",".join(DEFAULT_METHODS) + ")",
+    )
+    p.add_argument(
+        "--fisher-kind",
+        default="exact",
+        choices=["exact", "mc", "empirical"],
+        help="kind of the diagonal Fishers (default exact)",
+    )
+    add_data_options(
+        p,
+        batch_size=64,
+        examples=512,
+        examples_help="training examples per model for the Fishers (default 512)",
+    )
+    add_split_options(p)
+    p.add_argument("--params", help="regex selecting the merged parameters (default: the body)")
+    p.add_argument("--output", "-o", required=True, help="output stem (writes .md/.csv/.png)")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from curvmerge.experiment import (
+        DEFAULT_METHODS,
+        ModelPool,
+        Settings,
+        TaskData,
+        format_report,
+        output_paths,
+        run_experiment,
+        write_results,
+    )
+    from curvmerge.merging.registry import get_method
+
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else DEFAULT_METHODS
+    methods = [get_method(m).name for m in methods if m]
+    out = Path(args.output)
+    check_outputs(output_paths(out.parent, out.name), args.force)
+    models = load_models(args.models, args, need_data=True)
+    base = load_base(args.base, models)
+    names = shared_names(models, args.params, base)
+    tasks = []
+    for m in models:
+        parts = m.splits(args)
+        tasks.append(
+            TaskData(
+                m.name, train=parts["train"], val=parts["val"], test=parts["test"], loss=m.loss_name
+            )
+        )
+    pool = ModelPool(
+        [m.model for m in models],
+        base=base.model if base is not None else None,
+        params=names,
+        names=[m.name for m in models],
+        info=[{"path": str(m.path), "data": getattr(m, "data_file", None)} for m in models],
+        handles=[m.hf for m in models] if models[0].is_hf else [],
+    )
+    settings = Settings(
+        fisher_kind=args.fisher_kind,
+        fisher_examples=args.examples,
+        fisher_batch_size=args.batch_size,
+        exact_examples=min(args.examples, 256),
+    )
+    with warnings_as_messages():
+        res = run_experiment(
+            pool,
+            tasks,
+            methods,
+            settings=settings,
+            progress=not args.quiet,
+            log=None if args.quiet else (lambda msg: log(args, msg)),
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_results(res, out.parent, stem=out.name, title="comparison", merged=None, pool=pool)
+    print(format_report(res, "comparison"), end="")
+    print(f"wrote {out}.md/.csv/.png, {out}_report.md and {out}.json")
+    return 0

@@ -1,0 +1,87 @@
+"""``curvmerge eval``: evaluate models on their tasks, optionally with a merged body."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from curvmerge.commands.common import (
+    CHECKPOINT_FORMAT,
+    MODEL_HELP,
+    TaskModel,
+    add_common,
+    add_data_options,
+    check_outputs,
+    ensure_parent,
+    evaluate_body,
+    load_models,
+    require_safetensors,
+    stem_outputs,
+    warnings_as_messages,
+)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate models, optionally with a merged body",
+        description="Evaluate each model on its own task: a checkpoint on its bundled "
+        "task's split, a Hugging Face model on its --data file (a merged folder written by "
+        "'curvmerge merge -o DIR' is a Hugging Face model). With --body, each model runs with "
+        "the merged shared parameters and its own head. Prints accuracy and macro-F1 (MSE "
+        "for regression) and warns when a model predicts one class for nearly every input.",
+    )
+    p.add_argument("models", nargs="+", metavar="model", help=MODEL_HELP)
+    p.add_argument(
+        "--body", help="merged parameters written by 'curvmerge merge -o FILE.safetensors'"
+    )
+    add_data_options(p, batch_size=256, split_default="test")
+    p.add_argument("--output", "-o", help="also write <output>.md/.csv/.png")
+    p.add_argument("--json", action="store_true", help="also print the accuracies as JSON")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def read_body(path: str, models: Sequence[TaskModel]):
+    """The merged parameters of a file, checked against every model."""
+    from curvmerge.io import check_compatible, load_params, read_metadata
+
+    p = require_safetensors(path, "merged parameters")
+    meta = read_metadata(p)
+    body = load_params(p)
+    if meta.get("format") == CHECKPOINT_FORMAT:  # a whole checkpoint: use its body
+        shared = set(models[0].body_names())
+        body = {k: v for k, v in body.items() if k in shared}
+    for m in models:
+        check_compatible(dict(m.model.named_parameters()), body, source=str(p), allow_missing=True)
+    return body
+
+
+def run(args) -> int:
+    from curvmerge.results import metrics_markdown, write_metrics
+    from curvmerge.train import check_one_class
+
+    stems = stem_outputs(args.output) if args.output else []
+    check_outputs(stems, args.force)
+    models = load_models(args.models, args, need_data=True)
+    body = read_body(args.body, models) if args.body else None
+    split = args.split or "test"
+    data = [m.split(split, args) for m in models]
+    metrics = evaluate_body(models, body, data, args.batch_size)
+    row = "merged" if body is not None else "fine-tuned"
+    tables: dict[str, dict[str, dict[str, float]]] = {}
+    for metric in ("accuracy", "macro_f1", "mse"):
+        values = {t: float(m[metric]) for t, m in metrics.items() if metric in m}
+        if values:
+            tables[metric] = {row: values}
+    print(metrics_markdown(tables, highlight_best=False), end="")
+    with warnings_as_messages():
+        for task, m in metrics.items():
+            if "accuracy" in m:
+                check_one_class(m, what=f"{row} {task} ({split})")
+    if args.output:
+        write_metrics(tables, ensure_parent(args.output), title=f"{split} metrics", label="model")
+        print(f"wrote {args.output}.md/.csv/.png")
+    if args.json:
+        print(json.dumps({t: m.get("accuracy", m.get("mse")) for t, m in metrics.items()}))
+    return 0

@@ -1,0 +1,130 @@
+"""``curvmerge sweep``: a grid of merge coefficients from statistics computed once."""
+
+from __future__ import annotations
+
+from curvmerge.commands.common import (
+    BASE_HELP,
+    DAMPING_SCALE_HELP,
+    MODEL_HELP,
+    CLIError,
+    add_common,
+    add_data_options,
+    add_split_options,
+    check_outputs,
+    damping_scale,
+    ensure_parent,
+    load_base,
+    load_fishers,
+    load_models,
+    shared_names,
+    stem_outputs,
+    warnings_as_messages,
+)
+from curvmerge.merging.system import DEFAULT_DAMPING
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="sweep merge coefficients without recomputing statistics",
+        description="Merge at every point of a weight grid (and each damping) "
+        "from statistics computed once, choose the point on the validation "
+        "splits, report test accuracy there, and print the sweep's cost as a "
+        "fraction of the Fisher computation time recorded in the Fisher files. "
+        "Hugging Face models' --data files are split into train, validation and test "
+        "parts (--val-size, --test-size). Writes <output>.md/.csv/.png.",
+    )
+    p.add_argument("models", nargs="+", metavar="model", help=MODEL_HELP + " (two: a line)")
+    p.add_argument("--fisher", nargs="+", help="Fisher files (omit for weighted averaging)")
+    p.add_argument(
+        "--points",
+        type=int,
+        default=25,
+        help="points on the weight line for two models (default 25); more models: "
+        "a simplex grid with points-1 steps",
+    )
+    p.add_argument(
+        "--damping",
+        type=float,
+        nargs="+",
+        default=[DEFAULT_DAMPING],
+        help=f"damping value(s) to sweep, relative as in 'merge' (default {DEFAULT_DAMPING:g})",
+    )
+    p.add_argument("--damping-scale", default="auto", help=DAMPING_SCALE_HELP)
+    p.add_argument(
+        "--prior",
+        default="mean",
+        choices=["mean", "zero", "base"],
+        help="theta_0: mean (default), zero, base (needs --base)",
+    )
+    p.add_argument("--base", help=BASE_HELP + "; for --prior base")
+    p.add_argument("--params", help="regex selecting the merged parameters (default: the body)")
+    add_data_options(p, batch_size=256)
+    add_split_options(p)
+    p.add_argument("--output", "-o", required=True, help="output stem (writes .md/.csv/.png)")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from curvmerge.merging.sweep import line_grid, simplex_grid, sweep
+    from curvmerge.results import write_sweep
+    from curvmerge.train import evaluate
+
+    check_outputs(stem_outputs(args.output), args.force)
+    if len(args.models) < 2:
+        raise CLIError("a sweep needs at least two models")
+    if args.points < 2:
+        raise CLIError(f"--points must be at least 2, got {args.points}")
+    models = load_models(args.models, args, need_data=True)
+    base = load_base(args.base, models)
+    names = shared_names(models, args.params, base)
+    if args.prior == "base" and base is None:
+        raise CLIError("--prior base needs --base (the model the task models were fine-tuned from)")
+    if args.fisher:
+        curvatures, fisher_seconds = load_fishers(args.fisher, models, names)
+    else:
+        curvatures, fisher_seconds = None, None
+    T = len(models)
+    grid = line_grid(args.points) if T == 2 else simplex_grid(T, args.points - 1)
+    splits = [m.splits(args) for m in models]
+    val = [s["val"] for s in splits]
+    test = [s["test"] for s in splits]
+
+    def scores(result, data):
+        out = {}
+        for m, d in zip(models, data, strict=True):
+            own = dict(m.model.named_parameters())
+            with torch.no_grad():
+                for n, v in result.params.items():
+                    own[n].copy_(v)
+            out[m.name] = evaluate(m.model, d, batch_size=args.batch_size, loss=m.loss_name)[
+                "mse" if m.loss_name == "mse" else "accuracy"
+            ] * (-1 if m.loss_name == "mse" else 1)
+        return out
+
+    originals = [{n: p.detach().clone() for n, p in m.model.named_parameters()} for m in models]
+    with warnings_as_messages():
+        res = sweep(
+            [dict(o) for o in originals],
+            curvatures,
+            validate=lambda r: scores(r, val),
+            test=lambda r: scores(r, test),
+            weights=grid,
+            dampings=args.damping,
+            damping_scale=damping_scale(args.damping_scale, "--damping-scale"),
+            prior=args.prior,
+            base=base.model if base is not None else None,
+            params=names,
+            statistics_seconds=fisher_seconds or None,
+            progress=not args.quiet,
+            verbose=False,
+        )
+    print(res.summary())
+    if curvatures is not None and res.cost_ratio is None:
+        print("  (the Fisher files record no computation time: cost ratio unknown)")
+    write_sweep(res, ensure_parent(args.output), title="coefficient sweep")
+    print(f"wrote {args.output}.md/.csv/.png")
+    return 0
