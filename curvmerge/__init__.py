@@ -4,7 +4,9 @@ r"""curvmerge: merge neural networks with curvature.
 
     \theta^* = (\lambda I + \sum_t w_t F_t)^{-1} (\sum_t w_t F_t \theta_t + \lambda \theta_0)
 
-Submodules with their own namespaces: :mod:`curvmerge.data` (offline tasks),
+Submodules with their own namespaces: :mod:`curvmerge.data` (offline tasks; user files in
+:mod:`curvmerge.data.files`), :mod:`curvmerge.hf` (Hugging Face models in and out),
+:mod:`curvmerge.experiment` (the experiment runner),
 :mod:`curvmerge.models`, :mod:`curvmerge.train`, :mod:`curvmerge.io`,
 :mod:`curvmerge.results`, :mod:`curvmerge.verify`, :mod:`curvmerge.losses`.
 """
@@ -43,6 +45,7 @@ from curvmerge.precondition import NystromPreconditioner
 from curvmerge.solve import CGResult, cg, solve_cg
 from curvmerge.space import ParamSpace, SpaceMismatchError
 from curvmerge.statistics.base import DataOrderError
+from curvmerge.train import OneClassWarning
 
 __version__ = "0.1.0"
 
@@ -76,6 +79,7 @@ __all__ = [
     "ConvergenceWarning",
     "ConvergenceError",
     "DampingWarning",
+    "OneClassWarning",
     "load_merged",
     "parameters_of",
     "task_arithmetic",
