@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from curvmerge._optional import require
 from curvmerge.commands.common import (
     BASE_HELP,
     DAMPING_HELP,
@@ -111,6 +112,7 @@ def _settings(args) -> dict[str, Any]:
     """Flags, overlaid on the YAML config when one is given (flags win)."""
     cfg: dict[str, Any] = {}
     if args.config:
+        require("yaml", "a YAML --config")
         import yaml
 
         path = Path(args.config)
