@@ -78,7 +78,7 @@ def run(args) -> int:
     with warnings_as_messages():
         for task, m in metrics.items():
             if "accuracy" in m:
-                check_one_class(m, what=f"{row} {task} ({split})")
+                check_one_class(m, what=f"the {row} model on {task}")
     if args.output:
         write_metrics(tables, ensure_parent(args.output), title=f"{split} metrics", label="model")
         print(f"wrote {args.output}.md/.csv/.png")
