@@ -9,6 +9,7 @@ fresh virtual environment and installs the core for real.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -258,3 +259,69 @@ def test_fresh_venv_installs_the_core_without_transformers(tmp_path):
     assert not names & {"transformers", "datasets", "pandas", "pyyaml", "matplotlib"}, names
     assert not names & {"backpack-for-pytorch", "curvlinops-for-pytorch", "torchvision"}, names
     print(f"fresh venv, core install and import: {time.perf_counter() - start:.0f} s")
+
+
+def _optional_imports(tree):
+    """(node, top-level name) of every import of an optional package, with its parents."""
+    parents = {}
+    for node in ast.walk(tree):
+        for child in ast.iter_child_nodes(node):
+            parents[child] = node
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            tops = [a.name.partition(".")[0] for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            tops = [node.module.partition(".")[0]]
+        else:
+            continue
+        for top in tops:
+            if top in EXTRAS:
+                yield node, top, parents
+
+
+def _guarded(node, top, parents) -> bool:
+    """Under ``if TYPE_CHECKING``, in a ``try`` that handles ImportError, or after
+    ``require(top, ...)`` in the same function."""
+    child, parent = node, parents.get(node)
+    function = None
+    while parent is not None:
+        if isinstance(parent, ast.If) and "TYPE_CHECKING" in ast.unparse(parent.test):
+            return True
+        if isinstance(parent, ast.Try) and child in parent.body:
+            caught = " ".join(ast.unparse(h.type) for h in parent.handlers if h.type is not None)
+            if "ImportError" in caught or "Exception" in caught:
+                return True
+        if function is None and isinstance(parent, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            function = parent
+        child, parent = parent, parents.get(parent)
+    if function is None:
+        return False  # a module-level import
+    for call in ast.walk(function):
+        if (
+            isinstance(call, ast.Call)
+            and isinstance(call.func, ast.Name)
+            and call.func.id == "require"
+            and call.args
+            and isinstance(call.args[0], ast.Constant)
+            and str(call.args[0].value).partition(".")[0] == top
+            and call.lineno <= node.lineno
+        ):
+            return True
+    return False
+
+
+def test_optional_imports_go_through_require():
+    """Every import of an optional package in curvmerge follows ``require(...)`` (which names
+    the extra), so a missing extra never surfaces as a bare ModuleNotFoundError."""
+    bad = []
+    for path in sorted((ROOT / "curvmerge").rglob("*.py")):
+        if path.name == "_optional.py":
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        for node, top, parents in _optional_imports(tree):
+            if not _guarded(node, top, parents):
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    assert not bad, (
+        "import optional packages inside the function that needs them, after "
+        "curvmerge._optional.require(module, feature):\n" + "\n".join(bad)
+    )
