@@ -102,7 +102,7 @@ def save_bert(folder, labels, *, seed: int, vocab_size: int | None = None, token
         vocab_size=vocab_size or len(tok),
         hidden_size=8,
         num_layers=1,
-        max_length=32,
+        max_length=64,
         seed=0,
     )
     model.config.id2label = dict(enumerate(labels))
