@@ -346,3 +346,53 @@ def test_sweep_prior_base(work):
     status, out, err = run_main(*args, "--base", d / "base.safetensors", "-o", d / "sweep_base")
     assert status == 0, err
     assert "3 points" in out
+
+
+def test_fisher_of_several_checkpoints_in_one_call(work):
+    outs = [work / "f1.safetensors", work / "f2.safetensors"]
+    args = ["fisher", work / "base.safetensors", work / "b.safetensors", "--examples", "32", "-q"]
+    err = _error(*args, "-o", outs[0])
+    assert "1 --output files for 2 models" in err
+    status, out, err = run_main(*args, "-o", *outs)
+    assert status == 0, err
+    assert [read_metadata(p)["num_examples"] for p in outs] == [32, 32]
+    assert read_metadata(outs[1])["task"] == "digits:5,6,7,8,9"
+
+
+def test_compare_checkpoints_through_the_runner(work):
+    status, out, err = run_main(
+        "compare", work / "base.safetensors", work / "b.safetensors",
+        "--methods", "average,fisher_diagonal,ensemble", "--examples", "64", "-q",
+        "-o", work / "cmp" / "table",
+    )  # fmt: skip
+    assert status == 0, err
+    assert "| majority class |" in out and "| fisher_diagonal |" in out
+    record = json.loads((work / "cmp" / "table.json").read_text())
+    assert record["settings"]["fisher_examples"] == 64
+    err = _error("compare", work / "b.safetensors", "-o", work / "cmp" / "table")
+    assert "already exists" in err
+
+
+def test_verify_passes_every_argument_to_the_report():
+    with pytest.raises(SystemExit) as exc, contextlib.redirect_stdout(io.StringIO()) as out:
+        main(["verify", "--help"])
+    assert exc.value.code == 0
+    assert "--fisher-examples" in out.getvalue() and "--out" in out.getvalue()
+
+
+def test_finetune_steps_zero_saves_a_fresh_head(work, monkeypatch):
+    out = work / "fresh.safetensors"
+    status, _, err = run_main(
+        "finetune", "--task", "digits:0,1", "--base", work / "base.safetensors",
+        "--steps", "0", "-q", "-o", out,
+    )  # fmt: skip
+    assert status == 0, err
+    base, fresh = load_params(work / "base.safetensors"), load_params(out)
+    assert all(fresh[n].equal(base[n]) for n in ("body.1.weight", "body.1.bias"))
+    monkeypatch.setenv("CURVMERGE_QUICK", "1")  # smoke-test sizes: at most 20 steps
+    status, _, err = run_main(
+        "finetune", "--task", "digits:0,1", "--model", "mlp", "--hidden", "8", "--epochs", "50",
+        "-q", "-o", work / "quick.safetensors",
+    )  # fmt: skip
+    assert status == 0, err
+    assert read_metadata(work / "quick.safetensors")["steps"] == 20

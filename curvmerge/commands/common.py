@@ -851,3 +851,24 @@ def evaluate_body(models: Sequence[TaskModel], body, data: Sequence, batch_size:
                     own[n].copy_(v)
         out[m.name] = evaluate(m.model, d, batch_size=batch_size, loss=m.loss_name)
     return out
+
+
+def draw(data, n: int | None, seed: int = 0):
+    """``n`` examples of ``data`` drawn without replacement (seeded), as ``(inputs,
+    labels)``; all of them when ``n`` is ``None`` or not smaller."""
+    from collections.abc import Mapping
+
+    import torch
+
+    from curvmerge.train import as_examples
+
+    if n is None:
+        return data
+    inputs, labels = as_examples(data)
+    total = int(labels.shape[0])
+    if n >= total:
+        return data
+    idx = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+    if isinstance(inputs, Mapping):
+        return {k: v[idx] for k, v in inputs.items()}, labels[idx]
+    return inputs[idx], labels[idx]

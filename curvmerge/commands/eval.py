@@ -12,6 +12,7 @@ from curvmerge.commands.common import (
     add_common,
     add_data_options,
     check_outputs,
+    draw,
     ensure_parent,
     evaluate_body,
     load_models,
@@ -35,7 +36,12 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--body", help="merged parameters written by 'curvmerge merge -o FILE.safetensors'"
     )
-    add_data_options(p, batch_size=256, split_default="test")
+    add_data_options(
+        p,
+        batch_size=256,
+        split_default="test",
+        examples_help="evaluate a seeded random draw of N examples per model (default: all)",
+    )
     p.add_argument("--output", "-o", help="also write <output>.md/.csv/.png")
     p.add_argument("--json", action="store_true", help="also print the accuracies as JSON")
     add_common(p)
@@ -66,7 +72,7 @@ def run(args) -> int:
     models = load_models(args.models, args, need_data=True)
     body = read_body(args.body, models) if args.body else None
     split = args.split or "test"
-    data = [m.split(split, args) for m in models]
+    data = [draw(m.split(split, args), args.examples) for m in models]
     metrics = evaluate_body(models, body, data, args.batch_size)
     row = "merged" if body is not None else "fine-tuned"
     tables: dict[str, dict[str, dict[str, float]]] = {}
