@@ -378,6 +378,11 @@ def test_verify_passes_every_argument_to_the_report():
         main(["verify", "--help"])
     assert exc.value.code == 0
     assert "--fisher-examples" in out.getvalue() and "--out" in out.getvalue()
+    assert out.getvalue().startswith("usage: curvmerge verify "), out.getvalue()[:80]
+    # the module keeps its own name when run as python -m curvmerge.verify
+    from curvmerge.verify.__main__ import build_parser
+
+    assert build_parser().format_usage().startswith("usage: python -m curvmerge.verify ")
 
 
 def test_finetune_steps_zero_saves_a_fresh_head(work, monkeypatch):

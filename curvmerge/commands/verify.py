@@ -1,6 +1,7 @@
 """``curvmerge verify``: the diagonal vs exact Fisher report of :mod:`curvmerge.verify`.
 
-Every argument after ``verify`` (``--help`` included) goes to ``python -m curvmerge.verify``;
+Every argument after ``verify`` (``--help`` included) goes to the report's own parser
+(:func:`curvmerge.verify.__main__.main`, named ``curvmerge verify`` in its usage lines);
 :func:`curvmerge.cli.main` hands them over before its own parser sees them.
 """
 
@@ -32,7 +33,7 @@ def main(argv: Sequence[str]) -> int:
         raise CLIError("this installation has no verification report (curvmerge.verify)")
     from curvmerge.verify.__main__ import main as verify_main
 
-    return int(verify_main(list(argv)) or 0)
+    return int(verify_main(list(argv), prog="curvmerge verify") or 0)
 
 
 def run(args) -> int:

@@ -104,8 +104,10 @@ def run_mnist_report(
     return path, result
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv=None, *, prog: str = "python -m curvmerge.verify") -> int:
+    """Run the report with ``argv`` (default ``sys.argv[1:]``); ``prog`` is the program name
+    of usage lines and ``--help`` (``curvmerge verify`` from the command)."""
+    args = build_parser(prog).parse_args(argv)
     if args.threads:
         import torch
 
