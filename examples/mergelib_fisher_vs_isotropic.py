@@ -158,7 +158,6 @@ def main(argv=None) -> dict:
         validate=score(val),
         test=score(test),
         method="ensemble",
-        statistics_seconds=fisher_seconds,
     )
     sweeps = {"isotropic": isotropic, "fisher": fisher, "ensemble": ensemble}
 
