@@ -457,4 +457,101 @@ def test_tasks_given_as_batches(trained):
         for task in a.tasks:
             for k in ("accuracy", "macro_f1", "predicted_share"):
                 assert a.metrics[row][task][k] == pytest.approx(b.metrics[row][task][k])
-    assert b.costs["statistics"]["diagonal_fisher"]["examples"] == [80, 80]  # first 2 batches
+    # the statistics take exactly fisher_examples examples: 40 + the first 24 of batch 2
+    assert b.costs["statistics"]["diagonal_fisher"]["examples"] == [64, 64]
+
+
+# ------------------------------------------------------------------ token-level batches
+V = 6  # vocabulary size == sequence length of the first batches: [B, T, C] with T == C
+
+
+class _Tagger(torch.nn.Module):
+    """Token-level logits ``[B, T, V]`` (classes last, like Hugging Face models)."""
+
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = torch.nn.Embedding(V, 8)
+        self.head = torch.nn.Linear(8, V)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)))
+
+
+def _token_batches(seed, lengths=(V, V, 4)):
+    """Batches of token ids with next-token targets, padded (-100) at random tails; the
+    batches have different lengths, as data-file batches padded per batch do."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for T in lengths:
+        x = torch.randint(0, V, (3, T), generator=g)
+        y = (x + 1) % V
+        for row, keep in enumerate(torch.randint(2, T + 1, (3,), generator=g).tolist()):
+            y[row, keep:] = -100
+        out.append((x, y))
+    return out
+
+
+def test_token_level_task_with_sequence_length_equal_to_vocabulary():
+    from curvmerge.losses import LossSpec
+
+    pool = ModelPool([_Tagger(1), _Tagger(2)], params=r"^body\.")
+    token_loss = LossSpec("cross_entropy", classes_last=True)
+    tasks = [
+        TaskData(f"tokens-{k}", train=_token_batches(k), val=_token_batches(10 + k),
+                 test=_token_batches(20 + k), loss=token_loss)
+        for k in range(2)
+    ]  # fmt: skip
+    assert all(t.loss is token_loss for t in tasks)  # the LossSpec is kept as given
+    methods = [
+        "average",
+        "fisher_diagonal",
+        {"method": "fisher_exact", "grid": [{"damping": 1e-2}], "options": {"maxiter": 5}},
+    ]
+    settings = Settings(fisher_examples=6, fisher_batch_size=3, exact_examples=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CG caps
+        res = run_experiment(pool, tasks, methods, settings=settings)
+    for row in ("model: tokens-0", REFERENCE_ROW, "average", "fisher_diagonal", "fisher_exact"):
+        for task in ("tokens-0", "tokens-1"):
+            assert 0 <= res.metrics[row][task]["accuracy"] <= 1, (row, task)
+    assert res.metrics[REFERENCE_ROW]["tokens-0"]["n"] == 9  # examples, not tokens
+    assert res.settings["tasks"][0]["loss"] == "cross_entropy"
+    assert res.settings["tasks"][0]["loss_spec"]["classes_last"] is True
+    # a name loses the layout: the statistics refuse the ambiguous [B, T, C] outputs
+    named = [TaskData(t.name, train=t.train, val=t.val, test=t.test) for t in tasks]
+    with pytest.raises(ValueError, match="ambiguous cross-entropy layout"):
+        run_experiment(pool, named, ["fisher_diagonal"], settings=settings)
+
+
+def test_majority_metrics_over_batches_of_different_lengths():
+    from curvmerge.experiment import majority_metrics
+    from curvmerge.losses import LossSpec
+
+    x, P = torch.zeros, -100
+    train = [
+        (x(2, 5, dtype=torch.long), torch.tensor([[1, 1, 2, P, P], [0, 1, P, P, P]])),
+        (x(3, 3, dtype=torch.long), torch.tensor([[2, 1, P], [0, 1, 1], [1, P, P]])),
+    ]
+    test = [
+        (x(1, 4, dtype=torch.long), torch.tensor([[1, 0, P, P]])),
+        (x(2, 2, dtype=torch.long), torch.tensor([[1, 1], [2, P]])),
+    ]
+    task = TaskData("tok", train=train, val=test, test=test,
+                    loss=LossSpec("cross_entropy", classes_last=True))  # fmt: skip
+    assert task.reference_labels().tolist() == [1, 1, 2, 0, 1, 2, 1, 0, 1, 1, 1]
+    m = majority_metrics(task)
+    assert m["n"] == 3 and m["accuracy"] == pytest.approx(3 / 5)  # class 1 on 5 tokens
+    assert m["predicted_class"] == 1 and m["predicted_share"] == 1.0
+    # another ignore_index is honoured
+    other = [(i, torch.where(t == -100, torch.full_like(t, 7), t)) for i, t in train]
+    task = TaskData("tok", train=other, val=test, test=test,
+                    loss=LossSpec("cross_entropy", ignore_index=7))  # fmt: skip
+    assert task.reference_labels().tolist() == [1, 1, 2, 0, 1, 2, 1, 0, 1, 1, 1]
+    # regression targets, batch by batch: the mean training target
+    reg_train = [(x(2, 1), torch.tensor([[1.0], [3.0]])), (x(1, 1), torch.tensor([[5.0]]))]
+    reg_test = [(x(1, 1), torch.tensor([[3.0]])), (x(2, 1), torch.tensor([[1.0], [5.0]]))]
+    reg = TaskData("reg", train=reg_train, val=reg_test, test=reg_test, loss="mse")
+    m = majority_metrics(reg)
+    assert m["n"] == 3 and m["mse"] == pytest.approx(8 / 3)
+

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvmerge.experiment.pools import TaskData, labels_of
+from curvmerge.experiment.pools import TaskData, label_batches
 from curvmerge.merging.ensemble import EnsembleResult
 from curvmerge.merging.registry import task_models
-from curvmerge.train import METRICS, classification_metrics, evaluate
+from curvmerge.train import METRICS, as_examples, classification_metrics, evaluate, is_batches
 
 __all__ = ["Evaluator", "majority_metrics", "selection_score"]
 
@@ -37,23 +37,59 @@ def selection_score(metrics: Mapping[str, Any], metric: str) -> float:
 
 def majority_metrics(task: TaskData) -> dict[str, Any]:
     """Test metrics of the majority-class reference: always the most frequent training class
-    (for regression, the mean training target). Learned from training labels only."""
-    test = labels_of(task.test)
+    (for regression, the mean training target). Learned from training labels only
+    (:meth:`TaskData.reference_labels`).
+
+    Splits given as batches are read batch by batch (token-level batches may differ in
+    length); labels equal to the loss's ``ignore_index`` (padding) are skipped, and ``n``
+    counts examples, as :func:`curvmerge.train.evaluate` does.
+
+    Raises:
+        ValueError: The task has no training label.
+    """
     train = task.reference_labels()
-    n = int(test.shape[0])
+    if train.shape[0] == 0:
+        raise ValueError(f"task {task.name!r}: no training labels for the majority class")
+    spec = task.loss
+    n = 0
     if task.is_regression:
         mean = train.double().mean(0)
-        targets = test.double()
-        mse = float(((targets - mean) ** 2).mean()) if n else math.nan
+        sse, terms = 0.0, 0
+        for t in label_batches(task.test):
+            rows = t.double().reshape(t.shape[0], -1) if t.ndim else t.double().reshape(1, 1)
+            n += int(rows.shape[0])
+            sse += float(((rows - mean) ** 2).sum())
+            terms += rows.numel()
+        mse = sse / terms if terms else math.nan
         return {"mse": mse, "loss": mse, "n": n}
-    labels = train.reshape(-1)
-    labels = labels[labels != -100]
-    classes, counts = torch.unique(labels, return_counts=True)
+    classes, counts = torch.unique(train, return_counts=True)
     majority = int(classes[counts.argmax()])
-    targets = test.reshape(-1)
-    targets = targets[targets != -100]
+    parts = []
+    for t in label_batches(task.test):
+        n += int(t.shape[0]) if t.ndim else 1
+        t = t.reshape(-1)
+        parts.append(t[t != spec.ignore_index] if spec.name == "cross_entropy" else t)
+    targets = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
     out = classification_metrics(torch.full_like(targets, majority), targets)
     return {**out, "loss": math.nan, "n": n}
+
+
+def _evaluation_data(task: TaskData, split: str):
+    """A split as :func:`curvmerge.train.evaluate` reads it: targets equal to the loss's
+    ``ignore_index`` become ``-100`` (the padding label that ``evaluate`` skips)."""
+    data = getattr(task, split)
+    spec = task.loss
+    if spec.name != "cross_entropy" or spec.ignore_index == -100:
+        return data
+
+    def remap(t):
+        t = torch.as_tensor(t)
+        return torch.where(t == spec.ignore_index, torch.full_like(t, -100), t)
+
+    if is_batches(data):
+        return [(x, remap(t)) for x, t in data]
+    inputs, labels = as_examples(data)
+    return inputs, remap(labels)
 
 
 class Evaluator:
@@ -92,7 +128,9 @@ class Evaluator:
     def _evaluate(self, model: nn.Module, k: int, split: str) -> dict[str, Any]:
         task = self.tasks[k]
         self.calls[split] = self.calls.get(split, 0) + 1
-        return evaluate(model, getattr(task, split), batch_size=self.batch_size, loss=task.loss)
+        return evaluate(
+            model, _evaluation_data(task, split), batch_size=self.batch_size, loss=task.loss.name
+        )
 
     def body(self, params: Mapping[str, Tensor], split: str) -> Metrics:
         """Metrics per task of ``params`` read with each task's own head."""

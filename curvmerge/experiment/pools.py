@@ -5,20 +5,24 @@ optional base model they were fine-tuned from, and which parameters are shared (
 default the *body*, everything outside the head that :func:`curvmerge.models.head_prefix`
 finds. A :class:`TaskData` holds one task's data: the examples curvature statistics are
 computed on (drawn from ``train``, or given as batches), validation examples (coefficients
-are chosen there) and test examples (reported once), with the task's loss and the metric that
-chooses.
+are chosen there) and test examples (reported once), with the task's loss (a
+:class:`~curvmerge.losses.LossSpec`, such as a data file's
+:attr:`curvmerge.data.files.DataBatches.loss`, carried to every statistic and evaluation) and
+the metric that chooses. Splits given as batches are read batch by batch: batches may differ
+in shape (token-level targets padded per batch).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from curvmerge.losses import LossSpec, resolve_loss
 from curvmerge.train import METRICS, Data, as_examples, is_batches, iter_batches
 
 __all__ = [
@@ -27,7 +31,9 @@ __all__ = [
     "TaskData",
     "fisher_batches",
     "first_examples",
+    "label_batches",
     "labels_of",
+    "task_labels",
     "shared_parameters",
 ]
 
@@ -51,7 +57,12 @@ class TaskData:
             most frequent class.
         fisher_batches: ``(inputs, targets)`` batches for the curvature statistics (overrides
             drawing from ``train``).
-        loss: ``"cross_entropy"``, ``"bce"`` or ``"mse"`` (regression).
+        loss: A :class:`~curvmerge.losses.LossSpec` or a name (``"cross_entropy"``,
+            ``"bce"``, ``"mse"`` for regression); a name becomes ``LossSpec(name)``. The spec
+            is handed as it is to the statistics (so ``classes_last=True`` of token-level
+            data reaches them: needed when the sequence length equals the number of
+            classes), and its ``ignore_index`` marks the targets that evaluation and the
+            majority class skip.
         metric: The validation metric that chooses coefficients: ``"accuracy"``,
             ``"macro_f1"``, ``"mse"`` or ``"loss"`` (the last two are minimised); default
             accuracy, or MSE for ``loss="mse"``.
@@ -62,24 +73,29 @@ class TaskData:
     test: Data
     train: Data | None = None
     fisher_batches: list[tuple[Any, Tensor]] | None = None
-    loss: str = "cross_entropy"
+    loss: LossSpec | str = "cross_entropy"
     metric: str | None = None
 
     def __post_init__(self) -> None:
-        if self.loss not in LOSSES:
+        if not isinstance(self.loss, (str, LossSpec)):
             raise ValueError(
-                f"task {self.name!r}: loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"
+                f"task {self.name!r}: loss must be a LossSpec or one of {', '.join(LOSSES)}, "
+                f"got {self.loss!r}"
             )
+        try:
+            self.loss = resolve_loss(self.loss)
+        except ValueError as err:
+            raise ValueError(f"task {self.name!r}: {err}") from None
         if self.metric is None:
-            self.metric = "mse" if self.loss == "mse" else "accuracy"
+            self.metric = "mse" if self.loss.name == "mse" else "accuracy"
         if self.metric not in METRICS:
             raise ValueError(
                 f"task {self.name!r}: metric must be one of {', '.join(METRICS)}, "
                 f"got {self.metric!r}"
             )
-        if self.loss == "mse" and self.metric in ("accuracy", "macro_f1"):
+        if self.loss.name == "mse" and self.metric in ("accuracy", "macro_f1"):
             raise ValueError(f"task {self.name!r}: a regression task (loss mse) has no accuracy")
-        if self.loss != "mse" and self.metric == "mse":
+        if self.loss.name != "mse" and self.metric == "mse":
             raise ValueError(f"task {self.name!r}: metric mse needs loss mse")
         if self.train is None and self.fisher_batches is None:
             raise ValueError(f"task {self.name!r}: give train examples or fisher_batches")
@@ -87,12 +103,48 @@ class TaskData:
     @property
     def is_regression(self) -> bool:
         """Whether the task is scored by MSE (``loss="mse"``)."""
-        return self.loss == "mse"
+        return self.loss.name == "mse"
 
     def reference_labels(self) -> Tensor:
         """The labels the majority-class reference learns from: ``train``, else the
-        statistics batches (training examples too), never the test split."""
-        return labels_of(self.train if self.train is not None else self.fisher_batches)
+        statistics batches (training examples too), never the test split.
+
+        Read batch by batch (batches may differ in length): for regression the targets as
+        rows ``[N, k]``; otherwise the labels as one vector ``[M]`` (token-level labels
+        flattened), without the loss's ``ignore_index`` (padding).
+        """
+        data = self.train if self.train is not None else self.fisher_batches
+        return task_labels(data, self.loss)
+
+
+def label_batches(data: Data | Iterable[tuple[Any, Tensor]]) -> Iterator[Tensor]:
+    """The targets of :data:`~curvmerge.train.Data` (one tensor) or of ``(inputs, targets)``
+    batches (one tensor per batch, shapes as they are)."""
+    if not is_batches(data):
+        yield as_examples(data)[1]
+        return
+    for _, targets in data:
+        yield torch.as_tensor(targets)
+
+
+def task_labels(
+    data: Data | Iterable[tuple[Any, Tensor]], loss: LossSpec | str = "cross_entropy"
+) -> Tensor:
+    """The labels of ``data`` read batch by batch: targets as rows ``[N, k]`` for MSE, else
+    one vector ``[M]`` of the labels that are not the loss's ``ignore_index``."""
+    spec = resolve_loss(loss)
+    parts = []
+    for t in label_batches(data):
+        if spec.name == "mse":
+            parts.append(t.reshape(t.shape[0], -1) if t.ndim else t.reshape(1, 1))
+            continue
+        t = t.reshape(-1)
+        if spec.name == "cross_entropy":
+            t = t[t != spec.ignore_index]
+        parts.append(t)
+    if not parts:
+        return torch.zeros(0, 1) if spec.name == "mse" else torch.zeros(0, dtype=torch.long)
+    return torch.cat(parts)
 
 
 def labels_of(data: Data | Sequence[tuple[Any, Tensor]]) -> Tensor:
@@ -112,7 +164,8 @@ def labels_of(data: Data | Sequence[tuple[Any, Tensor]]) -> Tensor:
 
 def fisher_batches(data: Data, examples: int | None, batch_size: int, seed: int) -> list:
     """``examples`` examples of ``data`` drawn without replacement (seeded), as batches
-    (``data`` given as batches: the first batches holding ``examples``).
+    (``data`` given as batches: the first ``examples`` examples, the last batch cut to
+    size when its inputs are a tensor or a dict of tensors).
 
     The draw is ``torch.randperm(n, generator=manual_seed(seed))[:examples]``, the one
     ``curvmerge fisher`` makes, so the same settings give the same Fisher.
@@ -124,7 +177,8 @@ def fisher_batches(data: Data, examples: int | None, batch_size: int, seed: int)
         seed: Seed of the draw.
     """
     if is_batches(data):
-        return first_examples(list(data), examples)
+        batches = first_examples(list(data), examples)
+        return _cut(batches, examples) if examples is not None else batches
     inputs, labels = as_examples(data)
     n = int(labels.shape[0])
     if n == 0:
@@ -137,6 +191,31 @@ def fisher_batches(data: Data, examples: int | None, batch_size: int, seed: int)
     else:
         sub = (inputs[idx], labels[idx])
     return list(iter_batches(sub, batch_size))
+
+
+def _cut(batches: list, n: int) -> list:
+    """``batches`` with the last one cut so that they hold ``n`` examples (when it can be)."""
+    from curvmerge.batches import batch_size
+
+    if not batches:
+        return batches
+    extra = sum(batch_size(b[0]) for b in batches) - int(n)
+    inputs, targets = batches[-1]
+    size = batch_size(inputs)
+    if extra <= 0 or extra >= size:
+        return batches
+    keep = size - extra
+
+    def head(x):
+        return x[:keep] if isinstance(x, Tensor) and x.ndim and x.shape[0] == size else x
+
+    if isinstance(inputs, Tensor):
+        cut = head(inputs)
+    elif isinstance(inputs, Mapping):
+        cut = {k: head(v) for k, v in inputs.items()}
+    else:
+        return batches
+    return [*batches[:-1], (cut, head(torch.as_tensor(targets)))]
 
 
 def first_examples(batches: Sequence, n: int | None) -> list:

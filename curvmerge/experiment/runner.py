@@ -26,6 +26,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
 from typing import Any
 
 from curvmerge.experiment.evaluation import Evaluator, majority_metrics
@@ -299,7 +300,10 @@ def run_experiment(
         {"label": r.name, "method": r.spec.name, "grid": r.points(), "options": r.fixed_options()}
         for r in runs
     ]
-    res.settings["tasks"] = [{"name": t.name, "loss": t.loss, "metric": t.metric} for t in tasks]
+    res.settings["tasks"] = [
+        {"name": t.name, "loss": t.loss.name, "loss_spec": asdict(t.loss), "metric": t.metric}
+        for t in tasks
+    ]
     res.settings["params"] = {"count": len(names), "names": names}
     return res
 

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from curvmerge.fisher import diagonal_fisher, load_fisher, save_fisher
+from curvmerge.losses import LossSpec, resolve_loss
 from curvmerge.operators import LinearOperator
 
 __all__ = ["StatisticsStore", "statistics_key", "KEY_FORMAT"]
@@ -70,6 +71,14 @@ def statistics_key(model: nn.Module, batches: Sequence, settings: Mapping[str, A
     return KEY_FORMAT + h.hexdigest()
 
 
+def _loss_key(spec: LossSpec) -> str | dict[str, Any]:
+    """What a Fisher depends on of its loss: the name, and the reduction and
+    ``ignore_index`` when not the defaults (``classes_last`` only declares a layout)."""
+    if spec.reduction == "mean" and spec.ignore_index == -100:
+        return spec.name
+    return {"name": spec.name, "reduction": spec.reduction, "ignore_index": spec.ignore_index}
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
 
@@ -80,7 +89,8 @@ class StatisticsStore:
     Args:
         models: The task models (not modified).
         batches: Per model, its ``(inputs, targets)`` statistics batches.
-        losses: Per model, its loss name.
+        losses: Per model, its loss: a :class:`~curvmerge.losses.LossSpec` (handed as it is
+            to the Fisher and the operators: ``classes_last=True`` reaches them) or a name.
         params: The selected (merged) parameter names.
         names: Per model, a name (Fisher file names).
         fisher_kind: Kind of the diagonal Fisher: ``"exact"``, ``"mc"`` or ``"empirical"``.
@@ -104,7 +114,7 @@ class StatisticsStore:
         self,
         models: Sequence[nn.Module],
         batches: Sequence[Sequence],
-        losses: Sequence[str],
+        losses: Sequence[LossSpec | str],
         params: Sequence[str],
         *,
         names: Sequence[str] | None = None,
@@ -120,7 +130,7 @@ class StatisticsStore:
             raise ValueError("one batch list and one loss per model")
         self.models = list(models)
         self.batches = [list(b) for b in batches]
-        self.losses = list(losses)
+        self.losses = [resolve_loss(loss) for loss in losses]
         self.params = list(params)
         self.names = (
             list(names) if names is not None else [f"model_{i}" for i in range(len(models))]
@@ -165,7 +175,7 @@ class StatisticsStore:
             "kind": self.fisher_kind,
             "mc_samples": self.mc_samples if self.fisher_kind == "mc" else None,
             "seed": self.seed,
-            "loss": self.losses[k],
+            "loss": _loss_key(self.losses[k]),
             "params": self.params,
         }
 
