@@ -6,6 +6,7 @@ the other commands (eval, sweep, compare, run) on the same models."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -201,7 +202,19 @@ def test_sweep_and_compare_on_data_files(hf, tmp_path):
     assert (tmp_path / "cmp" / "table.md").is_file() and (tmp_path / "cmp" / "table.png").is_file()
 
 
-def test_run_config_with_data_files(hf, tmp_path):
+def test_run_config_with_data_files(hf, tmp_path, monkeypatch):
+    import shutil
+
+    import curvmerge.commands.run as run_command
+    from curvmerge.experiment import TASK_SOURCES, files_task
+
+    # the command registers no loader of its own: the library reads the data files
+    assert not hasattr(run_command, "files_source") and "files_task" not in vars(run_command)
+    assert TASK_SOURCES["files"].__module__ == files_task.__module__
+    (tmp_path / "data").mkdir()
+    for name in ("sentiment", "weather"):
+        shutil.copy(hf / f"{name}.csv", tmp_path / "data" / f"{name}.csv")
+    models = os.path.relpath(hf, tmp_path)  # ../hf0: relative to the config's folder
     cfg = tmp_path / "experiment.yaml"
     cfg.write_text(
         f"""
@@ -209,18 +222,19 @@ title: two tiny BERTs
 output_dir: results
 models:
   finetuned:
-    sentiment: {hf / "sentiment"}
-    weather: {hf / "weather"}
+    sentiment: {models}/sentiment
+    weather: {models}/weather
 tasks:
-  sentiment: {{files: {hf / "sentiment.csv"}, options: {{validation: 0.25, test: 0.25}}}}
+  sentiment: {{files: data/sentiment.csv, options: {{validation: 0.25, test: 0.25}}}}
   weather:
-    files: {hf / "weather.csv"}
+    files: data/weather.csv
     split_seed: 1
 methods: [average, fisher_diagonal, ensemble]
 fisher: {{examples: 16}}
 outputs: {{merged: hf, sweeps: false}}
 """
     )
+    monkeypatch.chdir(hf)  # not the config's folder
     status, out, err = run_main("run", cfg, "-q")
     assert status == 0, err
     assert "| fisher_diagonal |" in out and "majority class" in out
@@ -229,6 +243,9 @@ outputs: {{merged: hf, sweeps: false}}
         assert (res / name).is_file(), name
     from transformers import AutoModelForSequenceClassification
 
+    record = json.loads((res / "results.json").read_text())
+    assert record["config"]["tasks"]["weather"]["files"] == str(tmp_path / "data" / "weather.csv")
+    assert record["costs"]["statistics"]["diagonal_fisher"]["examples"] == [16, 16]
     merged = res / "merged" / "fisher_diagonal" / "sentiment"
     assert AutoModelForSequenceClassification.from_pretrained(merged).config.num_labels == 2
     # a second run refuses to overwrite, before any work

@@ -555,3 +555,88 @@ def test_majority_metrics_over_batches_of_different_lengths():
     m = majority_metrics(reg)
     assert m["n"] == 3 and m["mse"] == pytest.approx(8 / 3)
 
+
+# ------------------------------------------------------------------------- data files
+def test_validate_config_resolves_data_file_paths(tmp_path):
+    cfg = validate_config(
+        {"models": {"finetuned": {"a": "a.safetensors", "b": "b.safetensors"}},
+         "tasks": {"a": {"files": "data/a.csv"},
+                   "b": {"files": {"train": "b/train.csv", "validation": "/abs/val.csv",
+                                   "test": "~/test.csv"}}}},
+        base_dir=tmp_path,
+    )  # fmt: skip
+    assert cfg["tasks"]["a"]["source"] == "files"
+    assert cfg["tasks"]["a"]["files"] == str(tmp_path / "data" / "a.csv")
+    files = cfg["tasks"]["b"]["files"]
+    assert files["train"] == str(tmp_path / "b" / "train.csv")
+    assert files["validation"] == "/abs/val.csv"
+    assert files["test"] == os.path.expanduser("~/test.csv")
+    for bad, match in (
+        ({"files": {"train": "a.csv", "dev": "b.csv"}}, r"tasks\.a\.files: unknown split 'dev'"),
+        ({"files": {"train": "a.csv"}}, r"tasks\.a\.files: needs train, validation and test"),
+        ({"files": 3}, r"tasks\.a\.files: expected a path"),
+        ({"files": "a.csv", "options": {"text_colum": "x"}},
+         r"tasks\.a\.options: unknown key 'text_colum'"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            validate_config({"models": {"finetuned": {"a": "a.safetensors"}},
+                             "tasks": {"a": bad}})  # fmt: skip
+
+
+def test_config_with_relative_data_files_and_hf_folders(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    yaml = pytest.importorskip("yaml")
+    from curvmerge.losses import LossSpec
+    from curvmerge.train import is_batches
+    from tests.test_cli_support import save_bert, write_text_csv
+
+    proj = tmp_path / "project"
+    (proj / "data").mkdir(parents=True)
+    save_bert(proj / "models" / "sentiment", ("neg", "pos"), seed=1)
+    save_bert(proj / "models" / "weather", ("neg", "neu", "pos"), seed=2)
+    write_text_csv(proj / "data" / "sentiment.csv", ("neg", "pos"), seed=1)
+    for split, seed in (("train", 2), ("validation", 3), ("test", 4)):
+        write_text_csv(proj / "data" / f"weather_{split}.csv", ("neg", "neu", "pos"), n=24,
+                       seed=seed)  # fmt: skip
+    config = {
+        "title": "two tiny BERTs",
+        "output_dir": "results",
+        "models": {"finetuned": {"sentiment": "models/sentiment", "weather": "models/weather"}},
+        "tasks": {
+            "sentiment": {"files": "data/sentiment.csv",
+                          "options": {"validation": 0.25, "test": 0.25}},
+            "weather": {"files": {"train": "data/weather_train.csv",
+                                  "validation": "data/weather_validation.csv",
+                                  "test": "data/weather_test.csv"}, "max_length": 16},
+        },
+        "methods": ["average", "fisher_diagonal"],
+        "fisher": {"examples": 10, "batch_size": 4},
+        "evaluation": {"batch_size": 8},
+        "outputs": {"merged": "none", "plots": False, "sweeps": False},
+    }  # fmt: skip
+    (proj / "experiment.yaml").write_text(yaml.safe_dump(config))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # paths are relative to the config's folder, not the cwd
+    exp = load_config(proj / "experiment.yaml")
+    for task in exp.tasks:
+        assert isinstance(task.loss, LossSpec) and task.loss.name == "cross_entropy"
+        for split, size in (("train", 4), ("val", 8), ("test", 8)):
+            data = getattr(task, split)
+            assert is_batches(data) and max(len(t) for _, t in data) == size, (task.name, split)
+    sentiment, weather = exp.tasks
+    assert sum(len(t) for _, t in sentiment.test) == 12  # 0.25 of 48 rows
+    assert sum(len(t) for _, t in weather.val) == 24
+    assert max(x["input_ids"].shape[1] for x, _ in weather.train) <= 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OneClassWarning)  # untrained tiny models
+        res = exp.run()
+    assert res.costs["statistics"]["diagonal_fisher"]["examples"] == [10, 10]
+    assert set(res.metrics["fisher_diagonal"]) == {"sentiment", "weather"}
+    assert res.metrics[REFERENCE_ROW]["weather"]["n"] == 24
+    assert (proj / "results" / "results.md").is_file() and not (elsewhere / "results").exists()
+    # a missing file is named with its resolved path and the key
+    config["tasks"]["sentiment"]["files"] = "data/missing.csv"
+    (proj / "bad.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match=r"tasks\.sentiment.*data/missing\.csv does not exist"):
+        load_config(proj / "bad.yaml")

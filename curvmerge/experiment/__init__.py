@@ -46,11 +46,13 @@ from curvmerge.experiment.pools import (
 from curvmerge.experiment.runner import run_experiment
 from curvmerge.experiment.schema import validate_config
 from curvmerge.experiment.sources import (
+    FILES_OPTIONS,
     MODEL_SOURCES,
     TASK_SOURCES,
     LoadedModel,
     build_model,
     bundled_task,
+    files_task,
     register_model_source,
     register_task_source,
 )
@@ -96,6 +98,8 @@ __all__ = [
     "register_task_source",
     "build_model",
     "bundled_task",
+    "files_task",
+    "FILES_OPTIONS",
     # outputs
     "write_results",
     "format_report",

@@ -89,9 +89,16 @@ class Experiment:
             else None
         )
         tasks = []
+        context = {
+            "_base_dir": str(base_dir) if base_dir is not None else None,
+            "_batch_size": cfg["fisher"]["batch_size"],
+            "_eval_batch_size": cfg["evaluation"]["batch_size"],
+        }
         for name, entry in cfg["tasks"].items():
             source = entry.get("source", "bundled")
-            task = TASK_SOURCES[source](name, {**entry, "_where": f"tasks.{name}"}, loaded[name])
+            task = TASK_SOURCES[source](
+                name, {**entry, **context, "_where": f"tasks.{name}"}, loaded[name]
+            )
             if not isinstance(task, TaskData):
                 raise TypeError(f"tasks.{name}: the task source {source!r} returned no TaskData")
             tasks.append(task)

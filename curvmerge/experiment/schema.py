@@ -28,6 +28,10 @@ The schema (every key optional unless marked; unknown keys and bad values raise 
                                         # mse | loss
         split_seed: 0                   # seed of the bundled train/val/test split
         max_length: 64                  # text tasks: tokens per example
+      # a task of data files for a Hugging Face model (source "files", paths relative
+      # to the YAML file): one file split by split_seed, or one file per split
+      #   files: data/sentiment.csv     # or {train: a.csv, validation: b.csv, test: c.csv}
+      #   options: {text_column: review, label_column: stars, validation: 0.1, test: 0.1}
 
     methods:                            # default: average, task_arithmetic, ties,
       - average                         # fisher_diagonal, fisher_exact, ensemble
@@ -60,7 +64,9 @@ Hugging Face folder or hub id) or a mapping: ``{kind: cnn|mlp|minilm, ...}`` bui
 built-in model (optionally filled from ``checkpoint``), ``{source: NAME, path: ...,
 options: {...}}`` uses a registered source. :data:`MODEL_SOURCES` and :data:`TASK_SOURCES`
 are the hooks: ``"hf"`` models come from ``curvmerge.hf.load_model``; data files
-(``source: files``) plug in with :func:`register_task_source`.
+(``files:``, source ``"files"``) are read by :func:`~curvmerge.experiment.sources.files_task`
+(CSV, TSV, JSON Lines, Parquet, ``datasets`` folders; ``options`` are its columns, labels and
+split sizes, :data:`~curvmerge.experiment.sources.FILES_OPTIONS`).
 """
 
 from __future__ import annotations
@@ -74,7 +80,7 @@ from typing import Any
 
 from curvmerge.experiment.outputs import MERGED_WRITERS
 from curvmerge.experiment.pools import LOSSES
-from curvmerge.experiment.sources import MODEL_SOURCES, TASK_SOURCES
+from curvmerge.experiment.sources import FILE_SPLITS, FILES_OPTIONS, MODEL_SOURCES, TASK_SOURCES
 from curvmerge.experiment.spec import DEFAULT_METHODS, MethodRun
 from curvmerge.merging.registry import UnknownMethodError
 from curvmerge.train import METRICS
@@ -219,7 +225,44 @@ def _model_entry(v: Any, where: str, base_dir: Path | None) -> dict[str, Any]:
     return entry
 
 
-def _task_entry(v: Any, where: str) -> dict[str, Any]:
+def _files_entry(entry: dict[str, Any], where: str, base_dir: Path | None) -> None:
+    """Check a ``files`` task and resolve its paths against ``base_dir`` (in place)."""
+    key = "files" if "files" in entry else "data"
+    if key not in entry:
+        raise ValueError(f"{where}: give 'files' (a data file, or one per split)")
+    files = entry[key]
+    if isinstance(files, Mapping):
+        unknown = sorted(set(files) - set(FILE_SPLITS), key=str)
+        if unknown:
+            raise ValueError(
+                f"{where}.{key}: unknown split {unknown[0]!r} (train, validation, test)"
+            )
+        given = {FILE_SPLITS[k] for k in files}
+        missing = [k for k in ("train", "validation", "test") if FILE_SPLITS[k] not in given]
+        if missing:
+            raise ValueError(
+                f"{where}.{key}: needs train, validation and test ({missing[0]} is missing)"
+            )
+        entry[key] = {
+            str(k): _path(_pathlike(p, f"{where}.{key}.{k}"), f"{where}.{key}.{k}", base_dir)
+            for k, p in files.items()
+        }
+    else:
+        entry[key] = _path(_pathlike(files, f"{where}.{key}"), f"{where}.{key}", base_dir)
+    options = entry.get("options")
+    if options is not None:
+        _keys(options, FILES_OPTIONS, f"{where}.options")
+
+
+def _pathlike(v: Any, where: str) -> str:
+    if isinstance(v, os.PathLike):
+        v = os.fspath(v)
+    if not isinstance(v, str) or not v.strip():
+        raise ValueError(f"{where}: expected a path, got {v!r}")
+    return v
+
+
+def _task_entry(v: Any, where: str, base_dir: Path | None = None) -> dict[str, Any]:
     if isinstance(v, str):
         v = {"data": v}
     entry = _keys(v if v is not None else {}, _TASK_ENTRY, where)
@@ -231,7 +274,11 @@ def _task_entry(v: Any, where: str) -> dict[str, Any]:
             )
     elif "files" in entry:
         entry["source"] = "files"
-    if "data" in entry:
+    if entry.get("options") is not None and not isinstance(entry["options"], Mapping):
+        raise ValueError(f"{where}.options: expected a mapping")
+    if entry.get("source") == "files":
+        _files_entry(entry, where, base_dir)
+    elif "data" in entry:
         _str(entry["data"], f"{where}.data")
     if "loss" in entry:
         _choice(entry["loss"], LOSSES, f"{where}.loss")
@@ -273,7 +320,8 @@ def validate_config(
     config: Mapping[str, Any], *, base_dir: str | os.PathLike | None = None
 ) -> dict[str, Any]:
     """Check a configuration and return it normalised (paths resolved against
-    ``base_dir``, defaults filled in, methods parsed). Nothing is loaded.
+    ``base_dir``: model paths, ``output_dir``, ``fisher.dir`` and the data files of
+    ``files`` tasks; defaults filled in, methods parsed). Nothing is loaded.
 
     Raises:
         ValueError: Naming the first unknown key or bad value (``fisher.kind: must be one
@@ -323,7 +371,8 @@ def validate_config(
         if str(name) not in out["models"]["finetuned"]:
             raise ValueError(f"tasks.{name}: no model in models.finetuned for this task")
     out["tasks"] = {
-        name: _task_entry(tasks.get(name), f"tasks.{name}") for name in out["models"]["finetuned"]
+        name: _task_entry(tasks.get(name), f"tasks.{name}", base)
+        for name in out["models"]["finetuned"]
     }
     methods = cfg.get("methods", list(DEFAULT_METHODS))
     if not isinstance(methods, list) or not methods:

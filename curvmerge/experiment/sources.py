@@ -9,15 +9,34 @@ A model entry of a configuration is loaded by one of :data:`MODEL_SOURCES`:
 - ``"hf"``: a Hugging Face folder or hub id, through ``curvmerge.hf.load_model``.
 
 A task entry is loaded by one of :data:`TASK_SOURCES`: ``"bundled"`` (the offline tasks of
-:mod:`curvmerge.data`, text encoded with the model's tokenizer) or ``"files"`` (the hook for
-``curvmerge.data.files``). :func:`register_model_source` and :func:`register_task_source`
-add or replace a source.
+:mod:`curvmerge.data`, text encoded with the model's tokenizer) or ``"files"`` (data files
+for Hugging Face models, :func:`files_task`). :func:`register_model_source` and
+:func:`register_task_source` add or replace a source.
+
+A data-file task (paths relative to the configuration's folder)::
+
+    tasks:
+      sentiment:
+        files: data/sentiment.csv         # split by split_seed into train/validation/test
+        split_seed: 0
+        max_length: 64
+        options: {text_column: review, label_column: stars, validation: 0.1, test: 0.1}
+      weather:                            # or one file per split
+        files: {train: w/train.csv, validation: w/dev.csv, test: w/test.csv}
+
+Its splits are :class:`~curvmerge.data.files.DataBatches` made with the model's own
+tokenizer or image processor: training rows in batches of ``fisher.batch_size``, validation
+and test rows in batches of ``evaluation.batch_size``, each padded to its longest example;
+the task's loss is the data's :attr:`~curvmerge.data.files.DataBatches.loss` (token-level
+cross-entropy with ``classes_last=True`` for token classification and causal LMs).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -25,11 +44,14 @@ from torch import nn
 from curvmerge.experiment.pools import TaskData
 
 __all__ = [
+    "FILES_OPTIONS",
+    "FILE_SPLITS",
     "LoadedModel",
     "MODEL_SOURCES",
     "TASK_SOURCES",
     "build_model",
     "bundled_task",
+    "files_task",
     "load_model_entry",
     "register_model_source",
     "register_task_source",
@@ -213,17 +235,230 @@ def _bundled_source(name: str, entry: dict[str, Any], model: LoadedModel) -> Tas
     return TaskData(name, train=train, val=val, test=test, loss=loss, metric=entry.get("metric"))
 
 
-def _files_source(name: str, entry: dict[str, Any], model: LoadedModel) -> TaskData:
-    """Data files (CSV, JSON Lines, Parquet, ``datasets`` folders): the hook for
-    ``curvmerge.data.files``; replace it with :func:`register_task_source`."""
-    raise ValueError(
-        f"{entry.get('_where', f'tasks.{name}')}: task source 'files' is not connected yet "
-        "(curvmerge.data.files plugs in with register_task_source('files', loader))"
+#: The ``options`` of a ``files`` task: the columns and labels of
+#: :func:`curvmerge.data.files.encode_table`, the ``split`` of a saved ``DatasetDict``, and the
+#: ``validation`` and ``test`` parts of a single file (shares or row counts, default 0.1).
+FILES_OPTIONS = (
+    "text_column",
+    "text_pair_column",
+    "label_column",
+    "image_column",
+    "label2id",
+    "split",
+    "validation",
+    "test",
+)
+_ENCODE_OPTIONS = ("text_column", "text_pair_column", "label_column", "image_column", "label2id")
+
+#: The split names of a ``files`` mapping, and the :class:`TaskData` split each one fills.
+FILE_SPLITS = {"train": "train", "validation": "val", "val": "val", "test": "test"}
+
+_SAVED_SPLITS = {
+    "train": ("train", "training"),
+    "val": ("validation", "val", "valid", "dev"),
+    "test": ("test", "testing"),
+}
+
+
+def _local(path: Any, base_dir: str | os.PathLike | None, where: str) -> str:
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).strip():
+        raise ValueError(f"{where}: expected a path, got {path!r}")
+    p = Path(os.fspath(path)).expanduser()
+    if not p.is_absolute() and base_dir is not None:
+        p = Path(base_dir) / p
+    return str(p)
+
+
+def _saved_splits(path: str) -> list[str] | None:
+    """The split names of a ``DatasetDict`` saved with ``save_to_disk``, else ``None``."""
+    import json
+
+    f = Path(path) / "dataset_dict.json"
+    if not f.is_file():
+        return None
+    try:
+        names = json.loads(f.read_text()).get("splits")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return [str(n) for n in names] if isinstance(names, list) else None
+
+
+def _read_parts(path, *, split, validation, test, seed, where) -> tuple[dict[str, Any], bool]:
+    """``({"train", "val", "test"} tables, whether they were split here)``: the splits of a
+    saved ``DatasetDict`` that has all three (when no ``split`` is asked for), else a seeded
+    split of the file (or of its ``split``)."""
+    from curvmerge.data.files import read_table, split_table
+
+    names = _saved_splits(path)
+    if split is None and names:
+        found = {k: next((c for c in cs if c in names), None) for k, cs in _SAVED_SPLITS.items()}
+        if all(found.values()):
+            return {k: read_table(path, split=v) for k, v in found.items()}, False
+        if len(names) > 1:
+            split = found["train"]
+    parts = split_table(read_table(path, split=split), validation=validation, test=test, seed=seed)
+    for part in ("validation", "test"):
+        if part not in parts:
+            raise ValueError(
+                f"{where}: {path} leaves no {part} rows ({part} is 0); coefficients are chosen "
+                "on validation rows and reported on test rows"
+            )
+    return {"train": parts["train"], "val": parts["validation"], "test": parts["test"]}, True
+
+
+def files_task(
+    name: str,
+    model: Any,
+    files: str | os.PathLike | Mapping[str, str | os.PathLike],
+    *,
+    text_column: str | None = None,
+    text_pair_column: str | None = None,
+    label_column: str | None = None,
+    image_column: str | None = None,
+    label2id: Mapping[str, int] | None = None,
+    split: str | None = None,
+    validation: float | int = 0.1,
+    test: float | int = 0.1,
+    split_seed: int = 0,
+    max_length: int | None = None,
+    batch_size: int = 64,
+    eval_batch_size: int = 256,
+    loss: str | None = None,
+    metric: str | None = None,
+    where: str | None = None,
+) -> TaskData:
+    """A task from data files for a Hugging Face model (:mod:`curvmerge.data.files`).
+
+    Args:
+        name: The task's name.
+        model: A :class:`curvmerge.hf.HFModel`: its tokenizer or image processor encodes the
+            rows, its kind chooses the targets and the loss.
+        files: One data file or saved ``datasets`` folder, split by ``split_seed`` into
+            train, validation and test parts (a saved ``DatasetDict`` with those three
+            splits is used as it is), or ``{"train": ..., "validation": ..., "test": ...}``.
+        text_column, text_pair_column, label_column, image_column, label2id: See
+            :func:`curvmerge.data.files.encode_table`.
+        split: The split of a saved ``DatasetDict`` to split in three (single ``files``).
+        validation: Validation part of a single file: a share in ``[0, 1)`` or a row count.
+        test: Test part, as ``validation``.
+        split_seed: Seed of the split; the training rows are in a seeded random order too
+            (the statistics take the first ones).
+        max_length: Tokens per example (see :func:`~curvmerge.data.files.encode_table`).
+        batch_size: Training rows per batch (the statistics batches).
+        eval_batch_size: Validation and test rows per batch.
+        loss: The loss name, if given: it must be the one the data's targets fit.
+        metric: The metric that chooses coefficients (see :class:`TaskData`).
+        where: Names the task in messages (default ``tasks.<name>``).
+
+    Returns:
+        A :class:`TaskData` whose splits are :class:`~curvmerge.data.files.DataBatches` and
+        whose loss is theirs (``classes_last=True`` for token-level targets).
+
+    Raises:
+        ValueError: A missing file or column, an empty file, a label outside the model's
+            labels, no validation or test rows (named with ``where``).
+    """
+    from curvmerge.data.files import encode_table, read_table
+
+    where = where or f"tasks.{name}"
+    try:
+        if isinstance(files, Mapping):
+            unknown = sorted(set(files) - set(FILE_SPLITS))
+            if unknown:
+                raise ValueError(f"unknown split {unknown[0]!r} (train, validation, test)")
+            paths = {FILE_SPLITS[k]: os.fspath(v) for k, v in files.items()}
+            missing = [k for k in ("train", "val", "test") if k not in paths]
+            if missing:
+                raise ValueError(f"needs train, validation and test ({missing[0]} is missing)")
+            parts = {k: read_table(p) for k, p in paths.items()}
+            source, shuffled = paths["train"], False
+        else:
+            source = os.fspath(files)
+            parts, shuffled = _read_parts(
+                source, split=split, validation=validation, test=test, seed=split_seed, where=where
+            )
+        if not shuffled:
+            parts["train"] = parts["train"].shuffle(seed=split_seed)
+        columns = {
+            "text_column": text_column,
+            "text_pair_column": text_pair_column,
+            "label_column": label_column,
+            "image_column": image_column,
+            "label2id": label2id,
+            "max_length": max_length,
+        }
+        data = {
+            k: encode_table(
+                table,
+                model,
+                batch_size=batch_size if k == "train" else eval_batch_size,
+                source=paths[k] if isinstance(files, Mapping) else source,
+                **columns,
+            )
+            for k, table in parts.items()
+        }
+    except ValueError as err:
+        message = str(err)
+        raise ValueError(message if message.startswith(where) else f"{where}: {message}") from err
+    spec = data["train"].loss
+    if loss is not None and loss != spec.name:
+        raise ValueError(
+            f"{where}.loss: the targets of a {model.kind} model's data fit {spec.name}, not {loss}"
+        )
+    return TaskData(
+        name, train=data["train"], val=data["val"], test=data["test"], loss=spec, metric=metric
     )
 
 
-#: Task sources by name: ``loader(name, entry, model) -> TaskData`` (``model`` is the task's
-#: :class:`LoadedModel`: its tokenizer encodes text, its recorded task is the default data).
+def _files_source(name: str, entry: dict[str, Any], model: LoadedModel) -> TaskData:
+    """Data files (CSV, TSV, JSON Lines, Parquet, ``datasets`` folders) for a Hugging Face
+    model: :func:`files_task` with the entry's ``files`` (or ``data``) and ``options``."""
+    from curvmerge.hf import HFModel
+
+    where = entry.get("_where", f"tasks.{name}")
+    if not isinstance(model.handle, HFModel):
+        raise ValueError(
+            f"{where}: data files are encoded with a Hugging Face model's tokenizer or image "
+            f"processor; the model of task {name!r} is not a Hugging Face model"
+        )
+    opts = dict(entry.get("options") or {})
+    unknown = sorted(set(opts) - set(FILES_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"{where}.options: unknown key {unknown[0]!r} (valid: {', '.join(FILES_OPTIONS)})"
+        )
+    files = entry.get("files", entry.get("data"))
+    if files is None:
+        raise ValueError(f"{where}: give 'files' (a data file, or one per split)")
+    base = entry.get("_base_dir")
+    if isinstance(files, Mapping):
+        files = {k: _local(v, base, f"{where}.files.{k}") for k, v in files.items()}
+    else:
+        files = _local(files, base, f"{where}.files")
+    return files_task(
+        name,
+        model.handle,
+        files,
+        **{k: opts[k] for k in _ENCODE_OPTIONS if k in opts},
+        split=opts.get("split"),
+        validation=opts.get("validation", 0.1),
+        test=opts.get("test", 0.1),
+        split_seed=int(entry.get("split_seed", 0)),
+        max_length=entry.get("max_length"),
+        batch_size=int(entry.get("_batch_size", 64)),
+        eval_batch_size=int(entry.get("_eval_batch_size", 256)),
+        loss=entry.get("loss"),
+        metric=entry.get("metric"),
+        where=where,
+    )
+
+
+#: Task sources by name: ``loader(name, entry, model) -> TaskData``. ``model`` is the task's
+#: :class:`LoadedModel` (its tokenizer encodes text, its recorded task is the default data);
+#: ``entry`` is the validated mapping (the paths of ``files`` resolved) with ``_where`` (its
+#: name in messages), ``_base_dir`` (the configuration's folder, or ``None``: paths of a
+#: source's own keys are relative to it), ``_batch_size`` (``fisher.batch_size``) and
+#: ``_eval_batch_size`` (``evaluation.batch_size``).
 TASK_SOURCES: dict[str, TaskSource] = {
     "bundled": _bundled_source,
     "files": _files_source,
