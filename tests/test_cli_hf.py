@@ -202,6 +202,22 @@ def test_sweep_and_compare_on_data_files(hf, tmp_path):
     assert (tmp_path / "cmp" / "table.md").is_file() and (tmp_path / "cmp" / "table.png").is_file()
 
 
+def test_compare_keeps_the_data_loss(hf, tmp_path):
+    """compare reads data files through the library: token-level LM data keep their
+    LossSpec (classes_last=True) and come in batches of --batch-size."""
+    status, out, err = run_main(
+        "compare", hf / "lm_a", hf / "lm_b", "--data", hf / "lm_a.csv", hf / "lm_b.csv",
+        "--methods", "average,fisher_diagonal", "--examples", "6", "--batch-size", "4", "-q",
+        "-o", tmp_path / "lm",
+    )  # fmt: skip
+    assert status == 0, err
+    assert "| fisher_diagonal |" in out and "| majority class |" in out
+    record = json.loads((tmp_path / "lm.json").read_text())
+    specs = [t["loss_spec"] for t in record["settings"]["tasks"]]
+    assert [(s["name"], s["classes_last"]) for s in specs] == [("cross_entropy", True)] * 2
+    assert record["costs"]["statistics"]["diagonal_fisher"]["examples"] == [6, 6]
+
+
 def test_run_config_with_data_files(hf, tmp_path, monkeypatch):
     import shutil
 

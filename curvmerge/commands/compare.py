@@ -1,4 +1,8 @@
-"""``curvmerge compare``: several methods side by side, through the experiment runner."""
+"""``curvmerge compare``: several methods side by side, through the experiment runner.
+
+Hugging Face models' ``--data`` files are read by :func:`curvmerge.experiment.files_task`
+(batches of ``--batch-size`` training rows, the data's loss), as ``curvmerge run`` reads
+``files:`` tasks."""
 
 from __future__ import annotations
 
@@ -63,6 +67,7 @@ def run(args) -> int:
         ModelPool,
         Settings,
         TaskData,
+        files_task,
         format_report,
         output_paths,
         run_experiment,
@@ -77,8 +82,34 @@ def run(args) -> int:
     models = load_models(args.models, args, need_data=True)
     base = load_base(args.base, models)
     names = shared_names(models, args.params, base)
+    settings = Settings(
+        fisher_kind=args.fisher_kind,
+        fisher_examples=args.examples,
+        fisher_batch_size=args.batch_size,
+        exact_examples=min(args.examples, 256),
+    )
     tasks = []
     for m in models:
+        if m.is_hf:  # data files: batches and their loss, read by the library
+            tasks.append(
+                files_task(
+                    m.name,
+                    m.hf,
+                    m.data_file,
+                    text_column=args.text_column,
+                    text_pair_column=args.text_pair_column,
+                    label_column=args.label_column,
+                    image_column=args.image_column,
+                    split=args.split,
+                    validation=args.val_size,
+                    test=args.test_size,
+                    split_seed=args.split_seed,
+                    max_length=args.max_length,
+                    batch_size=args.batch_size,
+                    eval_batch_size=settings.batch_size,
+                )
+            )
+            continue
         parts = m.splits(args)
         tasks.append(
             TaskData(
@@ -92,12 +123,6 @@ def run(args) -> int:
         names=[m.name for m in models],
         info=[{"path": str(m.path), "data": getattr(m, "data_file", None)} for m in models],
         handles=[m.hf for m in models] if models[0].is_hf else [],
-    )
-    settings = Settings(
-        fisher_kind=args.fisher_kind,
-        fisher_examples=args.examples,
-        fisher_batch_size=args.batch_size,
-        exact_examples=min(args.examples, 256),
     )
     with warnings_as_messages():
         res = run_experiment(

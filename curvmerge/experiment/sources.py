@@ -283,7 +283,7 @@ def _saved_splits(path: str) -> list[str] | None:
     return [str(n) for n in names] if isinstance(names, list) else None
 
 
-def _read_parts(path, *, split, validation, test, seed, where) -> tuple[dict[str, Any], bool]:
+def _read_parts(path, *, split, validation, test, seed) -> tuple[dict[str, Any], bool]:
     """``({"train", "val", "test"} tables, whether they were split here)``: the splits of a
     saved ``DatasetDict`` that has all three (when no ``split`` is asked for), else a seeded
     split of the file (or of its ``split``)."""
@@ -300,8 +300,8 @@ def _read_parts(path, *, split, validation, test, seed, where) -> tuple[dict[str
     for part in ("validation", "test"):
         if part not in parts:
             raise ValueError(
-                f"{where}: {path} leaves no {part} rows ({part} is 0); coefficients are chosen "
-                "on validation rows and reported on test rows"
+                f"{path} leaves no {part} rows ({part} is 0); coefficients are chosen on "
+                "validation rows and reported on test rows"
             )
     return {"train": parts["train"], "val": parts["validation"], "test": parts["test"]}, True
 
@@ -348,7 +348,8 @@ def files_task(
         eval_batch_size: Validation and test rows per batch.
         loss: The loss name, if given: it must be the one the data's targets fit.
         metric: The metric that chooses coefficients (see :class:`TaskData`).
-        where: Names the task in messages (default ``tasks.<name>``).
+        where: Prefix of error messages, e.g. ``tasks.<name>`` (``None``: messages name the
+            data files only).
 
     Returns:
         A :class:`TaskData` whose splits are :class:`~curvmerge.data.files.DataBatches` and
@@ -356,26 +357,34 @@ def files_task(
 
     Raises:
         ValueError: A missing file or column, an empty file, a label outside the model's
-            labels, no validation or test rows (named with ``where``).
+            labels, no validation or test rows.
     """
     from curvmerge.data.files import encode_table, read_table
 
-    where = where or f"tasks.{name}"
+    def named(message: str, key: str = "") -> str:
+        if where is None:
+            return f"{key}: {message}" if key else message
+        return message if message.startswith(where) else f"{where}{key and '.' + key}: {message}"
+
     try:
         if isinstance(files, Mapping):
-            unknown = sorted(set(files) - set(FILE_SPLITS))
+            unknown = sorted(set(files) - set(FILE_SPLITS), key=str)
             if unknown:
-                raise ValueError(f"unknown split {unknown[0]!r} (train, validation, test)")
+                raise ValueError(
+                    named(f"unknown split {unknown[0]!r} (train, validation, test)", "files")
+                )
             paths = {FILE_SPLITS[k]: os.fspath(v) for k, v in files.items()}
             missing = [k for k in ("train", "val", "test") if k not in paths]
             if missing:
-                raise ValueError(f"needs train, validation and test ({missing[0]} is missing)")
+                raise ValueError(
+                    named(f"needs train, validation and test ({missing[0]} is missing)", "files")
+                )
             parts = {k: read_table(p) for k, p in paths.items()}
             source, shuffled = paths["train"], False
         else:
             source = os.fspath(files)
             parts, shuffled = _read_parts(
-                source, split=split, validation=validation, test=test, seed=split_seed, where=where
+                source, split=split, validation=validation, test=test, seed=split_seed
             )
         if not shuffled:
             parts["train"] = parts["train"].shuffle(seed=split_seed)
@@ -398,12 +407,11 @@ def files_task(
             for k, table in parts.items()
         }
     except ValueError as err:
-        message = str(err)
-        raise ValueError(message if message.startswith(where) else f"{where}: {message}") from err
+        raise ValueError(named(str(err))) from err
     spec = data["train"].loss
     if loss is not None and loss != spec.name:
         raise ValueError(
-            f"{where}.loss: the targets of a {model.kind} model's data fit {spec.name}, not {loss}"
+            named(f"the targets of a {model.kind} model's data fit {spec.name}, not {loss}", "loss")
         )
     return TaskData(
         name, train=data["train"], val=data["val"], test=data["test"], loss=spec, metric=metric
