@@ -24,7 +24,7 @@ word-level tokenizer built offline, on small synthetic tasks, in seconds.
 
 Run::
 
-    python examples/merge_text_classifiers_hf.py           # MiniLM, several minutes on 2 cores
+    python examples/merge_text_classifiers_hf.py           # MiniLM: tens of minutes on 2 cores
     python examples/merge_text_classifiers_hf.py --quick   # tiny BERT, seconds (smoke test)
 
 Everything is written into ``--out`` (default ``examples/runs/text-hf``): ``data/<task>/``,
