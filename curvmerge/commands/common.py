@@ -43,6 +43,7 @@ __all__ = [
     "add_common",
     "add_data_options",
     "add_split_options",
+    "data_options",
     "check_outputs",
     "ensure_parent",
     "load_base",
@@ -184,6 +185,15 @@ def _share_or_count(text: str) -> float | int:
     return value
 
 
+COLUMN_OPTIONS = {
+    "--text-column": "the text column (words for token classification)",
+    "--text-pair-column": "the second text of sentence pairs (e.g. hypothesis)",
+    "--label-column": "the label column (not for causal LMs)",
+    "--image-column": "the image column (paths, relative to the file)",
+}
+"""The column flags of :func:`add_data_options`: each takes one value per data file."""
+
+
 def add_data_options(
     p: argparse.ArgumentParser,
     *,
@@ -207,10 +217,9 @@ def add_data_options(
         metavar="FILE",
         help="one data file per model, or one for all models",
     )
-    g.add_argument("--text-column", help="the text column (words for token classification)")
-    g.add_argument("--text-pair-column", help="the second text of sentence pairs (e.g. hypothesis)")
-    g.add_argument("--label-column", help="the label column (not for causal LMs)")
-    g.add_argument("--image-column", help="the image column (paths, relative to the file)")
+    per_file = "; one per data file (in --data order) or one for all, '-' to find it by name"
+    for flag, what in COLUMN_OPTIONS.items():
+        g.add_argument(flag, nargs="+", metavar="COLUMN", help=what + per_file)
     g.add_argument(
         "--split",
         help="the split of a dataset saved with save_to_disk (default: "
@@ -379,6 +388,8 @@ class TaskModel:
     model: Any
     is_hf: bool = False
     loss_name: str = "cross_entropy"
+    data_options: dict[str, Any] = {}
+    """The data file's column options (:func:`data_options`; set by :func:`load_models`)."""
 
     @property
     def name(self) -> str:  # pragma: no cover - overridden
@@ -541,10 +552,7 @@ class HFTaskModel(TaskModel):
         return encode_table(
             table,
             self.hf,
-            text_column=getattr(args, "text_column", None),
-            text_pair_column=getattr(args, "text_pair_column", None),
-            label_column=getattr(args, "label_column", None),
-            image_column=getattr(args, "image_column", None),
+            **self.data_options,
             max_length=getattr(args, "max_length", None),
             batch_size=batch_size or args.batch_size,
             source=self.data_file,
@@ -664,10 +672,39 @@ def _data_files(args, n: int) -> list[str | None]:
     return files
 
 
+def data_options(args, n: int) -> list[dict[str, Any]]:
+    """The column options of each of ``n`` data files (the keyword arguments of
+    :func:`curvmerge.data.files.encode_table`): every column flag takes one value per data
+    file or one for all; ``-`` (or no flag) leaves the column to be found by name."""
+    out: list[dict[str, Any]] = [{} for _ in range(n)]
+    for flag in COLUMN_OPTIONS:
+        key = flag[2:].replace("-", "_")
+        values = getattr(args, key, None)
+        if values is None:
+            values = [None]
+        elif isinstance(values, str):
+            values = [values]
+        values = list(values)
+        if len(values) not in (1, n):
+            raise CLIError(
+                f"got {len(values)} {flag} values for {n} data files: give one per data file "
+                "(in --data order) or one for all"
+            )
+        if len(values) == 1:
+            values = values * n
+        for options, value in zip(out, values, strict=True):
+            options[key] = None if value in (None, "-") else value
+    return out
+
+
 def load_models(paths: Sequence[str], args, *, need_data: bool = False) -> list[TaskModel]:
-    """Load the models named on the command line, each with its data file."""
+    """Load the models named on the command line, each with its data file and its data
+    file's column options (:func:`data_options`)."""
     files = _data_files(args, len(paths))
+    options = data_options(args, len(paths))
     models = [load_model(p, f) for p, f in zip(paths, files, strict=True)]
+    for m, opts in zip(models, options, strict=True):
+        m.data_options = opts
     kinds = {m.is_hf for m in models}
     if len(kinds) > 1:
         raise CLIError(

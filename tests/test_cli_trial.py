@@ -1,0 +1,79 @@
+"""A new user's trial of the command with Hugging Face models and their own data files:
+column options per data file, a headless base model, Fisher files in the wrong order,
+messages that name flags, eval's rows and the rows each command uses."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from tests.test_cli_support import run_main, save_bert, write_text_csv
+
+pytest.importorskip("transformers")
+
+LABELS_A = ("neg", "pos")
+LABELS_B = ("cold", "mild", "warm")
+
+
+def _rename(src, dst, columns):
+    """A copy of a ``text,label`` CSV with other column names."""
+    with open(src, newline="") as fh:
+        rows = list(csv.reader(fh))
+    with open(dst, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(columns)
+        w.writerows(rows[1:])
+    return dst
+
+
+@pytest.fixture(scope="module")
+def d(tmp_path_factory):
+    d = tmp_path_factory.mktemp("trial")
+    save_bert(d / "sentiment", LABELS_A, seed=1)
+    save_bert(d / "weather", LABELS_B, seed=2)
+    write_text_csv(d / "weather.csv", LABELS_B, seed=2)
+    write_text_csv(d / "plain.csv", LABELS_A, seed=1)
+    _rename(d / "plain.csv", d / "sentiment.csv", ["review", "rating"])
+    return d
+
+
+# ------------------------------------------------------------------ A: columns per data file
+def test_column_options_per_data_file(d, tmp_path):
+    models = [d / "sentiment", d / "weather"]
+    data = [d / "sentiment.csv", d / "weather.csv"]
+    cols = ["--text-column", "review", "text", "--label-column", "rating", "-"]
+    fishers = [tmp_path / "fs.safetensors", tmp_path / "fw.safetensors"]
+    status, out, err = run_main("fisher", *models, "--data", *data, *cols, "-o", *fishers, "-q")
+    assert status == 0, err
+    status, out, err = run_main("eval", *models, "--data", *data, *cols, "-q")
+    assert status == 0, err
+    status, out, err = run_main(
+        "sweep", *models, "--data", *data, *cols, "--fisher", *fishers, "--points", "2", "-q",
+        "-o", tmp_path / "sweep",
+    )  # fmt: skip
+    assert status == 0, err
+    status, out, err = run_main(
+        "compare", *models, "--data", *data, *cols, "--methods", "average", "--examples", "8",
+        "-q", "-o", tmp_path / "cmp",
+    )  # fmt: skip
+    assert status == 0, err
+    status, out, err = run_main(
+        "merge", *models, "-m", "fisher_exact", "--data", *data, *cols, "--examples", "4",
+        "-o", tmp_path / "exact.safetensors", "-q",
+    )  # fmt: skip
+    assert status == 0, err
+    # one value for all files still works (both files use the same names here)
+    status, out, err = run_main(
+        "eval", *models, "--data", d / "plain.csv", d / "weather.csv", "--text-column", "text", "-q"
+    )
+    assert status == 0, err
+
+
+def test_column_options_count_must_fit_the_data_files(d):
+    status, out, err = run_main(
+        "eval", d / "sentiment", d / "weather", "--data", d / "sentiment.csv", d / "weather.csv",
+        "--label-column", "rating", "label", "label",
+    )  # fmt: skip
+    assert status == 2
+    assert "3 --label-column values for 2 data files" in err and len(err.splitlines()) == 1
