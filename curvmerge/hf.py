@@ -62,6 +62,7 @@ __all__ = [
     "check_same_architecture",
     "check_tokenizer",
     "detect_kind",
+    "load_base",
     "load_model",
     "save_merged",
     "wrap_model",
@@ -467,6 +468,63 @@ def load_model(
     hf = wrap_model(model, kind=kind, tokenizer=tokenizer, image_processor=processor, source=source)
     hf.newly_initialized = tuple(sorted(fresh))
     return hf
+
+
+def load_base(
+    path_or_id: str | os.PathLike[str],
+    like: HFModel | nn.Module,
+    *,
+    params: str | Sequence[str] | None = None,
+    kind: str | None = None,
+    **kwargs: Any,
+) -> HFModel:
+    """Load the base model that task models were fine-tuned from: only its body is used.
+
+    A base needs no task head and no task kind: a headless model (a ``BertModel`` folder
+    as sentence-transformers saves it, ``architectures: [BertModel]``), a pre-trained
+    masked LM or another task's model all serve. It is loaded as a model of ``like``'s
+    kind (``from_pretrained`` of that auto class maps a headless checkpoint's names onto
+    the task model's body, e.g. ``embeddings.*`` to ``bert.embeddings.*``; any head it
+    gets is never used), so its body parameters have the task models' names.
+
+    Args:
+        path_or_id: A model folder or hub id.
+        like: A task model (:class:`HFModel` or ``transformers`` model) whose body the
+            base must provide.
+        params: The parameters the base must provide: names, or a regex (for
+            :func:`re.search`) of ``like``'s parameters; default ``like``'s body. A base
+            saved without some body part (a masked LM has no pooler) serves a merge of
+            the parameters it has.
+        kind: Load as this kind instead of ``like``'s (rarely needed).
+        **kwargs: Passed on to :func:`load_model` (``tokenizer``, ``dtype``, ...).
+
+    Returns:
+        An :class:`HFModel` whose :attr:`~HFModel.body_names` are ``like``'s.
+
+    Raises:
+        ModelLoadError: The base cannot be loaded, or it lacks a body parameter of the task
+            models (``from_pretrained`` would have initialised it at random).
+        ArchitectureMismatchError: The body differs from ``like``'s (names or shapes).
+    """
+    task = _as_hf(like)
+    if params is None:
+        needed = set(task.body_names)
+    elif isinstance(params, str):
+        pattern = re.compile(params)
+        needed = {n for n, _ in task.model.named_parameters() if pattern.search(n)}
+    else:
+        needed = set(params)
+    base = load_model(path_or_id, kind=kind or task.kind, **kwargs)
+    fresh = [n for n in base.newly_initialized if n in needed]
+    if fresh:
+        raise ModelLoadError(
+            f"base model {base.describe()} has no value for the parameter {fresh[0]!r} of the "
+            f"task models ({len(fresh)} missing): it is not the model they were fine-tuned "
+            "from, or it was saved without that part (select the merged parameters without "
+            "it: params=, --params on the command line)"
+        )
+    check_same_architecture([task, base])
+    return base
 
 
 def _load_tokenizer(source: str, *, required: bool) -> Any | None:

@@ -5,6 +5,7 @@ messages that name flags, eval's rows and the rows each command uses."""
 from __future__ import annotations
 
 import csv
+import shutil
 
 import pytest
 
@@ -77,3 +78,66 @@ def test_column_options_count_must_fit_the_data_files(d):
     )  # fmt: skip
     assert status == 2
     assert "3 --label-column values for 2 data files" in err and len(err.splitlines()) == 1
+
+
+# ------------------------------------------------------------------ B: a headless base model
+@pytest.fixture(scope="module")
+def headless(d):
+    """The base as sentence-transformers saves it: a ``BertModel`` folder (no head)."""
+    from transformers import BertModel
+    from transformers.utils import logging as hf_logging
+
+    from curvmerge.models import tiny_bert
+    from tests.test_cli_support import word_tokenizer
+
+    tok = word_tokenizer()
+    model = tiny_bert(2, vocab_size=len(tok), hidden_size=8, num_layers=1, max_length=64, seed=0)
+    body = BertModel(model.config).eval()
+    body.load_state_dict(model.bert.state_dict())
+    hf_logging.disable_progress_bar()
+    body.save_pretrained(d / "base")
+    tok.save_pretrained(d / "base")
+    return d / "base"
+
+
+def test_headless_base_in_merge_compare_and_run(d, headless, tmp_path):
+    import json
+
+    models = [d / "sentiment", d / "weather"]
+    status, out, err = run_main(
+        "merge", *models, "-m", "task_arithmetic", "--base", headless,
+        "-o", tmp_path / "ta.safetensors", "-q",
+    )  # fmt: skip
+    assert status == 0, err
+    status, out, err = run_main(
+        "compare", *models, "--base", headless, "--data", d / "plain.csv", d / "weather.csv",
+        "--methods", "task_arithmetic", "--examples", "8", "-q", "-o", tmp_path / "cmp",
+    )  # fmt: skip
+    assert status == 0, err
+    assert "| base |" in out
+    (tmp_path / "data").mkdir()
+    for name in ("plain", "weather"):
+        shutil.copy(d / f"{name}.csv", tmp_path / "data" / f"{name}.csv")
+    cfg = tmp_path / "experiment.yaml"
+    cfg.write_text(
+        f"""
+title: a headless base
+output_dir: results
+models:
+  base: {headless}
+  finetuned:
+    sentiment: {d / "sentiment"}
+    weather: {d / "weather"}
+tasks:
+  sentiment: {{files: data/plain.csv}}
+  weather: {{files: data/weather.csv}}
+methods: [task_arithmetic]
+fisher: {{examples: 8}}
+outputs: {{merged: null, plots: false, sweeps: false}}
+"""
+    )
+    status, out, err = run_main("run", cfg, "-q")
+    assert status == 0, err
+    assert "| task_arithmetic |" in out and "| base |" in out
+    record = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert "task_arithmetic" in record["metrics"]

@@ -446,3 +446,50 @@ def test_save_merged_keeps_per_task_buffers(tmp_path):
         name = "resnet.embedder.embedder.normalization.running_mean"
         assert torch.equal(loaded.state_dict()[name], model.state_dict()[name])
     assert save_merged(hfs[:1] * 2, merged, tmp_path / "same") == [tmp_path / "same"]
+
+
+# --------------------------------------------------------------------------- base models
+
+
+def test_load_base_headless_and_other_heads(tmp_path):
+    """A base model provides body parameters only: a headless ``BertModel`` folder (as
+    sentence-transformers saves them), or another task's model, loads without a kind, with
+    the task models' body names and the base's own values."""
+    from transformers import BertForMaskedLM, BertModel
+
+    from curvmerge.hf import load_base
+
+    task = load_model(save_bert(tmp_path / "task", labels=["a", "b", "c"], seed=1))
+    plain = bert(seed=5)
+    headless = BertModel(plain.config).eval()
+    headless.load_state_dict(plain.bert.state_dict())
+    _quiet_save(headless, tmp_path / "headless")
+    word_tokenizer().save_pretrained(tmp_path / "headless")
+    with pytest.raises(ModelLoadError, match="task kind"):
+        load_model(tmp_path / "headless")  # a task model needs a kind
+    base = load_base(tmp_path / "headless", task)
+    assert base.body_names == task.body_names
+    theirs = dict(plain.named_parameters())
+    for name, value in base.body_params().items():
+        assert torch.equal(value, theirs[name]), name
+    check_same_architecture([task, base])
+    # a pre-trained masked LM (bert-base-uncased's architecture) serves as well; saved by
+    # transformers it has no pooler, so it serves merges of the other body parameters
+    _quiet_save(bert(seed=6, cls=BertForMaskedLM), tmp_path / "mlm")
+    with pytest.raises(ModelLoadError, match=r"'bert\.pooler\.dense\.bias'.*--params"):
+        load_base(tmp_path / "mlm", task)
+    mlm = load_base(tmp_path / "mlm", task, params=r"^bert\.(?!pooler)")
+    assert mlm.body_names[:2] == task.body_names[:2]
+
+
+def test_load_base_refuses_missing_body_parameters(tmp_path):
+    """A base without some body parameter (a BertModel saved without its pooler) would give
+    it random values: refused, naming it."""
+    from transformers import BertModel
+
+    from curvmerge.hf import load_base
+
+    task = load_model(save_bert(tmp_path / "task", seed=1))
+    _quiet_save(BertModel(bert().config, add_pooling_layer=False), tmp_path / "nopool")
+    with pytest.raises(ModelLoadError, match=r"bert\.pooler\.dense\.(weight|bias)"):
+        load_base(tmp_path / "nopool", task)

@@ -502,12 +502,12 @@ class HFTaskModel(TaskModel):
 
     is_hf = True
 
-    def __init__(self, source: str, data_file: str | None, *, kind: str | None = None):
+    def __init__(self, source: str, data_file: str | None, *, kind: str | None = None, hf=None):
         from curvmerge.hf import load_model
 
         self.path = str(source)
         self.data_file = data_file
-        self.hf = load_model(self.path, kind=kind)
+        self.hf = hf if hf is not None else load_model(self.path, kind=kind)
         self.model = self.hf.model
         self.kind = self.hf.kind
         self._name: str | None = None
@@ -722,18 +722,30 @@ def load_models(paths: Sequence[str], args, *, need_data: bool = False) -> list[
     return models
 
 
-def load_base(path: str | None, models: Sequence[TaskModel]) -> TaskModel | None:
-    """The ``--base`` model, of the same kind as the task models."""
+def load_base(
+    path: str | None, models: Sequence[TaskModel], params: str | None = None
+) -> TaskModel | None:
+    """The ``--base`` model, of the same kind as the task models. A Hugging Face base
+    provides body parameters only: it is loaded by :func:`curvmerge.hf.load_base` (no task
+    kind needed: a headless ``BertModel`` folder serves), which checks that it has every
+    parameter ``params`` selects (default: the body)."""
     if not path:
         return None
     if models and models[0].is_hf:
+        from curvmerge.hf import ModelLoadError
+        from curvmerge.hf import load_base as load_hf_base
+
         text = os.fspath(path)
         if text.endswith(".safetensors") or Path(text).is_file():
             raise CLIError(
                 f"--base {text}: the task models are Hugging Face models; give the base as a "
                 "model folder or hub id"
             )
-        return HFTaskModel(text, None, kind=models[0].kind)
+        try:
+            hf = load_hf_base(text, models[0].hf, params=params)
+        except ModelLoadError as err:
+            raise CLIError(f"--base {text}: {err}") from None
+        return HFTaskModel(text, None, hf=hf)
     if not str(path).endswith(".safetensors") and not Path(path).is_file():
         raise CLIError(
             f"--base {path}: the task models are curvmerge checkpoints; give the base as a "

@@ -80,7 +80,7 @@ def run(args) -> int:
     out = Path(args.output)
     check_outputs(output_paths(out.parent, out.name), args.force)
     models = load_models(args.models, args, need_data=True)
-    base = load_base(args.base, models)
+    base = load_base(args.base, models, args.params)
     names = shared_names(models, args.params, base)
     settings = Settings(
         fisher_kind=args.fisher_kind,

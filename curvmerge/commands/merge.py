@@ -205,7 +205,7 @@ def run(args) -> int:
             f"--output {output}: checkpoints merge into a FILE.safetensors (folders are "
             "written for Hugging Face models)"
         )
-    base = load_base(cfg.get("base"), models)
+    base = load_base(cfg.get("base"), models, cfg.get("params"))
     names = shared_names(models, cfg.get("params"), base)
     options = dict(cfg["options"])
     for key in ("damping", "prior", "damping_scale"):

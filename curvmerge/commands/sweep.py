@@ -79,7 +79,7 @@ def run(args) -> int:
     if args.points < 2:
         raise CLIError(f"--points must be at least 2, got {args.points}")
     models = load_models(args.models, args, need_data=True)
-    base = load_base(args.base, models)
+    base = load_base(args.base, models, args.params)
     names = shared_names(models, args.params, base)
     if args.prior == "base" and base is None:
         raise CLIError("--prior base needs --base (the model the task models were fine-tuned from)")

@@ -21,7 +21,7 @@ from curvmerge.experiment.outputs import output_paths, write_results
 from curvmerge.experiment.pools import ModelPool, TaskData
 from curvmerge.experiment.runner import run_experiment
 from curvmerge.experiment.schema import validate_config
-from curvmerge.experiment.sources import TASK_SOURCES, load_model_entry
+from curvmerge.experiment.sources import TASK_SOURCES, load_base_entry, load_model_entry
 from curvmerge.experiment.spec import DEFAULT_METHODS, ExperimentResult, Settings
 
 __all__ = ["Experiment", "load_config"]
@@ -83,8 +83,10 @@ class Experiment:
             name: load_model_entry(entry, f"models.finetuned.{name}")
             for name, entry in finetuned.items()
         }
+        first = next(iter(loaded.values()))
+        params = cfg["models"]["params"] if cfg["models"]["params"] is not None else first.params
         base = (
-            load_model_entry(cfg["models"]["base"], "models.base")
+            load_base_entry(cfg["models"]["base"], "models.base", first, params)
             if cfg["models"]["base"] is not None
             else None
         )
@@ -102,11 +104,10 @@ class Experiment:
             if not isinstance(task, TaskData):
                 raise TypeError(f"tasks.{name}: the task source {source!r} returned no TaskData")
             tasks.append(task)
-        first = next(iter(loaded.values()))
         pool = ModelPool(
             [m.module for m in loaded.values()],
             base=base.module if base is not None else None,
-            params=cfg["models"]["params"] if cfg["models"]["params"] is not None else first.params,
+            params=params,
             names=list(loaded),
             info=[{"task": n, **m.info} for n, m in loaded.items()]
             + ([{"base": True, **base.info}] if base is not None else []),

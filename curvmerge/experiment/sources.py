@@ -52,6 +52,7 @@ __all__ = [
     "build_model",
     "bundled_task",
     "files_task",
+    "load_base_entry",
     "load_model_entry",
     "register_model_source",
     "register_task_source",
@@ -486,3 +487,32 @@ def load_model_entry(entry: dict[str, Any], where: str) -> LoadedModel:
     if not isinstance(loaded, LoadedModel):
         raise TypeError(f"{where}: the model source {entry['source']!r} returned no LoadedModel")
     return loaded
+
+
+def load_base_entry(
+    entry: dict[str, Any], where: str, like: LoadedModel, params: str | None = None
+) -> LoadedModel:
+    """Load the validated base model entry. A Hugging Face base of Hugging Face task models
+    provides body parameters only: it is loaded by :func:`curvmerge.hf.load_base` like
+    ``like`` (no task kind needed: a headless ``BertModel`` folder serves), as ``curvmerge
+    merge --base`` loads it, and must have every parameter ``params`` (a regex) selects
+    (default: the body). Other bases load through their source, like any model."""
+    from curvmerge.hf import HFModel
+
+    if entry["source"] != "hf" or not isinstance(like.handle, HFModel):
+        return load_model_entry(entry, where)
+    from curvmerge.hf import load_base
+
+    try:
+        hf = load_base(
+            entry["path"], like.handle, params=params, **dict(entry.get("options") or {})
+        )
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
+    return LoadedModel(
+        hf.model,
+        tokenizer=hf.tokenizer,
+        params=hf.body_regex,
+        handle=hf,
+        info={"source": "hf", "path": entry["path"], "kind": hf.kind},
+    )
