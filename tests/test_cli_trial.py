@@ -141,3 +141,67 @@ outputs: {{merged: null, plots: false, sweeps: false}}
     assert "| task_arithmetic |" in out and "| base |" in out
     record = json.loads((tmp_path / "results" / "results.json").read_text())
     assert "task_arithmetic" in record["metrics"]
+
+
+# ------------------------------------------------------------------ C: Fisher files in order
+@pytest.fixture(scope="module")
+def fishers(d, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fishers")
+    paths = [out / "fs.safetensors", out / "fw.safetensors"]
+    status, _, err = run_main(
+        "fisher", d / "sentiment", d / "weather", "--data", d / "plain.csv", d / "weather.csv",
+        "--examples", "8", "-o", *paths, "-q",
+    )  # fmt: skip
+    assert status == 0, err
+    return paths
+
+
+@pytest.mark.parametrize("command", ["merge", "sweep"])
+def test_fisher_files_in_the_wrong_order_are_refused(d, fishers, tmp_path, command):
+    models = [d / "sentiment", d / "weather"]
+    out = ["-o", tmp_path / "m.safetensors"] if command == "merge" else ["-o", tmp_path / "s"]
+    extra = ["-m", "fisher_diagonal"] if command == "merge" else ["--points", "2"]
+    data = ["--data", d / "plain.csv", d / "weather.csv"] if command == "sweep" else []
+    args = [command, *models, *extra, *data, *out, "-q"]
+    status, _, err = run_main(*args[:-1], "--fisher", *fishers[::-1], "-q")
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "fw.safetensors" in err and str(d / "weather") in err and str(d / "sentiment") in err
+    assert not list(tmp_path.iterdir())
+    status, _, err = run_main(*args[:-1], "--fisher", *fishers, "-q")
+    assert status == 0, err
+
+
+def test_fisher_file_of_a_relative_path_is_matched_from_elsewhere(d, tmp_path, monkeypatch):
+    monkeypatch.chdir(d)
+    status, _, err = run_main(
+        "fisher", "sentiment", "weather", "--data", "plain.csv", "weather.csv", "--examples", "4",
+        "-o", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "-q",
+    )  # fmt: skip
+    assert status == 0, err
+    monkeypatch.chdir(tmp_path)
+    status, _, err = run_main(
+        "merge", d / "sentiment", d / "weather", "-m", "fisher_diagonal", "--fisher",
+        "a.safetensors", "b.safetensors", "-o", "m.safetensors", "-q",
+    )  # fmt: skip
+    assert status == 0, err
+
+
+def test_fisher_file_with_other_shapes_is_refused(d, fishers, tmp_path):
+    import torch
+
+    from curvmerge.fisher import load_fisher, save_fisher
+    from curvmerge.io import read_metadata
+
+    meta = read_metadata(fishers[0])
+    F = load_fisher(fishers[0]).as_dict()
+    name = next(iter(F))
+    F[name] = torch.ones(3, 3)
+    bad = tmp_path / "bad.safetensors"
+    keep = {k: meta[k] for k in ("checkpoint", "model_path", "task") if k in meta}
+    save_fisher(bad, F, kind="exact", num_examples=8, metadata=keep)
+    status, _, err = run_main(
+        "merge", d / "sentiment", d / "weather", "-m", "fisher_diagonal", "--fisher", bad,
+        fishers[1], "-o", tmp_path / "m.safetensors",
+    )  # fmt: skip
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "bad.safetensors" in err and name in err and "(3, 3)" in err

@@ -814,24 +814,64 @@ def shared_names(
     return names
 
 
+def _model_key(text: str) -> str:
+    """A model named in a Fisher file's header or on the command line, comparable: the
+    resolved path of a local file or folder, else the text (a hub id)."""
+    p = Path(text).expanduser()
+    return str(p.resolve()) if p.exists() else text
+
+
+def _check_fisher_model(path: Path, meta: dict, i: int, models: Sequence[TaskModel]) -> None:
+    """Refuse a Fisher file whose header records another model than the one at its
+    position (``model_path``: the resolved path written by ``curvmerge fisher``; else
+    ``checkpoint``, the path as it was given). Files without either are not checked."""
+    recorded = meta.get("model_path") or meta.get("checkpoint")
+    if not isinstance(recorded, str) or not recorded:
+        return
+    given = [_model_key(str(m.path)) for m in models]
+    key = _model_key(recorded)
+    if key == given[i]:
+        return
+    if "model_path" not in meta and not Path(recorded).expanduser().exists():
+        # written before model_path was recorded, from another folder: compare names
+        if key not in given and Path(recorded).name == Path(str(models[i].path)).name:
+            return
+    where = f"model {i + 1} of {len(models)}"
+    hint = (
+        f" (it is model {given.index(key) + 1}'s: give the --fisher files in the models' order)"
+        if key in given
+        else " (compute it with 'curvmerge fisher' for this model)"
+    )
+    raise CLIError(
+        f"Fisher file {path} was computed for {recorded}, but {where} is {models[i].path}{hint}"
+    )
+
+
 def load_fishers(paths: Sequence[str], models: Sequence[TaskModel], names: list[str]):
     """One diagonal Fisher per model from Fisher files, restricted to ``names``; returns
     ``(fishers, seconds recorded in the files)``."""
     from curvmerge.fisher import load_fisher
     from curvmerge.io import read_metadata
     from curvmerge.operators import DiagonalOperator
-    from curvmerge.space import ParamSpace
+    from curvmerge.space import ParamSpace, SpaceMismatchError
 
     if len(paths) != len(models):
         raise CLIError(f"got {len(paths)} Fisher files for {len(models)} models")
     out, seconds = [], 0.0
-    for p, c in zip(paths, models, strict=True):
+    for i, (p, c) in enumerate(zip(paths, models, strict=True)):
         path = require_safetensors(p, "Fisher file")
         meta = read_metadata(path)  # raises a clear error for a truncated file
-        F = load_fisher(path, c.model)
+        _check_fisher_model(path, meta, i, models)
+        try:
+            F = load_fisher(path, c.model)
+        except SpaceMismatchError as err:
+            raise CLIError(f"{err} ({c.path}): not a Fisher file of this model") from None
         missing = [n for n in names if n not in F.space.names]
         if missing:
-            raise CLIError(f"Fisher file {path} has no entry for parameter {missing[0]!r}")
+            raise CLIError(
+                f"Fisher file {path} has no entry for parameter {missing[0]!r} of {c.path} "
+                "(computed with other --params?)"
+            )
         if list(F.space.names) != names:
             d = F.as_dict()
             space = ParamSpace.from_tensors(d, names)

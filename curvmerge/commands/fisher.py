@@ -94,6 +94,9 @@ def run(args) -> int:
         )
         seconds = time.perf_counter() - start
         meta = {"seconds": f"{seconds:.6f}", "checkpoint": str(m.path), "task": m.name}
+        local = Path(str(m.path)).expanduser()
+        if local.exists():  # merge and sweep check that a Fisher file is the model's
+            meta["model_path"] = str(local.resolve())
         if getattr(m, "data_file", None):
             meta["data"] = str(m.data_file)
         save_fisher(ensure_parent(out), F, metadata=meta)

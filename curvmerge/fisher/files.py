@@ -4,6 +4,11 @@ A file holds one tensor per parameter (named as in ``model.named_parameters()``)
 metadata ``format``, ``version``, ``kind``, ``num_examples``, ``names`` (the parameter order,
 JSON) and, when known, ``loss``, ``reduction`` and ``mc_samples``. Writes are atomic: the file
 is written next to its destination and moved into place with ``os.replace``.
+
+``curvmerge fisher`` adds the model it was computed for (``checkpoint``: the path or hub id as
+given; ``model_path``: the resolved path of a local model), ``task``, ``data`` and
+``seconds``; ``curvmerge merge`` and ``sweep`` refuse a file whose recorded model is not the
+model at its position.
 """
 
 from __future__ import annotations
