@@ -87,6 +87,11 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+#: Commands that read data files: their error messages name flags (or, for ``run``, the
+#: configuration's keys) instead of the data library's Python arguments.
+_DATA_COMMANDS = ("fisher", "merge", "eval", "sweep", "compare", "run")
+
+
 def _one_line(text: str) -> str:
     return " ".join(part.strip() for part in text.strip().splitlines() if part.strip())
 
@@ -132,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.traceback:
             raise
         message = _one_line(str(err)) or type(err).__name__
+        if args.command in _DATA_COMMANDS:  # the library's argument names as flags
+            from curvmerge.commands.common import flag_message
+
+            message = flag_message(message, args.command)
         if isinstance(err, _input_errors()):
             print(f"{PROG}: error: {message}", file=sys.stderr)
             return 2

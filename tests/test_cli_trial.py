@@ -205,3 +205,61 @@ def test_fisher_file_with_other_shapes_is_refused(d, fishers, tmp_path):
     )  # fmt: skip
     assert status == 2 and len(err.strip().splitlines()) == 1, err
     assert "bad.safetensors" in err and name in err and "(3, 3)" in err
+
+
+# ------------------------------------------------------------------ D: messages name flags
+@pytest.fixture(scope="module")
+def renamed(d):
+    """plain.csv with the labels 'negative'/'positive' (the model has 'neg'/'pos')."""
+    with open(d / "plain.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
+    full = {"neg": "negative", "pos": "positive"}
+    with open(d / "long.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(rows[0])
+        w.writerows([text, full[label]] for text, label in rows[1:])
+    return d / "long.csv"
+
+
+def test_label2id_option(d, renamed, tmp_path):
+    models = [d / "sentiment", d / "weather"]
+    data = ["--data", renamed, d / "weather.csv"]
+    status, _, err = run_main("eval", *models, *data, "-q")
+    assert status == 2 and "--label2id" in err and "label2id=" not in err, err
+    status, out, err = run_main(
+        "eval", *models, *data, "--label2id", "negative=0,positive=1", "-", "-q", "--json"
+    )
+    assert status == 0, err
+    (tmp_path / "labels.json").write_text('{"negative": 0, "positive": 1}')
+    status, out2, err = run_main(
+        "eval", *models, *data, "--label2id", tmp_path / "labels.json", "-", "-q", "--json"
+    )
+    assert status == 0, err
+    assert out2.splitlines()[-1] == out.splitlines()[-1]
+    status, _, err = run_main(
+        "fisher", *models, *data, "--label2id", "negative=0,positive=1", "-", "--examples", "4",
+        "-o", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "-q",
+    )  # fmt: skip
+    assert status == 0, err
+    for bad, words in (("negative=0,positive", "negative=0,positive"), ("neg=0,pos=3", "0...1")):
+        status, _, err = run_main("eval", *models, *data, "--label2id", bad, "-")
+        assert status == 2 and "--label2id" in err and words in err, err
+
+
+def test_messages_name_flags(d, tmp_path):
+    (tmp_path / "nolabel.csv").write_text("text,stars\nthe movie,1\n")
+    status, _, err = run_main("eval", d / "sentiment", "--data", tmp_path / "nolabel.csv")
+    assert status == 2 and "--label-column" in err and "label_column=" not in err, err
+    models = [d / "sentiment", d / "weather"]
+    status, _, err = run_main("merge", *models, "-m", "task_arithmetic", "-o", tmp_path / "m")
+    assert status == 2 and "--base" in err, err
+    status, _, err = run_main(
+        "merge", *models, "-m", "fisher_exact", "--prior", "base", "-o", tmp_path / "m"
+    )
+    assert status == 2 and "--base" in err, err
+    status, _, err = run_main(
+        "compare", *models, "--data", d / "plain.csv", d / "weather.csv", "--methods",
+        "average,ties", "-o", tmp_path / "c",
+    )  # fmt: skip
+    assert status == 2 and "'ties'" in err and "--base" in err, err
+    assert not list(p for p in tmp_path.iterdir() if p.name != "nolabel.csv")

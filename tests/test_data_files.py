@@ -417,3 +417,18 @@ def test_encode_table_directly(sentiment):
     no_tokenizer = dataclasses.replace(sentiment, tokenizer=None)
     with pytest.raises(DataFileError, match="has no tokenizer"):
         encode_table(table, no_tokenizer)
+
+
+def test_messages_name_the_keyword_arguments(tmp_path, sentiment):
+    """Library messages name the Python arguments that fix them (the command turns them into
+    its flags)."""
+    path = write(pd.DataFrame({"body": TEXTS, "stars": LABELS}), tmp_path / "d.csv", "csv")
+    with pytest.raises(DataFileError, match="no label column found .*pass label_column="):
+        load_data(path, sentiment, text_column="body")
+    with pytest.raises(DataFileError, match="no text column found .*pass text_column="):
+        load_data(path, sentiment)
+    path = write(
+        pd.DataFrame({"text": TEXTS[:2], "label": ["good", "bad"]}), tmp_path / "e.csv", "csv"
+    )
+    with pytest.raises(DataFileError, match="pass label2id= to map the file's labels"):
+        load_data(path, sentiment)

@@ -44,6 +44,7 @@ __all__ = [
     "add_data_options",
     "add_split_options",
     "data_options",
+    "flag_message",
     "check_outputs",
     "ensure_parent",
     "load_base",
@@ -220,6 +221,14 @@ def add_data_options(
     per_file = "; one per data file (in --data order) or one for all, '-' to find it by name"
     for flag, what in COLUMN_OPTIONS.items():
         g.add_argument(flag, nargs="+", metavar="COLUMN", help=what + per_file)
+    g.add_argument(
+        "--label2id",
+        nargs="+",
+        metavar="MAP",
+        help="the file's label names as the model's class indices, instead of the config's "
+        "label2id: NAME=INDEX,... (e.g. negative=0,positive=1) or a JSON file "
+        "({\"negative\": 0, ...}); one per data file or one for all, '-' for the config's",
+    )
     g.add_argument(
         "--split",
         help="the split of a dataset saved with save_to_disk (default: "
@@ -694,7 +703,90 @@ def data_options(args, n: int) -> list[dict[str, Any]]:
             values = values * n
         for options, value in zip(out, values, strict=True):
             options[key] = None if value in (None, "-") else value
+    maps = getattr(args, "label2id", None)
+    if maps:
+        if len(maps) not in (1, n):
+            raise CLIError(
+                f"got {len(maps)} --label2id values for {n} data files: give one per data "
+                "file (in --data order) or one for all"
+            )
+        parsed = [None if m == "-" else parse_label2id(m) for m in maps]
+        for options, value in zip(out, parsed * n if len(parsed) == 1 else parsed, strict=True):
+            if value is not None:
+                options["label2id"] = value
     return out
+
+
+def parse_label2id(text: str) -> dict[str, int]:
+    """``--label2id``: ``NAME=INDEX,...`` or a JSON file holding ``{NAME: INDEX}``."""
+    path = Path(text).expanduser()
+    if path.is_file():
+        try:
+            value = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise CLIError(f"--label2id {text}: not a readable JSON file: {err}") from None
+        if not isinstance(value, dict) or not value:
+            raise CLIError(f'--label2id {text}: expected a JSON object {{"name": index, ...}}')
+        items = list(value.items())
+    else:
+        items = [part.rpartition("=")[::2] for part in text.split(",") if part.strip()]
+        if not items or any(not k.strip() or not v.strip() for k, v in items):
+            raise CLIError(
+                f"--label2id {text!r}: use NAME=INDEX,... (e.g. negative=0,positive=1) or a "
+                "JSON file"
+            )
+    out: dict[str, int] = {}
+    for key, index in items:
+        try:
+            number = int(str(index).strip())
+        except ValueError:
+            raise CLIError(
+                f"--label2id {text!r}: the index of {str(key).strip()!r} is not an integer: "
+                f"{index!r}"
+            ) from None
+        out[str(key).strip()] = number
+    return out
+
+
+#: The arguments of the data library (:mod:`curvmerge.data.files`) that the commands take as
+#: flags, and ``run``'s configuration keys; see :func:`flag_message`.
+_DATA_FLAGS = {
+    "text_column": "--text-column",
+    "text_pair_column": "--text-pair-column",
+    "label_column": "--label-column",
+    "image_column": "--image-column",
+    "label2id": "--label2id",
+    "split": "--split",
+    "max_length": "--max-length",
+    "batch_size": "--batch-size",
+}
+_CONFIG_KEYS = {
+    **{k: f"options.{k}" for k in ("text_column", "text_pair_column", "label_column")},
+    **{k: f"options.{k}" for k in ("image_column", "label2id", "split")},
+    "max_length": "max_length",
+    "batch_size": "fisher.batch_size",
+}
+
+
+def flag_message(text: str, command: str | None) -> str:
+    """A library message with the Python arguments it names (``pass label2id= ...``,
+    ``leave label_column unset``) written as the flags of ``command`` (``--label2id``), or
+    for ``run`` as the configuration's keys (``options.label2id``). A bare name (without
+    ``=``) is replaced only when it cannot be a plain word (it has an underscore or a
+    digit), and never for ``run`` (its messages list its keys)."""
+    names = _CONFIG_KEYS if command == "run" else _DATA_FLAGS
+    pattern = re.compile(r"(?<![\w'\"./-])(" + "|".join(names) + r")(?:(=)|(?![\w'\"]))")
+
+    def replace(m: re.Match) -> str:
+        name, equals = m.group(1), m.group(2)
+        if not equals and (command == "run" or not re.search(r"[_\d]", name)):
+            return m.group(0)
+        out = names[name]
+        if equals and m.end() < len(text) and not text[m.end()].isspace():
+            out += " " if command != "run" else ": "
+        return out
+
+    return pattern.sub(replace, text)
 
 
 def load_models(paths: Sequence[str], args, *, need_data: bool = False) -> list[TaskModel]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from curvmerge.commands.common import (
     BASE_HELP,
     MODEL_HELP,
+    CLIError,
     add_common,
     add_data_options,
     add_split_options,
@@ -77,6 +78,13 @@ def run(args) -> int:
 
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else DEFAULT_METHODS
     methods = [get_method(m).name for m in methods if m]
+    if args.methods and not args.base:
+        need = [m for m in methods if get_method(m).needs_base]
+        if need:
+            raise CLIError(
+                f"method {need[0]!r} needs the base model: pass --base (the model the task "
+                "models were fine-tuned from)"
+            )
     out = Path(args.output)
     check_outputs(output_paths(out.parent, out.name), args.force)
     models = load_models(args.models, args, need_data=True)

@@ -198,6 +198,14 @@ def run(args) -> int:
     check_outputs([output], cfg["force"])
     if spec.is_merge is False:
         raise CLIError(f"method {spec.name!r} is not a merge (use 'compare' to evaluate it)")
+    if not cfg.get("base"):
+        fine_tuned_from = "(the model the task models were fine-tuned from)"
+        if spec.needs_base:
+            raise CLIError(
+                f"method {spec.name!r} needs the base model: pass --base {fine_tuned_from}"
+            )
+        if cfg.get("prior") == "base" or cfg["options"].get("prior") == "base":
+            raise CLIError(f"--prior base needs the base model: pass --base {fine_tuned_from}")
     args.data = cfg.get("data")
     models = load_models(cfg["models"], args)
     if not to_file and not models[0].is_hf:

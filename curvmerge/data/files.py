@@ -418,10 +418,20 @@ def _resolve(
     for cand in candidates:
         if cand in columns:
             return cand
+    argument = _COLUMN_ARGUMENTS.get(what, "the column name")
     raise DataFileError(
-        f"{source}: no {what} column found (tried {', '.join(candidates)}); pass the column "
-        f"name; available columns: {', '.join(columns)}"
+        f"{source}: no {what} column found (tried {', '.join(candidates)}); pass {argument} "
+        f"its name; available columns: {', '.join(columns)}"
     )
+
+
+#: The keyword argument of :func:`encode_table` that names each column (in messages).
+_COLUMN_ARGUMENTS = {
+    "text": "text_column=",
+    "second text": "text_pair_column=",
+    "label": "label_column=",
+    "image": "image_column=",
+}
 
 
 def _values(table: datasets.Dataset, column: str) -> list:
