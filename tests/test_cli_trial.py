@@ -263,3 +263,40 @@ def test_messages_name_flags(d, tmp_path):
     )  # fmt: skip
     assert status == 2 and "'ties'" in err and "--base" in err, err
     assert not list(p for p in tmp_path.iterdir() if p.name != "nolabel.csv")
+
+
+# ------------------------------------------------------------------ E: eval's rows
+def _majority_share(path) -> float:
+    with open(path, newline="") as fh:
+        labels = [row["label"] for row in csv.DictReader(fh)]
+    return max(labels.count(x) for x in set(labels)) / len(labels)
+
+
+def test_eval_rows_name_the_models_and_the_majority_class(d, tmp_path):
+    models = [d / "sentiment", d / "weather"]
+    data = [d / "plain.csv", d / "weather.csv"]
+    status, _, err = run_main("merge", *models, "-o", tmp_path / "avg", "-q")
+    assert status == 0, err
+    status, out, err = run_main(
+        "eval", tmp_path / "avg" / "sentiment", tmp_path / "avg" / "weather", "--data", *data,
+        "-q", "-o", tmp_path / "scores",
+    )  # fmt: skip
+    assert status == 0, err
+    assert "fine-tuned" not in out and "| avg |" in out and "| majority class |" in out
+    row = next(line for line in out.splitlines() if line.startswith("| majority class |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert float(cells[1]) == pytest.approx(100 * _majority_share(data[0]), abs=0.05)
+    assert float(cells[2]) == pytest.approx(100 * _majority_share(data[1]), abs=0.05)
+    assert "avg" in (tmp_path / "scores.csv").read_text()
+    # models in different folders: one row each, named by its path
+    status, out, err = run_main("eval", models[0], tmp_path / "avg" / "weather", "--data", *data)
+    assert status == 0, err
+    assert f"| {models[0]} |" in out and f"| {tmp_path / 'avg' / 'weather'} |" in out
+    # a merged body: the row is the body file's
+    status, _, err = run_main("merge", *models, "-o", tmp_path / "avg.safetensors", "-q")
+    assert status == 0, err
+    status, out, err = run_main(
+        "eval", *models, "--data", *data, "--body", tmp_path / "avg.safetensors", "-q"
+    )
+    assert status == 0, err
+    assert "| avg.safetensors |" in out and "| majority class |" in out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 from curvmerge.commands.common import (
     CHECKPOINT_FORMAT,
@@ -30,7 +31,10 @@ def add_parser(sub) -> None:
         "task's split, a Hugging Face model on its --data file (a merged folder written by "
         "'curvmerge merge -o DIR' is a Hugging Face model). With --body, each model runs with "
         "the merged shared parameters and its own head. Prints accuracy and macro-F1 (MSE "
-        "for regression) and warns when a model predicts one class for nearly every input.",
+        "for regression), one row per folder of models (merge -o DIR's task folders) or "
+        "per model, and the majority class (the most frequent label of the evaluated rows, "
+        "predicted for all), and warns when a model predicts one class for nearly every "
+        "input. Evaluate on held-out rows: eval uses the whole --data file.",
     )
     p.add_argument("models", nargs="+", metavar="model", help=MODEL_HELP)
     p.add_argument(
@@ -63,7 +67,36 @@ def read_body(path: str, models: Sequence[TaskModel]):
     return body
 
 
+def row_labels(models: Sequence[TaskModel], body: str | None) -> list[str]:
+    """The table row of each model: the ``--body`` file's name; else, for models in one
+    local folder (``merge -o DIR``'s task folders), that folder's name; else each model's
+    path as given."""
+    if body is not None:
+        return [Path(body).name] * len(models)
+    paths = [Path(str(m.path).rstrip("/\\")) for m in models]
+    parents = {p.parent for p in paths}
+    if len(models) > 1 and len(parents) == 1:
+        parent = parents.pop()
+        if parent.name and parent.is_dir():
+            return [parent.name] * len(models)
+    return [str(m.path) for m in models]
+
+
+def majority(models: Sequence[TaskModel], data: Sequence) -> dict[str, dict]:
+    """The majority-class reference of each task (:func:`curvmerge.experiment.
+    majority_metrics`): the most frequent label of the evaluated rows, predicted for every
+    row (eval has no training split); regression: the mean target."""
+    from curvmerge.experiment import TaskData, majority_metrics
+
+    out = {}
+    for m, d in zip(models, data, strict=True):
+        task = TaskData(m.name, train=d, val=d, test=d, loss=m.loss_name)
+        out[m.name] = majority_metrics(task)
+    return out
+
+
 def run(args) -> int:
+    from curvmerge.experiment.spec import REFERENCE_ROW
     from curvmerge.results import metrics_markdown, write_metrics
     from curvmerge.train import check_one_class
 
@@ -74,17 +107,22 @@ def run(args) -> int:
     split = args.split or "test"
     data = [draw(m.split(split, args), args.examples) for m in models]
     metrics = evaluate_body(models, body, data, args.batch_size)
-    row = "merged" if body is not None else "fine-tuned"
+    rows = row_labels(models, args.body)
+    reference = majority(models, data)
     tables: dict[str, dict[str, dict[str, float]]] = {}
     for metric in ("accuracy", "macro_f1", "mse"):
-        values = {t: float(m[metric]) for t, m in metrics.items() if metric in m}
-        if values:
-            tables[metric] = {row: values}
-    print(metrics_markdown(tables, highlight_best=False), end="")
+        table: dict[str, dict[str, float]] = {}
+        for (task, m), row in zip(metrics.items(), rows, strict=True):
+            if metric in m:
+                table.setdefault(row, {})[task] = float(m[metric])
+        if table:
+            ref = {t: float(m[metric]) for t, m in reference.items() if metric in m}
+            tables[metric] = {**table, **({REFERENCE_ROW: ref} if ref else {})}
+    print(metrics_markdown(tables, highlight_best=False, label="model"), end="")
     with warnings_as_messages():
-        for task, m in metrics.items():
+        for (task, m), row in zip(metrics.items(), rows, strict=True):
             if "accuracy" in m:
-                check_one_class(m, what=f"the {row} model on {task}")
+                check_one_class(m, what=f"{row} on {task}")
     if args.output:
         write_metrics(tables, ensure_parent(args.output), title=f"{split} metrics", label="model")
         print(f"wrote {args.output}.md/.csv/.png")
