@@ -79,16 +79,33 @@ def test_readme_extraction_finds_the_commands():
         assert expected in joined, expected
 
 
+def _save_headless_base(folder):
+    """The base as sentence-transformers saves one: a ``BertModel`` folder, no head."""
+    from transformers import BertModel
+
+    from curvmerge.models import tiny_bert
+    from tests.test_cli_support import word_tokenizer
+
+    tok = word_tokenizer()
+    model = tiny_bert(2, vocab_size=len(tok), hidden_size=8, num_layers=1, max_length=64, seed=0)
+    body = BertModel(model.config).eval()
+    body.load_state_dict(model.bert.state_dict())
+    body.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
 @pytest.fixture
 def work(tmp_path, monkeypatch):
     """The files the README's commands read, and a quick-mode environment."""
     text = README.read_text()
-    save_bert(tmp_path / "models" / "base", ("neg", "pos"), seed=0)
+    _save_headless_base(tmp_path / "models" / "base")
     save_bert(tmp_path / "models" / "sentiment", ("neg", "pos"), seed=1)
     save_bert(tmp_path / "models" / "weather", ("cold", "mild", "warm"), seed=2)
     (tmp_path / "data").mkdir()
     write_text_csv(tmp_path / "data" / "sentiment.csv", ("neg", "pos"), n=40, seed=1)
     write_text_csv(tmp_path / "data" / "weather.csv", ("cold", "mild", "warm"), n=40, seed=2)
+    write_text_csv(tmp_path / "data" / "sentiment_test.csv", ("neg", "pos"), n=20, seed=3)
+    write_text_csv(tmp_path / "data" / "weather_test.csv", ("cold", "mild", "warm"), n=20, seed=4)
     for name, content in readme_files(text).items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(content)

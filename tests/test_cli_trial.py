@@ -300,3 +300,64 @@ def test_eval_rows_name_the_models_and_the_majority_class(d, tmp_path):
     )
     assert status == 0, err
     assert "| avg.safetensors |" in out and "| majority class |" in out
+
+
+# ------------------------------------------------------------------ G, H: rows used, for what
+def _lines(err: str, name: str) -> list[str]:
+    return [line for line in err.splitlines() if name in line and line.startswith("[curvmerge]")]
+
+
+def test_commands_say_which_rows_they_use(d, tmp_path):
+    models = [d / "sentiment", d / "weather"]
+    data = [d / "plain.csv", d / "weather.csv"]  # 48 rows each
+    fishers = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    status, _, err = run_main("fisher", *models, "--data", *data, "--examples", "8", "-o", *fishers)
+    assert status == 0, err
+    (line,) = _lines(err, "plain.csv")
+    assert "8 of 48 rows" in line and "Fisher" in line
+    status, _, err = run_main("eval", *models, "--data", *data)
+    assert status == 0, err
+    (line,) = _lines(err, "weather.csv")
+    assert "48 of 48 rows" in line and "held-out" in line
+    status, _, err = run_main(
+        "sweep", *models, "--data", *data, "--fisher", *fishers, "--points", "2",
+        "-o", tmp_path / "sweep",
+    )  # fmt: skip
+    assert status == 0, err
+    (line,) = _lines(err, "plain.csv")
+    for words in ("38 training", "5 validation", "5 test", "--val-size 0.1", "--test-size 0.1",
+                  "--split-seed 0", "a.safetensors"):  # fmt: skip
+        assert words in line, line
+    status, _, err = run_main(
+        "compare", *models, "--data", *data, "--methods", "average", "--examples", "8",
+        "--val-size", "6", "--split-seed", "3", "-o", tmp_path / "cmp",
+    )  # fmt: skip
+    assert status == 0, err
+    (line,) = _lines(err, "weather.csv")
+    for words in ("37 training", "Fisher: 8", "6 validation", "5 test", "--split-seed 3"):
+        assert words in line, line
+    # -q: no such lines
+    status, _, err = run_main("eval", *models, "--data", *data, "-q")
+    assert status == 0 and not _lines(err, "weather.csv"), err
+
+
+def test_run_says_which_rows_it_uses(d, tmp_path):
+    cfg = tmp_path / "experiment.yaml"
+    cfg.write_text(
+        f"""
+models:
+  finetuned:
+    sentiment: {d / "sentiment"}
+    weather: {d / "weather"}
+tasks:
+  sentiment: {{files: {d / "plain.csv"}, options: {{validation: 8, test: 0.25}}}}
+  weather: {{files: {d / "weather.csv"}}}
+methods: [average]
+fisher: {{examples: 16}}
+"""
+    )
+    status, _, err = run_main("run", cfg)
+    assert status == 0, err
+    (line,) = _lines(err, "tasks.sentiment")
+    for words in ("28 training", "Fisher: 16", "8 validation", "12 test", "plain.csv"):
+        assert words in line, line

@@ -46,6 +46,7 @@ __all__ = [
     "data_options",
     "flag_message",
     "check_outputs",
+    "count_rows",
     "ensure_parent",
     "load_base",
     "load_fishers",
@@ -411,11 +412,14 @@ class TaskModel:
         """Examples of one split (``train``, ``val``, ``test``) as model data."""
         raise NotImplementedError
 
-    def statistics_batches(self, args, examples: int | None, seed: int):  # pragma: no cover
-        """``(batches, loss)``: ``examples`` seeded training examples as batches."""
+    def statistics_batches(
+        self, args, examples: int | None, seed: int, purpose: str = "Fisher"
+    ):  # pragma: no cover
+        """``(batches, loss)``: ``examples`` seeded training examples as batches (a data
+        file's: logs how many rows, for ``purpose``)."""
         raise NotImplementedError
 
-    def splits(self, args) -> dict[str, Any]:  # pragma: no cover
+    def splits(self, args, fisher: str = "") -> dict[str, Any]:  # pragma: no cover
         """``{"train", "val", "test"}`` model data (compare, sweep)."""
         raise NotImplementedError
 
@@ -472,12 +476,12 @@ class Checkpoint(TaskModel):
             return tokenize(data, load_minilm_tokenizer())
         return data
 
-    def statistics_batches(self, args, examples: int | None, seed: int):
+    def statistics_batches(self, args, examples: int | None, seed: int, purpose: str = "Fisher"):
         from curvmerge.experiment import fisher_batches
 
         return fisher_batches(self.split("train"), examples, args.batch_size, seed), "cross_entropy"
 
-    def splits(self, args) -> dict[str, Any]:
+    def splits(self, args, fisher: str = "") -> dict[str, Any]:
         return {k: self.split(k) for k in ("train", "val", "test")}
 
     def body_names(self, regex: str | None = None) -> list[str]:
@@ -575,12 +579,17 @@ class HFTaskModel(TaskModel):
         inputs, targets = batches.batches[0]
         return inputs, targets
 
+    def describe_data(self, args=None) -> str:
+        """The data file in log lines (with ``--split`` when one is given)."""
+        split = getattr(args, "split", None)
+        return f"{self.data_file} (split {split})" if split else str(self.data_file)
+
     def split(self, which: str, args=None):
         which = {"validation": "val"}.get(which, which)
         table = self._read(args, which)
         return self.as_data(table, args)
 
-    def statistics_batches(self, args, examples: int | None, seed: int):
+    def statistics_batches(self, args, examples: int | None, seed: int, purpose: str = "Fisher"):
         import torch
 
         table = self._read(args, "train")
@@ -589,10 +598,18 @@ class HFTaskModel(TaskModel):
             idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:examples]
             table = table.select(idx.tolist())
         batches = self.encode(table, args)
+        log(
+            args,
+            f"{self.describe_data(args)}: {batches.num_examples} of {n} rows for the {purpose} "
+            f"({'a seeded draw of --examples' if batches.num_examples < n else 'all of them'}; the "
+            "file is taken as training rows: keep validation and test rows out of it)",
+        )
         self.loss_name = batches.loss.name
         return batches, batches.loss
 
-    def splits(self, args) -> dict[str, Any]:
+    def splits(self, args, fisher: str = "") -> dict[str, Any]:
+        """The train, validation and test parts; logs their sizes (``fisher``: what the
+        training rows give, for the line)."""
         parts = read_parts(
             self._need_data(),
             split=getattr(args, "split", None),
@@ -601,7 +618,54 @@ class HFTaskModel(TaskModel):
             seed=args.split_seed,
             options=("--val-size", "--test-size"),
         )
-        return {k: self.as_data(v, args) for k, v in parts.items()}
+        data = {k: self.as_data(v, args) for k, v in parts.items()}  # errors before the line
+        log(
+            args,
+            rows_line(
+                self.describe_data(args),
+                {k: len(v) for k, v in parts.items()},
+                fisher=fisher,
+                how=split_description(self.data_file, args),
+            ),
+        )
+        return data
+
+
+def count_rows(data) -> int:
+    """Examples in model data: :class:`~curvmerge.data.files.DataBatches`, batches or
+    :data:`curvmerge.train.Data`."""
+    n = getattr(data, "num_examples", None)
+    if n is not None:
+        return int(n)
+    from curvmerge.batches import batch_size
+    from curvmerge.train import as_examples, is_batches
+
+    if is_batches(data):
+        return sum(batch_size(x) for x, _ in data)
+    return int(as_examples(data)[1].shape[0])
+
+
+def split_description(path: str | None, args) -> str:
+    """How ``compare`` and ``sweep`` split a data file, for the log line."""
+    names = _saved_splits(path) if path else None
+    if getattr(args, "split", None) is None and names:
+        found = [next((c for c in cands if c in names), None) for cands in _SPLIT_NAMES.values()]
+        if all(found):
+            return "the saved dataset's " + ", ".join(str(f) for f in found) + " splits"
+    return (
+        f"split by --split-seed {args.split_seed}, --val-size {args.val_size:g}, "
+        f"--test-size {args.test_size:g}"
+    )
+
+
+def rows_line(where: str, counts: dict[str, int], *, fisher: str = "", how: str = "") -> str:
+    """One log line: the training, validation and test rows of a data file and their use
+    (``fisher``: what the training rows give, e.g. ``Fisher: 512 of them``)."""
+    train = f"{counts['train']} training" + (f" ({fisher})" if fisher else "")
+    return (
+        f"{where}: {train}, {counts['val']} validation (choose coefficients), "
+        f"{counts['test']} test (reported) rows" + (f"; {how}" if how else "")
+    )
 
 
 def read_parts(

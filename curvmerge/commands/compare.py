@@ -16,10 +16,13 @@ from curvmerge.commands.common import (
     add_data_options,
     add_split_options,
     check_outputs,
+    count_rows,
     load_base,
     load_models,
     log,
+    rows_line,
     shared_names,
+    split_description,
     warnings_as_messages,
 )
 
@@ -114,6 +117,11 @@ def run(args) -> int:
                     eval_batch_size=settings.batch_size,
                 )
             )
+            task = tasks[-1]
+            counts = {k: count_rows(getattr(task, k)) for k in ("train", "val", "test")}
+            fisher = f"Fisher: {min(args.examples, counts['train'])} of them"
+            how = split_description(m.data_file, args)
+            log(args, rows_line(m.describe_data(args), counts, fisher=fisher, how=how))
             continue
         parts = m.splits(args)
         tasks.append(

@@ -13,10 +13,12 @@ from curvmerge.commands.common import (
     add_common,
     add_data_options,
     check_outputs,
+    count_rows,
     draw,
     ensure_parent,
     evaluate_body,
     load_models,
+    log,
     require_safetensors,
     stem_outputs,
     warnings_as_messages,
@@ -105,7 +107,18 @@ def run(args) -> int:
     models = load_models(args.models, args, need_data=True)
     body = read_body(args.body, models) if args.body else None
     split = args.split or "test"
-    data = [draw(m.split(split, args), args.examples) for m in models]
+    data = []
+    for m in models:
+        rows = m.split(split, args)
+        data.append(draw(rows, args.examples))
+        if m.is_hf:
+            n, k = count_rows(rows), count_rows(data[-1])
+            how = "a seeded draw of --examples" if k < n else "the whole file"
+            log(
+                args,
+                f"{m.describe_data(args)}: {k} of {n} rows evaluated ({how}: give held-out "
+                "rows, not the rows the model was trained or its Fisher computed on)",
+            )
     metrics = evaluate_body(models, body, data, args.batch_size)
     rows = row_labels(models, args.body)
     reference = majority(models, data)

@@ -229,7 +229,7 @@ def run(args) -> int:
         curvatures, _ = load_fishers(cfg["fisher"], models, names)
     elif spec.statistics == "exact_ggn":
         ggn = spec.operator_class()
-        data = [m.statistics_batches(args, args.examples, 0) for m in models]
+        data = [m.statistics_batches(args, args.examples, 0, purpose="GGN") for m in models]
         curvatures = [
             ggn(m.model, loss, batches, params=names, progress=not args.quiet)
             for m, (batches, loss) in zip(models, data, strict=True)

@@ -16,7 +16,9 @@ from __future__ import annotations
 from curvmerge.commands.common import (
     add_common,
     check_outputs,
+    count_rows,
     log,
+    rows_line,
     warnings_as_messages,
 )
 
@@ -39,6 +41,39 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def rows_lines(experiment) -> list[str]:
+    """One line per task: its training rows (and how many the Fisher takes), validation rows
+    (choose coefficients) and test rows (reported), and where they come from."""
+    tasks_cfg = (experiment.config or {}).get("tasks") or {}
+    examples = experiment.settings.fisher_examples
+    lines = []
+    for task in experiment.tasks:
+        entry = tasks_cfg.get(task.name) or {}
+        counts = {
+            k: count_rows(getattr(task, k))
+            for k in ("train", "val", "test")
+            if getattr(task, k) is not None
+        }
+        if len(counts) < 3:
+            continue
+        n = counts["train"]
+        fisher = f"Fisher: {n if examples is None else min(examples, n)} of them"
+        files = entry.get("files")
+        if isinstance(files, str):
+            opts = entry.get("options") or {}
+            source = files
+            how = (
+                f"split by split_seed {entry.get('split_seed', 0)}, validation "
+                f"{opts.get('validation', 0.1):g}, test {opts.get('test', 0.1):g}"
+            )
+        elif isinstance(files, dict):
+            source, how = ", ".join(str(v) for v in files.values()), "one file per split"
+        else:
+            source, how = str(entry.get("data") or "bundled task"), ""
+        lines.append(rows_line(f"tasks.{task.name} ({source})", counts, fisher=fisher, how=how))
+    return lines
+
+
 def run(args) -> int:
     from curvmerge.experiment import format_report, load_config, output_paths
 
@@ -48,6 +83,8 @@ def run(args) -> int:
     if experiment.output_dir is not None:
         check_outputs(output_paths(experiment.output_dir), experiment.force)
     log(args, f"{len(experiment.pool.models)} models, {len(experiment.methods)} methods")
+    for line in rows_lines(experiment):
+        log(args, line)
     with warnings_as_messages():
         result = experiment.run(
             progress=not args.quiet,

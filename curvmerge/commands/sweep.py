@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from curvmerge.commands.common import (
     BASE_HELP,
     DAMPING_SCALE_HELP,
@@ -66,6 +68,27 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def fisher_note(path: str, model) -> str:
+    """What the training rows give in a sweep: nothing, the Fisher comes from a file; says
+    when that file was computed on the sweep's whole data file (its validation and test rows
+    included)."""
+    from curvmerge.io import read_metadata
+
+    note = f"unused; the Fisher comes from {Path(path).name}"
+    data = read_metadata(path).get("data")
+    own = getattr(model, "data_file", None)
+    if isinstance(data, str) and own and _same_file(data, own):
+        note += ", computed on this whole file: validation and test rows included"
+    return note
+
+
+def _same_file(a: str, b: str) -> bool:
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a == b
+
+
 def run(args) -> int:
     import torch
 
@@ -89,7 +112,12 @@ def run(args) -> int:
         curvatures, fisher_seconds = None, None
     T = len(models)
     grid = line_grid(args.points) if T == 2 else simplex_grid(T, args.points - 1)
-    splits = [m.splits(args) for m in models]
+    notes = (
+        [fisher_note(f, m) for f, m in zip(args.fisher, models, strict=True)]
+        if (args.fisher)
+        else ["unused: weighted averaging"] * T
+    )
+    splits = [m.splits(args, fisher=note) for m, note in zip(models, notes, strict=True)]
     val = [s["val"] for s in splits]
     test = [s["test"] for s in splits]
 
