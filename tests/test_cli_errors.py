@@ -165,3 +165,28 @@ def test_console_script_prints_one_line(d):
         "weights)"
     ]
     assert not (d / "m").exists()
+
+
+def test_fisher_writes_no_file_when_a_later_model_fails(tmp_path):
+    """The second model's data has no loss terms (one-word texts: no next token); the first
+    model's Fisher must not be left behind, and the message names the file."""
+    import csv
+
+    from tests.test_cli_support import write_lm_csv
+
+    save_gpt2(tmp_path / "lm_a", seed=1)
+    save_gpt2(tmp_path / "lm_b", seed=2)
+    write_lm_csv(tmp_path / "a.csv", n=8)
+    with open(tmp_path / "short.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text"])
+        for word in WORDS[:8]:
+            w.writerow([word])
+    outs = [tmp_path / "a.fisher.safetensors", tmp_path / "b.fisher.safetensors"]
+    code, _, err = run_main(
+        "fisher", str(tmp_path / "lm_a"), str(tmp_path / "lm_b"),
+        "--data", str(tmp_path / "a.csv"), str(tmp_path / "short.csv"),
+        "-o", *map(str, outs), "-q",
+    )  # fmt: skip
+    assert code == 2 and "short.csv" in err
+    assert not any(p.exists() for p in outs)

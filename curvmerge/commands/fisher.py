@@ -76,22 +76,29 @@ def run(args) -> int:
         names = m.body_names(args.params)
         batches, loss = m.statistics_batches(args, args.examples, args.seed)
         jobs.append((m, names, batches, loss))
+    # every Fisher is computed before any file is written: an error in the data of a later
+    # model leaves no file of an earlier one
+    results = []
     for (m, names, batches, loss), out in zip(jobs, outputs, strict=True):
         kind = args.kind
         if kind == "auto":
             kind = "mc" if getattr(m, "kind", None) == "causal_lm" else "exact"
         log(args, f"{kind} diagonal Fisher of {m.path}")
         start = time.perf_counter()
-        F = diagonal_fisher(
-            m.model,
-            loss,
-            batches,
-            params=names,
-            kind=kind,
-            mc_samples=args.mc_samples,
-            seed=args.seed,
-            progress=not args.quiet,
-        )
+        try:
+            F = diagonal_fisher(
+                m.model,
+                loss,
+                batches,
+                params=names,
+                kind=kind,
+                mc_samples=args.mc_samples,
+                seed=args.seed,
+                progress=not args.quiet,
+            )
+        except ValueError as err:
+            where = getattr(m, "data_file", None) or m.path
+            raise CLIError(f"{where}: {err}") from err
         seconds = time.perf_counter() - start
         meta = {"seconds": f"{seconds:.6f}", "checkpoint": str(m.path), "task": m.name}
         local = Path(str(m.path)).expanduser()
@@ -99,6 +106,8 @@ def run(args) -> int:
             meta["model_path"] = str(local.resolve())
         if getattr(m, "data_file", None):
             meta["data"] = str(m.data_file)
+        results.append((out, F, meta, kind, m, seconds))
+    for out, F, meta, kind, m, seconds in results:
         save_fisher(ensure_parent(out), F, metadata=meta)
         print(
             f"{out}: {kind} diagonal Fisher of {m.path} on {F.num_examples} "
