@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,7 @@ __all__ = [
     "ArchitectureMismatchError",
     "HFModel",
     "ModelLoadError",
+    "RandomInitWarning",
     "TokenizerMismatchError",
     "check_same_architecture",
     "check_tokenizer",
@@ -118,6 +120,11 @@ _TOKENIZER_FILES = (
     "tokenizer.model",
 )
 _IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "image_processor_config.json")
+
+
+class RandomInitWarning(UserWarning):
+    """A loaded model has parameters that were not in its checkpoint (initialised at
+    random): usually a task head missing from the folder."""
 
 
 class ModelLoadError(ValueError):
@@ -386,6 +393,7 @@ def load_model(
     kind: str | None = None,
     num_labels: int | None = None,
     tokenizer: Any | None = None,
+    warn_random: bool = True,
     **kwargs: Any,
 ) -> HFModel:
     """Load a Hugging Face model folder or hub id with ``from_pretrained``.
@@ -408,6 +416,9 @@ def load_model(
             ``LABEL_0``, ...).
         tokenizer: A tokenizer, or a folder / hub id to load one from, instead of the one
             saved with the model.
+        warn_random: Warn (:class:`RandomInitWarning`) when parameters were not in the
+            checkpoint and were initialised at random (a task head missing from the folder),
+            unless ``num_labels`` asked for a new head.
         **kwargs: Passed on to ``from_pretrained`` (e.g. ``dtype``, ``revision``).
 
     Returns:
@@ -467,6 +478,16 @@ def load_model(
     processor = _load_image_processor(source) if kind == "image_classification" else None
     hf = wrap_model(model, kind=kind, tokenizer=tokenizer, image_processor=processor, source=source)
     hf.newly_initialized = tuple(sorted(fresh))
+    asked = num_labels is not None and num_labels != getattr(config, "num_labels", None)
+    if fresh and warn_random and not asked:
+        names = ", ".join(hf.newly_initialized[:4]) + (", ..." if len(fresh) > 4 else "")
+        warnings.warn(
+            f"{where}: {len(fresh)} parameter(s) are not in the checkpoint and were "
+            f"initialised at random ({names}); statistics, merges and evaluations use them "
+            "as they are",
+            RandomInitWarning,
+            stacklevel=2,
+        )
     return hf
 
 
@@ -514,7 +535,7 @@ def load_base(
         needed = {n for n, _ in task.model.named_parameters() if pattern.search(n)}
     else:
         needed = set(params)
-    base = load_model(path_or_id, kind=kind or task.kind, **kwargs)
+    base = load_model(path_or_id, kind=kind or task.kind, warn_random=False, **kwargs)
     fresh = [n for n in base.newly_initialized if n in needed]
     if fresh:
         raise ModelLoadError(

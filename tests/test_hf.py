@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -493,3 +494,22 @@ def test_load_base_refuses_missing_body_parameters(tmp_path):
     _quiet_save(BertModel(bert().config, add_pooling_layer=False), tmp_path / "nopool")
     with pytest.raises(ModelLoadError, match=r"bert\.pooler\.dense\.(weight|bias)"):
         load_base(tmp_path / "nopool", task)
+
+
+def test_a_head_missing_from_the_folder_is_warned_about(tmp_path):
+    """A classifier folder whose head weights are missing loads with a random head: say so."""
+    from safetensors.torch import load_file, save_file
+
+    from curvmerge.hf import RandomInitWarning, load_model
+    from curvmerge.models import tiny_bert
+
+    model = tiny_bert(2, vocab_size=20, hidden_size=8, num_layers=1, num_heads=2, max_length=12)
+    model.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    tensors = {k: v for k, v in load_file(weights).items() if not k.startswith("classifier")}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.warns(RandomInitWarning, match="classifier"):
+        load_model(tmp_path / "m")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RandomInitWarning)
+        load_model(tmp_path / "m", num_labels=3)  # a new head was asked for
