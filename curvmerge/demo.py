@@ -54,6 +54,7 @@ from curvmerge.experiment import (
     format_report as experiment_report,
 )
 from curvmerge.experiment.evaluation import Evaluator
+from curvmerge.experiment.spec import DEFAULT_METHODS
 from curvmerge.merging.sweep import line_grid, sweep
 from curvmerge.merging.system import DEFAULT_DAMPING
 from curvmerge.train import Data, iter_batches
@@ -72,14 +73,7 @@ __all__ = [
 ]
 
 #: Methods compared by default, in table order (after the individual models and the base).
-ALL_METHODS = (
-    "average",
-    "task_arithmetic",
-    "ties",
-    "fisher_diagonal",
-    "fisher_exact",
-    "ensemble",
-)
+ALL_METHODS = DEFAULT_METHODS  # the runner's default methods, in table order
 
 
 @dataclass

@@ -42,7 +42,7 @@ import contextlib
 import os
 import re
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from curvmerge._optional import require
 from curvmerge.io import atomic_folder
 from curvmerge.models import body_regex as _named_head_body_regex
+from curvmerge.models import quiet_transformers
 
 __all__ = [
     "KINDS",
@@ -137,24 +138,6 @@ class ArchitectureMismatchError(ValueError):
 
 class TokenizerMismatchError(ValueError):
     """A tokenizer produces token ids that the model's input embedding does not have."""
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence ``transformers`` logging and progress bars (library code does not print)."""
-    require("transformers", "Hugging Face models (curvmerge.hf)")
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 # --------------------------------------------------------------------------- the loaded model
@@ -441,7 +424,7 @@ def load_model(
         raise ModelLoadError(f"model folder {source} does not exist")
     where = f"model folder {source}" if path.exists() else f"model id {source!r}"
     try:
-        with _quiet():
+        with quiet_transformers("curvmerge.hf"):
             config = transformers.AutoConfig.from_pretrained(source)
     except (OSError, ValueError, KeyError) as err:
         if path.exists():
@@ -463,7 +446,7 @@ def load_model(
             options["ignore_mismatched_sizes"] = True
     auto = getattr(transformers, _AUTO_CLASSES[kind])
     try:
-        with _quiet():
+        with quiet_transformers("curvmerge.hf"):
             model, info = auto.from_pretrained(source, output_loading_info=True, **options)
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise ModelLoadError(f"could not load {where} as {kind}: {_first_line(err)}") from err
@@ -558,7 +541,7 @@ def _load_tokenizer(source: str, *, required: bool) -> Any | None:
             raise ModelLoadError(f"{source} has no tokenizer files ({', '.join(_TOKENIZER_FILES)})")
         return None
     try:
-        with _quiet():
+        with quiet_transformers("curvmerge.hf"):
             return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, KeyError, TypeError) as err:
         if required or path.is_dir():
@@ -576,7 +559,7 @@ def _load_image_processor(source: str) -> Any | None:
     if path.is_dir() and not any((path / f).is_file() for f in _IMAGE_PROCESSOR_FILES):
         return None
     try:
-        with _quiet():
+        with quiet_transformers("curvmerge.hf"):
             return AutoImageProcessor.from_pretrained(source)
     except (OSError, ValueError, KeyError, ImportError) as err:
         if path.is_dir():
@@ -796,7 +779,7 @@ def _same_states(hfs: Sequence[HFModel], states: Sequence[Mapping[str, Tensor]])
 
 
 def _write(hf: HFModel, state: Mapping[str, Tensor], folder: Path) -> None:
-    with _quiet():
+    with quiet_transformers("curvmerge.hf"):
         hf.model.save_pretrained(folder, state_dict=dict(state), safe_serialization=True)
         if hf.tokenizer is not None:
             hf.tokenizer.save_pretrained(folder)

@@ -272,8 +272,10 @@ def minilm_path() -> str:
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    require("transformers", "Hugging Face models (curvmerge.models)")
+def quiet_transformers(feature: str = "Hugging Face models") -> Iterator[None]:
+    """Silence ``transformers`` logging and progress bars while loading or saving (library
+    code does not print)."""
+    require("transformers", feature)
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
@@ -308,7 +310,7 @@ def load_minilm(num_labels: int, *, seed: int = 0, path: str | None = None) -> n
     require("transformers", "curvmerge.models.load_minilm")
     from transformers import AutoModelForSequenceClassification
 
-    with _seeded(seed), _quiet_transformers():
+    with _seeded(seed), quiet_transformers("curvmerge.models.load_minilm"):
         model = AutoModelForSequenceClassification.from_pretrained(
             path or minilm_path(), num_labels=num_labels, attn_implementation="eager"
         )
