@@ -490,26 +490,6 @@ class Checkpoint(TaskModel):
         return _select(body_names(self.model), regex, str(self.path))
 
 
-_SPLIT_NAMES = {
-    "train": ("train", "training"),
-    "val": ("validation", "val", "valid", "dev"),
-    "test": ("test", "testing"),
-}
-
-
-def _saved_splits(path: str) -> list[str] | None:
-    """The split names of a ``DatasetDict`` saved with ``save_to_disk``, else ``None``."""
-    p = Path(path)
-    f = p / "dataset_dict.json"
-    if not (p.is_dir() and f.is_file()):
-        return None
-    try:
-        names = json.loads(f.read_text()).get("splits")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return [str(n) for n in names] if isinstance(names, list) else None
-
-
 class HFTaskModel(TaskModel):
     """A Hugging Face model (folder or hub id) with its data file."""
 
@@ -548,14 +528,14 @@ class HFTaskModel(TaskModel):
         return self.data_file
 
     def _read(self, args, default: str):
-        from curvmerge.data.files import read_table
+        from curvmerge.data.files import SPLIT_NAMES, read_table, saved_split_names
 
         path = self._need_data()
         split = getattr(args, "split", None)
         if split is None:
-            names = _saved_splits(path)
+            names = saved_split_names(path)
             if names and len(names) > 1:
-                split = next((c for c in _SPLIT_NAMES[default] if c in names), None)
+                split = next((c for c in SPLIT_NAMES[default] if c in names), None)
         return read_table(path, split=split)
 
     def encode(self, table, args, *, batch_size: int | None = None):
@@ -647,9 +627,11 @@ def count_rows(data) -> int:
 
 def split_description(path: str | None, args) -> str:
     """How ``compare`` and ``sweep`` split a data file, for the log line."""
-    names = _saved_splits(path) if path else None
+    from curvmerge.data.files import SPLIT_NAMES, saved_split_names
+
+    names = saved_split_names(path) if path else None
     if getattr(args, "split", None) is None and names:
-        found = [next((c for c in cands if c in names), None) for cands in _SPLIT_NAMES.values()]
+        found = [next((c for c in cands if c in names), None) for cands in SPLIT_NAMES.values()]
         if all(found):
             return "the saved dataset's " + ", ".join(str(f) for f in found) + " splits"
     return (
@@ -677,29 +659,14 @@ def read_parts(
     seed: int = 0,
     options: tuple[str, str] = ("validation", "test"),
 ) -> dict[str, Any]:
-    """``{"train", "val", "test"}`` tables of a data file: the splits of a saved
-    ``DatasetDict`` that has all three (and no ``split`` is asked for), else a seeded split of
-    the file (or of its ``split``) by :func:`curvmerge.data.files.split_table`."""
-    from curvmerge.data.files import read_table, split_table
+    """``{"train", "val", "test"}`` tables of a data file
+    (:func:`curvmerge.data.files.read_split_tables`; ``options`` name the sizes in errors)."""
+    from curvmerge.data.files import read_split_tables
 
-    names = _saved_splits(path)
-    if split is None and names:
-        found = {
-            k: next((c for c in cands if c in names), None) for k, cands in _SPLIT_NAMES.items()
-        }
-        if all(found.values()):
-            return {k: read_table(path, split=v) for k, v in found.items()}
-        if len(names) > 1:
-            split = found["train"]
-    table = read_table(path, split=split)
-    parts = split_table(table, validation=validation, test=test, seed=seed)
-    for part, option in (("validation", options[0]), ("test", options[1])):
-        if part not in parts:
-            raise CLIError(
-                f"{path}: no {part} rows ({option} is 0); coefficients are chosen on "
-                "validation rows and reported on test rows"
-            )
-    return {"train": parts["train"], "val": parts["validation"], "test": parts["test"]}
+    parts, _ = read_split_tables(
+        path, split=split, validation=validation, test=test, seed=seed, sizes=options
+    )
+    return parts
 
 
 def _looks_like_model_file(path: Path) -> bool:

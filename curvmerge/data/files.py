@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import json
 import math
 import os
 import re
@@ -77,10 +78,13 @@ __all__ = [
     "DataBatches",
     "DataFileError",
     "DataFileNotFoundError",
+    "SPLIT_NAMES",
     "encode_table",
     "load_data",
     "load_splits",
+    "read_split_tables",
     "read_table",
+    "saved_split_names",
     "split_table",
 ]
 
@@ -357,6 +361,63 @@ def split_table(
         "test": order[:n_test],
     }
     return {k: table.select(idx.tolist()) for k, idx in parts.items() if len(idx)}
+
+
+SPLIT_NAMES = {
+    "train": ("train", "training"),
+    "val": ("validation", "val", "valid", "dev"),
+    "test": ("test", "testing"),
+}
+"""The names a saved ``DatasetDict``'s splits may have, for each part of an experiment."""
+
+
+def saved_split_names(path: str | os.PathLike) -> list[str] | None:
+    """The split names of a ``DatasetDict`` saved with ``save_to_disk``, else ``None``."""
+    f = Path(path) / "dataset_dict.json"
+    if not f.is_file():
+        return None
+    try:
+        names = json.loads(f.read_text()).get("splits")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return [str(n) for n in names] if isinstance(names, list) else None
+
+
+def read_split_tables(
+    path: str | os.PathLike,
+    *,
+    split: str | None = None,
+    validation: float | int = 0.1,
+    test: float | int = 0.1,
+    seed: int = 0,
+    sizes: tuple[str, str] = ("validation", "test"),
+) -> tuple[dict[str, datasets.Dataset], bool]:
+    """``({"train", "val", "test"} tables, whether they were split here)``: the splits of a
+    saved ``DatasetDict`` that has all three (when no ``split`` is asked for), else a seeded
+    :func:`split_table` of the file (or of its ``split``).
+
+    Args:
+        sizes: How the caller names ``validation`` and ``test`` in its messages (an option
+            of a command, a key of a config).
+
+    Raises:
+        DataFileError: The split leaves no validation or no test rows.
+    """
+    names = saved_split_names(path)
+    if split is None and names:
+        found = {k: next((c for c in cs if c in names), None) for k, cs in SPLIT_NAMES.items()}
+        if all(found.values()):
+            return {k: read_table(path, split=v) for k, v in found.items()}, False
+        if len(names) > 1:
+            split = found["train"]
+    parts = split_table(read_table(path, split=split), validation=validation, test=test, seed=seed)
+    for part, size in zip(("validation", "test"), sizes, strict=True):
+        if part not in parts:
+            raise DataFileError(
+                f"{path}: no {part} rows ({size} is 0); coefficients are chosen on "
+                "validation rows and reported on test rows"
+            )
+    return {"train": parts["train"], "val": parts["validation"], "test": parts["test"]}, True
 
 
 # --------------------------------------------------------------------------- batches

@@ -254,12 +254,6 @@ _ENCODE_OPTIONS = ("text_column", "text_pair_column", "label_column", "image_col
 #: The split names of a ``files`` mapping, and the :class:`TaskData` split each one fills.
 FILE_SPLITS = {"train": "train", "validation": "val", "val": "val", "test": "test"}
 
-_SAVED_SPLITS = {
-    "train": ("train", "training"),
-    "val": ("validation", "val", "valid", "dev"),
-    "test": ("test", "testing"),
-}
-
 
 def _local(path: Any, base_dir: str | os.PathLike | None, where: str) -> str:
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).strip():
@@ -268,43 +262,6 @@ def _local(path: Any, base_dir: str | os.PathLike | None, where: str) -> str:
     if not p.is_absolute() and base_dir is not None:
         p = Path(base_dir) / p
     return str(p)
-
-
-def _saved_splits(path: str) -> list[str] | None:
-    """The split names of a ``DatasetDict`` saved with ``save_to_disk``, else ``None``."""
-    import json
-
-    f = Path(path) / "dataset_dict.json"
-    if not f.is_file():
-        return None
-    try:
-        names = json.loads(f.read_text()).get("splits")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return [str(n) for n in names] if isinstance(names, list) else None
-
-
-def _read_parts(path, *, split, validation, test, seed) -> tuple[dict[str, Any], bool]:
-    """``({"train", "val", "test"} tables, whether they were split here)``: the splits of a
-    saved ``DatasetDict`` that has all three (when no ``split`` is asked for), else a seeded
-    split of the file (or of its ``split``)."""
-    from curvmerge.data.files import read_table, split_table
-
-    names = _saved_splits(path)
-    if split is None and names:
-        found = {k: next((c for c in cs if c in names), None) for k, cs in _SAVED_SPLITS.items()}
-        if all(found.values()):
-            return {k: read_table(path, split=v) for k, v in found.items()}, False
-        if len(names) > 1:
-            split = found["train"]
-    parts = split_table(read_table(path, split=split), validation=validation, test=test, seed=seed)
-    for part in ("validation", "test"):
-        if part not in parts:
-            raise ValueError(
-                f"{path} leaves no {part} rows ({part} is 0); coefficients are chosen on "
-                "validation rows and reported on test rows"
-            )
-    return {"train": parts["train"], "val": parts["validation"], "test": parts["test"]}, True
 
 
 def files_task(
@@ -360,7 +317,7 @@ def files_task(
         ValueError: A missing file or column, an empty file, a label outside the model's
             labels, no validation or test rows.
     """
-    from curvmerge.data.files import encode_table, read_table
+    from curvmerge.data.files import encode_table, read_split_tables, read_table
 
     def named(message: str, key: str = "") -> str:
         if where is None:
@@ -384,7 +341,7 @@ def files_task(
             source, shuffled = paths["train"], False
         else:
             source = os.fspath(files)
-            parts, shuffled = _read_parts(
+            parts, shuffled = read_split_tables(
                 source, split=split, validation=validation, test=test, seed=split_seed
             )
         if not shuffled:
