@@ -49,6 +49,7 @@ __all__ = [
     "replace_head",
     "split_body_head",
     "tiny_bert",
+    "word_tokenizer",
 ]
 
 HEAD_PREFIXES = ("head", "classifier", "score", "_fc", "fc")
@@ -372,6 +373,49 @@ def tiny_bert(
         model = BertForSequenceClassification(config)
     model.config._attn_implementation = "eager"
     return model.eval()
+
+
+def word_tokenizer(words: Sequence[str], *, bert: bool = True) -> Any:
+    """A tiny offline word-level fast tokenizer for :func:`tiny_bert`-sized smoke runs.
+
+    Lower-cased, split on whitespace and punctuation, one id per word of ``words``.
+    BERT-style (``bert=True``: ``[CLS] a [SEP]``, sentence pairs ``[CLS] a [SEP] b [SEP]``
+    with token types, ``[PAD]``) or GPT-style (an ``<eos>`` token, no padding token).
+
+    Returns:
+        A ``transformers.PreTrainedTokenizerFast`` (``save_pretrained`` writes it).
+    """
+    require("transformers", "curvmerge.models.word_tokenizer")
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers import models as tokenizer_models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] if bert else ["<unk>", "<eos>"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(words)))}
+    unk = specials[1] if bert else specials[0]
+    backend = Tokenizer(tokenizer_models.WordLevel(vocab, unk_token=unk))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    if not bert:
+        return PreTrainedTokenizerFast(
+            tokenizer_object=backend,
+            unk_token="<unk>",
+            eos_token="<eos>",
+            model_input_names=["input_ids", "attention_mask"],
+        )
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
 
 
 # --------------------------------------------------------------------------- EfficientNet

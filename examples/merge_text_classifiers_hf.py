@@ -49,6 +49,7 @@ from curvmerge.experiment import first_examples
 from curvmerge.fisher import diagonal_fisher
 from curvmerge.hf import check_same_architecture, load_model, save_merged, wrap_model
 from curvmerge.merging import merge, sweep, task_models
+from curvmerge.models import word_tokenizer
 from curvmerge.results import write_comparison
 from curvmerge.train import evaluate, finetune
 
@@ -135,31 +136,6 @@ def synthetic_task(name: str, seed: int, sizes=(240, 60, 120)) -> tuple[dict, tu
     return splits, labels
 
 
-def word_tokenizer(words):
-    """A small BERT-style word-level tokenizer, built offline with ``tokenizers``."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab = {w: i for i, w in enumerate(specials + sorted(set(words)))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
-
-
 def task_data(args) -> dict[str, tuple[dict, tuple[str, ...]]]:
     """``{task: ({split: (texts, label names)}, labels)}``: synthetic, or the bundled tasks."""
     if args.quick:
@@ -189,7 +165,7 @@ def base_model(args, tasks):
         from curvmerge.models import tiny_bert
 
         words = [w for splits, _ in tasks.values() for t in splits["train"][0] for w in t.split()]
-        tokenizer = word_tokenizer(words + FILLER)
+        tokenizer = word_tokenizer(words + FILLER)  # a tiny offline word-level tokenizer
         return tiny_bert(2, vocab_size=len(tokenizer), max_length=32, seed=args.seed), tokenizer
     from curvmerge.models import load_minilm, load_minilm_tokenizer
 

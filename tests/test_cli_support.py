@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from curvmerge import models
 from curvmerge.cli import main
 
 WORDS = (
@@ -49,37 +50,8 @@ def run_main(*args) -> tuple[int, str, str]:
 
 
 def word_tokenizer(words=WORDS, *, bert: bool = True):
-    """A tiny fast word-level tokenizer: BERT-style ([CLS] ... [SEP], pairs, [PAD]) or
-    GPT-style (no padding token, an end token)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] if bert else ["<unk>", "<eos>"]
-    vocab = {w: i for i, w in enumerate(specials + sorted(set(words)))}
-    unk = specials[1] if bert else specials[0]
-    backend = Tokenizer(models.WordLevel(vocab, unk_token=unk))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    if bert:
-        backend.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]",
-            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
-        )
-        return PreTrainedTokenizerFast(
-            tokenizer_object=backend,
-            unk_token="[UNK]",
-            pad_token="[PAD]",
-            cls_token="[CLS]",
-            sep_token="[SEP]",
-            mask_token="[MASK]",
-        )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        eos_token="<eos>",
-        model_input_names=["input_ids", "attention_mask"],
-    )
+    """The tests' tiny offline tokenizer (:func:`curvmerge.models.word_tokenizer`)."""
+    return models.word_tokenizer(words, bert=bert)
 
 
 def _perturb(model, seed: int, scale: float = 0.05):
