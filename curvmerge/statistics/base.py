@@ -5,15 +5,16 @@ every product). What it owns, once, for every computer:
 
 - the selected parameter space, the model's device and the dtype of the computation;
 - the data loop: ``(inputs, targets)`` pairs, moved to the device, with a **data-order
-  check**: every batch's fingerprint (shapes, dtypes and two position-weighted checksums of
-  its tensors) is recorded on the first pass and compared on every later pass, so a shuffled
-  ``DataLoader`` or random augmentation is refused instead of silently mixing one pass's
-  output-space data (sampled labels, kept rows) with another pass's batches (curvlinops
-  guards the same way);
+  check** on the passes that reuse what an earlier pass kept per batch (sampled labels, kept
+  rows): every batch's fingerprint (shapes, dtypes and per-example checksums) is recorded on
+  the first such pass and compared on the later ones, so a shuffled ``DataLoader`` or random
+  augmentation is refused there instead of silently mixing one pass's output-space data
+  with another pass's batches (curvlinops guards the same way); passes that only sum over
+  examples take any order;
 - ``num_data``: the normaliser of a ``"mean"`` loss (see :mod:`curvmerge.losses`);
 - :meth:`CurvatureComputer.state_key`: what every cache is keyed on, i.e. every parameter
-  and buffer the forward pass may read (identity, storage and in-place version) and every
-  module's training flag.
+  and buffer the forward pass may read (identity, storage, in-place version and a checksum
+  of the values) and every module's training flag.
 """
 
 from __future__ import annotations
