@@ -558,3 +558,25 @@ def test_exact_merge_of_a_vocabulary_sized_output_falls_back_to_a_trace_scale():
     ops = [GGNOperator(m, nn.CrossEntropyLoss(), data, params=r"^0\.") for m in models]
     result = merge(models, ops, maxiter=50)
     assert result.report.damping_scale_source.startswith("hutchinson")
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_progress_shows_only_the_first_pass(capsys, cache):
+    model, loss_fn, data = make_problem("ce")
+    op = GGNOperator(model, loss_fn, data, cache=cache, progress=True)
+    v = torch.randn(op.shape[1], dtype=DT)
+    op @ v
+    first = capsys.readouterr().err
+    assert "GGN product (first)" in first
+    for _ in range(3):
+        op @ v
+    assert capsys.readouterr().err == ""  # later products: no bar
+    assert op.products == 4
+
+
+def test_no_progress_prints_nothing(capsys):
+    model, loss_fn, data = make_problem("ce")
+    op = GGNOperator(model, loss_fn, data)
+    op @ torch.randn(op.shape[1], 2, dtype=DT)
+    assert capsys.readouterr().err == ""
+    assert op.products == 2

@@ -33,6 +33,7 @@ from curvmerge.merging.report import (
     MergeCosts,
     MergeReport,
     MergeResult,
+    SolveProgress,
     load_merged,
     parameters_of,
 )
@@ -71,6 +72,7 @@ def merge(
     warm_start: bool = True,
     require_convergence: bool = False,
     callback=None,
+    progress: bool = False,
 ) -> MergeResult:
     """Merge models by :math:`\\theta^* = (\\lambda I + \\sum_t w_t F_t)^{-1}
     (\\sum_t w_t F_t \\theta_t + \\lambda\\theta_0)`.
@@ -116,6 +118,9 @@ def merge(
             diagonal (never one probed with unit vectors).
         require_convergence: Raise :class:`ConvergenceError` instead of warning.
         callback: Passed to CG (called with the task-vector iterate).
+        progress: Show one progress bar for the CG solve (iterations, per-model products,
+            and at the end the relative residual and products of the sum); nothing per
+            operator product. Closed forms show none.
 
     Returns:
         A :class:`MergeResult` whose ``params`` has one tensor per merged parameter, in each
@@ -149,11 +154,24 @@ def merge(
         warm_start=warm_start,
         cache_bytes=0,  # one point: each right-hand-side product is used once
     )
-    result = prepared.merge(
-        weights, damping, require_convergence=require_convergence, callback=callback
-    )
+    bar = None
+    if progress and prepared.kind == "operator":
+        bar = SolveProgress(curvatures, callback=callback, total=maxiter)
+    try:
+        result = prepared.merge(
+            weights,
+            damping,
+            require_convergence=require_convergence,
+            callback=callback if bar is None else bar,
+        )
+    except BaseException:
+        if bar is not None:
+            bar.finish()
+        raise
     report = result.report
     report.costs = prepared.prepare_costs + report.costs
+    if bar is not None:
+        bar.finish(report)
     report.products = report.costs.products
     report.seconds = time.perf_counter() - start
     return result

@@ -19,6 +19,7 @@ __all__ = [
     "MergeCosts",
     "MergeReport",
     "MergeResult",
+    "SolveProgress",
     "load_merged",
     "parameters_of",
 ]
@@ -44,6 +45,9 @@ _PRODUCTS = (
     ("sketch", "sketch"),
 )
 
+#: The products with the summed system (each applies every curvature of non-zero weight).
+_SUM = ("cg", "warm_start", "sketch")
+
 
 @dataclass
 class MergeCosts:
@@ -64,6 +68,8 @@ class MergeCosts:
         scale_products: Hutchinson probes estimating the damping scale of curvatures
             without a cheap diagonal (one ``[P, k]`` block per curvature).
         sketch_products: Products of the Nyström preconditioner's sketch.
+        curvatures: Curvatures each product of the system applies (those with non-zero
+            weight): a product of the sum costs this many per-model products.
         diagonal_passes: Passes over data that curvatures ran to compute their diagonals
             (a :class:`~curvmerge.GGNOperator`'s diagonal Fisher; cached diagonals cost none).
         rhs_seconds, cg_seconds, warm_start_seconds, scale_seconds, sketch_seconds,
@@ -75,6 +81,7 @@ class MergeCosts:
     warm_start_products: int = 0
     scale_products: int = 0
     sketch_products: int = 0
+    curvatures: int = 0
     diagonal_passes: int = 0
     rhs_seconds: float = 0.0
     cg_seconds: float = 0.0
@@ -93,12 +100,30 @@ class MergeCosts:
         """Time of the products and diagonal passes (the rest of a merge is elementwise)."""
         return sum(getattr(self, f"{k}_seconds") for k, _ in _PRODUCTS) + self.diagonal_seconds
 
+    @property
+    def sum_products(self) -> int:
+        """Products of the summed system :math:`\\lambda I + \\sum_t w_t F_t` (CG, the
+        warm-start check and the sketch)."""
+        return sum(getattr(self, f"{k}_products") for k in _SUM)
+
+    @property
+    def per_model_products(self) -> int:
+        """Products with a single :math:`F_t`: each product of the sum counts
+        ``curvatures`` times (at least once); right-hand side and scale probes once each."""
+        return self.sum_products * max(self.curvatures, 1) + self.products - self.sum_products
+
+    @property
+    def seconds_per_product(self) -> float:
+        """Seconds per product of the sum (0 when there was none)."""
+        n = self.sum_products
+        return sum(getattr(self, f"{k}_seconds") for k in _SUM) / n if n else 0.0
+
     def __add__(self, other: MergeCosts) -> MergeCosts:
         if not isinstance(other, MergeCosts):
             return NotImplemented
-        return MergeCosts(
-            **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
-        )
+        out = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
+        out["curvatures"] = max(self.curvatures, other.curvatures)  # a count, not a cost
+        return MergeCosts(**out)
 
     def __str__(self) -> str:
         parts = [
@@ -172,6 +197,10 @@ class MergeReport:
     costs: MergeCosts = field(default_factory=MergeCosts)
     seconds: float = 0.0
 
+    def __post_init__(self) -> None:
+        if not self.costs.curvatures:
+            self.costs.curvatures = sum(1 for w in self.weights if w != 0)
+
     def __str__(self) -> str:
         s = f"{self.method} merge of {self.num_models} models (prior={self.prior}"
         if self.effective_damping is not None:
@@ -186,6 +215,13 @@ class MergeReport:
                 f": {state} after {self.iterations} iterations, "
                 f"relative residual {self.relative_residual:.2e}"
             )
+            c = self.costs
+            if c.sum_products:
+                s += (
+                    f" ({self.iterations} iterations / {c.sum_products} products of the sum"
+                    f" = {c.sum_products * max(c.curvatures, 1)} per-model products, "
+                    f"{c.seconds_per_product:.2g} s each)"
+                )
         if self.costs.products or self.costs.diagonal_passes:
             s += f"; {self.costs}"
         s += f"; {self.seconds:.3g} s"
@@ -195,6 +231,61 @@ class MergeReport:
                 f"{self.curvature_share:.1e} of its undamped step)"
             )
         return s
+
+
+class SolveProgress:
+    """One progress bar for one CG solve (opt-in: built only where progress is asked for).
+
+    Pass it as the solve's ``callback``: each call is one iteration. While the solve runs
+    the bar counts iterations and the per-model products of curvatures that count their
+    own (a :class:`~curvmerge.GGNOperator`'s ``products``); :meth:`finish` writes the
+    report's iterations, relative residual and products of the sum before closing it.
+
+    Args:
+        curvatures: The merge's curvatures (``None`` for none).
+        callback: Called after the bar with the iterate (the caller's own callback).
+        total: The iteration cap, if known.
+        desc: The bar's label.
+    """
+
+    def __init__(self, curvatures=None, *, callback=None, total=None, desc="CG solve"):
+        from tqdm.auto import tqdm
+
+        self._counted = [
+            F for F in curvatures or () if isinstance(getattr(F, "products", None), int)
+        ]
+        self._start = sum(F.products for F in self._counted)
+        self._callback = callback
+        self.iterations = 0
+        self.bar = tqdm(total=total, desc=desc, unit="it", leave=False, dynamic_ncols=True)
+
+    def per_model_products(self) -> int:
+        """Products the counting curvatures ran since the bar started."""
+        return sum(F.products for F in self._counted) - self._start
+
+    def __call__(self, x) -> None:
+        self.iterations += 1
+        self.bar.update(1)
+        if self._counted:
+            self.bar.set_postfix_str(f"{self.per_model_products()} per-model products", False)
+        if self._callback is not None:
+            self._callback(x)
+
+    def finish(self, report: MergeReport | None = None) -> None:
+        """Show the report's outcome on the bar and close it."""
+        if report is not None and report.method == "cg":
+            c = report.costs
+            self.bar.set_postfix_str(
+                f"residual {report.relative_residual:.2e}, {c.sum_products} products "
+                f"of the sum = {c.sum_products * max(c.curvatures, 1)} per-model",
+            )
+        self.bar.close()
+
+    def __enter__(self) -> SolveProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()  # idempotent
 
 
 @dataclass

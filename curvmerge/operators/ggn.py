@@ -166,7 +166,9 @@ class GGNOperator(LinearOperator, CurvatureComputer):
             streamed. The cache is keyed on every parameter and buffer of the model (see
             :meth:`~curvmerge.statistics.base.CurvatureComputer.state_key`), selected or
             not: it is rebuilt after any in-place update, reassignment or mode switch.
-        progress: Show a progress bar over the batches of each product.
+        progress: Show a progress bar over the batches of the statistic passes (the first
+            product, which builds the cache, and the diagonal); later products show none
+            (a solve shows one bar for all of them).
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -223,6 +225,7 @@ class GGNOperator(LinearOperator, CurvatureComputer):
         self._diagonal: tuple[tuple, Tensor] | None = None  # (state_key(), diagonal)
         self.cached_bytes = 0
         self.diagonal_passes = 0
+        self.products = 0  # columns multiplied so far (what a solve's progress bar counts)
 
     # ------------------------------------------------------------------ setup helpers
     def _leaves(self) -> tuple[dict[str, Tensor], list[Tensor]]:
@@ -315,6 +318,7 @@ class GGNOperator(LinearOperator, CurvatureComputer):
         if self._key is not None and self._key != key:
             self.clear_cache()  # a parameter or buffer changed: the graphs are stale
         K = X.shape[1]
+        self.products += K
         V = [
             v.reshape(*s, K).movedim(-1, 0)
             for v, s in zip(X.split(self.space.numels), self.space.shapes, strict=True)
@@ -322,6 +326,7 @@ class GGNOperator(LinearOperator, CurvatureComputer):
         out = torch.zeros(K, self.space.size, dtype=self.dtype, device=self.device)
         if self._batches is None:
             batches = []
+            # the first product is the one long pass (it builds the cache): it may show a bar
             first = self.batches("GGN product (first)", self.progress, same_batches=True)
             for index, inputs, targets in first:
                 batch, graphs = self._first_visit(index, inputs, targets)
@@ -333,17 +338,13 @@ class GGNOperator(LinearOperator, CurvatureComputer):
                     batch.inputs = batch.targets = None
             self._batches, self._key = batches, key
         elif all(b.graphs is not None for b in self._batches):
-            items = self._batches
-            if self.progress:
-                from tqdm.auto import tqdm
-
-                items = tqdm(items, desc="GGN product (cached)", leave=False)
-            for batch in items:
+            for batch in self._batches:
                 out += self._product_cached(batch.graphs, batch, V)
         else:
             # the data-order check of ``batches`` makes the first pass's rows and label
-            # samples belong to the batch at the same index
-            again = self.batches("GGN product", self.progress, same_batches=True)
+            # samples belong to the batch at the same index; no bar: a solve shows one bar
+            # for all its products
+            again = self.batches("GGN product", False, same_batches=True)
             for index, inputs, _targets in again:
                 batch = self._batches[index]
                 if batch.graphs is not None:
