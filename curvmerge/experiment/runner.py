@@ -41,7 +41,12 @@ from curvmerge.experiment.spec import (
 from curvmerge.experiment.statistics import StatisticsStore
 from curvmerge.merging.prepared import PreparedMerge
 from curvmerge.merging.registry import MethodSpec
-from curvmerge.merging.report import ConvergenceWarning, MergeResult, parameters_of
+from curvmerge.merging.report import (
+    ConvergenceWarning,
+    MergeResult,
+    SolveProgress,
+    parameters_of,
+)
 from curvmerge.merging.sweep import grid_search
 from curvmerge.train import check_one_class
 
@@ -55,7 +60,9 @@ def _say(log: Callable[[str], None] | None, msg: str) -> None:
         log(msg)
 
 
-def _maker(spec: MethodSpec, run: MethodRun, pool: ModelPool, names, curvatures, points):
+def _maker(
+    spec: MethodSpec, run: MethodRun, pool: ModelPool, names, curvatures, points, progress=False
+):
     """``make(**point)`` runs the method at a point, and the grid search's preparation costs.
 
     An equation method whose grid varies only weights and damping gets one PreparedMerge for
@@ -79,11 +86,23 @@ def _maker(spec: MethodSpec, run: MethodRun, pool: ModelPool, names, curvatures,
     )
 
     def make(**point):
-        return prepared.merge(
-            weights=point.get("weights", fixed.get("weights")),
-            damping=point.get("damping", fixed.get("damping")),
-            require_convergence=fixed.get("require_convergence", False),
-        )
+        bar = None
+        if progress and prepared.kind == "operator":  # one bar per CG solve
+            bar = SolveProgress(curvatures, total=fixed.get("maxiter"), desc=f"{spec.name} CG")
+        try:
+            result = prepared.merge(
+                weights=point.get("weights", fixed.get("weights")),
+                damping=point.get("damping", fixed.get("damping")),
+                require_convergence=fixed.get("require_convergence", False),
+                callback=bar,
+            )
+        except BaseException:
+            if bar is not None:
+                bar.finish()
+            raise
+        if bar is not None:
+            bar.finish(result.report)
+        return result
 
     costs = {
         "prepare_seconds": prepared.prepare_seconds,
@@ -213,7 +232,7 @@ def run_experiment(
         points = run.points()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            make, prep = _maker(spec, run, pool, names, curvatures, points)
+            make, prep = _maker(spec, run, pool, names, curvatures, points, progress)
             found = grid_search(
                 make,
                 points,
@@ -246,11 +265,13 @@ def run_experiment(
             detail["diagonal passes"] = passes
         if not all(p.converged for p in found.points):
             maxiter = {**spec.options, **run.fixed_options()}.get("maxiter")
-            res.notes.append(
+            note = (
                 f"{label}: CG stopped at maxiter={maxiter} at "
                 f"{sum(not p.converged for p in found.points)} of {len(found.points)} points "
                 "(the chosen point is still the best on validation)"
             )
+            res.notes.append(note)
+            _say(log, note)  # said now too (stderr in the command), not only in the report
         res.details[label] = detail
         seconds = time.perf_counter() - t0
         res.seconds[label] = seconds
