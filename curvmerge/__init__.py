@@ -42,7 +42,7 @@ from curvmerge.operators import (
     as_operator,
 )
 from curvmerge.precondition import NystromPreconditioner
-from curvmerge.solve import CGResult, cg, solve_cg
+from curvmerge.solve import CGResult, ShiftedCGResults, cg, cg_shifts, solve_cg
 from curvmerge.space import ParamSpace, SpaceMismatchError
 from curvmerge.statistics.base import DataOrderError
 from curvmerge.train import OneClassWarning
@@ -69,6 +69,8 @@ __all__ = [
     # solver
     "cg",
     "solve_cg",
+    "cg_shifts",
+    "ShiftedCGResults",
     "CGResult",
     "NystromPreconditioner",
     # merging

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -10,7 +11,7 @@ from torch import Tensor
 
 from curvmerge.operators.base import LinearOperator
 
-__all__ = ["cg", "CGResult", "solve_cg"]
+__all__ = ["cg", "cg_shifts", "CGResult", "ShiftedCGResults", "solve_cg"]
 
 
 @dataclass
@@ -246,3 +247,189 @@ def cg(
     """
     result = solve_cg(A, b, x0, rtol=rtol, atol=atol, maxiter=maxiter, M=M, callback=callback)
     return result.x, result.info
+
+
+class ShiftedCGResults(list):
+    """The :class:`CGResult` of every shift of one :func:`cg_shifts` run, in the order of
+    the shifts.
+
+    Each result's ``products`` counts the products that shift needed (the iterations it
+    was active plus the one true-residual block); the products were shared, so their sum
+    overstates the cost. The run's cost is:
+
+    Attributes:
+        products: Products with ``A`` the run made, each counted once: one per iteration
+            (shared by every shift) plus one for the ``[P, S]`` true-residual block.
+        iterations: Iterations of the shared Krylov process (those of the hardest shift).
+    """
+
+    def __init__(self, results=(), *, products: int = 0, iterations: int = 0):
+        super().__init__(results)
+        self.products = products
+        self.iterations = iterations
+
+
+def cg_shifts(
+    A,
+    b: Tensor,
+    shifts,
+    *,
+    rtol: float = 1e-6,
+    atol: float = 0.0,
+    maxiter: int | None = None,
+    callback: Callable[[Tensor], None] | None = None,
+) -> ShiftedCGResults:
+    """Solve :math:`(A + \\sigma_j I)\\, x_j = b` for every shift :math:`\\sigma_j \\ge 0` from
+    one Krylov space (multi-shift CG).
+
+    Multi-shift CG (Jegerlehner, "Krylov space solvers for shifted linear systems", 1996;
+    the shifted CG recurrences as written by van den Eshof & Sleijpen, "Accurate
+    conjugate gradient methods for families of shifted systems", 2003): the Krylov space
+    :math:`\\mathcal K_k(A, b)` is the same for every shift, and the CG residual of each
+    shifted system is collinear with the seed's, :math:`r^{(j)}_k = \\zeta^{(j)}_k r_k`. One
+    CG run on the seed system (the smallest shift, the slowest to converge) gives the step
+    sizes of all others through scalar recurrences, so an iteration costs **one** product
+    with :math:`A` for all shifts, plus one vector update per shift.
+
+    ``x0 = 0`` and no preconditioner: both would break the shift invariance of the Krylov
+    space (:math:`M(A + \\sigma I)` is not a shift of :math:`MA`, and different starting
+    residuals are not collinear), which is what lets the shifts share it.
+
+    Each shift has its own stopping test, scipy's rule on its own (recurrence) residual
+    :math:`|\\zeta^{(j)}_k|\\,\\|r_k\\| \\le \\max(\text{rtol}\\,\\|b\\|, \text{atol})`, and stops
+    updating once it passes. At exit the true residual :math:`\\|b - (A + \\sigma_j I)
+    x_j\\|` of every shift is computed by one block product with ``[x_1, ..., x_S]``; a
+    shift converged (``info == 0``) only if its true residual meets the tolerance. There is
+    no restart (it would break the collinearity): a shift whose true residual misses (low
+    precision) reports ``info`` = its iterations; re-solve it with :func:`solve_cg` warm
+    started from its ``x``. Conventions as :func:`solve_cg`: vectors in ``b``'s dtype,
+    scalars in float64, NaN never converged, ``info = -1`` on a breakdown.
+
+    Args:
+        A: Symmetric positive (semi)definite: a :class:`~curvmerge.LinearOperator`, a dense
+            tensor or a callable ``X -> A X`` (applied to ``[P, 1]`` and ``[P, S]`` blocks).
+        b: Right-hand side ``[P]``.
+        shifts: The :math:`\\sigma_j \\ge 0` (any order; results come in the same order).
+        rtol, atol: Tolerances, as :func:`solve_cg`.
+        maxiter: Limit on the shared iterations (default ``10 * P``).
+        callback: Called with the ``[P, S]`` block of iterates after each iteration.
+
+    Returns:
+        A :class:`ShiftedCGResults` (a list of :class:`CGResult`, one per shift): each
+        result's ``products`` are its own iterations plus the true-residual block,
+        ``true_residual_checks`` is 1 and the last ``residuals`` entry is its true residual;
+        the list's ``products`` counts the shared products once.
+
+    Example:
+        >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+        >>> b = torch.tensor([1.0, 2.0], dtype=torch.float64)
+        >>> res = cg_shifts(A, b, [0.0, 1.0], rtol=1e-12)
+        >>> [r.info for r in res], res.products
+        ([0, 0], 3)
+    """
+    if b.ndim != 1:
+        raise ValueError(f"b must be [P], got shape {tuple(b.shape)}")
+    sig = torch.tensor([float(s) for s in shifts], dtype=torch.float64)
+    S = sig.numel()
+    if S == 0:
+        return ShiftedCGResults()
+    if not bool(torch.isfinite(sig).all()) or bool((sig < 0).any()):
+        raise ValueError(f"cg_shifts: shifts must be finite and >= 0, got {sig.tolist()}")
+    apply_A = _as_apply(A)
+    P = b.shape[0]
+    maxiter = 10 * P if maxiter is None else int(maxiter)
+    dtype, device = b.dtype, b.device
+    bnorm = float(torch.linalg.vector_norm(b, dtype=torch.float64))
+    if not math.isfinite(bnorm):
+        raise ValueError("cg: the right-hand side b contains NaN or Inf")
+    if bnorm == 0:
+        return ShiftedCGResults([CGResult(torch.zeros_like(b), 0, 0, 0, [0.0]) for _ in range(S)])
+    tol = max(rtol * bnorm, atol)
+
+    def on_device(v: Tensor) -> Tensor:  # float64 scalars per shift -> [1, S] in b's dtype
+        return v.to(device=device, dtype=dtype).unsqueeze(0)
+
+    seed = float(sig.min())
+    delta = sig - seed  # shifts relative to the seed system A + seed I
+    r = b.unsqueeze(1).clone()  # seed residual [P, 1]
+    p = r.clone()  # seed direction
+    rr = float(_dot(r, r))
+    X = torch.zeros(P, S, dtype=dtype, device=device)
+    Pd = r.expand(P, S).clone()  # per-shift directions, p_0 = zeta_0 r_0 = b
+    zeta = torch.ones(S, dtype=torch.float64)
+    zeta_prev = torch.ones(S, dtype=torch.float64)
+    alpha_prev, beta_prev = 1.0, 0.0
+    rnorm = torch.full((S,), bnorm, dtype=torch.float64)  # recurrence residual per shift
+    broken = torch.zeros(S, dtype=torch.bool)
+    active = rnorm > tol
+    its = torch.zeros(S, dtype=torch.long)
+    history = [[1.0] for _ in range(S)]
+    products = 0
+    it = 0
+    while it < maxiter and bool(active.any()):
+        Q = apply_A(p)
+        products += 1
+        if seed:
+            Q = Q + seed * p
+        pq = float(_dot(p, Q))
+        if not (math.isfinite(pq) and math.isfinite(rr)):
+            broken |= active
+            break
+        if not pq > 0:
+            raise ValueError(
+                "cg: p^T A p <= 0: the operator is not positive definite "
+                "(check the curvatures and the damping)"
+            )
+        alpha = rr / pq
+        r_new = r - alpha * Q
+        rr_new = float(_dot(r_new, r_new))
+        if not (math.isfinite(alpha) and math.isfinite(rr_new)):
+            broken |= active
+            break
+        beta = rr_new / rr if rr > 0 else 0.0
+        # zeta_{k+1} = zeta_k zeta_{k-1} a_{k-1} /
+        #              (a_k b_{k-1} (zeta_{k-1} - zeta_k) + zeta_{k-1} a_{k-1} (1 + delta a_k))
+        denom = alpha * beta_prev * (zeta_prev - zeta) + zeta_prev * alpha_prev * (
+            1.0 + delta * alpha
+        )
+        zeta_new = zeta * zeta_prev * alpha_prev / torch.where(denom != 0, denom, 1.0)
+        ratio = zeta_new / torch.where(zeta != 0, zeta, 1.0)
+        ok = (denom != 0) & torch.isfinite(zeta_new) & torch.isfinite(ratio)
+        step = active & ok
+        alpha_s = torch.where(step, alpha * ratio, 0.0)
+        beta_s = torch.where(step, ratio * ratio * beta, 0.0)
+        X_new = X + on_device(alpha_s) * Pd
+        step &= torch.isfinite(X_new).all(0).cpu()
+        broken |= active & ~step
+        keep = step.to(device).unsqueeze(0)
+        X = torch.where(keep, X_new, X)
+        Pd = torch.where(
+            keep, on_device(torch.where(step, zeta_new, 0.0)) * r_new + on_device(beta_s) * Pd, Pd
+        )
+        zeta_prev = torch.where(step, zeta, zeta_prev)
+        zeta = torch.where(step, zeta_new, zeta)
+        rnorm = torch.where(step, zeta_new.abs() * math.sqrt(rr_new), rnorm)
+        its += step.long()
+        for j in step.nonzero().flatten().tolist():
+            history[j].append(float(rnorm[j]) / bnorm)
+        active = step & (rnorm > tol)
+        r, rr = r_new, rr_new
+        p = r_new + beta * p
+        alpha_prev, beta_prev = alpha, beta
+        it += 1
+        if callback is not None:
+            callback(X)
+    # The true residuals of every shift: one block product.
+    R = b.unsqueeze(1) - apply_A(X) - on_device(sig) * X
+    products += 1
+    true = _norm(R).cpu()
+    results = ShiftedCGResults(products=products, iterations=it)
+    for j in range(S):
+        t = float(true[j])
+        history[j][-1] = t / bnorm
+        if bool(broken[j]):
+            info = -1
+        else:
+            info = 0 if t <= tol else max(int(its[j]), 1)  # NaN is never <= tol
+        results.append(CGResult(X[:, j].clone(), info, int(its[j]), int(its[j]) + 1, history[j], 1))
+    return results

@@ -6,6 +6,7 @@ import scipy.sparse.linalg as spla
 import torch
 
 from curvmerge import DenseOperator, DiagonalOperator, cg, solve_cg
+from curvmerge.solve import cg_shifts
 from tests.helpers import random_space, random_spd
 
 SPACE = random_space()
@@ -235,3 +236,100 @@ def test_float32_stagnation_stops_long_before_maxiter():
     assert result.info > 0 and not result.converged
     assert result.iterations < 20_000
     assert abs(result.relative_residual - true) < 0.05 * true
+
+
+# ------------------------------------------------------------------ multi-shift CG
+SHIFTS = [1.0, 0.0, 1e-3, 0.1, 10.0]
+
+
+def _shifted_problem(dtype=torch.float64, seed=11, spread=2):
+    # PSD with a spread spectrum, like a Fisher: shifts change the conditioning a lot
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=torch.float64))
+    S = (Q * torch.logspace(-spread, spread, P, dtype=torch.float64)) @ Q.T
+    S = (S + S.T) / 2
+    b = torch.randn(P, generator=g, dtype=torch.float64)
+    return S.to(dtype), b.to(dtype)
+
+
+@pytest.mark.parametrize("operator", [False, True])
+def test_cg_shifts_match_dense_solves_and_separate_cg(operator):
+    S, b = _shifted_problem()
+    A = DenseOperator(SPACE, S, self_adjoint=True) if operator else S
+    rtol = 1e-10
+    results = cg_shifts(A, b, SHIFTS, rtol=rtol)
+    assert len(results) == len(SHIFTS)
+    eye = torch.eye(P, dtype=torch.float64)
+    for sigma, r in zip(SHIFTS, results, strict=True):
+        ref = torch.linalg.solve(S + sigma * eye, b)
+        assert r.info == 0 and r.converged
+        true = float((b - (S + sigma * eye) @ r.x).norm() / b.norm())
+        assert true <= rtol
+        assert r.relative_residual == pytest.approx(true, rel=1e-6)
+        cond = float(torch.linalg.cond(S + sigma * eye))
+        assert _rel(r.x, ref) < 10 * rtol * cond
+        separate = solve_cg(S + sigma * eye, b, rtol=rtol)
+        assert _rel(r.x, separate.x) < 10 * rtol * cond
+        # a shift stops when its own test passes: as many iterations as its separate solve
+        assert abs(r.iterations - separate.iterations) <= 1
+        assert r.products == r.iterations + 1 and r.true_residual_checks == 1
+    hardest = max(r.iterations for r in results)
+    assert results.iterations == hardest == results[SHIFTS.index(0.0)].iterations
+    assert results.products == hardest + 1  # shared products once, plus the residual block
+    separate_total = sum(solve_cg(S + s * eye, b, rtol=rtol).products for s in SHIFTS)
+    assert results.products < separate_total / 2
+
+
+def test_cg_shifts_counts_products_and_stops_each_shift():
+    S, b = _shifted_problem()
+    calls = []
+
+    def apply(X):
+        calls.append(X.shape[1])
+        return S @ X
+
+    seen = []
+    results = cg_shifts(apply, b, [0.0, 100.0], rtol=1e-8, callback=seen.append)
+    assert len(calls) == results.products == results.iterations + 1
+    assert calls[-1] == 2 and set(calls[:-1]) == {1}  # one [P, S] block at the end
+    assert len(seen) == results.iterations
+    assert results[1].iterations < results[0].iterations
+    assert len(results[1].residuals) == results[1].iterations + 1
+
+
+def test_cg_shifts_edge_cases():
+    S, b = _shifted_problem()
+    zero = cg_shifts(S, torch.zeros(P, dtype=torch.float64), [0.0, 1.0])
+    assert [r.info for r in zero] == [0, 0] and zero.products == 0
+    assert all(bool((r.x == 0).all()) for r in zero)
+    assert len(cg_shifts(S, b, [])) == 0
+    with pytest.raises(ValueError):
+        cg_shifts(S, b, [-1.0])
+    with pytest.raises(ValueError):
+        cg_shifts(S, b, [float("nan")])
+    with pytest.raises(ValueError):
+        cg_shifts(S, b.unsqueeze(1), [0.0])
+    capped = cg_shifts(S, b, [0.0, 10.0], rtol=1e-12, maxiter=3)
+    assert capped[0].info == 3 and not capped[0].converged
+    assert capped.products == 4
+    nan = cg_shifts(lambda X: X * float("nan"), b, [0.0, 1.0])
+    assert [r.info for r in nan] == [-1, -1]
+    with pytest.raises(ValueError, match="positive definite"):
+        cg_shifts(-S, b, [0.0])
+
+
+def test_cg_shifts_float32_never_claims_a_convergence_its_true_residual_misses():
+    S, b = _shifted_problem(torch.float32, spread=1)
+    shifts = [0.0, 1e-2, 1.0]
+    for rtol in (1e-3, 1e-6, 1e-9):
+        results = cg_shifts(S, b, shifts, rtol=rtol, maxiter=500)
+        for sigma, r in zip(shifts, results, strict=True):
+            assert r.x.dtype == torch.float32
+            A64 = S.double() + sigma * torch.eye(P, dtype=torch.float64)
+            true = float((b.double() - A64 @ r.x.double()).norm() / b.double().norm())
+            # the reported true residual is computed in float32: close to the float64 one
+            assert r.relative_residual == pytest.approx(true, rel=2e-2, abs=1e-5)
+            if r.converged:
+                assert true <= rtol * 1.02 + 1e-5
+    assert not all(r.converged for r in cg_shifts(S, b, shifts, rtol=1e-9, maxiter=500))
+    assert all(r.converged for r in cg_shifts(S, b, shifts, rtol=1e-3))
