@@ -401,3 +401,20 @@ def test_finetune_steps_zero_saves_a_fresh_head(work, monkeypatch):
     )  # fmt: skip
     assert status == 0, err
     assert read_metadata(work / "quick.safetensors")["steps"] == 20
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_compare_exact_fisher_shows_one_bar_per_solve_unless_quiet(work, capsys, quiet):
+    args = [
+        "compare", work / "base.safetensors", work / "b.safetensors",
+        "--methods", "fisher_exact", "--examples", "16",
+        "-o", work / "cmp_exact" / ("q" if quiet else "v"),
+    ]  # fmt: skip
+    status, out, err = run_main(*args, *(["-q"] if quiet else []))
+    err += capsys.readouterr().err
+    assert status == 0, err
+    if quiet:
+        assert err == ""
+    else:
+        assert "fisher_exact CG" in err  # one bar per solve
+        assert "GGN product (cached)" not in err and "GGN product:" not in err
