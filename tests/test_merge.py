@@ -533,3 +533,88 @@ def test_a_diagonal_that_declines_falls_back_to_the_hutchinson_scale():
     assert report.converged and not report.warm_start
     assert report.damping_scale_source.startswith("hutchinson")
     assert report.costs.scale_products > 0
+
+
+# ------------------------------------------------------------ damping grids, one Krylov space
+GRID = [1e-4, 1e-3, 1e-2, 0.1, 1.0]
+
+
+def _psd(seed, spread=3):
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=torch.float64))
+    S = (Q * torch.logspace(-spread, 0, P, dtype=torch.float64)) @ Q.T
+    return (S + S.T) / 2
+
+
+def _ggn_problem():
+    from curvmerge import GGNOperator
+
+    torch.manual_seed(0)
+    X = torch.randn(16, 3, dtype=torch.float64)
+    models, ops = [], []
+    for _ in range(2):
+        m = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+        models.append(m)
+        ops.append(GGNOperator(m, nn.MSELoss(), [(X, torch.zeros(16, 2, dtype=torch.float64))]))
+    return models, ops
+
+
+def _grid_problem(kind):
+    if kind == "dense":
+        Fs = [_psd(30 + t) for t in range(T)]
+        return _thetas(seed=31), [DenseOperator(SPACE, F, self_adjoint=True) for F in Fs]
+    return _ggn_problem()
+
+
+@pytest.mark.parametrize("kind", ["dense", "ggn"])
+@pytest.mark.parametrize("prior", ["mean", "zero"])
+def test_damping_grid_from_one_krylov_space_equals_separate_merges(kind, prior):
+    from curvmerge import PreparedMerge
+
+    thetas, ops = _grid_problem(kind)
+    rtol = 1e-10
+    weights = [0.7, 0.3] if len(ops) == 2 else [0.2, 0.5, 0.3]
+    prepared = PreparedMerge(thetas, ops, prior=prior, rtol=rtol, warm_start=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the largest dampings may dominate
+        grid = prepared.merge_dampings(weights, GRID)
+        separate = [prepared.merge(weights, d) for d in GRID]
+    assert grid.shared and len(grid) == len(GRID)
+    space = ops[0].space
+    for d, g, s in zip(GRID, grid, separate, strict=True):
+        assert g.report.damping == d and g.report.converged
+        assert g.report.effective_damping == pytest.approx(s.report.effective_damping)
+        assert g.report.relative_residual <= rtol  # the true residual, per damping
+        assert g.report.products == g.report.costs.products
+        x, y = space.flatten(g.params), space.flatten(s.params)
+        assert float((x - y).norm() / y.norm()) <= 1e-6
+    total_separate = sum(s.report.products for s in separate)
+    hardest = max(s.report.products for s in separate)
+    rhs = grid[0].report.costs.rhs_products
+    cg_total = grid.products - rhs
+    assert grid.products < total_separate
+    assert cg_total <= max(g.report.costs.cg_products for g in grid)
+    assert grid.products <= hardest + 2
+    print(f"{kind}/{prior}: grid {grid.products} products, separate {total_separate}")
+
+
+def test_damping_grid_falls_back_to_merge_per_damping():
+    from curvmerge import PreparedMerge
+
+    thetas, ops = _grid_problem("dense")
+    diag = [DiagonalOperator(SPACE, F.to_dense().diagonal()) for F in ops]
+    for prepared in (
+        PreparedMerge(thetas, diag),
+        PreparedMerge(thetas, ops, preconditioner="diagonal"),
+    ):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            grid = prepared.merge_dampings(None, GRID[1:3])
+            separate = [prepared.merge(None, d) for d in GRID[1:3]]
+        assert not grid.shared
+        assert grid.products == sum(g.report.products for g in grid)
+        for g, s in zip(grid, separate, strict=True):
+            x, y = SPACE.flatten(g.params), SPACE.flatten(s.params)
+            assert float((x - y).norm() / y.norm()) <= 1e-5
+    with pytest.raises(ValueError, match="dampings"):
+        PreparedMerge(thetas, ops).merge_dampings(None, [1e-3, -1.0])

@@ -61,12 +61,29 @@ from curvmerge.merging.system import (
     warn_user,
 )
 from curvmerge.operators import DiagonalOperator, IdentityOperator, LinearOperator
+from curvmerge.solve import cg_shifts
 from curvmerge.space import ParamSpace
 
-__all__ = ["PreparedMerge", "CROSS_PRODUCT_CACHE_BYTES"]
+__all__ = ["PreparedMerge", "DampingGridResults", "CROSS_PRODUCT_CACHE_BYTES"]
 
 #: Largest cache of products :math:`F_t \theta_s` (bytes) a :class:`PreparedMerge` keeps.
 CROSS_PRODUCT_CACHE_BYTES = 2**30
+
+
+class DampingGridResults(list):
+    """The :class:`~curvmerge.merging.MergeResult` of every damping of a grid
+    (:meth:`PreparedMerge.merge_dampings`), in the grid's order.
+
+    Attributes:
+        products: Operator products the grid cost, shared ones counted once (the reports'
+            ``products`` state what each point needed, so their sum overstates it).
+        shared: Whether the grid was solved by one multi-shift CG run.
+    """
+
+    def __init__(self, results=(), *, products: int = 0, shared: bool = False):
+        super().__init__(results)
+        self.products = products
+        self.shared = shared
 
 
 def _flatten_into(space: ParamSpace, tensors: Mapping[str, Tensor], out: Tensor) -> None:
@@ -260,6 +277,104 @@ class PreparedMerge:
             it; its report counts this point's costs (see ``prepare_costs`` for the rest).
         """
         start = time.perf_counter()
+        wl, w, report, lam, scale, source = self._point(weights, damping)
+        if self.kind == "identity":
+            merged = self._identity(w, lam, report)
+        elif self.kind == "diagonal":
+            merged = self._closed_form(w, lam, report)
+        else:
+            merged = self._solve(w, lam, report, callback)
+        return self._result(merged, report, scale, source, start, require_convergence)
+
+    def merge_dampings(
+        self,
+        weights: Sequence[float] | None = None,
+        dampings: Sequence[float] = (DEFAULT_DAMPING,),
+        *,
+        require_convergence: bool = False,
+    ) -> DampingGridResults:
+        """The merges at ``weights`` for every damping of a grid, as :meth:`merge` at each.
+
+        With operator curvatures and no preconditioner, the systems :math:`(\\lambda_j I +
+        \\sum_t w_t F_t)\\, y = b` (:math:`\\lambda_j = \\text{damping}_j \\cdot s(w)`) are
+        shifts of one operator with one right-hand side: they are solved together by
+        multi-shift CG (:func:`~curvmerge.solve.cg_shifts`) from one Krylov space, at the
+        cost of the hardest (smallest) damping alone, each with its own stopping test and
+        true residual. Multi-shift CG starts from zero (no warm start). A damping whose true
+        residual misses the tolerance although its recurrence passed (low precision) is
+        finished by a warm-started :meth:`merge`-style CG solve (its products are added).
+        Closed forms, a preconditioner or a single damping: :meth:`merge` per damping.
+
+        Args:
+            weights: Coefficients :math:`w_t \\ge 0` (default :math:`1/T`).
+            dampings: The damping grid, relative to the damping scale.
+            require_convergence: As in :meth:`merge`.
+
+        Returns:
+            A :class:`DampingGridResults`: one :class:`~curvmerge.merging.MergeResult` per
+            damping, in order. Each report states the products its own point needed (the
+            right-hand side, the shared iterations until its own test passed, the
+            true-residual block) and its true residual; the products were shared, so the
+            list's ``products`` counts them once (the grid's total cost).
+        """
+        try:
+            dampings = [check_damping(d) for d in dampings]
+        except ValueError as err:
+            raise ValueError(f"dampings: {err}") from None
+        if self.kind != "operator" or self.preconditioner is not None or len(dampings) < 2:
+            results = [
+                self.merge(weights, d, require_convergence=require_convergence) for d in dampings
+            ]
+            return DampingGridResults(
+                results, products=sum(r.report.products for r in results), shared=False
+            )
+        start = time.perf_counter()
+        points = [self._point(weights, d) for d in dampings]
+        wl, w = points[0][0], points[0][1]
+        lams = [pt[3] for pt in points]
+        grid_costs = MergeCosts()
+        theta0, b = self._rhs_of(w, wl, grid_costs)
+        A = system_operator(self.curvatures, wl, 0.0, self.space, self.dtype, self.device)
+        t0 = time.perf_counter()
+        solved = cg_shifts(A, b, lams, rtol=self.rtol, maxiter=self.maxiter)
+        cg_seconds = time.perf_counter() - t0
+        total = grid_costs.products + solved.products
+        bn = _norm(b)
+        results = []
+        for pt, lam, r in zip(points, lams, solved, strict=True):
+            report = pt[2]
+            costs = report.costs
+            costs.rhs_products += grid_costs.rhs_products
+            costs.rhs_seconds += grid_costs.rhs_seconds
+            costs.cg_products += r.products
+            costs.cg_seconds += cg_seconds  # shared by the grid
+            report.method, report.warm_start = "cg", False
+            report.converged, report.iterations = r.converged, r.iterations
+            report.relative_residual = r.relative_residual
+            report.residual_history = list(r.residuals)
+            y = r.x
+            stopped_early = self.maxiter is None or r.iterations < self.maxiter
+            if r.info > 0 and stopped_early:
+                # the recurrence passed, the true residual missed: finish from this x
+                Aj = system_operator(self.curvatures, wl, lam, self.space, self.dtype, self.device)
+                before = costs.products
+                history = report.residual_history
+                y = solve_system(Aj, b, y, None, report, rtol=self.rtol, maxiter=self.maxiter)
+                report.iterations += r.iterations
+                report.residual_history = history + report.residual_history
+                total += costs.products - before
+            if lam > 0 and bn > 0:
+                report.curvature_share = min(1.0, _norm(b - lam * y) / bn)
+            merged = theta0 + y
+            check_finite(merged, "the merged parameters", self.space)
+            self._last = merged
+            results.append(
+                self._result(merged, report, pt[4], pt[5], start, require_convergence, fresh=True)
+            )
+        return DampingGridResults(results, products=total, shared=True)
+
+    def _point(self, weights, damping):
+        """Checked weights, the point's report, its λ and damping scale."""
         T = self.num_models
         wl = check_weights(weights, T, 1.0 / T)
         damping = check_damping(damping)
@@ -278,23 +393,23 @@ class PreparedMerge:
         else:
             report.damping_scale, report.damping_scale_source = scale, source
             report.effective_damping = lam
+        return wl, w, report, lam, scale, source
 
-        if self.kind == "identity":
-            merged = self._identity(w, lam, report)
-        elif self.kind == "diagonal":
-            merged = self._closed_form(w, lam, report)
-        else:
-            merged = self._solve(w, lam, report, callback)
-            if not report.converged:
-                msg = (
-                    f"CG did not converge at weights={wl}, damping={damping:g} (λ={lam:.3g}): "
-                    f"relative residual {report.relative_residual:.2e} > rtol={self.rtol:g} "
-                    f"after {report.iterations} iterations; the merged parameters are "
-                    "inaccurate. Raise maxiter or the damping, or use a preconditioner."
-                )
-                if require_convergence:
-                    raise ConvergenceError(msg)
-                warn_user(msg, ConvergenceWarning)
+    def _result(
+        self, merged, report, scale, source, start, require_convergence, fresh=False
+    ) -> MergeResult:
+        """Warnings, the parameter dict and the timing of a point."""
+        wl, damping, lam = report.weights, report.damping, report.effective_damping
+        if self.kind == "operator" and not report.converged:
+            msg = (
+                f"CG did not converge at weights={wl}, damping={damping:g} (λ={lam:.3g}): "
+                f"relative residual {report.relative_residual:.2e} > rtol={self.rtol:g} "
+                f"after {report.iterations} iterations; the merged parameters are "
+                "inaccurate. Raise maxiter or the damping, or use a preconditioner."
+            )
+            if require_convergence:
+                raise ConvergenceError(msg)
+            warn_user(msg, ConvergenceWarning)
         report.damping_dominates = report.curvature_share < DAMPING_DOMINANCE
         if report.damping_dominates:
             hint = (
@@ -314,8 +429,8 @@ class PreparedMerge:
             ref = self._reference[name]
             converted = value.to(device=ref.device, dtype=ref.dtype)
             # closed forms return a fresh tensor; CG's is kept as the next warm start
-            fresh = converted is not value or self.kind != "operator"
-            out[name] = converted if fresh else converted.clone()
+            new = fresh is False and (converted is not value or self.kind != "operator")
+            out[name] = converted if new else converted.clone()
         report.products = report.costs.products
         report.seconds = time.perf_counter() - start
         return MergeResult(out, report)
@@ -375,12 +490,10 @@ class PreparedMerge:
             return 1.0
         return min(1.0, _norm(b.div_(D.add_(lam))) / full)
 
-    def _solve(self, w: Tensor, lam: float, report: MergeReport, callback) -> Tensor:
+    def _rhs_of(self, w: Tensor, wl: list[float], costs: MergeCosts) -> tuple[Tensor, Tensor]:
+        """:math:`\\theta_0` and :math:`b = \\sum_t w_t F_t (\\theta_t - \\theta_0)` (checked)."""
         space, dtype, device = self.space, self.dtype, self.device
-        wl = w.tolist()
         theta0 = self._theta0(w)
-        costs = report.costs
-        A = system_operator(self.curvatures, wl, lam, space, dtype, device)
         if self._rhs is not None:
             b = w @ self._rhs
         elif self._cross is not None:
@@ -396,6 +509,13 @@ class PreparedMerge:
                     costs.rhs_products += 1
             costs.rhs_seconds += time.perf_counter() - t0
         check_finite(b, "the right-hand side sum_t w_t F_t (theta_t - theta_0)", space)
+        return theta0, b
+
+    def _solve(self, w: Tensor, lam: float, report: MergeReport, callback) -> Tensor:
+        space, dtype, device = self.space, self.dtype, self.device
+        wl = w.tolist()
+        A = system_operator(self.curvatures, wl, lam, space, dtype, device)
+        theta0, b = self._rhs_of(w, wl, report.costs)
 
         diag = None if self._d is None else torch.mv(self._d.T, w)
         M = make_preconditioner(self.preconditioner, self.curvatures, wl, lam, diag, space, report)
