@@ -273,3 +273,25 @@ def test_prepared_merge_prior_base_and_damping_scale_match_merge():
             ref = merge(models, curv, weights=w, damping=0.1, rtol=1e-12, **kwargs)
             _close(got.params, ref.params, atol=1e-8)
             assert got.report.effective_damping == pytest.approx(ref.report.effective_damping)
+
+
+def test_sweep_solves_each_weight_points_damping_grid_from_one_krylov_space():
+    models, curv = _models(2), _dense(2)
+    dampings = [1e-3, 0.1, 1.0]
+    seen = []
+    out = sweep(
+        models, curv, validate=lambda r: seen.append(r) or 0.0, dampings=dampings,
+        weights=line_grid(3), rtol=1e-10, verbose=False,
+    )  # fmt: skip
+    assert len(out.points) == 9
+    prepared = PreparedMerge(models, curv, rtol=1e-10, warm_start=False)
+    separate = 0
+    for point, result in zip(out.points, seen, strict=True):
+        w, d = point.coefficients["weights"], point.coefficients["damping"]
+        assert point.converged and result.report.relative_residual <= 1e-10
+        ref = prepared.merge(w, d)
+        separate += ref.report.products
+        _close(result.params, ref.params, atol=1e-7)
+    # one multi-shift run per weight point: its smallest damping's products
+    shared = sum(out.points[3 * i].products for i in range(3))
+    assert shared < separate

@@ -390,8 +390,14 @@ def sweep(
     """Sweep the merge equation over weights and damping without recomputing statistics.
 
     Each point is :func:`~curvmerge.merge` with ``weights=w, damping=λ``, computed by a
-    :class:`~curvmerge.merging.prepared.PreparedMerge`. Dampings are the outer loop; the weights
-    run forwards and backwards in turn so that consecutive points stay close (CG warm starts).
+    :class:`~curvmerge.merging.prepared.PreparedMerge`. With operator curvatures, no
+    preconditioner and several dampings, each weight point's damping grid is solved by one
+    multi-shift CG run (:meth:`~curvmerge.merging.prepared.PreparedMerge.merge_dampings`, at
+    the cost of its smallest damping): weights are the outer loop, and each point's
+    ``products`` are those it needed (the grid's shared products are counted in each of its
+    points; the first point's ``merge_seconds`` holds the grid's solve). Otherwise dampings
+    are the outer loop; the weights run forwards and backwards in turn so that consecutive
+    points stay close (CG warm starts).
 
     Args:
         thetas: The models.
@@ -450,11 +456,27 @@ def sweep(
     except ValueError as err:
         raise ValueError(f"dampings: {err}") from None
     points = []
-    for j, damping in enumerate(dampings):
-        row = grid_w if j % 2 == 0 else grid_w[::-1]
-        points.extend({"weights": w, "damping": damping} for w in row)
+    make = prepared.merge
+    if prepared.kind == "operator" and preconditioner is None and len(dampings) > 1:
+        # each weight point's damping grid from one Krylov space (multi-shift CG): weights
+        # outside, dampings inside, the grid solved once at the point's first damping
+        pending: list[MergeResult] = []
+
+        def make(weights, damping):
+            if not pending:
+                pending.extend(prepared.merge_dampings(weights, dampings))
+            result = pending.pop(0)
+            assert result.report.damping == damping and tuple(result.report.weights) == weights
+            return result
+
+        for w in grid_w:
+            points.extend({"weights": w, "damping": damping} for damping in dampings)
+    else:
+        for j, damping in enumerate(dampings):
+            row = grid_w if j % 2 == 0 else grid_w[::-1]
+            points.extend({"weights": w, "damping": damping} for w in row)
     return grid_search(
-        prepared.merge,
+        make,
         points,
         validate=validate,
         test=test,
