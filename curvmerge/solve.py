@@ -296,7 +296,7 @@ def cg_shifts(
     residuals are not collinear), which is what lets the shifts share it.
 
     Each shift has its own stopping test, scipy's rule on its own (recurrence) residual
-    :math:`|\\zeta^{(j)}_k|\\,\\|r_k\\| \\le \\max(\text{rtol}\\,\\|b\\|, \text{atol})`, and stops
+    :math:`|\\zeta^{(j)}_k|\\,\\|r_k\\| \\le \\max(\\text{rtol}\\,\\|b\\|, \\text{atol})`, and stops
     updating once it passes. At exit the true residual :math:`\\|b - (A + \\sigma_j I)
     x_j\\|` of every shift is computed by one block product with ``[x_1, ..., x_S]``; a
     shift converged (``info == 0``) only if its true residual meets the tolerance. There is
