@@ -466,7 +466,8 @@ def sweep(
             if not pending:
                 pending.extend(prepared.merge_dampings(weights, dampings))
             result = pending.pop(0)
-            assert result.report.damping == damping and tuple(result.report.weights) == weights
+            if result.report.damping != damping or tuple(result.report.weights) != weights:
+                raise RuntimeError("sweep: the damping grid's results came out of order")
             return result
 
         for w in grid_w:
