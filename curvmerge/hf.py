@@ -262,12 +262,18 @@ def _body_regex(model: nn.Module) -> str:
 
 
 def _label_maps(config: Any, kind: str) -> tuple[dict[str, int], dict[int, str]]:
+    """``(label2id, id2label)`` of a config. ``id2label`` is what the model's outputs mean
+    (``transformers`` reads predictions with it); a ``label2id`` that disagrees with it (left
+    stale when only ``id2label`` was set) is replaced by its inverse."""
     if kind == "causal_lm":
         return {}, {}
     id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
     label2id = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
-    if not label2id:
-        label2id = {v: k for k, v in id2label.items()}
+    inverse = {v: k for k, v in id2label.items()}
+    if id2label and len(inverse) == len(id2label) and label2id != inverse:
+        label2id = inverse
+    elif not label2id:
+        label2id = inverse
     return label2id, id2label
 
 

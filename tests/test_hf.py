@@ -485,3 +485,15 @@ def test_a_head_missing_from_the_folder_is_warned_about(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RandomInitWarning)
         load_model(tmp_path / "m", num_labels=3)  # a new head was asked for
+
+
+def test_labels_follow_id2label_when_label2id_is_stale():
+    """transformers leaves label2id at LABEL_0, LABEL_1 when only id2label is set."""
+    from curvmerge.hf import wrap_model
+    from curvmerge.models import tiny_bert
+
+    model = tiny_bert(2, vocab_size=20, hidden_size=8, num_layers=1, num_heads=2, max_length=12)
+    model.config.id2label = {0: "neg", 1: "pos"}
+    hf = wrap_model(model)
+    assert hf.label2id == {"neg": 0, "pos": 1}
+    assert hf.id2label == {0: "neg", 1: "pos"}
