@@ -618,3 +618,21 @@ def test_damping_grid_falls_back_to_merge_per_damping():
             assert float((x - y).norm() / y.norm()) <= 1e-5
     with pytest.raises(ValueError, match="dampings"):
         PreparedMerge(thetas, ops).merge_dampings(None, [1e-3, -1.0])
+
+
+def test_prepared_merge_refuses_curvatures_changed_since_prepare():
+    """PreparedMerge keeps F_t (theta_t - theta_0) and diagonals from prepare time: once a
+    GGN's model changes they are stale, so a point is refused rather than silently mixed."""
+    from curvmerge import GGNOperator, PreparedMerge
+
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+              for _ in range(2)]  # fmt: skip
+    data = [(torch.randn(6, 3), torch.randint(0, 2, (6,)))]
+    ops = [GGNOperator(m, "cross_entropy", data, params=r"^0\.") for m in models]
+    prepared = PreparedMerge(models, ops, prior="zero")
+    prepared.merge(damping=1e-2)
+    with torch.no_grad():
+        models[1][2].weight.mul_(2.0)  # the head, outside the merged parameters
+    with pytest.raises(RuntimeError, match="curvature 1 changed"):
+        prepared.merge(damping=1e-2)

@@ -86,6 +86,14 @@ class DampingGridResults(list):
         self.shared = shared
 
 
+def _curvature_keys(curvatures) -> tuple:
+    """The cache key of every curvature that computes from a model (its ``state_key()``,
+    as :class:`~curvmerge.GGNOperator` has), ``None`` for the others."""
+    return tuple(
+        F.state_key() if callable(getattr(F, "state_key", None)) else None for F in curvatures or ()
+    )
+
+
 def _flatten_into(space: ParamSpace, tensors: Mapping[str, Tensor], out: Tensor) -> None:
     """Copy the space's entries of ``tensors`` into the flat row ``out`` (no temporary)."""
     for (name, _), sl in zip(space, space.slices().values(), strict=True):
@@ -222,6 +230,9 @@ class PreparedMerge:
                 )
             self._prepare_rhs(cache_bytes, costs)
         self.prepare_costs = costs
+        # what was prepared from the curvatures (right-hand sides, diagonals, scales) holds
+        # only while the models they read stay as they were
+        self._curvature_keys = _curvature_keys(self.curvatures)
         self.prepare_seconds = time.perf_counter() - start
 
     def _prepare_rhs(self, cache_bytes: int, costs: MergeCosts) -> None:
@@ -375,6 +386,19 @@ class PreparedMerge:
 
     def _point(self, weights, damping):
         """Checked weights, the point's report, its λ and damping scale."""
+        if _curvature_keys(self.curvatures) != self._curvature_keys:
+            changed = next(
+                i
+                for i, (a, b) in enumerate(
+                    zip(_curvature_keys(self.curvatures), self._curvature_keys, strict=True)
+                )
+                if a != b
+            )
+            raise RuntimeError(
+                f"curvature {changed} changed since this PreparedMerge was prepared (its "
+                "model's parameters or buffers were updated): its prepared right-hand sides "
+                "and diagonals are stale; prepare a new PreparedMerge"
+            )
         T = self.num_models
         wl = check_weights(weights, T, 1.0 / T)
         damping = check_damping(damping)
