@@ -128,7 +128,6 @@ class CurvatureComputer:
             raise ValueError(f"num_data must be a positive integer, got {num_data!r}")
         self._num_data = num_data
         self._fingerprints: list[tuple] | None = None
-        self.passes = 0  # passes over the data started
 
     # ------------------------------------------------------------------ data
     def batches(
@@ -154,7 +153,6 @@ class CurvatureComputer:
             DataOrderError: with ``same_batches``, a batch differs from the recorded batch at
                 its index, or the pass yields more or fewer batches.
         """
-        self.passes += 1
         check = same_batches and self._fingerprints is not None
         record = same_batches and self._fingerprints is None
         dtype = self.dtype if dtype is None else dtype
