@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-
 from curvmerge import merge
 from curvmerge.merging.report import MergeCosts, MergeReport
 from curvmerge.operators.ggn import GGNOperator
-from tests.test_ggn import DT, make_problem
+from tests.test_ggn import make_problem
 
 
 def _ggn_merge(progress: bool, num: int = 3):
@@ -62,7 +60,3 @@ def test_costs_add_keeps_the_curvature_count():
     b = MergeCosts(rhs_products=2)
     assert (a + b).curvatures == 2
     assert (a + b).per_model_products == 3 * 2 + 2
-
-
-def test_dtype_is_float64():
-    assert DT == torch.float64

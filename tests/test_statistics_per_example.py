@@ -177,11 +177,10 @@ def test_output_must_be_batch_first():
 
 # --------------------------------------------------------------------------- retries
 def test_failed_batched_accumulation_never_counts_twice(monkeypatch):
-    """A RuntimeError inside batched accumulation after a first layer has added its squares:
-    it propagates, or the result equals the per-example loop; never a layer counted twice."""
+    """A RuntimeError inside batched accumulation after a first layer has added its squares
+    propagates: it is never retried over layers already added (which counted them twice)."""
     model = mlp_plain().double().eval()
     data = tensor_batches((5,), n_batches=1, B=6)
-    ref = one_at_a_time(model, nn.CrossEntropyLoss(), data, "exact")
     original = per_example._SQ_INTO["linear"]
     batched = []
 
@@ -192,12 +191,8 @@ def test_failed_batched_accumulation_never_counts_twice(monkeypatch):
         batched.append(reps > 1)
 
     monkeypatch.setitem(per_example._SQ_INTO, "linear", flaky)
-    try:
-        F = diagonal_fisher(model, "cross_entropy", data, kind="exact", progress=False)
-    except RuntimeError as exc:
-        assert "injected failure" in str(exc)
-    else:
-        assert rel_err(F.diagonal(), ref) < 1e-8
+    with pytest.raises(RuntimeError, match="injected failure"):
+        diagonal_fisher(model, "cross_entropy", data, kind="exact", progress=False)
     assert batched[0]  # the first layer did accumulate in the batched attempt
 
 
@@ -236,9 +231,8 @@ def test_low_precision_models_accumulate_in_float32(dtype):
     data = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 4096, 4)]
     F = diagonal_fisher(low, "cross_entropy", data, kind="empirical", progress=False)
     high = copy.deepcopy(low).double()
-    ref = diagonal_fisher(
-        high, "cross_entropy", [(x.double(), y)], kind="empirical", progress=False
-    ).diagonal()
+    # the reference is the per-example loop on a float64 copy, not the engine under test
+    ref = brute_force(high, nn.CrossEntropyLoss(), [(x.double(), y)], "empirical")
     assert F.dtype == torch.float32
     d = F.diagonal().double()
     assert ref.min() > 0 and not (d == 0).any()
