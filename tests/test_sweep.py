@@ -264,7 +264,7 @@ def test_sweep_flags_points_where_the_damping_dominates_and_warns_once():
         sweep(models, tiny, validate=lambda r: 0.0, weights=line_grid(3), verbose=False)
 
 
-def test_prepared_merge_prior_base_and_damping_scale_match_merge():
+def test_prepared_merge_prior_base_and_damping_scale_match_merge_and_dense():
     models, curv, base = _models(2), _dense(2), _models(1, seed=9)[0]
     for kwargs in ({"prior": "base", "base": base}, {"prior": "zero"}, {"damping_scale": 2.5}):
         prepared = PreparedMerge(models, curv, rtol=1e-12, **kwargs)
@@ -273,6 +273,19 @@ def test_prepared_merge_prior_base_and_damping_scale_match_merge():
             ref = merge(models, curv, weights=w, damping=0.1, rtol=1e-12, **kwargs)
             _close(got.params, ref.params, atol=1e-8)
             assert got.report.effective_damping == pytest.approx(ref.report.effective_damping)
+            # and both equal the dense float64 closed form, built here independently
+            F = sum(wt * c.to_dense() for wt, c in zip(w, curv))
+            lam = 0.1 * kwargs.get("damping_scale", float(F.diagonal().mean()))
+            thetas = [SPACE.flatten(m) for m in models]
+            if kwargs.get("prior") == "base":
+                theta0 = SPACE.flatten(base)
+            elif kwargs.get("prior") == "zero":
+                theta0 = torch.zeros(P, dtype=D)
+            else:
+                theta0 = sum(wt * th for wt, th in zip(w, thetas)) / sum(w)
+            b = sum(wt * c.to_dense() @ th for wt, c, th in zip(w, curv, thetas))
+            dense = torch.linalg.solve(F + lam * torch.eye(P, dtype=D), b + lam * theta0)
+            assert torch.allclose(SPACE.flatten(got.params), dense, atol=1e-8, rtol=0)
 
 
 def test_sweep_solves_each_weight_points_damping_grid_from_one_krylov_space():
