@@ -142,6 +142,8 @@ BASE_HELP = (
     "the model the task models were fine-tuned from (task arithmetic, TIES, DARE, prior "
     "base): a checkpoint, or a Hugging Face model folder or hub id"
 )
+PARAMS_HELP = "regex selecting the merged parameters (default: the body)"
+OUTPUT_STEM_HELP = "output stem (writes .md/.csv/.png)"
 
 
 def add_common(p: argparse.ArgumentParser, *, force: bool = True) -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 from curvmerge.commands.common import (
     BASE_HELP,
     MODEL_HELP,
+    OUTPUT_STEM_HELP,
+    PARAMS_HELP,
     CLIError,
     add_common,
     add_data_options,
@@ -59,8 +61,8 @@ def add_parser(sub) -> None:
         examples_help="training examples per model for the Fishers (default 512)",
     )
     add_split_options(p)
-    p.add_argument("--params", help="regex selecting the merged parameters (default: the body)")
-    p.add_argument("--output", "-o", required=True, help="output stem (writes .md/.csv/.png)")
+    p.add_argument("--params", help=PARAMS_HELP)
+    p.add_argument("--output", "-o", required=True, help=OUTPUT_STEM_HELP)
     add_common(p)
     p.set_defaults(func=run)
 

@@ -20,6 +20,7 @@ from curvmerge.commands.common import (
     DAMPING_SCALE_HELP,
     MERGED_FORMAT,
     MODEL_HELP,
+    PARAMS_HELP,
     CLIError,
     add_common,
     add_data_options,
@@ -83,7 +84,7 @@ def add_parser(sub) -> None:
         help="theta_0 of curvature merges: mean (weighted average, default), zero "
         "(textbook form), base (needs --base)",
     )
-    p.add_argument("--params", help="regex selecting the merged parameters (default: the body)")
+    p.add_argument("--params", help=PARAMS_HELP)
     p.add_argument("--fisher", nargs="+", help="one Fisher file per model (fisher_diagonal)")
     p.add_argument("--base", help=BASE_HELP)
     p.add_argument(

@@ -8,6 +8,8 @@ from curvmerge.commands.common import (
     BASE_HELP,
     DAMPING_SCALE_HELP,
     MODEL_HELP,
+    OUTPUT_STEM_HELP,
+    PARAMS_HELP,
     CLIError,
     add_common,
     add_data_options,
@@ -60,10 +62,10 @@ def add_parser(sub) -> None:
         help="theta_0: mean (default), zero, base (needs --base)",
     )
     p.add_argument("--base", help=BASE_HELP + "; for --prior base")
-    p.add_argument("--params", help="regex selecting the merged parameters (default: the body)")
+    p.add_argument("--params", help=PARAMS_HELP)
     add_data_options(p, batch_size=256)
     add_split_options(p)
-    p.add_argument("--output", "-o", required=True, help="output stem (writes .md/.csv/.png)")
+    p.add_argument("--output", "-o", required=True, help=OUTPUT_STEM_HELP)
     add_common(p)
     p.set_defaults(func=run)
 
