@@ -144,6 +144,12 @@ BASE_HELP = (
 )
 PARAMS_HELP = "regex selecting the merged parameters (default: the body)"
 OUTPUT_STEM_HELP = "output stem (writes .md/.csv/.png)"
+FINE_TUNED_FROM = "(the model the task models were fine-tuned from)"
+
+
+def needs_base_error(method: str) -> CLIError:
+    """The error of a method that needs the base model when no ``--base`` is given."""
+    return CLIError(f"method {method!r} needs the base model: pass --base {FINE_TUNED_FROM}")
 
 
 def add_common(p: argparse.ArgumentParser, *, force: bool = True) -> None:

@@ -13,7 +13,6 @@ from curvmerge.commands.common import (
     MODEL_HELP,
     OUTPUT_STEM_HELP,
     PARAMS_HELP,
-    CLIError,
     add_common,
     add_data_options,
     add_split_options,
@@ -22,6 +21,7 @@ from curvmerge.commands.common import (
     load_base,
     load_models,
     log,
+    needs_base_error,
     rows_line,
     shared_names,
     split_description,
@@ -86,10 +86,7 @@ def run(args) -> int:
     if args.methods and not args.base:
         need = [m for m in methods if get_method(m).needs_base]
         if need:
-            raise CLIError(
-                f"method {need[0]!r} needs the base model: pass --base (the model the task "
-                "models were fine-tuned from)"
-            )
+            raise needs_base_error(need[0])
     out = Path(args.output)
     check_outputs(output_paths(out.parent, out.name), args.force)
     models = load_models(args.models, args, need_data=True)

@@ -18,6 +18,7 @@ from curvmerge.commands.common import (
     BASE_HELP,
     DAMPING_HELP,
     DAMPING_SCALE_HELP,
+    FINE_TUNED_FROM,
     MERGED_FORMAT,
     MODEL_HELP,
     PARAMS_HELP,
@@ -31,6 +32,7 @@ from curvmerge.commands.common import (
     load_base,
     load_fishers,
     load_models,
+    needs_base_error,
     parse_options,
     shared_names,
     warnings_as_messages,
@@ -200,13 +202,10 @@ def run(args) -> int:
     if spec.is_merge is False:
         raise CLIError(f"method {spec.name!r} is not a merge (use 'compare' to evaluate it)")
     if not cfg.get("base"):
-        fine_tuned_from = "(the model the task models were fine-tuned from)"
         if spec.needs_base:
-            raise CLIError(
-                f"method {spec.name!r} needs the base model: pass --base {fine_tuned_from}"
-            )
+            raise needs_base_error(spec.name)
         if cfg.get("prior") == "base" or cfg["options"].get("prior") == "base":
-            raise CLIError(f"--prior base needs the base model: pass --base {fine_tuned_from}")
+            raise CLIError(f"--prior base needs the base model: pass --base {FINE_TUNED_FROM}")
     args.data = cfg.get("data")
     models = load_models(cfg["models"], args)
     if not to_file and not models[0].is_hf:

@@ -7,6 +7,7 @@ from pathlib import Path
 from curvmerge.commands.common import (
     BASE_HELP,
     DAMPING_SCALE_HELP,
+    FINE_TUNED_FROM,
     MODEL_HELP,
     OUTPUT_STEM_HELP,
     PARAMS_HELP,
@@ -107,7 +108,7 @@ def run(args) -> int:
     base = load_base(args.base, models, args.params)
     names = shared_names(models, args.params, base)
     if args.prior == "base" and base is None:
-        raise CLIError("--prior base needs --base (the model the task models were fine-tuned from)")
+        raise CLIError(f"--prior base needs --base {FINE_TUNED_FROM}")
     if args.fisher:
         curvatures, fisher_seconds = load_fishers(args.fisher, models, names)
     else:
