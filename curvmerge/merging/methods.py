@@ -38,6 +38,11 @@ __all__ = [
     "trim_top_k",
     "dare_drop",
     "slerp_vectors",
+    # helpers for method modules (not in curvmerge.__all__)
+    "FlatModels",
+    "flatten_models",
+    "method_report",
+    "check_finite_scalar",
 ]
 
 Model = nn.Module | Mapping[str, Tensor]
@@ -61,7 +66,8 @@ class MethodReport(MergeReport):
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _check_finite_scalar(value: float, name: str) -> float:
+def check_finite_scalar(value: float, name: str) -> float:
+    """``value`` as a float; ``ValueError`` naming ``name`` unless it is finite."""
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
@@ -69,8 +75,15 @@ def _check_finite_scalar(value: float, name: str) -> float:
 
 
 @dataclass
-class _Flat:
-    """Selected parameters of the models (and base) as rows of one matrix."""
+class FlatModels:
+    """Selected parameters of the models (and base) as rows of one matrix.
+
+    Attributes:
+        space: The merged parameters (names and shapes, flattening order).
+        thetas: ``[T, P]``, one flattened model per row, in at least float32.
+        base: ``[P]`` flattened base model, or ``None``.
+        reference: The first model's tensors, whose dtype and device outputs take.
+    """
 
     space: ParamSpace
     thetas: Tensor  # [T, P]
@@ -89,7 +102,7 @@ class _Flat:
         return self.thetas - self.base
 
 
-def _flatten_models(
+def flatten_models(
     thetas: Sequence[Model],
     base: Model | None,
     params: str | Sequence[str] | None,
@@ -97,7 +110,13 @@ def _flatten_models(
     method: str,
     needs_base: bool,
     num_models: int | None = None,
-) -> _Flat:
+) -> FlatModels:
+    """Flatten the ``params`` of ``thetas`` (and ``base``) into a :class:`FlatModels`.
+
+    Checks that there is a non-empty list of models (exactly ``num_models`` if given), that
+    they share the first model's space, that a base is given when ``needs_base``, and that
+    nothing is NaN or Inf; errors name ``method``.
+    """
     if isinstance(thetas, (nn.Module, Mapping)) or not len(thetas):
         raise ValueError(f"{method} needs a non-empty list of models")
     dicts = [parameters_of(t) for t in thetas]
@@ -126,12 +145,14 @@ def _flatten_models(
     if base_flat is not None and not bool(torch.isfinite(base_flat).all()):
         raise ValueError("base contains NaN or Inf")
     reference = {n: dicts[0][n] for n in space.names}
-    return _Flat(space, rows, base_flat, reference)
+    return FlatModels(space, rows, base_flat, reference)
 
 
-def _report(
-    method: str, flat: _Flat, weights: list[float], start: float, **options
+def method_report(
+    method: str, flat: FlatModels, weights: list[float], start: float, **options
 ) -> MethodReport:
+    """The :class:`MethodReport` of a method run that started at ``start``
+    (``time.perf_counter()``), with ``options`` as the method's hyper-parameters."""
     return MethodReport(
         method=method,
         num_models=flat.thetas.shape[0],
@@ -180,13 +201,15 @@ def task_arithmetic(
         tensor([1.5000, 2.0000])
     """
     start = time.perf_counter()
-    flat = _flatten_models(thetas, base, params, method="task_arithmetic", needs_base=True)
+    flat = flatten_models(thetas, base, params, method="task_arithmetic", needs_base=True)
     T = flat.thetas.shape[0]
     w = check_weights(weights, T, 1.0)
-    scaling = _check_finite_scalar(scaling, "scaling")
+    scaling = check_finite_scalar(scaling, "scaling")
     coeffs = torch.tensor(w, dtype=flat.thetas.dtype, device=flat.thetas.device)
     merged = flat.base + scaling * (coeffs @ flat.task_vectors)
-    report = _report("task_arithmetic", flat, [scaling * v for v in w], start, scaling=scaling)
+    report = method_report(
+        "task_arithmetic", flat, [scaling * v for v in w], start, scaling=scaling
+    )
     return MergeResult(flat.unflatten(merged), report)
 
 
@@ -250,12 +273,12 @@ def ties(
         tensor([ 2.0000, -2.0000,  0.5000])
     """
     start = time.perf_counter()
-    flat = _flatten_models(thetas, base, params, method="ties", needs_base=True)
+    flat = flatten_models(thetas, base, params, method="ties", needs_base=True)
     T = flat.thetas.shape[0]
-    density = _check_finite_scalar(density, "density")
+    density = check_finite_scalar(density, "density")
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density}")
-    scaling = _check_finite_scalar(scaling, "scaling")
+    scaling = check_finite_scalar(scaling, "scaling")
     w = check_weights(weights, T, 1.0)
     tau = flat.task_vectors
     trimmed = torch.stack([w[t] * trim_top_k(tau[t], density) for t in range(T)])
@@ -265,7 +288,7 @@ def ties(
     total = torch.where(agree, trimmed, torch.zeros_like(trimmed)).sum(0)
     merged_tau = torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
     merged = flat.base + scaling * merged_tau
-    report = _report(
+    report = method_report(
         "ties", flat, [scaling * v for v in w], start, density=density, scaling=scaling
     )
     return MergeResult(flat.unflatten(merged), report)
@@ -331,12 +354,12 @@ def dare(
         tensor([1., 1., 1., 1.])
     """
     start = time.perf_counter()
-    flat = _flatten_models(thetas, base, params, method="dare", needs_base=True)
+    flat = flatten_models(thetas, base, params, method="dare", needs_base=True)
     T = flat.thetas.shape[0]
-    drop_rate = _check_finite_scalar(drop_rate, "drop_rate")
+    drop_rate = check_finite_scalar(drop_rate, "drop_rate")
     if not 0 <= drop_rate < 1:
         raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
-    scaling = _check_finite_scalar(scaling, "scaling")
+    scaling = check_finite_scalar(scaling, "scaling")
     w = check_weights(weights, T, 1.0)
     if combine not in ("task_arithmetic", "ties"):
         raise ValueError(f"combine must be 'task_arithmetic' or 'ties', got {combine!r}")
@@ -365,7 +388,7 @@ def dare(
             "scaling": scaling,
         }
     merged = flat.space.flatten(inner.params)
-    report = _report("dare", flat, [scaling * v for v in w], start, **options)
+    report = method_report("dare", flat, [scaling * v for v in w], start, **options)
     return MergeResult(flat.unflatten(merged), report)
 
 
@@ -435,13 +458,13 @@ def slerp(
         tensor([0.7071, 0.7071])
     """
     start = time.perf_counter()
-    flat = _flatten_models(thetas, base, params, method="slerp", needs_base=False, num_models=2)
+    flat = flatten_models(thetas, base, params, method="slerp", needs_base=False, num_models=2)
     if t is not None and weights is not None:
         raise ValueError("slerp takes t or weights, not both")
     if weights is not None:
         w = check_weights(weights, 2, 0.5)
         t = w[1] / (w[0] + w[1])
-    t = 0.5 if t is None else _check_finite_scalar(t, "t")
+    t = 0.5 if t is None else check_finite_scalar(t, "t")
     if not 0 <= t <= 1:
         raise ValueError(f"t must be in [0, 1], got {t}")
     origin = flat.base if flat.base is not None else torch.zeros_like(flat.thetas[0])
@@ -452,5 +475,5 @@ def slerp(
         )
     else:
         merged = slerp_vectors(v0, v1, t)
-    report = _report("slerp", flat, [1 - t, t], start, t=t, per_tensor=per_tensor)
+    report = method_report("slerp", flat, [1 - t, t], start, t=t, per_tensor=per_tensor)
     return MergeResult(flat.unflatten(origin + merged), report)
