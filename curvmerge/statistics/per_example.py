@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from curvmerge.batches import batch_size
 
-__all__ = ["PerExampleSquares", "supported_layer"]
+__all__ = ["PerExampleSquares", "supported_layer", "conv_patches"]
 
 DEFAULT_MEMORY_BUDGET = 2**30
 
@@ -145,7 +145,7 @@ def _conv_padded(module, x):
     return F.pad(x, pad) if any(pad) else x
 
 
-def _conv_unfolded(module, x):
+def conv_patches(module, x):
     """The convolution's input patches ``[b, groups, in_channels / groups * prod(kernel),
     positions]`` (``F.unfold`` of the padded input; a ``Conv1d`` is a ``Conv2d`` of height 1)."""
     b = x.shape[0]
@@ -238,7 +238,7 @@ def _conv_sq_into(engine, module, x, d, accs, scale, reps=1):
             s = w.square().sum((1, 3))  # [cin_g, g, co, *ks]
             acc.add_(s.movedim(0, 2).reshape(acc.shape), alpha=scale)
             continue
-        u = _conv_unfolded(module, x[lo:hi])  # [c, g, k, L]
+        u = conv_patches(module, x[lo:hi])  # [c, g, k, L]
         # [R, c, g, co, L] -> [c, g, R * co, L]: the cotangents share the patches
         dd = d[:, lo:hi].reshape(reps, c, g, co, -1).permute(1, 2, 0, 3, 4)
         dd = dd.reshape(c, g, reps * co, -1)

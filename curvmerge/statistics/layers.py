@@ -1,0 +1,278 @@
+"""Per-layer inputs and output gradients as matrices of rows: the hook engine behind input
+Gram matrices (RegMean) and K-FAC factors.
+
+A supported layer is a linear map :math:`y_r = W x_r + b` applied to *rows* :math:`x_r`:
+
+- ``nn.Linear`` (weight ``[out, in]``): one row per position, i.e. the input ``[..., in]``
+  flattened to ``[-1, in]`` (tokens of a sequence are rows, as in K-FAC's *expand* setting of
+  Eschenhagen et al., "Kronecker-factored approximate curvature for modern neural network
+  architectures", NeurIPS 2023);
+- ``nn.Conv1d`` / ``nn.Conv2d`` with ``groups=1``: the unfolded (im2col) linear map, one row
+  per example and output position, :math:`x_r` the patch of ``in_channels * prod(kernel)``
+  input values (channel-major, as ``weight.reshape(out, -1)`` reads them) and :math:`y_r`
+  the ``out_channels`` outputs at that position (Grosse & Martens, "A Kronecker-factored
+  approximate Fisher matrix for convolution layers", ICML 2016);
+- Hugging Face's GPT-2 ``Conv1D`` (recognised by class name, ``transformers`` is never
+  imported): :math:`y = x W + b` with weight ``[in, out]``; its rows are those of a linear
+  layer with weight :math:`W^\\top`.
+
+**Layer names.** A layer is named by its module name (``model.named_modules()``; ``""`` for a
+model that is itself a layer) and maps to :class:`LayerInfo`: the *parameter* name of its
+weight and of its bias (``None`` without a bias, or when the bias is not selected), named as
+in ``model.named_parameters()`` (the first name of a tied parameter). A layer is supported
+only when its weight is selected and used by no other module; a selected bias of a layer
+whose weight is not selected, and every selected parameter of other modules (embeddings,
+norms), is reported in ``unsupported`` so that merges can fall back to averaging for them.
+Grouped convolutions (``groups > 1``) holding a selected weight are refused with an error
+naming the layer.
+
+**Padding rows.** Hugging Face batches are dicts; when one holds a 2-d ``attention_mask``
+``[B, T]``, a layer input whose leading dimensions are ``[B, T]`` (or ``[B * T]``
+flattened, or ``[T, B]`` in sequence-first layers when :math:`T \\ne B`) keeps only the rows
+where the mask is non-zero. Inputs of other shapes (a pooled ``[B, d]`` classifier head,
+convolutions) keep all their rows. Sums over rows do not depend on the order of the rows,
+so beyond the mask the batch axis needs not be known.
+
+A layer called several times per forward pass (shared across positions or blocks) adds the
+rows of every call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from curvmerge.statistics.per_example import conv_patches, supported_layer
+
+__all__ = ["LayerInfo", "find_layers", "row_mask", "LayerHooks", "LayerCall"]
+
+_KINDS = ("linear", "hf_conv1d", "conv")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A supported layer: its module and the parameters it holds.
+
+    Attributes:
+        module: Module name (``model.get_submodule(module)``).
+        kind: ``"linear"``, ``"conv"`` (``nn.Conv1d``/``nn.Conv2d``) or ``"hf_conv1d"``.
+        weight: Parameter name of the weight.
+        bias: Parameter name of the bias, or ``None`` (no bias, or bias not selected).
+        d_in: Input features of a row (``in_channels * prod(kernel_size)`` for convs),
+            without the bias' constant 1.
+        d_out: Output features of a row.
+    """
+
+    module: str
+    kind: str
+    weight: str
+    bias: str | None
+    d_in: int
+    d_out: int
+
+    @property
+    def size(self) -> int:
+        """Size of the input factor: :math:`d_{in} + 1` with a bias, else :math:`d_{in}`."""
+        return self.d_in + (self.bias is not None)
+
+    def weight_matrix(self, weight: Tensor) -> Tensor:
+        """The weight as the ``[d_out, d_in]`` matrix of :math:`y_r = W x_r`."""
+        if self.kind == "hf_conv1d":
+            return weight.T
+        return weight.reshape(weight.shape[0], -1)
+
+
+def find_layers(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, LayerInfo], list[str]]:
+    """The supported layers among the selected parameters ``names``.
+
+    Returns:
+        ``(layers, unsupported)``: the layers by module name, in module order, and the
+        selected parameter names that no supported layer covers, in the order of ``names``.
+
+    Raises:
+        ValueError: A selected weight belongs to a grouped convolution (``groups > 1``).
+    """
+    selected = set(names)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    holders: dict[int, int] = {}  # parameter id -> number of modules holding it
+    for _, mod in model.named_modules(remove_duplicate=False):
+        for p in mod.parameters(recurse=False):
+            holders[id(p)] = holders.get(id(p), 0) + 1
+    layers: dict[str, LayerInfo] = {}
+    for mname, mod in model.named_modules():
+        kind = supported_layer(mod)
+        if kind not in _KINDS:
+            continue
+        weight = getattr(mod, "weight", None)
+        if not isinstance(weight, nn.Parameter) or name_of.get(id(weight)) not in selected:
+            continue
+        if holders.get(id(weight), 0) > 1:
+            continue  # tied to another module: not one layer's statistic (reported)
+        if kind == "conv" and mod.groups != 1:
+            raise ValueError(
+                f"layer {mname!r} ({type(mod).__name__}, groups={mod.groups}) is a grouped "
+                "convolution, which per-layer statistics do not support (only groups=1); "
+                f"leave its parameters out of params (e.g. exclude {name_of[id(weight)]!r})"
+            )
+        bias = getattr(mod, "bias", None)
+        bias_name = name_of.get(id(bias)) if isinstance(bias, nn.Parameter) else None
+        if bias_name not in selected or holders.get(id(bias), 0) > 1:
+            bias_name = None
+        if kind == "hf_conv1d":
+            d_in, d_out = weight.shape
+        else:
+            d_out, d_in = weight.shape[0], weight[0].numel()
+        layers[mname] = LayerInfo(mname, kind, name_of[id(weight)], bias_name, d_in, d_out)
+    covered = {n for info in layers.values() for n in (info.weight, info.bias) if n}
+    return layers, [n for n in names if n not in covered]
+
+
+def row_mask(inputs) -> Tensor | None:
+    """The padding mask of a batch: a Hugging Face dict's 2-d ``attention_mask`` as booleans
+    ``[B, T]`` (``True``: a real token), else ``None`` (every row counts)."""
+    if isinstance(inputs, Mapping):
+        mask = inputs.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.ndim == 2:
+            return mask != 0
+    return None
+
+
+def _select(lead: tuple[int, ...], mask: Tensor | None) -> Tensor | None:
+    """The flat row mask for rows of leading shape ``lead`` (``None``: keep every row)."""
+    if mask is None:
+        return None
+    B, T = mask.shape
+    if lead == (B, T) or lead == (B * T,):
+        return mask.reshape(-1)
+    if lead == (T, B) and T != B:
+        return mask.T.reshape(-1)
+    return None
+
+
+@dataclass
+class LayerCall:
+    """One call of a supported layer during a forward pass.
+
+    Attributes:
+        layer: The layer's :class:`LayerInfo`.
+        rows: Its input rows ``[n, d_in]`` (padding rows dropped), detached.
+        output: The layer's output (kept only when output gradients are wanted).
+        keep: The flat mask of the kept rows among all rows (``None``: all).
+    """
+
+    layer: LayerInfo
+    rows: Tensor
+    output: Tensor | None
+    keep: Tensor | None
+
+    def grad_rows(self, grad: Tensor) -> Tensor:
+        """Rows ``[..., n, d_out]`` of an output gradient (extra leading axes, such as a
+        batch of cotangents ``[K, *output.shape]``, are kept)."""
+        extra = grad.ndim - self.output.ndim
+        if self.layer.kind == "conv":  # [..., B, out, *spatial] -> [..., B * L, out]
+            grad = grad.movedim(extra + 1, -1)
+        rows = grad.reshape(*grad.shape[:extra], -1, self.layer.d_out)
+        return rows if self.keep is None else rows[..., self.keep, :]
+
+
+class LayerHooks:
+    """Forward hooks on supported layers that hand each call's input rows to ``on_rows`` and
+    optionally keep the outputs for output gradients.
+
+    Use as a context manager (the hooks are removed on exit); call :meth:`start` with every
+    batch's inputs before its forward pass (it sets the padding mask and clears the calls).
+
+    Args:
+        model: The model.
+        layers: The layers to hook (from :func:`find_layers`).
+        on_rows: Called as ``on_rows(layer, rows)`` with every call's input rows
+            ``[n, d_in]``, detached, in the layer's dtype.
+        keep_outputs: Keep every call's output in :attr:`calls` for :meth:`output_grads`.
+            The layer then returns a copy of its output to the rest of the model, so that
+            in-place operations after it (``nn.ReLU(inplace=True)``) leave the kept tensor
+            intact.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Mapping[str, LayerInfo],
+        on_rows: Callable[[LayerInfo, Tensor], None] | None = None,
+        *,
+        keep_outputs: bool = False,
+    ):
+        self.model = model
+        self.layers = dict(layers)
+        self.on_rows = on_rows
+        self.keep_outputs = keep_outputs
+        self.calls: list[LayerCall] = []
+        self._mask: Tensor | None = None
+        self._handles: list = []
+
+    def __enter__(self) -> LayerHooks:
+        for mname, info in self.layers.items():
+            mod = self.model.get_submodule(mname)
+            self._handles.append(mod.register_forward_hook(self._hook(info), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.calls = []
+
+    def start(self, inputs) -> None:
+        """Begin a batch: its padding mask (:func:`row_mask`) and no calls yet."""
+        self._mask = row_mask(inputs)
+        self.calls = []
+
+    def _hook(self, info: LayerInfo):
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None))
+            if not isinstance(x, Tensor):
+                raise TypeError(f"layer {info.module!r} was called without a tensor input")
+            x = x.detach()
+            if info.kind == "conv":
+                u = conv_patches(module, x)  # [B, 1, d_in, L]
+                rows = u[:, 0].transpose(1, 2).reshape(-1, info.d_in)
+                keep = None
+            else:
+                keep = _select(tuple(x.shape[:-1]), self._mask)
+                rows = x.reshape(-1, info.d_in)
+                if keep is not None:
+                    keep = keep.to(rows.device)
+                    rows = rows[keep]
+            if self.on_rows is not None:
+                self.on_rows(info, rows)
+            if not self.keep_outputs:
+                return None
+            self.calls.append(LayerCall(info, rows, output, keep))
+            return output.clone()
+
+        return hook
+
+    def output_grads(self, out: Tensor, cotangents: Tensor, batched: bool = False) -> list:
+        """Gradients of :math:`v^\\top \\text{out}` w.r.t. every kept call's output, as rows.
+
+        Args:
+            out: The model output of the batch (the graph is retained).
+            cotangents: ``v`` shaped as ``out``, or ``[K, *out.shape]`` with ``batched``.
+            batched: ``K`` cotangents share one vectorised backward pass.
+
+        Returns:
+            One tensor per call of :attr:`calls`: ``[n, d_out]``, or ``[K, n, d_out]``.
+        """
+        outputs = [c.output for c in self.calls]
+        grads = torch.autograd.grad(
+            out,
+            outputs,
+            cotangents,
+            retain_graph=True,
+            allow_unused=True,
+            materialize_grads=True,
+            is_grads_batched=batched,
+        )
+        return [c.grad_rows(g.detach()) for c, g in zip(self.calls, grads, strict=True)]
