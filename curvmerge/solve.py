@@ -254,12 +254,13 @@ class ShiftedCGResults(list):
     the shifts.
 
     Each result's ``products`` counts the products that shift needed (the iterations it
-    was active plus the one true-residual block); the products were shared, so their sum
+    was active plus its column of the true-residual block); the products were shared, so their sum
     overstates the cost. The run's cost is:
 
     Attributes:
         products: Products with ``A`` the run made, each counted once: one per iteration
-            (shared by every shift) plus one for the ``[P, S]`` true-residual block.
+            (shared by every shift) plus one per column of the ``[P, S]`` true-residual
+            block (a product is one column times ``A``, as operators count them).
         iterations: Iterations of the shared Krylov process (those of the hardest shift).
     """
 
@@ -316,16 +317,16 @@ def cg_shifts(
 
     Returns:
         A :class:`ShiftedCGResults` (a list of :class:`CGResult`, one per shift): each
-        result's ``products`` are its own iterations plus the true-residual block,
-        ``true_residual_checks`` is 1 and the last ``residuals`` entry is its true residual;
-        the list's ``products`` counts the shared products once.
+        result's ``products`` are its own iterations plus its column of the true-residual
+        block, ``true_residual_checks`` is 1 and the last ``residuals`` entry is its true
+        residual; the list's ``products`` counts the shared products once.
 
     Example:
         >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
         >>> b = torch.tensor([1.0, 2.0], dtype=torch.float64)
         >>> res = cg_shifts(A, b, [0.0, 1.0], rtol=1e-12)
         >>> [r.info for r in res], res.products
-        ([0, 0], 3)
+        ([0, 0], 4)
     """
     if b.ndim != 1:
         raise ValueError(f"b must be [P], got shape {tuple(b.shape)}")
@@ -419,9 +420,9 @@ def cg_shifts(
         it += 1
         if callback is not None:
             callback(X)
-    # The true residuals of every shift: one block product.
+    # The true residuals of every shift: one [P, S] block, S products (one per column).
     R = b.unsqueeze(1) - apply_A(X) - on_device(sig) * X
-    products += 1
+    products += S
     true = _norm(R).cpu()
     results = ShiftedCGResults(products=products, iterations=it)
     for j in range(S):

@@ -60,3 +60,20 @@ def test_costs_add_keeps_the_curvature_count():
     b = MergeCosts(rhs_products=2)
     assert (a + b).curvatures == 2
     assert (a + b).per_model_products == 3 * 2 + 2
+
+
+def test_a_damping_grid_counts_each_column_of_its_true_residual_block():
+    # the multi-shift run's true residuals are one [P, S] block: S products, as the GGN
+    # operators count them (a product is one column times one operator)
+    from curvmerge.merging.prepared import PreparedMerge
+
+    thetas, ops = [], []
+    for seed in range(3):
+        model, loss_fn, data = make_problem("ce", seed)
+        ops.append(GGNOperator(model, loss_fn, data, params=r"^0\."))
+        thetas.append(model)
+    prepared = PreparedMerge(thetas, ops, params=r"^0\.", rtol=1e-8)
+    before = sum(F.products for F in ops)
+    grid = prepared.merge_dampings(dampings=[1e-1, 1e-2, 1e-3])
+    assert grid.shared and all(r.report.converged for r in grid)
+    assert sum(F.products for F in ops) - before == 3 * grid.products  # no rhs: cached
