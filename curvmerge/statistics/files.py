@@ -1,0 +1,168 @@
+"""Gram files: per-layer input Gram matrices computed once, saved to safetensors, reused.
+
+A file holds one tensor per layer (key ``gram:<module name>``) and the metadata ``format``,
+``version``, ``layers`` (JSON: module, kind, weight and bias parameter names, ``d_in``,
+``d_out`` and the row count of every layer), ``unsupported`` (JSON), ``num_examples`` and
+any string metadata the caller adds. Writes are atomic (:mod:`curvmerge.atomic`), as for
+Fisher files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from curvmerge.atomic import atomic_write_bytes
+from curvmerge.space import SpaceMismatchError
+from curvmerge.statistics.gram import LayerGrams
+from curvmerge.statistics.layers import LayerInfo
+
+__all__ = ["save_grams", "load_grams", "GRAMS_FORMAT"]
+
+GRAMS_FORMAT = "curvmerge.input_grams"
+_VERSION = "1"
+_RESERVED = ("format", "version", "layers", "unsupported", "num_examples")
+
+
+def save_grams(
+    path: str | os.PathLike, grams: LayerGrams, metadata: Mapping[str, str] | None = None
+) -> None:
+    """Save :class:`~curvmerge.statistics.gram.LayerGrams` to a safetensors file.
+
+    Args:
+        path: Destination (conventionally ``*.safetensors``).
+        grams: What :func:`~curvmerge.statistics.gram.input_grams` returned.
+        metadata: Extra string metadata (the model, the task, the data), checked again by
+            :func:`load_grams` when asked to.
+
+    Raises:
+        ValueError: ``metadata`` uses a key the file format reserves.
+    """
+    from safetensors.torch import save
+
+    if not isinstance(grams, LayerGrams):
+        raise TypeError(f"grams must be LayerGrams, got {type(grams).__name__}")
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    clash = [k for k in meta if k in _RESERVED]
+    if clash:
+        raise ValueError(f"metadata key {clash[0]!r} is reserved by the Gram file format")
+    layers = [
+        {
+            "module": i.module,
+            "kind": i.kind,
+            "weight": i.weight,
+            "bias": i.bias,
+            "d_in": i.d_in,
+            "d_out": i.d_out,
+            "num_rows": int(grams.num_rows[k]),
+        }
+        for k, i in grams.layers.items()
+    ]
+    meta.update(
+        format=GRAMS_FORMAT,
+        version=_VERSION,
+        layers=json.dumps(layers),
+        unsupported=json.dumps(list(grams.unsupported)),
+        num_examples=str(int(grams.num_examples)),
+    )
+    data = {f"gram:{k}": g.detach().to("cpu").contiguous() for k, g in grams.grams.items()}
+    atomic_write_bytes(path, save(data, metadata=meta))
+
+
+def _check_model(path: str, layers: dict[str, LayerInfo], model) -> None:
+    named = dict(model.named_parameters()) if isinstance(model, nn.Module) else dict(model)
+    for info in layers.values():
+        for name in (info.weight, info.bias):
+            if name is None:
+                continue
+            if name not in named:
+                raise SpaceMismatchError(
+                    f"Gram file {path!r}: layer {info.module!r} has parameter {name!r}, which "
+                    "the model does not have"
+                )
+        w = named[info.weight]
+        d_out, d_in = (
+            (w.shape[1], w.shape[0])
+            if info.kind == "hf_conv1d"
+            else (
+                w.shape[0],
+                w[0].numel(),
+            )
+        )
+        if (d_in, d_out) != (info.d_in, info.d_out):
+            raise SpaceMismatchError(
+                f"Gram file {path!r}: layer {info.module!r} maps {info.d_in} -> {info.d_out} "
+                f"features in the file but {d_in} -> {d_out} in the model "
+                f"({info.weight!r} has shape {tuple(w.shape)})"
+            )
+
+
+def load_grams(
+    path: str | os.PathLike,
+    model: nn.Module | Mapping[str, Tensor] | None = None,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    device: torch.device | str | None = None,
+) -> LayerGrams:
+    """Load Gram matrices saved by :func:`save_grams`.
+
+    Args:
+        path: The file.
+        model: Optional model (or parameter dict) the file must fit: every layer's weight
+            and bias exist with the recorded sizes.
+        metadata: Optional expected metadata: every key must be stored with this value.
+        device: Device of the loaded Grams (default CPU).
+
+    Raises:
+        ValueError: Not a Gram file, corrupt, or a metadata value differs from ``metadata``.
+        SpaceMismatchError: The file does not fit ``model``.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Gram file {path!r} does not exist")
+    try:
+        with safe_open(path, framework="pt") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("format") != GRAMS_FORMAT:
+                raise ValueError(
+                    f"{path!r} is not a curvmerge Gram file (metadata format is "
+                    f"{meta.get('format')!r}, expected {GRAMS_FORMAT!r})"
+                )
+            records = json.loads(meta["layers"])
+            keys = set(fh.keys())
+            if keys != {f"gram:{r['module']}" for r in records}:
+                raise ValueError(f"{path!r} is corrupt: its layers do not match its tensors")
+            tensors = {r["module"]: fh.get_tensor(f"gram:{r['module']}") for r in records}
+            unsupported = json.loads(meta["unsupported"])
+            num_examples = int(meta["num_examples"])
+    except (SafetensorError, json.JSONDecodeError, KeyError) as err:
+        raise ValueError(f"{path!r} is truncated or corrupt: {err}") from err
+    for key, value in (metadata or {}).items():
+        if meta.get(str(key)) != str(value):
+            raise ValueError(
+                f"Gram file {path!r} was saved with {key}={meta.get(str(key))!r}, "
+                f"expected {key}={value!r}"
+            )
+    layers = {
+        r["module"]: LayerInfo(
+            r["module"], r["kind"], r["weight"], r["bias"], int(r["d_in"]), int(r["d_out"])
+        )
+        for r in records
+    }
+    for k, info in layers.items():
+        if tuple(tensors[k].shape) != (info.size, info.size):
+            raise ValueError(
+                f"{path!r} is corrupt: layer {k!r} has a Gram of shape "
+                f"{tuple(tensors[k].shape)}, expected {(info.size, info.size)}"
+            )
+    if model is not None:
+        _check_model(path, layers, model)
+    grams = {k: t.to(device or "cpu") for k, t in tensors.items()}
+    num_rows = {r["module"]: int(r["num_rows"]) for r in records}
+    return LayerGrams(grams, num_rows, layers, unsupported, num_examples)
