@@ -26,6 +26,8 @@ from curvmerge.merging.report import (
     load_merged,
     parameters_of,
 )
+from curvmerge.merging.spectral import iso_c, iso_cts, tsv_merge
+from curvmerge.merging.spherical import slerp_sequential, spherical_barycenter
 from curvmerge.merging.sweep import (
     SweepPoint,
     SweepResult,
@@ -54,6 +56,11 @@ __all__ = [
     "ties",
     "dare",
     "slerp",
+    "slerp_sequential",
+    "spherical_barycenter",
+    "tsv_merge",
+    "iso_c",
+    "iso_cts",
     "MethodReport",
     "output_ensemble",
     "OutputEnsemble",
