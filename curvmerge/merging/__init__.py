@@ -16,6 +16,7 @@ from curvmerge.merging.registry import (
     method_names,
     task_models,
 )
+from curvmerge.merging.regmean import RegMeanReport, SingularGramWarning, regmean
 from curvmerge.merging.report import (
     ConvergenceError,
     ConvergenceWarning,
@@ -61,6 +62,9 @@ __all__ = [
     "tsv_merge",
     "iso_c",
     "iso_cts",
+    "regmean",
+    "RegMeanReport",
+    "SingularGramWarning",
     "MethodReport",
     "output_ensemble",
     "OutputEnsemble",

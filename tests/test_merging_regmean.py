@@ -1,0 +1,341 @@
+"""RegMean and RegMean++ against least-squares references built in float64 in the tests."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from curvmerge import merge
+from curvmerge.merging.regmean import (
+    RegMeanReport,
+    SingularGramWarning,
+    regmean,
+    scale_off_diagonal,
+)
+from curvmerge.operators import DenseOperator
+from curvmerge.space import ParamSpace
+from curvmerge.statistics import LayerGrams, input_grams
+from curvmerge.statistics.layers import LayerInfo
+
+D = torch.float64
+
+
+def Grams(grams, layers, num_rows=None):  # noqa: N802
+    """A LayerGrams built by hand."""
+    rows = {k: int(num_rows or 1) for k in grams}
+    return LayerGrams(grams, rows, layers)
+
+
+def _aug(X: Tensor) -> Tensor:
+    return torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype)], 1)
+
+
+def _tasks(T=3, d_in=4, d_out=3, n=(12, 9, 15), seed=0):
+    """Inputs of T regression tasks and a linear model fitted to each (with bias)."""
+    g = torch.Generator().manual_seed(seed)
+    Xs, models = [], []
+    for t in range(T):
+        X = torch.randn(n[t], d_in, generator=g, dtype=D) * (1 + t) + t
+        Y = torch.randn(n[t], d_out, generator=g, dtype=D)
+        M = torch.linalg.lstsq(_aug(X), Y).solution.T  # [d_out, d_in + 1], fitted
+        Xs.append(X)
+        models.append({"fc.weight": M[:, :d_in].contiguous(), "fc.bias": M[:, d_in].clone()})
+    return Xs, models
+
+
+def _grams(Xs, bias=True, name="fc", kind="linear", d_out=3):
+    d_in = Xs[0].shape[1]
+    info = {
+        name: LayerInfo(name, kind, f"{name}.weight", f"{name}.bias" if bias else None, d_in, d_out)
+    }
+    out = []
+    for X in Xs:
+        R = _aug(X) if bias else X
+        out.append(Grams({name: R.T @ R}, info, num_rows=X.shape[0]))
+    return out
+
+
+def _lstsq_merge(Xs, models, weights=None, bias=True):
+    """argmin_M sum_t w_t ||X_t M^T - X_t M_t^T||^2 by one stacked least-squares problem."""
+    weights = weights or [1.0] * len(Xs)
+    rows, targets = [], []
+    for X, m, w in zip(Xs, models, weights, strict=True):
+        R = _aug(X) if bias else X
+        M = torch.cat([m["fc.weight"], m["fc.bias"][:, None]], 1) if bias else m["fc.weight"]
+        rows.append(math.sqrt(w) * R)
+        targets.append(math.sqrt(w) * R @ M.T)
+    return torch.linalg.lstsq(torch.cat(rows), torch.cat(targets)).solution.T
+
+
+# ---------------------------------------------------------------------------------- RegMean
+@pytest.mark.parametrize("bias", [True, False])
+def test_regmean_alpha_one_is_the_least_squares_merge(bias):
+    Xs, models = _tasks()
+    if not bias:
+        models = [{"fc.weight": m["fc.weight"]} for m in models]
+    out = regmean(models, _grams(Xs, bias=bias), alpha=1.0)
+    ref = _lstsq_merge(Xs, models, bias=bias)
+    W = out.params["fc.weight"]
+    assert W.dtype == D and W.shape == (3, 4)
+    torch.testing.assert_close(W, ref[:, :4], rtol=0, atol=1e-8)
+    if bias:
+        torch.testing.assert_close(out.params["fc.bias"], ref[:, 4], rtol=0, atol=1e-8)
+    assert isinstance(out.report, RegMeanReport)
+    assert out.report.layers == ["fc"] and out.report.averaged == [] and not out.report.singular
+    assert out.report.options == {"alpha": 1.0, "normalize": False}
+    # the merge is not an average: the regression moved it
+    avg = sum(m["fc.weight"] for m in models) / 3
+    assert (W - avg).abs().max() > 1e-2
+
+
+def test_regmean_alpha_below_one_matches_hand_formula():
+    Xs, models = _tasks()
+    alpha = 0.6
+    out = regmean(models, _grams(Xs), alpha=alpha)
+    Gs = [(_aug(X).T @ _aug(X)) for X in Xs]
+    Gt = [alpha * G + (1 - alpha) * torch.diag(torch.diag(G)) for G in Gs]
+    Ms = [torch.cat([m["fc.weight"], m["fc.bias"][:, None]], 1) for m in models]
+    ref = torch.linalg.solve(sum(Gt), sum(G @ M.T for G, M in zip(Gt, Ms, strict=True))).T
+    torch.testing.assert_close(out.params["fc.weight"], ref[:, :4], rtol=0, atol=1e-10)
+    torch.testing.assert_close(out.params["fc.bias"], ref[:, 4], rtol=0, atol=1e-10)
+    # and it is not the alpha=1 solution
+    plain = regmean(models, _grams(Xs), alpha=1.0).params["fc.weight"]
+    assert (plain - out.params["fc.weight"]).abs().max() > 1e-3
+
+
+def test_scale_off_diagonal():
+    G = torch.tensor([[4.0, 2.0, -1.0], [2.0, 3.0, 0.5], [-1.0, 0.5, 2.0]], dtype=D)
+    S = scale_off_diagonal(G, 0.25)
+    torch.testing.assert_close(torch.diag(S), torch.diag(G))
+    off = ~torch.eye(3, dtype=torch.bool)
+    torch.testing.assert_close(S[off], 0.25 * G[off])
+
+
+def test_regmean_weights_are_a_weighted_regression():
+    Xs, models = _tasks()
+    w = [1.0, 3.0, 0.5]
+    out = regmean(models, _grams(Xs), alpha=1.0, weights=w)
+    ref = _lstsq_merge(Xs, models, weights=w)
+    torch.testing.assert_close(out.params["fc.weight"], ref[:, :4], rtol=0, atol=1e-8)
+    assert out.report.weights == w
+    # only ratios matter
+    scaled = regmean(models, _grams(Xs), alpha=1.0, weights=[2 * v for v in w])
+    torch.testing.assert_close(scaled.params["fc.bias"], out.params["fc.bias"], rtol=0, atol=1e-12)
+    # a zero weight drops a task
+    two = regmean(models, _grams(Xs), alpha=1.0, weights=[1.0, 1.0, 0.0])
+    ref2 = _lstsq_merge(Xs[:2], models[:2])
+    torch.testing.assert_close(two.params["fc.weight"], ref2[:, :4], rtol=0, atol=1e-8)
+
+
+def test_parameters_without_grams_are_the_weighted_average():
+    Xs, models = _tasks()
+    g = torch.Generator().manual_seed(1)
+    extra = [torch.randn(5, generator=g, dtype=D) for _ in models]
+    full = [{**m, "norm.weight": e, "other.weight": e[:2] * 3} for m, e in zip(models, extra)]
+    w = [1.0, 2.0, 5.0]
+    out = regmean(full, _grams(Xs), weights=w)
+    ref = sum(wi * e for wi, e in zip(w, extra, strict=True)) / sum(w)
+    torch.testing.assert_close(out.params["norm.weight"], ref, rtol=0, atol=1e-15)
+    torch.testing.assert_close(out.params["other.weight"], 3 * ref[:2], rtol=0, atol=1e-15)
+    assert out.report.averaged == ["norm.weight", "other.weight"]
+    # the regression layer is unaffected by the extra parameters
+    alone = regmean(models, _grams(Xs), weights=w)
+    torch.testing.assert_close(out.params["fc.weight"], alone.params["fc.weight"])
+
+
+def test_layer_without_a_gram_in_every_model_is_averaged():
+    Xs, models = _tasks()
+    grams = _grams(Xs)
+    grams[1] = Grams({}, {})
+    out = regmean(models, grams)
+    avg = sum(m["fc.weight"] for m in models) / 3
+    torch.testing.assert_close(out.params["fc.weight"], avg, rtol=0, atol=1e-15)
+    assert out.report.layers == [] and out.report.averaged == ["fc.weight", "fc.bias"]
+
+
+def test_params_selects_what_is_merged():
+    Xs, models = _tasks()
+    out = regmean(models, _grams(Xs), alpha=1.0, params=["fc.weight"])
+    assert set(out.params) == {"fc.weight"}
+    # the bias is not merged: the weight is solved on the weight's block of the Gram
+    nobias = [{"fc.weight": m["fc.weight"]} for m in models]
+    ref = _lstsq_merge(Xs, nobias, bias=False)
+    torch.testing.assert_close(out.params["fc.weight"], ref, rtol=0, atol=1e-8)
+    only_bias = regmean(models, _grams(Xs), params="bias$")
+    avg = sum(m["fc.bias"] for m in models) / 3
+    torch.testing.assert_close(only_bias.params["fc.bias"], avg, rtol=0, atol=1e-15)
+    assert only_bias.report.layers == []
+
+
+def test_singular_gram_keeps_the_average_in_unseen_directions():
+    Xs, models = _tasks()
+    Xs = [torch.cat([X[:, :3], torch.zeros(X.shape[0], 1, dtype=D)], 1) for X in Xs]  # dead input
+    for alpha in (1.0, 0.5):
+        with pytest.warns(SingularGramWarning, match="'fc'.*pseudo-inverse"):
+            out = regmean(models, _grams(Xs), alpha=alpha)
+        assert out.report.singular == ["fc"]
+        W = out.params["fc.weight"]
+        avg = sum(m["fc.weight"] for m in models) / 3
+        torch.testing.assert_close(W[:, 3], avg[:, 3], rtol=0, atol=1e-12)
+        # the seen inputs are the regression on the live inputs
+        live = [X[:, :3] for X in Xs]
+        sub = [{"fc.weight": m["fc.weight"][:, :3], "fc.bias": m["fc.bias"]} for m in models]
+        grams = _grams(live)
+        ref = regmean(sub, grams, alpha=alpha)
+        torch.testing.assert_close(W[:, :3], ref.params["fc.weight"], rtol=0, atol=1e-8)
+        torch.testing.assert_close(out.params["fc.bias"], ref.params["fc.bias"], rtol=0, atol=1e-8)
+    assert all(torch.isfinite(v).all() for v in out.params.values())
+
+
+def test_fewer_rows_than_inputs_with_alpha_one_is_singular_not_nan():
+    Xs, models = _tasks(n=(2, 1, 1))  # 4 rows, 5 inputs: the summed Gram has rank 4
+    X = torch.cat([_aug(X) for X in Xs])
+    null = torch.linalg.svd(X).Vh[4:]  # [1, 5]: no task's inputs reach it
+    for t, m in enumerate(models):  # move each model along it: no prediction changes
+        m["fc.weight"] = m["fc.weight"] + (t + 1) * null[:, :4]
+        m["fc.bias"] = m["fc.bias"] + (t + 1) * null[0, 4]
+    with pytest.warns(SingularGramWarning):
+        out = regmean(models, _grams(Xs), alpha=1.0)
+    M = torch.cat([out.params["fc.weight"], out.params["fc.bias"][:, None]], 1)
+    Ms = [torch.cat([m["fc.weight"], m["fc.bias"][:, None]], 1) for m in models]
+    # every task's predictions on its own rows are reproduced (4 equations, 5 unknowns)
+    for Xt, Mt in zip(Xs, Ms, strict=True):
+        torch.testing.assert_close(_aug(Xt) @ M.T, _aug(Xt) @ Mt.T, rtol=0, atol=1e-9)
+    # and along the unseen direction the merge keeps the average (2 = mean of 1, 2, 3)
+    avg = sum(Ms) / 3
+    assert float((avg @ null.T).abs().min()) > 0.5
+    torch.testing.assert_close(M @ null.T, avg @ null.T, rtol=0, atol=1e-9)
+
+
+def test_regmean_is_the_merge_equation_with_gram_kronecker_identity():
+    """F_t = G~_t (x) I on [W b] rows (dense, built here), zero elsewhere; lambda -> 0."""
+    Xs, models = _tasks()
+    g = torch.Generator().manual_seed(3)
+    full = [{**m, "norm.weight": torch.randn(2, generator=g, dtype=D)} for m in models]
+    alpha, w = 0.8, [0.5, 1.0, 2.0]
+    out = regmean(full, _grams(Xs), alpha=alpha, weights=w)
+    space = ParamSpace.from_tensors(full[0])
+    P, d_out, d = space.size, 3, 5
+    # row o of [W b] sits at W[o, :] (offset o * 4) and b[o] (offset 12 + o)
+    idx = [[o * 4 + i for i in range(4)] + [12 + o] for o in range(d_out)]
+    Fs = []
+    for X in Xs:
+        G = _aug(X).T @ _aug(X)
+        Gt = alpha * G + (1 - alpha) * torch.diag(torch.diag(G))
+        F = torch.zeros(P, P, dtype=D)
+        for rows in idx:
+            F[torch.tensor(rows)[:, None], torch.tensor(rows)[None, :]] = Gt
+        Fs.append(DenseOperator(space, F, self_adjoint=True))
+    ref = merge(full, Fs, weights=w, damping=1e-10, damping_scale=1.0, rtol=1e-13)
+    for n in space.names:
+        torch.testing.assert_close(out.params[n], ref.params[n], rtol=0, atol=1e-7)
+    assert d == 5
+
+
+def test_layouts_hf_conv1d_and_conv_read_the_weight_as_rows():
+    Xs, models = _tasks()
+    ref = regmean(models, _grams(Xs), alpha=0.7)
+    # HF Conv1D stores the weight [in, out]
+    t_models = [
+        {"fc.weight": m["fc.weight"].T.contiguous(), "fc.bias": m["fc.bias"]} for m in models
+    ]
+    out = regmean(t_models, _grams(Xs, kind="hf_conv1d"), alpha=0.7)
+    torch.testing.assert_close(out.params["fc.weight"].T, ref.params["fc.weight"])
+    # a convolution's weight [out, c, k] is read as weight.reshape(out, -1)
+    c_models = [
+        {"fc.weight": m["fc.weight"].reshape(3, 2, 2), "fc.bias": m["fc.bias"]} for m in models
+    ]
+    out = regmean(c_models, _grams(Xs, kind="conv"), alpha=0.7)
+    assert out.params["fc.weight"].shape == (3, 2, 2)
+    torch.testing.assert_close(out.params["fc.weight"].reshape(3, 4), ref.params["fc.weight"])
+
+
+def test_layers_of_equal_size_solved_together_match_separate_solves():
+    Xs, models = _tasks()
+    Zs, others = _tasks(seed=7)
+    both = [
+        {**m, "fc2.weight": o["fc.weight"], "fc2.bias": o["fc.bias"]}
+        for m, o in zip(models, others, strict=True)
+    ]
+    grams = []
+    for a, b in zip(_grams(Xs), _grams(Zs, name="fc2"), strict=True):
+        grams.append(Grams({**a.grams, **b.grams}, {**a.layers, **b.layers}))
+    out = regmean(both, grams, alpha=1.0)
+    ref1, ref2 = _lstsq_merge(Xs, models), _lstsq_merge(Zs, others)
+    torch.testing.assert_close(out.params["fc.weight"], ref1[:, :4], rtol=0, atol=1e-8)
+    torch.testing.assert_close(out.params["fc2.weight"], ref2[:, :4], rtol=0, atol=1e-8)
+    assert out.report.layers == ["fc", "fc2"]
+
+
+def test_normalize_divides_each_models_grams_by_its_rows():
+    Xs, models = _tasks()
+    out = regmean(models, _grams(Xs), alpha=1.0, normalize=True)
+    ref = _lstsq_merge(Xs, models, weights=[1 / X.shape[0] for X in Xs])
+    torch.testing.assert_close(out.params["fc.weight"], ref[:, :4], rtol=0, atol=1e-8)
+    assert out.report.options["normalize"] is True
+
+
+def test_regmean_keeps_dtype_and_accepts_modules():
+    Xs, models = _tasks()
+    mods = []
+    for m in models:
+        lin = nn.Linear(4, 3)
+        with torch.no_grad():
+            lin.weight.copy_(m["fc.weight"])
+            lin.bias.copy_(m["fc.bias"])
+        mods.append(nn.ModuleDict({"fc": lin}))
+    out = regmean(mods, _grams(Xs), alpha=1.0)
+    assert out.params["fc.weight"].dtype == torch.float32
+    ref = _lstsq_merge(Xs, models)
+    torch.testing.assert_close(out.params["fc.weight"].double(), ref[:, :4], rtol=0, atol=1e-4)
+    assert "1 layers solved, 0 parameters averaged" in str(out.report)
+
+
+def test_regmean_bad_inputs_raise_clear_errors():
+    Xs, models = _tasks()
+    grams = _grams(Xs)
+    with pytest.raises(ValueError, match="2 Gram sets .* for 3 models"):
+        regmean(models, grams[:2])
+    for alpha in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="alpha"):
+            regmean(models, grams, alpha=alpha)
+    bad = _grams(Xs)
+    bad[2] = Grams({"fc": torch.eye(4, dtype=D)}, bad[2].layers)
+    with pytest.raises(ValueError, match=r"layer 'fc': grams\[2\] has a Gram of shape \(4, 4\)"):
+        regmean(models, bad)
+    with pytest.raises(TypeError, match="LayerGrams"):
+        regmean(models, [{"fc": torch.eye(5)}] * 3)
+    with pytest.raises(TypeError, match="one LayerGrams per model"):
+        regmean(models, grams[0])
+    wide = [{"fc.weight": torch.zeros(3, 6, dtype=D), "fc.bias": torch.zeros(3, dtype=D)}] * 3
+    with pytest.raises(ValueError, match="weight 'fc.weight' has shape"):
+        regmean(wide, grams)
+    with pytest.raises(ValueError, match="weights"):
+        regmean(models, grams, weights=[1.0, -1.0, 1.0])
+    with pytest.raises(ValueError, match="non-empty list of models"):
+        regmean([], [])
+
+
+def _linear_modules(models):
+    mods = []
+    for m in models:
+        lin = nn.Linear(4, 3, dtype=D)
+        with torch.no_grad():
+            lin.weight.copy_(m["fc.weight"])
+            lin.bias.copy_(m["fc.bias"])
+        mods.append(nn.Sequential(nn.Identity(), lin))
+    return mods
+
+
+def test_regmean_with_input_grams_of_modules():
+    Xs, models = _tasks()
+    mods = _linear_modules(models)
+    grams = [input_grams(m, [(X, None)]) for m, X in zip(mods, Xs, strict=True)]
+    out = regmean(mods, grams, alpha=1.0)
+    ref = _lstsq_merge(Xs, models)
+    torch.testing.assert_close(out.params["1.weight"], ref[:, :4], rtol=0, atol=1e-8)
+    torch.testing.assert_close(out.params["1.bias"], ref[:, 4], rtol=0, atol=1e-8)
+    assert out.report.layers == ["1"]
