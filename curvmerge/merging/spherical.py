@@ -48,9 +48,10 @@ def _normalized(weights: list[float]) -> list[float]:
 
 
 def _segments(flat, per_tensor: bool) -> list[tuple[str, slice]]:
+    """``(label, slice)`` of each merged piece: every tensor, or the whole flat vector."""
     if per_tensor:
-        return list(flat.space.slices().items())
-    return [("all parameters", slice(0, flat.space.size))]
+        return [(f"tensor {name!r}", sl) for name, sl in flat.space.slices().items()]
+    return [("the flattened parameters", slice(0, flat.space.size))]
 
 
 # ---------------------------------------------------------------------------------- sequential
@@ -202,7 +203,9 @@ def spherical_barycenter(
     Fillmore 2001) times the weighted mean norm. For two models with weights
     :math:`(1-t, t)` it is :func:`~curvmerge.merging.methods.slerp` at :math:`t`; it does not
     depend on the order of the models. The mean is unique when the directions lie in an open
-    hemisphere.
+    hemisphere (task vectors of a shared base usually do: their cosines are rarely negative);
+    for points spread wider the iteration stops at a local Fréchet mean (a stationary point
+    of the weighted squared-angle sum), which depends on the start.
 
     Degenerate tensors never give NaN:
 
@@ -256,7 +259,7 @@ def spherical_barycenter(
     weight = torch.tensor(w, dtype=torch.float64, device=vectors.device)
     only = [t for t in range(T) if w[t] > 0]
     iterations, converged, fallbacks, pieces = 0, True, 0, []
-    for name, sl in _segments(flat, per_tensor):
+    for label, sl in _segments(flat, per_tensor):
         if len(only) == 1:  # one model carries all the weight: return it exactly
             pieces.append(vectors[only[0], sl])
             continue
@@ -278,7 +281,7 @@ def spherical_barycenter(
         if not ok:
             converged = False
             warnings.warn(
-                f"spherical_barycenter: {name} did not converge in {maxiter} steps "
+                f"spherical_barycenter: {label} did not converge in {maxiter} steps "
                 f"(tol={tol:g}); using the last iterate",
                 ConvergenceWarning,
                 stacklevel=2,
