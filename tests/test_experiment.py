@@ -3,6 +3,7 @@ reports, files written atomically, Fisher files reused, configurations checked."
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -18,13 +19,14 @@ from curvmerge.experiment import (
     MethodRun,
     ModelPool,
     Settings,
+    StatisticsStore,
     TaskData,
     load_config,
     run_experiment,
     validate_config,
 )
 from curvmerge.models import make_mlp
-from curvmerge.train import OneClassWarning, finetune
+from curvmerge.train import OneClassWarning, finetune, iter_batches
 
 HIDDEN = (16,)
 SUBSETS = ((0, 1, 2), (3, 4, 5))
@@ -459,6 +461,61 @@ def test_tasks_given_as_batches(trained):
                 assert a.metrics[row][task][k] == pytest.approx(b.metrics[row][task][k])
     # the statistics take exactly fisher_examples examples: 40 + the first 24 of batch 2
     assert b.costs["statistics"]["diagonal_fisher"]["examples"] == [64, 64]
+
+
+def _float64_pools(trained):
+    tasks, base, models = trained
+
+    def split(t, k):
+        return TensorSplit(getattr(t, k).inputs.double(), getattr(t, k).labels)
+
+    pool = ModelPool([copy.deepcopy(m).double() for m in models], base=copy.deepcopy(base).double())
+    return pool, [TaskData(t.name, **{k: split(t, k) for k in ("train", "val", "test")})
+                  for t in tasks]  # fmt: skip
+
+
+def test_exact_fisher_damping_grid_is_one_krylov_space_in_the_runner(trained, monkeypatch):
+    import curvmerge.experiment.runner as runner
+    from curvmerge.merging import PreparedMerge
+
+    pool, tasks = _float64_pools(trained)
+    seen = []
+    real = runner.grid_search
+
+    def recording(make, points, **kwargs):
+        return real(lambda **p: seen.append(make(**p)) or seen[-1], points, **kwargs)
+
+    monkeypatch.setattr(runner, "grid_search", recording)
+    dampings, rtol = [1e-1, 1e-2, 1e-3], 1e-10
+    method = {"method": "fisher_exact", "grid": {"damping": dampings},
+              "options": {"rtol": rtol, "maxiter": 1000}}  # fmt: skip
+    names = pool.shared_names()
+    store = StatisticsStore(pool.models, [list(iter_batches(t.train, 32))[:1] for t in tasks],
+                            ["cross_entropy"] * 2, names, exact_examples=32)  # fmt: skip
+    res = run_experiment(pool, tasks, [method], store=store,
+                         settings=Settings(**SETTINGS, references=False))  # fmt: skip
+    found = res.sweeps["fisher_exact"]
+    assert [r.report.damping for r in seen] == dampings
+    assert all(r.report.shared_solve == 3 and r.report.converged for r in seen)
+    assert all(r.report.relative_residual <= rtol for r in seen)  # each its own true residual
+    # each point equals a separate solve of its own (the same operators) to the tolerance
+    from curvmerge.operators.ggn import GGNOperator
+
+    curvatures = store.operators(GGNOperator)
+    alone = PreparedMerge(pool.models, curvatures, base=pool.base, params=names,
+                          rtol=rtol, maxiter=1000, warm_start=False)  # fmt: skip
+    separate = [alone.merge(damping=d) for d in dampings]
+    for got, ref in zip(seen, separate, strict=True):
+        assert ref.report.converged
+        for n, v in ref.params.items():
+            assert torch.allclose(got.params[n], v, rtol=0, atol=1e-7 * float(v.abs().max())), n
+    # the grid costs about its hardest point alone; the products are counted once
+    hardest = separate[-1].report.products
+    spent = found.products - found.prepare_products
+    assert spent <= 1.3 * hardest
+    assert sum(p.products for p in found.points) > spent  # the points' needs overlap
+    assert res.costs["methods"]["fisher_exact"]["products"] == found.products
+    assert sum(r.report.products for r in separate) > 2 * spent
 
 
 # ------------------------------------------------------------------ token-level batches

@@ -308,3 +308,9 @@ def test_sweep_solves_each_weight_points_damping_grid_from_one_krylov_space():
     # one multi-shift run per weight point: its smallest damping's products
     shared = sum(out.points[3 * i].products for i in range(3))
     assert shared < separate
+    # the run's products are spent once, on the grid's first point, and counted once
+    assert [p.spent_products for p in out.points[1:3]] == [0, 0]
+    assert out.points[0].spent_products >= out.points[0].products
+    assert out.products == out.prepare_products + sum(p.spent_products for p in out.points)
+    assert out.products < out.prepare_products + sum(p.products for p in out.points)
+    assert "multi-shift" in out.summary()

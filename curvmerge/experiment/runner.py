@@ -61,13 +61,24 @@ def _say(log: Callable[[str], None] | None, msg: str) -> None:
 
 
 def _maker(
-    spec: MethodSpec, run: MethodRun, pool: ModelPool, names, curvatures, points, progress=False
+    spec: MethodSpec,
+    run: MethodRun,
+    pool: ModelPool,
+    names,
+    curvatures,
+    points,
+    progress=False,
+    log=None,
 ):
     """``make(**point)`` runs the method at a point, and the grid search's preparation costs.
 
     An equation method whose grid varies only weights and damping gets one PreparedMerge for
     its whole grid (statistics stacked once); any other method (or a grid over, say, the
     prior) is called through its registry row at each point, with the same statistics.
+    With operator curvatures and no preconditioner, the dampings of each weight point are
+    solved together by one multi-shift CG run (:meth:`PreparedMerge.merge_dampings`, one
+    Krylov space, at about the cost of the hardest damping): the first of those points
+    runs it and carries its products (``spent_products``), the others read their results.
     """
     if not spec.equation or any(set(p) - {"weights", "damping"} for p in points):
 
@@ -84,16 +95,66 @@ def _maker(
         params=names,
         **{k: fixed[k] for k in _PREPARED_OPTIONS if k in fixed},
     )
+    maxiter = fixed.get("maxiter")
+    require = fixed.get("require_convergence", False)
+
+    def resolve(point):
+        weights = point.get("weights", fixed.get("weights"))
+        key = None if weights is None else tuple(weights)
+        return weights, key, point.get("damping", fixed.get("damping"))
+
+    # the dampings of each weight point, in grid order: shared where multi-shift CG applies
+    grids: dict[Any, list] = {}
+    for point in points:
+        _, key, damping = resolve(point)
+        grids.setdefault(key, []).append(damping)
+    if prepared.kind != "operator" or prepared.preconditioner is not None:
+        grids = {}
+    pending: dict[Any, list] = {}
+
+    def solve_grid(weights, key):
+        dampings = grids[key]
+        bar = None
+        if progress:  # one bar for the whole grid: it is one solve
+            bar = SolveProgress(
+                curvatures, total=maxiter, desc=f"{spec.name} CG ({len(dampings)} dampings)"
+            )
+        results = None
+        try:
+            results = prepared.merge_dampings(
+                weights, dampings, require_convergence=require, callback=bar
+            )
+        finally:
+            if bar is not None and results is not None:
+                bar.finish(costs=results.costs, residual=results.relative_residual)
+            elif bar is not None:
+                bar.finish()
+        hardest = max(r.report.iterations for r in results)
+        _say(
+            log,
+            f"{spec.name}: {len(dampings)} dampings solved by one multi-shift CG run, "
+            f"{hardest} iterations, {results.products} products"
+            + (f" (cap maxiter={maxiter})" if maxiter is not None else ""),
+        )
+        pending[key] = list(results)
 
     def make(**point):
+        weights, key, damping = resolve(point)
+        if len(grids.get(key, ())) > 1:
+            if not pending.get(key):
+                solve_grid(weights, key)
+            result = pending[key].pop(0)
+            if result.report.damping != damping:
+                raise RuntimeError("runner: the damping grid's results came out of order")
+            return result
         bar = None
         if progress and prepared.kind == "operator":  # one bar per CG solve
-            bar = SolveProgress(curvatures, total=fixed.get("maxiter"), desc=f"{spec.name} CG")
+            bar = SolveProgress(curvatures, total=maxiter, desc=f"{spec.name} CG")
         try:
             result = prepared.merge(
-                weights=point.get("weights", fixed.get("weights")),
-                damping=point.get("damping", fixed.get("damping")),
-                require_convergence=fixed.get("require_convergence", False),
+                weights=weights,
+                damping=damping,
+                require_convergence=require,
                 callback=bar,
             )
         except BaseException:
@@ -232,7 +293,7 @@ def run_experiment(
         points = run.points()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            make, prep = _maker(spec, run, pool, names, curvatures, points, progress)
+            make, prep = _maker(spec, run, pool, names, curvatures, points, progress, log)
             found = grid_search(
                 make,
                 points,
@@ -254,7 +315,7 @@ def run_experiment(
             res.sweeps[label] = found
         if isinstance(found.best_result, MergeResult):
             res.merged[label] = found.best_result.params
-        products = found.prepare_products + sum(p.products for p in found.points)
+        products = found.products  # a shared multi-shift run counted once
         detail: dict[str, Any] = {}
         if best.effective_damping is not None:
             detail["λ"] = best.effective_damping

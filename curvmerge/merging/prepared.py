@@ -76,14 +76,25 @@ class DampingGridResults(list):
 
     Attributes:
         products: Operator products the grid cost, shared ones counted once (the reports'
-            ``products`` state what each point needed, so their sum overstates it).
+            ``products`` state what each point needed, so their sum overstates it; their
+            ``spent_products`` sum to this).
         shared: Whether the grid was solved by one multi-shift CG run.
+        costs: The grid's products and seconds, each counted once
+            (:class:`~curvmerge.merging.MergeCosts`).
     """
 
-    def __init__(self, results=(), *, products: int = 0, shared: bool = False):
+    def __init__(
+        self, results=(), *, products: int = 0, shared: bool = False, costs: MergeCosts = None
+    ):
         super().__init__(results)
         self.products = products
         self.shared = shared
+        self.costs = costs if costs is not None else MergeCosts()
+
+    @property
+    def relative_residual(self) -> float:
+        """The largest true relative residual over the grid."""
+        return max((r.report.relative_residual for r in self), default=0.0)
 
 
 def _curvature_keys(curvatures) -> tuple:
@@ -303,6 +314,7 @@ class PreparedMerge:
         dampings: Sequence[float] = (DEFAULT_DAMPING,),
         *,
         require_convergence: bool = False,
+        callback=None,
     ) -> DampingGridResults:
         """The merges at ``weights`` for every damping of a grid, as :meth:`merge` at each.
 
@@ -320,13 +332,17 @@ class PreparedMerge:
             weights: Coefficients :math:`w_t \\ge 0` (default :math:`1/T`).
             dampings: The damping grid, relative to the damping scale.
             require_convergence: As in :meth:`merge`.
+            callback: Passed to the multi-shift CG run (called with the ``[P, S]`` block of
+                task-vector iterates; a :class:`~curvmerge.merging.SolveProgress` is one bar
+                for the grid), or to each :meth:`merge` when the grid is not shared.
 
         Returns:
             A :class:`DampingGridResults`: one :class:`~curvmerge.merging.MergeResult` per
             damping, in order. Each report states the products its own point needed (the
-            right-hand side, the shared iterations until its own test passed, the
-            true-residual block) and its true residual; the products were shared, so the
-            list's ``products`` counts them once (the grid's total cost).
+            right-hand side, the shared iterations until its own test passed, its column
+            of the true-residual block) and its true residual; the products were shared,
+            so the list's ``products`` and ``costs`` count them once (the grid's total
+            cost), and the reports' ``spent_products`` put them on the first result.
         """
         try:
             dampings = [check_damping(d) for d in dampings]
@@ -334,10 +350,14 @@ class PreparedMerge:
             raise ValueError(f"dampings: {err}") from None
         if self.kind != "operator" or self.preconditioner is not None or len(dampings) < 2:
             results = [
-                self.merge(weights, d, require_convergence=require_convergence) for d in dampings
+                self.merge(weights, d, require_convergence=require_convergence, callback=callback)
+                for d in dampings
             ]
+            costs = MergeCosts()
+            for r in results:
+                costs = costs + r.report.costs
             return DampingGridResults(
-                results, products=sum(r.report.products for r in results), shared=False
+                results, products=sum(r.report.products for r in results), costs=costs
             )
         start = time.perf_counter()
         points = [self._point(weights, d) for d in dampings]
@@ -347,9 +367,11 @@ class PreparedMerge:
         theta0, b = self._rhs_of(w, wl, grid_costs)
         A = system_operator(self.curvatures, wl, 0.0, self.space, self.dtype, self.device)
         t0 = time.perf_counter()
-        solved = cg_shifts(A, b, lams, rtol=self.rtol, maxiter=self.maxiter)
+        solved = cg_shifts(A, b, lams, rtol=self.rtol, maxiter=self.maxiter, callback=callback)
         cg_seconds = time.perf_counter() - t0
-        total = grid_costs.products + solved.products
+        grid_costs.cg_products += solved.products
+        grid_costs.cg_seconds += cg_seconds
+        grid_costs.curvatures = points[0][2].costs.curvatures
         bn = _norm(b)
         results = []
         for pt, lam, r in zip(points, lams, solved, strict=True):
@@ -360,6 +382,8 @@ class PreparedMerge:
             costs.cg_products += r.products
             costs.cg_seconds += cg_seconds  # shared by the grid
             report.method, report.warm_start = "cg", False
+            report.shared_solve = len(dampings)
+            report.spent_products = 0  # the run's products go on the first result below
             report.converged, report.iterations = r.converged, r.iterations
             report.relative_residual = r.relative_residual
             report.residual_history = list(r.residuals)
@@ -368,12 +392,16 @@ class PreparedMerge:
             if r.info > 0 and stopped_early:
                 # the recurrence passed, the true residual missed: finish from this x
                 Aj = system_operator(self.curvatures, wl, lam, self.space, self.dtype, self.device)
-                before = costs.products
+                before = MergeCosts(**vars(costs))
                 history = report.residual_history
                 y = solve_system(Aj, b, y, None, report, rtol=self.rtol, maxiter=self.maxiter)
                 report.iterations += r.iterations
                 report.residual_history = history + report.residual_history
-                total += costs.products - before
+                for k in ("cg", "warm_start"):  # the finishing solve's own products
+                    for unit in ("products", "seconds"):
+                        name = f"{k}_{unit}"
+                        spent = getattr(costs, name) - getattr(before, name)
+                        setattr(grid_costs, name, getattr(grid_costs, name) + spent)
             if lam > 0 and bn > 0:
                 report.curvature_share = min(1.0, _norm(b - lam * y) / bn)
             merged = theta0 + y
@@ -382,7 +410,10 @@ class PreparedMerge:
             results.append(
                 self._result(merged, report, pt[4], pt[5], start, require_convergence, fresh=True)
             )
-        return DampingGridResults(results, products=total, shared=True)
+        results[0].report.spent_products = grid_costs.products
+        return DampingGridResults(
+            results, products=grid_costs.products, shared=True, costs=grid_costs
+        )
 
     def _point(self, weights, damping):
         """Checked weights, the point's report, its λ and damping scale."""
@@ -456,6 +487,8 @@ class PreparedMerge:
             new = fresh is False and (converted is not value or self.kind != "operator")
             out[name] = converted if new else converted.clone()
         report.products = report.costs.products
+        if report.spent_products is None:
+            report.spent_products = report.products
         report.seconds = time.perf_counter() - start
         return MergeResult(out, report)
 

@@ -174,6 +174,13 @@ class MergeReport:
             at its prior (a :class:`DampingWarning` was issued).
         costs: Every product, diagonal pass and their seconds (:class:`MergeCosts`).
         seconds: Wall-clock time of the merge.
+        shared_solve: How many dampings one multi-shift CG run solved together with this
+            one (:meth:`~curvmerge.PreparedMerge.merge_dampings`; 0: solved on its own).
+            ``products`` then states what this point needed, shared products included.
+        spent_products: The products this result cost, so that a sum over results counts
+            each product once: ``products`` for a point solved on its own; in a damping grid
+            solved together, the whole run's products on its first result and 0 on the
+            others (``None`` until the merge finished).
     """
 
     method: str
@@ -196,6 +203,8 @@ class MergeReport:
     damping_dominates: bool = False
     costs: MergeCosts = field(default_factory=MergeCosts)
     seconds: float = 0.0
+    shared_solve: int = 0
+    spent_products: int | None = None
 
     def __post_init__(self) -> None:
         if not self.costs.curvatures:
@@ -215,6 +224,8 @@ class MergeReport:
                 f": {state} after {self.iterations} iterations, "
                 f"relative residual {self.relative_residual:.2e}"
             )
+            if self.shared_solve:
+                s += f" (one multi-shift run for {self.shared_solve} dampings)"
             c = self.costs
             if c.sum_products:
                 s += (
@@ -236,10 +247,12 @@ class MergeReport:
 class SolveProgress:
     """One progress bar for one CG solve (opt-in: built only where progress is asked for).
 
-    Pass it as the solve's ``callback``: each call is one iteration. While the solve runs
-    the bar counts iterations and the per-model products of curvatures that count their
-    own (a :class:`~curvmerge.GGNOperator`'s ``products``); :meth:`finish` writes the
-    report's iterations, relative residual and products of the sum before closing it.
+    Pass it as the solve's ``callback``: each call is one iteration (one product of the
+    sum). While the solve runs the bar counts iterations and shows the relative residual
+    (the solver passes it to :meth:`on_residual`) and the per-model products of
+    curvatures that count their own (a :class:`~curvmerge.GGNOperator`'s ``products``);
+    :meth:`finish` writes the outcome (true relative residual, products of the sum)
+    before closing it. A multi-shift solve of a damping grid is one solve: one bar.
 
     Args:
         curvatures: The merge's curvatures (``None`` for none).
@@ -257,27 +270,46 @@ class SolveProgress:
         self._start = sum(F.products for F in self._counted)
         self._callback = callback
         self.iterations = 0
+        self.residual: float | None = None
         self.bar = tqdm(total=total, desc=desc, unit="it", leave=False, dynamic_ncols=True)
 
     def per_model_products(self) -> int:
         """Products the counting curvatures ran since the bar started."""
         return sum(F.products for F in self._counted) - self._start
 
+    def on_residual(self, residual: float) -> None:
+        """The relative residual after the iteration about to be counted (the solver's)."""
+        self.residual = residual
+
     def __call__(self, x) -> None:
         self.iterations += 1
         self.bar.update(1)
+        parts = []
+        if self.residual is not None:
+            parts.append(f"residual {self.residual:.1e}")
         if self._counted:
-            self.bar.set_postfix_str(f"{self.per_model_products()} per-model products", False)
+            parts.append(f"{self.per_model_products()} per-model products")
+        if parts:
+            self.bar.set_postfix_str(", ".join(parts), False)
         if self._callback is not None:
             self._callback(x)
 
-    def finish(self, report: MergeReport | None = None) -> None:
-        """Show the report's outcome on the bar and close it."""
+    def finish(
+        self,
+        report: MergeReport | None = None,
+        *,
+        costs: MergeCosts | None = None,
+        residual: float | None = None,
+    ) -> None:
+        """Show the outcome on the bar and close it: a CG ``report``'s true relative
+        residual and products, or (a multi-shift solve) the largest true ``residual`` over
+        its dampings and the run's ``costs``."""
         if report is not None and report.method == "cg":
-            c = report.costs
+            costs, residual = report.costs, report.relative_residual
+        if costs is not None and residual is not None:
             self.bar.set_postfix_str(
-                f"residual {report.relative_residual:.2e}, {c.sum_products} products "
-                f"of the sum = {c.sum_products * max(c.curvatures, 1)} per-model",
+                f"residual {residual:.2e}, {costs.sum_products} products of the sum = "
+                f"{costs.sum_products * max(costs.curvatures, 1)} per-model",
             )
         self.bar.close()
 

@@ -97,7 +97,11 @@ class SweepPoint:
         validation_detail: The per-task validation values (empty for a scalar score).
         merge_seconds: Time spent merging (evaluation excluded).
         eval_seconds: Time spent in ``validate``.
-        products: Operator products of the merge (0 for closed forms).
+        products: Operator products the merge needed (0 for closed forms); for a damping
+            grid solved by one multi-shift CG run, the shared products it needed too.
+        spent_products: The products making this point cost, each product counted once over
+            the sweep: ``products``, except in a damping grid solved together, whose first
+            point carries the whole run and the others 0.
         iterations: CG iterations (0 for closed forms).
         converged: Whether the merge's solve converged.
         effective_damping: The merge's :math:`\\lambda` (``None`` when it has none).
@@ -112,6 +116,7 @@ class SweepPoint:
     merge_seconds: float = 0.0
     eval_seconds: float = 0.0
     products: int = 0
+    spent_products: int = 0
     iterations: int = 0
     converged: bool = True
     effective_damping: float | None = None
@@ -155,6 +160,12 @@ class SweepResult:
         return self.points[self.best]
 
     @property
+    def products(self) -> int:
+        """Operator products the sweep spent, each counted once: preparation plus every
+        point's ``spent_products`` (a shared multi-shift run once, not per damping)."""
+        return self.prepare_products + sum(p.spent_products for p in self.points)
+
+    @property
     def merge_seconds(self) -> float:
         """Time of all merges (evaluation excluded)."""
         return sum(p.merge_seconds for p in self.points)
@@ -196,6 +207,15 @@ class SweepResult:
                 "computing the statistics"
             )
         lines.append(cost + f" (evaluation {self.eval_seconds:.3g} s excluded)")
+        if self.products:
+            shared = sum(p.products for p in self.points) > sum(
+                p.spent_products for p in self.points
+            )
+            lines.append(
+                f"  operator products: {self.products} (preparation {self.prepare_products}"
+                + (", damping grids from one multi-shift CG run each" if shared else "")
+                + ")"
+            )
         if self.prepare_costs is not None and (
             self.prepare_costs.products or self.prepare_costs.diagonal_passes
         ):
@@ -224,6 +244,7 @@ class SweepResult:
             row.update(
                 merge_seconds=p.merge_seconds,
                 products=p.products,
+                spent_products=p.spent_products,
                 iterations=p.iterations,
                 effective_damping=p.effective_damping,
                 damping_dominates=p.damping_dominates,
@@ -325,6 +346,8 @@ def grid_search(
         score, detail = _score(validate(result), "validate")
         t2 = time.perf_counter()
         report = getattr(result, "report", None)
+        products = getattr(report, "products", 0)
+        spent = getattr(report, "spent_products", None)
         point = SweepPoint(
             index=i,
             coefficients=kwargs,
@@ -332,7 +355,8 @@ def grid_search(
             validation_detail=detail,
             merge_seconds=t1 - t0,
             eval_seconds=t2 - t1,
-            products=getattr(report, "products", 0),
+            products=products,
+            spent_products=products if spent is None else spent,
             iterations=getattr(report, "iterations", 0),
             converged=getattr(report, "converged", True),
             effective_damping=getattr(report, "effective_damping", None),
@@ -395,7 +419,8 @@ def sweep(
     multi-shift CG run (:meth:`~curvmerge.merging.prepared.PreparedMerge.merge_dampings`, at
     the cost of its smallest damping): weights are the outer loop, and each point's
     ``products`` are those it needed (the grid's shared products are counted in each of its
-    points; the first point's ``merge_seconds`` holds the grid's solve). Otherwise dampings
+    points; the first point's ``spent_products`` and ``merge_seconds`` hold the grid's
+    solve, and :attr:`SweepResult.products` counts it once). Otherwise dampings
     are the outer loop; the weights run forwards and backwards in turn so that consecutive
     points stay close (CG warm starts).
 
