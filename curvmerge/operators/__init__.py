@@ -12,6 +12,7 @@ from curvmerge.operators.block import BlockDiagonalOperator
 from curvmerge.operators.dense import DenseOperator
 from curvmerge.operators.diagonal import DiagonalOperator, IdentityOperator
 from curvmerge.operators.ggn import GGN_KINDS, GGNOperator
+from curvmerge.operators.kronecker import KroneckerBlock, KroneckerOperator
 
 __all__ = [
     "LinearOperator",
@@ -23,6 +24,8 @@ __all__ = [
     "DiagonalOperator",
     "IdentityOperator",
     "BlockDiagonalOperator",
+    "KroneckerOperator",
+    "KroneckerBlock",
     "GGNOperator",
     "GGN_KINDS",
     "as_operator",
