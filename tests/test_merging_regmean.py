@@ -13,6 +13,7 @@ from curvmerge.merging.regmean import (
     RegMeanReport,
     SingularGramWarning,
     regmean,
+    regmean_plus_plus,
     scale_off_diagonal,
 )
 from curvmerge.operators import DenseOperator
@@ -339,3 +340,175 @@ def test_regmean_with_input_grams_of_modules():
     torch.testing.assert_close(out.params["1.weight"], ref[:, :4], rtol=0, atol=1e-8)
     torch.testing.assert_close(out.params["1.bias"], ref[:, 4], rtol=0, atol=1e-8)
     assert out.report.layers == ["1"]
+
+
+# ---------------------------------------------------------------------------------- RegMean++
+def _mlps(T=3, seed=0):
+    torch.manual_seed(seed)
+    return [
+        nn.Sequential(nn.Linear(4, 5, dtype=D), nn.Tanh(), nn.Linear(5, 3, dtype=D)).eval()
+        for _ in range(T)
+    ]
+
+
+def _task_data(T=3, batches=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        [(torch.randn(6, 4, generator=g, dtype=D) + t, None) for _ in range(batches)]
+        for t in range(T)
+    ]
+
+
+def _stack(batches):
+    return torch.cat([x for x, _ in batches])
+
+
+def _hand_grams(name, Hs, d_out, bias=True):
+    d_in = Hs[0].shape[1]
+    info = {name: LayerInfo(name, "linear", f"{name}.weight", f"{name}.bias", d_in, d_out)}
+    return [Grams({name: _aug(H).T @ _aug(H)}, info) for H in Hs]
+
+
+def test_regmean_plus_plus_layer_by_layer_on_merged_inputs():
+    nets, data = _mlps(), _task_data()
+    alpha, w = 0.8, [1.0, 2.0, 0.5]
+    out = regmean_plus_plus(nets, data, alpha=alpha, weights=w)
+    params = [dict(n.named_parameters()) for n in nets]
+    Xs = [_stack(d) for d in data]
+    # layer 0 sees the data itself: it is RegMean's first layer
+    first = [{"fc.weight": p["0.weight"], "fc.bias": p["0.bias"]} for p in params]
+    ref0 = regmean(first, _grams(Xs, d_out=5), alpha=alpha, weights=w)
+    torch.testing.assert_close(out.params["0.weight"], ref0.params["fc.weight"], rtol=0, atol=1e-10)
+    torch.testing.assert_close(out.params["0.bias"], ref0.params["fc.bias"], rtol=0, atol=1e-10)
+    # layer 2's Grams are those of the merged first layer's activations, by hand
+    Hs = [torch.tanh(X @ out.params["0.weight"].T + out.params["0.bias"]) for X in Xs]
+    second = [{"fc.weight": p["2.weight"], "fc.bias": p["2.bias"]} for p in params]
+    ref2 = regmean(second, _hand_grams("fc", Hs, 3), alpha=alpha, weights=w)
+    torch.testing.assert_close(out.params["2.weight"], ref2.params["fc.weight"], rtol=0, atol=1e-10)
+    torch.testing.assert_close(out.params["2.bias"], ref2.params["fc.bias"], rtol=0, atol=1e-10)
+    # which differs from RegMean's (candidate activations)
+    grams = [input_grams(n, d) for n, d in zip(nets, data, strict=True)]
+    plain = regmean(nets, grams, alpha=alpha, weights=w)
+    torch.testing.assert_close(plain.params["0.weight"], out.params["0.weight"])
+    assert (plain.params["2.weight"] - out.params["2.weight"]).abs().max() > 1e-3
+    r = out.report
+    assert isinstance(r, RegMeanReport) and r.method == "regmean_plus_plus"
+    assert r.layers == ["0", "2"] and r.averaged == [] and r.options["alpha"] == alpha
+    assert r.forwards == 1 + 2 * 3 * 2  # discovery + 2 layers x 3 tasks x 2 batches
+    assert "13 batch forwards" in str(r)
+    # the models are left as they were
+    for n, p in zip(nets, params, strict=True):
+        assert all(torch.equal(v, dict(n.named_parameters())[k]) for k, v in p.items())
+
+
+def test_regmean_plus_plus_of_one_model_is_that_model():
+    nets, data = _mlps(T=1), _task_data(T=1)
+    out = regmean_plus_plus(nets, data, alpha=0.5)
+    for k, v in nets[0].named_parameters():
+        torch.testing.assert_close(out.params[k], v.detach(), rtol=0, atol=1e-12)
+
+
+def test_regmean_plus_plus_unmerged_parameters_are_each_tasks_own():
+    """Merging only layer 2: its Grams come from each task's own (unmerged) layer 0."""
+    nets, data = _mlps(), _task_data()
+    out = regmean_plus_plus(nets, data, params=r"^2\.", alpha=1.0)
+    assert set(out.params) == {"2.weight", "2.bias"}
+    grams = [input_grams(n, d, params=r"^2\.") for n, d in zip(nets, data, strict=True)]
+    ref = regmean(nets, grams, params=r"^2\.", alpha=1.0)
+    for k in out.params:
+        torch.testing.assert_close(out.params[k], ref.params[k], rtol=0, atol=1e-10)
+
+
+class _Counter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return torch.tanh(x)
+
+
+def test_regmean_plus_plus_stops_each_pass_after_the_layer():
+    torch.manual_seed(0)
+    nets = [
+        nn.Sequential(nn.Linear(4, 5, dtype=D), _Counter(), nn.Linear(5, 3, dtype=D))
+        for _ in range(2)
+    ]
+    data = _task_data(T=2, batches=3)
+    out = regmean_plus_plus(nets, data)
+    # the activation runs in the discovery pass (model 0) and in layer 2's passes only
+    assert nets[0][1].calls == 1 + 3 and nets[1][1].calls == 3
+    assert out.report.forwards == 1 + 2 * 2 * 3
+
+
+class _TwoHeads(nn.Module):
+    """``a`` and ``b`` read the same tensor (like q/k/v); ``c`` reads it after an in-place
+    change, so it depends on ``a``."""
+
+    def __init__(self, inplace):
+        super().__init__()
+        self.a, self.b, self.c = (nn.Linear(3, 3, dtype=D) for _ in range(3))
+        self.out = nn.Linear(3, 2, dtype=D)
+        self.inplace = inplace
+
+    def forward(self, x):
+        x = x.clone()
+        h = self.a(x) + self.b(x)
+        if self.inplace:
+            x.add_(h)
+        else:
+            x = x + h
+        return self.out(torch.tanh(self.c(x)))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_layers_reading_the_same_input_share_a_pass(inplace):
+    torch.manual_seed(0)
+    nets = [_TwoHeads(inplace).eval() for _ in range(2)]
+    data = _task_data(T=2, batches=1)
+    data = [[(x[:, :3], None) for x, _ in d] for d in data]
+    out = regmean_plus_plus(nets, data, alpha=1.0)
+    # groups: [a, b], [c], [out] -> 3 groups x 2 tasks x 1 batch + discovery
+    assert out.report.forwards == 1 + 3 * 2
+    assert out.report.layers == ["a", "b", "c", "out"]
+    # a and b are RegMean on the data; c sees x + a(x) + b(x) of the merged a, b
+    Xs = [_stack(d) for d in data]
+    ps = [dict(n.named_parameters()) for n in nets]
+    for name in ("a", "b"):
+        sub = [{"fc.weight": p[f"{name}.weight"], "fc.bias": p[f"{name}.bias"]} for p in ps]
+        ref = regmean(sub, _grams(Xs, d_out=3), alpha=1.0)
+        torch.testing.assert_close(out.params[f"{name}.weight"], ref.params["fc.weight"])
+    m = out.params
+    Hs = [X + X @ m["a.weight"].T + m["a.bias"] + X @ m["b.weight"].T + m["b.bias"] for X in Xs]
+    sub = [{"fc.weight": p["c.weight"], "fc.bias": p["c.bias"]} for p in ps]
+    ref = regmean(sub, _hand_grams("fc", Hs, 3), alpha=1.0)
+    torch.testing.assert_close(m["c.weight"], ref.params["fc.weight"], rtol=0, atol=1e-10)
+
+
+def test_regmean_plus_plus_bad_inputs():
+    nets, data = _mlps(T=2), _task_data(T=2)
+    with pytest.raises(ValueError, match="one batch iterable per model: got 1 for 2"):
+        regmean_plus_plus(nets, data[:1])
+    with pytest.raises(TypeError, match=r"data\[1\] is a one-shot iterator"):
+        regmean_plus_plus(nets, [data[0], iter(data[1])])
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        regmean_plus_plus([dict(n.named_parameters()) for n in nets], data)
+    with pytest.raises(ValueError, match="alpha"):
+        regmean_plus_plus(nets, data, alpha=0.0)
+    with pytest.raises(ValueError, match="model 1: parameter '2.bias' is missing"):
+        nobias = nn.Sequential(nn.Linear(4, 5, dtype=D), nn.Tanh(), nn.Linear(5, 3, bias=False))
+        regmean_plus_plus([nets[0], nobias.double()], data)
+
+    class Affine(nn.Module):  # a Linear's parameters in a module that is not a layer
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(3, 5, dtype=D))
+            self.bias = nn.Parameter(torch.zeros(3, dtype=D))
+
+        def forward(self, x):
+            return x @ self.weight.T + self.bias
+
+    odd = nn.Sequential(nn.Linear(4, 5, dtype=D), nn.Tanh(), Affine())
+    with pytest.raises(ValueError, match="model 1 does not have the layers of model 0.*'2'"):
+        regmean_plus_plus([nets[0], odd], data)

@@ -16,7 +16,12 @@ from curvmerge.merging.registry import (
     method_names,
     task_models,
 )
-from curvmerge.merging.regmean import RegMeanReport, SingularGramWarning, regmean
+from curvmerge.merging.regmean import (
+    RegMeanReport,
+    SingularGramWarning,
+    regmean,
+    regmean_plus_plus,
+)
 from curvmerge.merging.report import (
     ConvergenceError,
     ConvergenceWarning,
@@ -63,6 +68,7 @@ __all__ = [
     "iso_c",
     "iso_cts",
     "regmean",
+    "regmean_plus_plus",
     "RegMeanReport",
     "SingularGramWarning",
     "MethodReport",

@@ -48,11 +48,15 @@ from curvmerge.merging.methods import (
 )
 from curvmerge.merging.report import MergeResult
 from curvmerge.merging.system import check_weights
+from curvmerge.statistics.base import CurvatureComputer
+from curvmerge.statistics.gram import add_gram
+from curvmerge.statistics.layers import LayerHooks, find_layers
 
 __all__ = [
     "RegMeanReport",
     "SingularGramWarning",
     "regmean",
+    "regmean_plus_plus",
     "scale_off_diagonal",
 ]
 
@@ -422,3 +426,264 @@ def _report(method, flat, w, start, layers, singular, **options) -> RegMeanRepor
         averaged=[n for n in flat.space.names if n not in covered],
         singular=list(singular),
     )
+
+
+# ---------------------------------------------------------------------------------- RegMean++
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass once the wanted layers have run."""
+
+
+def _forward(model: nn.Module, overrides: Mapping[str, Tensor], inputs) -> None:
+    """One forward pass of ``model`` with ``overrides`` in place of its parameters."""
+    args, kwargs = ((), dict(inputs)) if isinstance(inputs, Mapping) else ((inputs,), None)
+    torch.func.functional_call(model, overrides, args, kwargs, strict=False)
+
+
+def _common_layers(models: Sequence[nn.Module], names: Sequence[str]) -> dict[str, Any]:
+    """The supported layers of the first model, checked to be the same in every model."""
+    layers, _ = find_layers(models[0], names)
+    for i, model in enumerate(models[1:], 1):
+        other, _ = find_layers(model, names)
+        if other != layers:
+            diff = next(k for k in {**layers, **other} if layers.get(k) != other.get(k))
+            raise ValueError(
+                f"model {i} does not have the layers of model 0 (first difference: layer "
+                f"{diff!r}: {other.get(diff)} vs {layers.get(diff)})"
+            )
+    return layers
+
+
+def _call_plan(model, layers, overrides, inputs) -> list[tuple[list[str], dict[str, int]]]:
+    """Groups of layers in forward order and the calls each makes per forward pass.
+
+    One forward pass with pre-hooks: a layer joins the previous layer's group when both are
+    called once and its input is the very tensor the previous call got, unchanged (same
+    object, same in-place version), as the query, key and value projections of attention
+    are; merging one cannot change the other's input. Only the previous call's input is
+    held, so the pass keeps no more activations than a plain one.
+    """
+    calls: list[tuple[str, bool]] = []  # (layer, same input as the previous call)
+    last: list = [None, None]
+    handles = []
+
+    def pre_hook(name):
+        def hook(module, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            version = getattr(x, "_version", None)
+            calls.append((name, x is last[0] and version == last[1]))
+            last[0], last[1] = x, version
+
+        return hook
+
+    try:
+        for name in layers:
+            mod = model.get_submodule(name)
+            handles.append(mod.register_forward_pre_hook(pre_hook(name), with_kwargs=True))
+        with torch.no_grad():
+            _forward(model, overrides, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        last[0] = None
+    count: dict[str, int] = {}
+    for name, _ in calls:
+        count[name] = count.get(name, 0) + 1
+    groups: list[tuple[list[str], dict[str, int]]] = []
+    seen: set[str] = set()
+    joinable = False  # the previous call was a first call of the last group's last layer
+    for name, same in calls:
+        if name in seen:
+            joinable = False
+            continue
+        seen.add(name)
+        if joinable and same and count[name] == 1 and all(c == 1 for c in groups[-1][1].values()):
+            groups[-1][0].append(name)
+            groups[-1][1][name] = 1
+        else:
+            groups.append(([name], {name: count[name]}))
+        joinable = True
+    return groups
+
+
+def _group_grams(model, infos, expected, overrides, batches, acc_dtype):
+    """Grams of the layers ``infos`` over ``batches``, each forward pass stopped once every
+    layer made its ``expected`` calls. Returns ``(grams, rows, forwards)``."""
+    grams = {}
+    rows = dict.fromkeys(infos, 0)
+    made = dict.fromkeys(infos, 0)
+    forwards = 0
+
+    def on_rows(info, x):
+        if info.module not in grams:
+            grams[info.module] = torch.zeros(info.size, info.size, dtype=acc_dtype, device=x.device)
+        add_gram(grams[info.module], x, info.bias is not None)
+        rows[info.module] += x.shape[0]
+        made[info.module] += 1
+        if all(made[k] >= expected[k] for k in made):
+            raise _Stop
+
+    with torch.no_grad(), LayerHooks(model, infos, on_rows) as hooks:
+        for _, inputs, _ in batches:
+            hooks.start(inputs)
+            for k in made:
+                made[k] = 0
+            forwards += 1
+            try:
+                _forward(model, overrides, inputs)
+            except _Stop:
+                pass
+    return grams, rows, forwards
+
+
+def regmean_plus_plus(
+    models: Sequence[nn.Module],
+    data: Sequence[Any],
+    *,
+    alpha: float = 0.9,
+    weights: Sequence[float] | None = None,
+    params: str | Sequence[str] | None = None,
+    normalize: bool = False,
+    progress: bool = False,
+) -> MergeResult:
+    """RegMean++ (Nguyen et al., 2025): RegMean on the inputs the merged model produces.
+
+    Layers are merged one after another in forward order. The Gram of layer :math:`\\ell`
+    for task :math:`t` is
+
+    .. math::
+
+        G_t^{(\\ell)} = \\sum_r \\hat x_{tr} \\hat x_{tr}^\\top,
+
+    where :math:`\\hat x_{tr}` are the inputs of layer :math:`\\ell` when the *merged* model
+    (layers before :math:`\\ell` already merged, parameters without a Gram averaged, task
+    :math:`t`'s own unmerged parameters such as its head) runs on task :math:`t`'s data; the
+    layer is then solved as in :func:`regmean` (same :math:`\\alpha`, weights and
+    pseudo-inverse fallback). So each layer's regression accounts for how the layers
+    before it were merged, which RegMean (candidate inputs) ignores.
+
+    The paper merges transformer blocks in order, and inside a block uses each candidate's
+    own block; here the unit is the layer, the finest order: every layer sees the merged
+    version of all layers that run before it.
+
+    **Cost.** One discovery forward pass on the first batch (the layer order and the calls
+    per pass), then, for every group of layers and every task, one forward pass per batch
+    of that task's data, stopped as soon as the group's layers have run (a layer called
+    several times per pass runs all its calls). Layers called once on the same unchanged
+    input tensor (query, key and value projections) form one group. With :math:`L` groups
+    and :math:`B_t` batches, that is :math:`1 + L \\sum_t B_t` partial forward passes, no
+    backward pass; ``report.forwards`` counts them. The model is never modified: the merged
+    parameters are passed with :func:`torch.func.functional_call`.
+
+    Args:
+        models: The fine-tuned models (modules, eval mode or free of dropout and batch
+            norm, on one device).
+        data: One iterable of ``(inputs, targets)`` batches per model (its task's data; the
+            targets are not read). Each is read once per group of layers, so it must be
+            re-iterable (a list or a ``DataLoader``).
+        alpha: :math:`\\alpha \\in (0, 1]`, RegMean's off-diagonal scaling.
+        weights: Per-model coefficients :math:`w_t \\ge 0` (default :math:`1/T`).
+        params: Names or a regex selecting the merged parameters (default: all of the first
+            model's). Supported layers (``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d`` with
+            ``groups=1``, Hugging Face ``Conv1D``) among them are solved; the rest averaged.
+        normalize: Divide each task's Grams by their row counts (see :func:`regmean`).
+        progress: Show one progress bar over the layer groups.
+
+    Returns:
+        A :class:`~curvmerge.merging.MergeResult` whose report is a :class:`RegMeanReport`
+        (``forwards``: partial forward passes over one batch; ``gram_seconds``: their time).
+
+    Raises:
+        TypeError: A model is not a module, or a task's data is a one-shot iterator.
+        ValueError: ``data`` does not have one entry per model, the models' layers differ,
+            or the models are on different devices.
+
+    Example:
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> nets = [nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)) for _ in "ab"]
+        >>> data = [[(torch.randn(8, 3), None)] for _ in nets]
+        >>> out = regmean_plus_plus(nets, data)
+        >>> out.report.layers, out.report.forwards  # 1 discovery + 2 layers x 2 tasks
+        (['0', '2'], 5)
+    """
+    start = time.perf_counter()
+    if isinstance(models, nn.Module) or not all(isinstance(m, nn.Module) for m in models):
+        raise TypeError("regmean_plus_plus needs a list of torch.nn.Module models (it runs them)")
+    flat = flatten_models(models, None, params, method="regmean_plus_plus", needs_base=False)
+    T = flat.thetas.shape[0]
+    if isinstance(data, (Mapping, Tensor)) or len(data) != T:
+        n = "a single" if isinstance(data, (Mapping, Tensor)) else len(data)
+        raise ValueError(f"data must hold one batch iterable per model: got {n} for {T} models")
+    for t, d in enumerate(data):
+        if iter(d) is d:
+            raise TypeError(
+                f"data[{t}] is a one-shot iterator; RegMean++ reads each task's data once per "
+                "layer: pass a list of batches or a DataLoader"
+            )
+    w = check_weights(weights, T, 1.0 / T)
+    alpha = check_alpha(alpha)
+    devices = {str(next(m.parameters()).device) for m in models}
+    if len(devices) > 1:
+        raise ValueError(f"the models are on different devices ({sorted(devices)}); move them")
+    computers = [
+        CurvatureComputer(m, "mse", d, params=flat.space) for m, d in zip(models, data, strict=True)
+    ]
+    infos = _common_layers(models, flat.space.names)
+    merged = _average(flat, w)
+    overrides = flat.unflatten(merged)
+    acc_dtype = torch.promote_types(flat.thetas.dtype, torch.float32)
+
+    gram_seconds = 0.0
+    tic = time.perf_counter()
+    first = next(iter(computers[0].batches()))[1]
+    groups = _call_plan(models[0], infos, overrides, first)
+    forwards = 1
+    gram_seconds += time.perf_counter() - tic
+
+    solved: list[_Layer] = []
+    singular: list[str] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(groups), desc="RegMean++ layers", leave=False)
+    try:
+        for names, expected in groups:
+            tic = time.perf_counter()
+            group = {n: infos[n] for n in names}
+            per_task = []
+            for t in range(T):
+                grams, rows, n = _group_grams(
+                    models[t], group, expected, overrides, computers[t].batches(), acc_dtype
+                )
+                forwards += n
+                per_task.append((grams, rows))
+            gram_seconds += time.perf_counter() - tic
+            layers = [_layer_of(group[n], flat, set(flat.space.names)) for n in names]
+            present = [k for k, n in enumerate(names) if all(n in g for g, _ in per_task)]
+            layers = [layers[k] for k in present]
+            per_layer = [[g[layers[j].name] for g, _ in per_task] for j in range(len(layers))]
+            scales = None
+            if normalize:
+                scales = [[float(r[layer.name]) for layer in layers] for _, r in per_task]
+            if layers:
+                singular += _solve_layers(flat, layers, per_layer, w, alpha, merged, scales)
+            sl = flat.space.slices()
+            for layer in layers:
+                for p in (layer.weight, layer.bias):
+                    if p is not None:
+                        ref = flat.reference[p]
+                        overrides[p] = merged[sl[p]].reshape(ref.shape).to(ref.device, ref.dtype)
+            solved += layers
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    _warn_singular(singular)
+    report = _report(
+        "regmean_plus_plus", flat, w, start, solved, singular, alpha=alpha, normalize=normalize
+    )
+    report.forwards = forwards
+    report.gram_seconds = gram_seconds
+    return MergeResult(flat.unflatten(merged), report)
