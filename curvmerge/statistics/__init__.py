@@ -6,6 +6,7 @@ Fisher) wrap what these computers return, so the arrows point one way.
 
 from curvmerge.statistics.files import GRAMS_FORMAT, load_grams, save_grams
 from curvmerge.statistics.gram import LayerGrams, input_grams
+from curvmerge.statistics.kfac import KFACFactors, kfac_factors
 from curvmerge.statistics.layers import LayerInfo, find_layers
 
 __all__ = [
@@ -17,4 +18,6 @@ __all__ = [
     "save_grams",
     "load_grams",
     "GRAMS_FORMAT",
+    "KFACFactors",
+    "kfac_factors",
 ]

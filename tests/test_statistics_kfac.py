@@ -1,0 +1,184 @@
+"""K-FAC factors against curvlinops' KFACLinearOperator, factors built by hand, and a K-FAC
+merge against a dense solve."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import curvmerge
+from curvmerge import ParamSpace
+from curvmerge.operators import KroneckerOperator
+from curvmerge.statistics.kfac import kfac_factors
+
+DT = torch.float64
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+
+def _cnn(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(2, 2, 2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 16, 3)
+    ).double()
+
+
+def _data(loss, seed=1, shape=(3,)):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(7, *shape, generator=g, dtype=DT)
+    if isinstance(loss, nn.CrossEntropyLoss):
+        y = torch.randint(0, 3, (7,), generator=g)
+    else:
+        y = torch.randn(7, 3, generator=g, dtype=DT)
+    return [(X[:4], y[:4]), (X[4:], y[4:])]
+
+
+def _curvlinops_dense(model, loss, data, fisher_type):
+    from curvlinops import KFACLinearOperator
+
+    params = list(model.parameters())
+    K = KFACLinearOperator(
+        model,
+        loss,
+        params,
+        data,
+        fisher_type=fisher_type,
+        separate_weight_and_bias=False,
+        check_deterministic=False,
+    )
+    P = sum(p.numel() for p in params)
+    return K @ torch.eye(P, dtype=DT)
+
+
+CASES = [
+    ("mlp", nn.CrossEntropyLoss(), "exact", "type-2"),
+    ("mlp", nn.CrossEntropyLoss(), "empirical", "empirical"),
+    ("mlp", nn.CrossEntropyLoss(reduction="sum"), "exact", "type-2"),
+    ("mlp", nn.MSELoss(), "exact", "type-2"),
+    ("mlp", nn.MSELoss(), "empirical", "empirical"),
+    ("mlp", nn.MSELoss(reduction="sum"), "empirical", "empirical"),
+    ("cnn", nn.CrossEntropyLoss(), "exact", "type-2"),
+    ("cnn", nn.CrossEntropyLoss(), "empirical", "empirical"),
+]
+
+
+@pytest.mark.parametrize(("net", "loss", "kind", "fisher_type"), CASES)
+def test_products_equal_curvlinops_kfac(net, loss, kind, fisher_type):
+    model = _mlp() if net == "mlp" else _cnn()
+    data = _data(loss, shape=(3,) if net == "mlp" else (2, 3, 3))
+    factors = kfac_factors(model, loss, data, kind=kind)
+    K = KroneckerOperator.from_kfac(ParamSpace.from_module(model), factors)
+    ref = _curvlinops_dense(model, loss, data, fisher_type)
+    torch.testing.assert_close(K.to_dense(), ref, rtol=1e-10, atol=1e-12)
+    assert factors.A["0"].dtype == DT and factors.num_examples == 7
+
+
+def test_factors_equal_formulas_by_hand():
+    model = _mlp()
+    data = _data(nn.CrossEntropyLoss())
+    f = kfac_factors(model, "cross_entropy", data, kind="exact")
+    X = torch.cat([x for x, _ in data])
+    N = X.shape[0]
+    Xa = torch.cat([X, torch.ones(N, 1, dtype=DT)], 1)
+    with torch.no_grad():
+        z = torch.tanh(model[0](X))
+        p = model(X).softmax(-1)
+    Za = torch.cat([z, torch.ones(N, 1, dtype=DT)], 1)
+    H = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # [N, C, C]
+    J = model[2].weight.detach()[None] * (1 - z**2)[:, None, :]  # d f / d h1, [N, C, 4]
+    c = 1.0 / N
+    torch.testing.assert_close(f.A["0"], Xa.T @ Xa / N)
+    torch.testing.assert_close(f.A["2"], Za.T @ Za / N)
+    torch.testing.assert_close(f.B["2"], c * H.sum(0))
+    torch.testing.assert_close(f.B["0"], c * (J.transpose(1, 2) @ H @ J).sum(0))
+    assert f.num_rows == {"0": N, "2": N} and f.num_terms == N
+    # the operator is the dense Kronecker product of these factors, laid out [W | b]
+    K = KroneckerOperator.from_kfac(ParamSpace.from_module(model), f)
+    D2 = torch.kron(c * H.sum(0), Za.T @ Za / N)  # row-major vec of the joint [W2 b2]
+    # 0.weight (12), 0.bias (4), then 2.weight at 16 and 2.bias at 28
+    idx = [16 + (o * 4 + j if j < 4 else 12 + o) for o in range(3) for j in range(5)]
+    idx = torch.tensor(idx)
+    torch.testing.assert_close(K.to_dense()[idx[:, None], idx[None, :]], D2)
+
+
+def test_mc_is_seeded_and_approaches_exact():
+    model = _mlp()
+    data = _data(nn.CrossEntropyLoss())
+    exact = kfac_factors(model, "cross_entropy", data, kind="exact")
+    a = kfac_factors(model, "cross_entropy", data, kind="mc", mc_samples=3, seed=5)
+    b = kfac_factors(model, "cross_entropy", data, kind="mc", mc_samples=3, seed=5)
+    c = kfac_factors(model, "cross_entropy", data, kind="mc", mc_samples=3, seed=6)
+    torch.testing.assert_close(a.B["0"], b.B["0"], rtol=0, atol=0)
+    assert not torch.allclose(a.B["0"], c.B["0"])
+    torch.testing.assert_close(a.A["0"], exact.A["0"])  # A does not depend on the labels
+    many = kfac_factors(model, "cross_entropy", data, kind="mc", mc_samples=3000, seed=0)
+    for k in ("0", "2"):
+        err = (many.B[k] - exact.B[k]).norm() / exact.B[k].norm()
+        assert err < 0.1, (k, float(err))
+
+
+class TokenTagger(nn.Module):
+    """Per-token classifier: embedding, a linear layer, tanh and a head (HF-style call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(6, 3)
+        self.proj = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, input_ids, attention_mask):
+        return self.head(torch.tanh(self.proj(self.emb(input_ids))))
+
+
+def test_padding_rows_are_left_out_of_both_factors():
+    torch.manual_seed(3)
+    model = TokenTagger().double()
+    ids = torch.randint(1, 6, (2, 4))
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    y = torch.randint(0, 3, (2, 4))
+    y[mask == 0] = -100
+    data = [({"input_ids": ids, "attention_mask": mask}, y)]
+    f = kfac_factors(model, nn.CrossEntropyLoss(), data, params=r"proj\..*|head\..*")
+    A = torch.zeros(4, 4, dtype=DT)
+    B = torch.zeros(3, 3, dtype=DT)
+    with torch.no_grad():
+        for b, t in mask.nonzero().tolist():
+            x = torch.cat([model.emb(ids[b, t]), torch.ones(1, dtype=DT)])
+            A += torch.outer(x, x)
+            p = model(ids[b : b + 1], None)[0, t].softmax(-1)
+            B += torch.diag(p) - torch.outer(p, p)
+    torch.testing.assert_close(f.A["proj"], A / 5)
+    torch.testing.assert_close(f.B["head"], B / 5)
+    assert f.num_rows == {"proj": 5, "head": 5} and f.unsupported == []
+
+
+def test_kfac_merge_equals_dense_solve():
+    models = [_mlp(s) for s in (0, 1)]
+    loss = nn.CrossEntropyLoss()
+    data = _data(loss)
+    space = ParamSpace.from_module(models[0])
+    Fs = [KroneckerOperator.from_kfac(space, kfac_factors(m, loss, data)) for m in models]
+    lam = 0.05
+    res = curvmerge.merge(models, Fs, damping=lam, damping_scale=1.0, rtol=1e-12)
+    thetas = [space.flatten(dict(m.named_parameters())).detach() for m in models]
+    dense = [F.to_dense() for F in Fs]
+    prior = (thetas[0] + thetas[1]) / 2
+    lhs = lam * torch.eye(space.size, dtype=DT) + 0.5 * (dense[0] + dense[1])
+    rhs = 0.5 * (dense[0] @ thetas[0] + dense[1] @ thetas[1]) + lam * prior
+    ref = torch.linalg.solve(lhs, rhs)
+    torch.testing.assert_close(space.flatten(res.params).to(DT), ref, rtol=1e-8, atol=1e-10)
+    assert not torch.allclose(ref, prior, atol=1e-4)  # K-FAC moved it off the average
+
+
+def test_bad_kind_and_no_layer_are_refused():
+    model = _mlp()
+    data = _data(nn.CrossEntropyLoss())
+    with pytest.raises(ValueError, match="kind must be one of"):
+        kfac_factors(model, "cross_entropy", data, kind="type-2")
+    norm = nn.Sequential(nn.LayerNorm(3))
+    with pytest.raises(ValueError, match="no selected parameter belongs to a supported layer"):
+        kfac_factors(norm, "mse", [(torch.randn(2, 3), torch.randn(2, 3))])
