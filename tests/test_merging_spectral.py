@@ -300,3 +300,23 @@ def test_report_options():
     rep = iso_cts(models, base, common_fraction=0.6, vector_merge="sum").report
     assert rep.options == {"scaling": 1.0, "common_fraction": 0.6, "vector_merge": "sum"}
     assert "iso_c merge of 4 models" in str(iso_c(models, base).report)
+
+
+def test_low_rank_float32_task_matrices_keep_only_their_range():
+    """LoRA-like rank-2 products stored in float32: their rounding-level singular values are
+    noise and must neither rotate the other task (TSV-M) nor get the isotropic value (Iso-C)."""
+    g = torch.Generator().manual_seed(14)
+    deltas = [
+        torch.randn(16, 2, generator=g, dtype=DT) @ torch.randn(2, 12, generator=g, dtype=DT)
+        for _ in range(2)
+    ]
+    low = [d.float() for d in deltas]
+    models, base = _models(low)
+    exact = [d.float().double().numpy() for d in low]
+    out = tsv_merge(models, base).params["w"]  # keeps k = 6 triplets per task, 2 are real
+    ref = _np_tsv(exact, 2)
+    np.testing.assert_allclose(out.double().numpy(), ref, atol=1e-5 * np.abs(ref).max())
+    out = iso_c(models, base).params["w"]
+    u, s, vt = np.linalg.svd(sum(exact), full_matrices=False)
+    ref = s[:4].mean() * u[:, :4] @ vt[:4]
+    np.testing.assert_allclose(out.double().numpy(), ref, atol=1e-5 * np.abs(ref).max())

@@ -17,12 +17,14 @@ their sum (``"sum"``, task arithmetic). Every method returns :math:`\\theta_0 + 
 \\Delta` with :math:`\\lambda` = ``scaling``.
 
 Singular triplets whose value is numerically zero,
-:math:`\\sigma \\le \\max(m, n)\\,\\epsilon\\,\\max_t \\|\\Delta_t\\|_F` (the numerical-rank
-tolerance of the working dtype), span no direction of the data: any orthonormal completion
-is an equally valid SVD. They are dropped everywhere, so that a layer a task left unchanged,
-or a low-rank (LoRA) task matrix, neither rotates the other tasks' directions (TSV-M) nor
-receives the isotropic singular value (Iso-C, Iso-CTS). On full-rank task matrices this
-changes nothing.
+:math:`\\sigma \\le \\max(m, n)\\,\\epsilon\\,\\sigma_{\\max}` (the default tolerance of
+:func:`torch.linalg.matrix_rank` in the working dtype; :math:`\\sigma_{\\max}` is the largest
+singular value of the task matrices, or of :math:`\\Delta_{TA}`, in play), span no direction
+of the data: any orthonormal completion is an equally valid SVD. They are dropped everywhere,
+so that a layer a task left unchanged, or a low-rank (LoRA) task matrix, neither rotates the
+other tasks' directions (TSV-M) nor receives the isotropic singular value (Iso-C, Iso-CTS).
+On task matrices of full numerical rank this changes nothing; pass float64 models to keep
+every singular value above float64's tolerance.
 
 Computation runs per matrix in the models' dtype promoted to at least float32; the result
 has each parameter's dtype and device.
@@ -92,30 +94,35 @@ def _floor(x: float) -> int:
     return math.floor(x + 1e-9)
 
 
-def _task_deltas(flat: FlatModels, weights: list[float]) -> Tensor:
+def _zero_tolerance(mats: Tensor, singular_values: Tensor) -> float:
+    """Numerical-rank tolerance for the singular values of the task matrices ``[T, m, n]``.
+
+    ``max(m, n) * eps * sigma_ref`` (the default of :func:`torch.linalg.matrix_rank`), with
+    ``sigma_ref`` the largest of ``singular_values`` and of the lower bounds
+    :math:`\\|\\Delta_t\\|_F / \\sqrt{\\min(m, n)}` of the tasks' top singular values (so that
+    the rounding noise left by tasks that cancel is not taken for a direction).
+    """
+    m, n = mats.shape[-2:]
+    lower = torch.linalg.matrix_norm(mats).max() / math.sqrt(min(m, n))
+    scale = max(float(lower), float(singular_values.max()) if singular_values.numel() else 0.0)
+    return max(m, n) * torch.finfo(mats.dtype).eps * scale
+
+
+def _spectral_merge(
+    flat: FlatModels, weights: list[float], vector_merge: str, merge_matrix
+) -> Tensor:
+    """The merged task vector ``[P]``: ``merge_matrix([T, m, n]) -> [m, n]`` on the weighted
+    task matrices :math:`w_t(\theta_t - \theta_0)` of each matrix parameter, mean or sum of
+    the weighted task vectors elsewhere."""
+    T = flat.thetas.shape[0]
     coeffs = torch.tensor(weights, dtype=flat.thetas.dtype, device=flat.thetas.device)
-    return coeffs[:, None] * flat.task_vectors  # [T, P]
-
-
-def _zero_tolerance(deltas: Tensor) -> float:
-    """Numerical-rank tolerance of the task matrices ``deltas`` ``[T, m, n]``."""
-    m, n = deltas.shape[-2:]
-    scale = float(torch.linalg.matrix_norm(deltas).max()) if deltas.numel() else 0.0
-    return max(m, n) * torch.finfo(deltas.dtype).eps * scale
-
-
-def _spectral_merge(flat: FlatModels, deltas: Tensor, vector_merge: str, merge_matrix) -> Tensor:
-    """The merged task vector ``[P]``: ``merge_matrix([T, m, n]) -> [m, n]`` per matrix,
-    mean or sum of the task vectors elsewhere."""
-    T = deltas.shape[0]
-    merged = torch.empty_like(deltas[0])
+    merged = torch.empty_like(flat.base)
     slices = flat.space.slices()
     for name, shape in flat.space:
         sl = slices[name]
-        block = deltas[:, sl]
+        block = coeffs[:, None] * (flat.thetas[:, sl] - flat.base[sl])  # [T, numel]
         if len(shape) >= 2 and block.shape[1] > 0:
-            mats = block.reshape(T, shape[0], -1)
-            merged[sl] = merge_matrix(mats).reshape(-1)
+            merged[sl] = merge_matrix(block.reshape(T, shape[0], -1)).reshape(-1)
         else:
             total = block.sum(0)
             merged[sl] = total / T if vector_merge == "mean" else total
@@ -200,8 +207,8 @@ def tsv_merge(
         r = min(mats.shape[-2:])
         k = r // T if fraction is None else _floor(fraction * r)
         k = max(1, k)
-        tol = _zero_tolerance(mats)
         u, s, vh = torch.linalg.svd(mats, full_matrices=False)
+        tol = _zero_tolerance(mats, s[:, 0])
         parts = []
         for t in range(T):
             keep = s[t, :k] > tol
@@ -209,7 +216,7 @@ def tsv_merge(
         u_perp, s_cat, vh_perp = _concat_triplets(parts)
         return (u_perp * s_cat) @ vh_perp
 
-    merged = _spectral_merge(flat, _task_deltas(flat, w), vector_merge, merge_matrix)
+    merged = _spectral_merge(flat, w, vector_merge, merge_matrix)
     report = method_report(
         "tsv_merge",
         flat,
@@ -283,12 +290,11 @@ def iso_c(
     vector_merge = _check_vector_merge(vector_merge)
 
     def merge_matrix(mats: Tensor) -> Tensor:
-        tol = _zero_tolerance(mats)
         u, s, vh = torch.linalg.svd(mats.sum(0), full_matrices=False)
-        keep = s > tol
+        keep = s > _zero_tolerance(mats, s[:1])
         return _isotropic(u[:, keep], s[keep], vh[keep])
 
-    merged = _spectral_merge(flat, _task_deltas(flat, w), vector_merge, merge_matrix)
+    merged = _spectral_merge(flat, w, vector_merge, merge_matrix)
     report = method_report(
         "iso_c", flat, [scaling * v for v in w], start, scaling=scaling, vector_merge=vector_merge
     )
@@ -382,8 +388,8 @@ def iso_cts(
 
     def merge_matrix(mats: Tensor) -> Tensor:
         k_c, s_task = iso_cts_ranks(min(mats.shape[-2:]), T, common_fraction)
-        tol = _zero_tolerance(mats)
         u, s, vh = torch.linalg.svd(mats.sum(0), full_matrices=False)
+        tol = _zero_tolerance(mats, s[:1])
         keep = s[:k_c] > tol
         u_c = u[:, :k_c][:, keep]
         parts = [(u_c, s[:k_c][keep], vh[:k_c][keep])]
@@ -398,7 +404,7 @@ def iso_cts(
         u_perp, s_cat, vh_perp = _concat_triplets(parts)
         return _isotropic(u_perp, s_cat, vh_perp)
 
-    merged = _spectral_merge(flat, _task_deltas(flat, w), vector_merge, merge_matrix)
+    merged = _spectral_merge(flat, w, vector_merge, merge_matrix)
     report = method_report(
         "iso_cts",
         flat,
