@@ -49,7 +49,7 @@ from curvmerge.merging.methods import (
 from curvmerge.merging.report import MergeResult
 from curvmerge.merging.system import check_weights
 
-__all__ = ["tsv_merge", "iso_c", "iso_cts", "orthogonalize"]
+__all__ = ["tsv_merge", "iso_c", "iso_cts", "orthogonalize", "iso_cts_ranks"]
 
 _VECTOR_MERGES = ("mean", "sum")
 

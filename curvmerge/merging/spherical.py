@@ -100,16 +100,16 @@ def slerp_sequential(
     T = flat.thetas.shape[0]
     w = check_weights(weights, T, 1.0)
     origin = flat.base if flat.base is not None else torch.zeros_like(flat.thetas[0])
-    vectors = flat.thetas - origin
     order = [t for t in range(T) if w[t] > 0]
     pieces = []
     for _, sl in _segments(flat, per_tensor):
-        current, cumulative = vectors[order[0], sl], w[order[0]]
+        vectors = flat.thetas[:, sl] - origin[sl]
+        current, cumulative = vectors[order[0]], w[order[0]]
         for t in order[1:]:
             cumulative += w[t]
-            current = slerp_vectors(current, vectors[t, sl], w[t] / cumulative)
+            current = slerp_vectors(current, vectors[t], w[t] / cumulative)
         pieces.append(current)
-    merged = torch.cat(pieces) if pieces else vectors[0]
+    merged = torch.cat(pieces) if pieces else torch.zeros_like(origin)
     report = method_report("slerp_sequential", flat, _normalized(w), start, per_tensor=per_tensor)
     return MergeResult(flat.unflatten(origin + merged), report)
 
@@ -255,20 +255,20 @@ def spherical_barycenter(
         raise ValueError(f"maxiter must be a positive integer, got {maxiter!r}")
     maxiter = int(maxiter)
     origin = flat.base if flat.base is not None else torch.zeros_like(flat.thetas[0])
-    vectors = flat.thetas - origin
-    weight = torch.tensor(w, dtype=torch.float64, device=vectors.device)
+    weight = torch.tensor(w, dtype=torch.float64, device=origin.device)
     only = [t for t in range(T) if w[t] > 0]
     iterations, converged, fallbacks, pieces = 0, True, 0, []
     for label, sl in _segments(flat, per_tensor):
+        vectors = flat.thetas[:, sl] - origin[sl]
         if len(only) == 1:  # one model carries all the weight: return it exactly
-            pieces.append(vectors[only[0], sl])
+            pieces.append(vectors[only[0]])
             continue
-        v = vectors[:, sl].to(torch.float64)
+        v = vectors.to(torch.float64)
         norms = torch.linalg.vector_norm(v, dim=1)
         alive = (norms > 0) & (weight > 0)
         mean_norm = weight @ norms
         if not bool(alive.any()):
-            pieces.append(torch.zeros_like(vectors[0, sl]))
+            pieces.append(torch.zeros_like(vectors[0]))
             continue
         u = v[alive] / norms[alive, None]
         wa = weight[alive] / weight[alive].sum()
@@ -287,7 +287,7 @@ def spherical_barycenter(
                 stacklevel=2,
             )
         pieces.append((mean_norm * x).to(vectors.dtype))
-    merged = torch.cat(pieces)
+    merged = torch.cat(pieces) if pieces else torch.zeros_like(origin)
     report = method_report(
         "spherical_barycenter",
         flat,
