@@ -182,3 +182,29 @@ def test_bad_kind_and_no_layer_are_refused():
     norm = nn.Sequential(nn.LayerNorm(3))
     with pytest.raises(ValueError, match="no selected parameter belongs to a supported layer"):
         kfac_factors(norm, "mse", [(torch.randn(2, 3), torch.randn(2, 3))])
+
+
+def test_exact_past_the_memory_budget_is_refused_and_frozen_layers_get_zero_b():
+    from curvmerge.statistics.diagonal import DiagonalTooCostlyError
+
+    model = _mlp()
+    data = _data(nn.CrossEntropyLoss())
+    with pytest.raises(DiagonalTooCostlyError, match="kind='mc'"):
+        kfac_factors(model, "cross_entropy", data, memory_budget=100)
+
+    class Frozen(nn.Module):  # the first layer runs without autograd
+        def __init__(self):
+            super().__init__()
+            self.net = _mlp()
+
+        def forward(self, x):
+            with torch.no_grad():
+                h = torch.tanh(self.net[0](x))
+            return self.net[2](h)
+
+    frozen = Frozen()
+    f = kfac_factors(frozen, "cross_entropy", data)
+    ref = kfac_factors(model, "cross_entropy", data)
+    assert f.B["net.0"].abs().max() == 0
+    torch.testing.assert_close(f.A["net.0"], ref.A["0"])
+    torch.testing.assert_close(f.B["net.2"], ref.B["2"])

@@ -41,6 +41,7 @@ from curvmerge.statistics.base import CurvatureComputer
 from curvmerge.statistics.diagonal import check_kind, fisher_cotangents
 from curvmerge.statistics.gram import add_gram
 from curvmerge.statistics.layers import LayerHooks, LayerInfo, find_layers
+from curvmerge.statistics.per_example import DEFAULT_MEMORY_BUDGET
 
 __all__ = ["KFACFactors", "kfac_factors"]
 
@@ -107,6 +108,7 @@ def kfac_factors(
     seed: int = 0,
     params: str | Sequence[str] | ParamSpace | None = None,
     num_data: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: bool = False,
 ) -> KFACFactors:
     """K-FAC factors :math:`A` and :math:`B` of every supported layer among the selected
@@ -124,11 +126,15 @@ def kfac_factors(
         seed: Seed of the CPU generator that draws the ``mc`` labels.
         params: Names or a regex of the selected parameters (default: all), or a space.
         num_data: The ``"mean"`` normaliser (loss terms); ``None`` counts it in one pass.
+        memory_budget: Bytes the exact kind's ``[M, C, C]`` output-Hessian factor of a batch
+            may use (past it, ``"exact"`` is refused: a language model's vocabulary).
         progress: Show a progress bar over the batches.
 
     Raises:
         ValueError: An unknown kind, no selected parameter in a supported layer, or a
             selected weight of a grouped convolution.
+        DiagonalTooCostlyError: ``kind="exact"`` whose output-Hessian factor exceeds
+            ``memory_budget``; use ``kind="mc"``.
     """
     check_kind(kind, mc_samples)
     computer = CurvatureComputer(model, loss, data, params=params, num_data=num_data)
@@ -166,7 +172,13 @@ def kfac_factors(
                 num_examples += batch_size(inputs)
                 num_terms += count_terms(spec, targets)
                 cots = fisher_cotangents(
-                    spec, kind, out, targets, mc_samples=mc_samples, generator=generator
+                    spec,
+                    kind,
+                    out,
+                    targets,
+                    mc_samples=mc_samples,
+                    generator=generator,
+                    max_factor_bytes=memory_budget,
                 )
                 _add_output_grads(hooks, out, cots, B, acc)
                 hooks.calls = []

@@ -265,14 +265,26 @@ class LayerHooks:
         Returns:
             One tensor per call of :attr:`calls`: ``[n, d_out]``, or ``[K, n, d_out]``.
         """
-        outputs = [c.output for c in self.calls]
-        grads = torch.autograd.grad(
-            out,
-            outputs,
-            cotangents,
-            retain_graph=True,
-            allow_unused=True,
-            materialize_grads=True,
-            is_grads_batched=batched,
+        live = [c for c in self.calls if c.output.requires_grad]
+        grads = (
+            torch.autograd.grad(
+                out,
+                [c.output for c in live],
+                cotangents,
+                retain_graph=True,
+                allow_unused=True,
+                materialize_grads=True,
+                is_grads_batched=batched,
+            )
+            if live
+            else []
         )
-        return [c.grad_rows(g.detach()) for c, g in zip(self.calls, grads, strict=True)]
+        by_call = {id(c): g for c, g in zip(live, grads, strict=True)}
+        rows = []
+        for c in self.calls:  # a call outside the graph (under no_grad) gets zeros
+            g = by_call.get(id(c))
+            if g is None:
+                lead = (cotangents.shape[0],) if batched else ()
+                g = c.output.new_zeros(*lead, *c.output.shape)
+            rows.append(c.grad_rows(g.detach()))
+        return rows
