@@ -17,6 +17,7 @@ from curvmerge.merging.regmean import (
     scale_off_diagonal,
 )
 from curvmerge.operators import DenseOperator
+from curvmerge.operators.kronecker import KroneckerOperator
 from curvmerge.space import ParamSpace
 from curvmerge.statistics import LayerGrams, input_grams
 from curvmerge.statistics.layers import LayerInfo
@@ -236,6 +237,45 @@ def test_regmean_is_the_merge_equation_with_gram_kronecker_identity():
     assert d == 5
 
 
+def test_regmean_is_merge_with_kronecker_operators_of_input_grams():
+    """merge(F_t = KroneckerOperator(G~_t, B=I)) at damping -> 0 on a CNN with a conv, a
+    linear layer and a LayerNorm (no Gram: averaged by both)."""
+    torch.manual_seed(0)
+    nets = [
+        nn.Sequential(
+            nn.Conv1d(2, 3, 2, dtype=D),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.LayerNorm(9, dtype=D),
+            nn.Linear(9, 2, dtype=D),
+        )
+        for _ in range(3)
+    ]
+    for n in nets:  # LayerNorm parameters that differ between models
+        with torch.no_grad():
+            n[3].weight.normal_()
+            n[3].bias.normal_()
+    g = torch.Generator().manual_seed(4)
+    data = [
+        [(torch.randn(6, 2, 4, generator=g, dtype=D) + t, None) for _ in range(2)] for t in range(3)
+    ]
+    grams = [input_grams(n, d) for n, d in zip(nets, data, strict=True)]
+    alpha, w = 0.7, [1.0, 0.5, 2.0]
+    out = regmean(nets, grams, alpha=alpha, weights=w)
+    assert out.report.layers == ["0", "4"]
+    assert out.report.averaged == ["3.weight", "3.bias"]
+    space = ParamSpace.from_module(nets[0])
+    Fs = []
+    for lg in grams:
+        scaled = LayerGrams(
+            {k: scale_off_diagonal(G, alpha) for k, G in lg.grams.items()}, lg.num_rows, lg.layers
+        )
+        Fs.append(KroneckerOperator.from_grams(space, scaled))
+    ref = merge(nets, Fs, weights=w, damping=1e-11, damping_scale=1.0, rtol=1e-14)
+    for n in space.names:
+        torch.testing.assert_close(out.params[n], ref.params[n], rtol=0, atol=1e-9)
+
+
 def test_layouts_hf_conv1d_and_conv_read_the_weight_as_rows():
     Xs, models = _tasks()
     ref = regmean(models, _grams(Xs), alpha=0.7)
@@ -316,6 +356,9 @@ def test_regmean_bad_inputs_raise_clear_errors():
         regmean(wide, grams)
     with pytest.raises(ValueError, match="weights"):
         regmean(models, grams, weights=[1.0, -1.0, 1.0])
+    renamed = [{k.replace("fc", "lin"): v for k, v in m.items()} for m in models]
+    with pytest.raises(ValueError, match="layer 'fc'.*'fc.weight', which is not a parameter"):
+        regmean(renamed, grams)
     with pytest.raises(ValueError, match="non-empty list of models"):
         regmean([], [])
 
@@ -512,3 +555,74 @@ def test_regmean_plus_plus_bad_inputs():
     odd = nn.Sequential(nn.Linear(4, 5, dtype=D), nn.Tanh(), Affine())
     with pytest.raises(ValueError, match="model 1 does not have the layers of model 0.*'2'"):
         regmean_plus_plus([nets[0], odd], data)
+
+
+class _Tokens(nn.Module):
+    """A token model taking Hugging Face style keyword inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4, dtype=D)
+        self.fc = nn.Linear(4, 4, dtype=D)
+        self.head = nn.Linear(4, 2, dtype=D)
+
+    def forward(self, input_ids, attention_mask):
+        h = torch.tanh(self.fc(self.emb(input_ids)))
+        return self.head(h[:, 0])
+
+
+def test_regmean_plus_plus_token_model_uses_merged_embeddings_and_drops_padding():
+    torch.manual_seed(0)
+    nets = [_Tokens().eval() for _ in range(2)]
+    g = torch.Generator().manual_seed(2)
+    data = []
+    for _ in nets:
+        ids = torch.randint(0, 7, (5, 6), generator=g)
+        mask = (torch.arange(6) < torch.randint(2, 7, (5, 1), generator=g)).long()
+        data.append([({"input_ids": ids, "attention_mask": mask}, None)])
+    w = [1.0, 3.0]
+    out = regmean_plus_plus(nets, data, weights=w, alpha=1.0)
+    assert out.report.layers == ["fc", "head"] and out.report.averaged == ["emb.weight"]
+    ps = [dict(n.named_parameters()) for n in nets]
+    E = (ps[0]["emb.weight"] + 3 * ps[1]["emb.weight"]) / 4
+    torch.testing.assert_close(out.params["emb.weight"], E, rtol=0, atol=1e-15)
+    # fc's rows: the averaged embedding of the non-padding tokens only
+    Xs = [E[b["input_ids"]][b["attention_mask"].bool()] for ((b, _),) in data]
+    sub = [{"fc.weight": p["fc.weight"], "fc.bias": p["fc.bias"]} for p in ps]
+    ref = regmean(sub, _grams(Xs, d_out=4), weights=w, alpha=1.0)
+    torch.testing.assert_close(out.params["fc.weight"], ref.params["fc.weight"], rtol=0, atol=1e-10)
+    # head's rows: the first token's features of the merged fc, padding or not
+    m = out.params
+    Hs = [
+        torch.tanh(E[b["input_ids"][:, 0]] @ m["fc.weight"].T + m["fc.bias"]) for ((b, _),) in data
+    ]
+    sub = [{"fc.weight": p["head.weight"], "fc.bias": p["head.bias"]} for p in ps]
+    ref = regmean(sub, _hand_grams("fc", Hs, 2), weights=w, alpha=1.0)
+    torch.testing.assert_close(m["head.weight"], ref.params["fc.weight"], rtol=0, atol=1e-10)
+
+
+def test_regmean_plus_plus_conv_normalize_and_progress():
+    torch.manual_seed(0)
+    nets = [
+        nn.Sequential(
+            nn.Conv1d(2, 3, 2, dtype=D), nn.Tanh(), nn.Flatten(), nn.Linear(9, 2, dtype=D)
+        )
+        for _ in range(2)
+    ]
+    g = torch.Generator().manual_seed(5)
+    data = [  # 4 and 8 examples: the tasks have different row counts
+        [(torch.randn(4, 2, 4, generator=g, dtype=D) + t, None) for _ in range(t + 1)]
+        for t in range(2)
+    ]
+    out = regmean_plus_plus(nets, data, normalize=True, progress=True)
+    # the conv layer sees the data: RegMean on the candidates' (identical) Grams
+    grams = [input_grams(n, d, params=r"^0\.") for n, d in zip(nets, data, strict=True)]
+    ref = regmean(nets, grams, params=r"^0\.", normalize=True)
+    torch.testing.assert_close(out.params["0.weight"], ref.params["0.weight"], rtol=0, atol=1e-10)
+    assert out.report.options["normalize"] is True
+    # normalizing halves the weight of the task with twice the rows
+    plain = regmean_plus_plus(nets, data, normalize=False)
+    assert (plain.params["0.weight"] - out.params["0.weight"]).abs().max() > 1e-4
+    halved = regmean_plus_plus(nets, data, normalize=False, weights=[2.0, 1.0])
+    for k in out.params:
+        torch.testing.assert_close(halved.params[k], out.params[k], rtol=0, atol=1e-10)

@@ -46,7 +46,7 @@ from curvmerge.merging.methods import (
     flatten_models,
     method_report,
 )
-from curvmerge.merging.report import MergeResult
+from curvmerge.merging.report import MergeResult, parameters_of
 from curvmerge.merging.system import check_weights
 from curvmerge.statistics.base import CurvatureComputer
 from curvmerge.statistics.gram import add_gram
@@ -152,9 +152,11 @@ def _rows_of(grams: Any, layer: str) -> float:
     return float(rows)
 
 
-def _plan_layers(grams: Sequence[Any], flat: FlatModels) -> tuple[list[_Layer], list[list[Tensor]]]:
+def _plan_layers(
+    grams: Sequence[Any], flat: FlatModels, known: set[str]
+) -> tuple[list[_Layer], list[list[Tensor]]]:
     """The layers to solve (a Gram in every model, their weight selected) and each model's
-    Gram per layer."""
+    Gram per layer; ``known`` are all parameter names of the models."""
     T = flat.thetas.shape[0]
     if isinstance(grams, Mapping) or not isinstance(grams, Sequence):
         raise TypeError(
@@ -177,6 +179,11 @@ def _plan_layers(grams: Sequence[Any], flat: FlatModels) -> tuple[list[_Layer], 
                     f"layer {name!r}: grams[{i}] is for parameters {(other.weight, other.bias)} "
                     f"({other.kind}), grams[0] for {(info.weight, info.bias)} ({info.kind})"
                 )
+        if info.weight not in known:
+            raise ValueError(
+                f"layer {name!r}: its Grams are for weight {info.weight!r}, which is not a "
+                "parameter of the models (Grams of another model?)"
+            )
         if info.weight not in selected:
             continue
         blocks = [f[0][name] for f in fields_]
@@ -396,7 +403,7 @@ def regmean(
     T = flat.thetas.shape[0]
     w = check_weights(weights, T, 1.0 / T)
     alpha = check_alpha(alpha)
-    layers, per_layer = _plan_layers(grams, flat)
+    layers, per_layer = _plan_layers(grams, flat, set(parameters_of(models[0])))
     scales = None
     if normalize:
         scales = [[_rows_of(g, layer.name) for layer in layers] for g in grams]
