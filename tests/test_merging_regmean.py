@@ -626,3 +626,40 @@ def test_regmean_plus_plus_conv_normalize_and_progress():
     halved = regmean_plus_plus(nets, data, normalize=False, weights=[2.0, 1.0])
     for k in out.params:
         torch.testing.assert_close(halved.params[k], out.params[k], rtol=0, atol=1e-10)
+
+
+class Conv1D(nn.Module):
+    """Hugging Face GPT-2's layer (recognised by class name): y = x W + b, W [in, out]."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf, dtype=D))
+        self.bias = nn.Parameter(torch.randn(nf, dtype=D))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+def test_hf_conv1d_models_merge_like_their_linear_twins():
+    torch.manual_seed(0)
+    nets = [nn.Sequential(Conv1D(5, 4), nn.Tanh(), Conv1D(3, 5)) for _ in range(2)]
+    twins = []
+    for n in nets:
+        lin = nn.Sequential(nn.Linear(4, 5, dtype=D), nn.Tanh(), nn.Linear(5, 3, dtype=D))
+        with torch.no_grad():
+            for i in (0, 2):
+                lin[i].weight.copy_(n[i].weight.T)
+                lin[i].bias.copy_(n[i].bias)
+        twins.append(lin)
+    data = _task_data(T=2)
+    for method in ("regmean", "regmean_plus_plus"):
+        if method == "regmean":
+            a = regmean(nets, [input_grams(n, d) for n, d in zip(nets, data, strict=True)])
+            b = regmean(twins, [input_grams(n, d) for n, d in zip(twins, data, strict=True)])
+        else:
+            a, b = regmean_plus_plus(nets, data), regmean_plus_plus(twins, data)
+        assert a.report.layers == ["0", "2"]
+        for i in ("0", "2"):
+            torch.testing.assert_close(a.params[f"{i}.weight"].T, b.params[f"{i}.weight"])
+            torch.testing.assert_close(a.params[f"{i}.bias"], b.params[f"{i}.bias"])

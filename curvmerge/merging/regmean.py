@@ -243,9 +243,9 @@ def _write_rows(flat: FlatModels, layer: _Layer, M: Tensor, vec: Tensor) -> None
     W = M[:, :d_in]
     if layer.transposed:
         W = W.T
-    vec[sl[layer.weight]] = W.reshape(-1).to(vec.dtype)
+    vec[sl[layer.weight]] = W.reshape(-1).to(vec.device, vec.dtype)
     if layer.bias is not None:
-        vec[sl[layer.bias]] = M[:, d_in].to(vec.dtype)
+        vec[sl[layer.bias]] = M[:, d_in].to(vec.device, vec.dtype)
 
 
 def _solve(A: Tensor, R: Tensor, eps: float) -> tuple[Tensor, Tensor]:
