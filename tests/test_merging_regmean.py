@@ -663,3 +663,46 @@ def test_hf_conv1d_models_merge_like_their_linear_twins():
         for i in ("0", "2"):
             torch.testing.assert_close(a.params[f"{i}.weight"].T, b.params[f"{i}.weight"])
             torch.testing.assert_close(a.params[f"{i}.bias"], b.params[f"{i}.bias"])
+
+
+class _Shared(nn.Module):
+    """``fc`` is called twice per pass, ``mid`` in between."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3, dtype=D)
+        self.mid = nn.Linear(3, 3, dtype=D)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.mid(self.fc(x))))
+
+
+def test_regmean_plus_plus_shared_layer_gathers_every_call():
+    torch.manual_seed(0)
+    nets = [_Shared() for _ in range(2)]
+    data = [[(x[:, :3], None) for x, _ in d] for d in _task_data(T=2, batches=1)]
+    out = regmean_plus_plus(nets, data, alpha=1.0)
+    assert out.report.layers == ["fc", "mid"]
+    assert out.report.forwards == 1 + 2 * 2  # fc's passes run both of its calls
+    ps = [dict(n.named_parameters()) for n in nets]
+    avg = {k: (ps[0][k] + ps[1][k]) / 2 for k in ps[0]}
+
+    def lin(p, name, x):
+        return x @ p[f"{name}.weight"].T + p[f"{name}.bias"]
+
+    Xs = [_stack(d) for d in data]
+    # fc: rows of its first call (the data) and of its second (through the averaged mid, fc)
+    grams = []
+    for X in Xs:
+        second = torch.tanh(lin(avg, "mid", lin(avg, "fc", X)))
+        grams.append(_aug(X).T @ _aug(X) + _aug(second).T @ _aug(second))
+    info = {"fc": LayerInfo("fc", "linear", "fc.weight", "fc.bias", 3, 3)}
+    ref = regmean(nets, [Grams({"fc": G}, info) for G in grams], alpha=1.0, params=r"^fc\.")
+    torch.testing.assert_close(out.params["fc.weight"], ref.params["fc.weight"], rtol=0, atol=1e-10)
+    # mid sees the merged fc's first call
+    Hs = [lin(out.params, "fc", X) for X in Xs]
+    sub = [{"fc.weight": p["mid.weight"], "fc.bias": p["mid.bias"]} for p in ps]
+    ref = regmean(sub, _hand_grams("fc", Hs, 3), alpha=1.0)
+    torch.testing.assert_close(
+        out.params["mid.weight"], ref.params["fc.weight"], rtol=0, atol=1e-10
+    )

@@ -113,7 +113,7 @@ def scale_off_diagonal(gram: Tensor, alpha: float) -> Tensor:
     return alpha * gram + (1 - alpha) * torch.diag_embed(diag)
 
 
-def check_alpha(alpha: float) -> float:
+def _check_alpha(alpha: float) -> float:
     """``alpha`` as a float in :math:`(0, 1]`; ``ValueError`` otherwise."""
     alpha = check_finite_scalar(alpha, "alpha")
     if not 0 < alpha <= 1:
@@ -402,7 +402,7 @@ def regmean(
     flat = flatten_models(models, base, params, method="regmean", needs_base=False)
     T = flat.thetas.shape[0]
     w = check_weights(weights, T, 1.0 / T)
-    alpha = check_alpha(alpha)
+    alpha = _check_alpha(alpha)
     layers, per_layer = _plan_layers(grams, flat, set(parameters_of(models[0])))
     scales = None
     if normalize:
@@ -570,7 +570,10 @@ def regmean_plus_plus(
 
     The paper merges transformer blocks in order, and inside a block uses each candidate's
     own block; here the unit is the layer, the finest order: every layer sees the merged
-    version of all layers that run before it.
+    version of all layers that run before it. The order is that of the layers' first calls
+    in a forward pass; a layer called several times per pass (shared across positions)
+    gathers the rows of every call, and its later calls see the layers run in between still
+    at their weighted average.
 
     **Cost.** One discovery forward pass on the first batch (the layer order and the calls
     per pass), then, for every group of layers and every task, one forward pass per batch
@@ -628,7 +631,7 @@ def regmean_plus_plus(
                 "layer: pass a list of batches or a DataLoader"
             )
     w = check_weights(weights, T, 1.0 / T)
-    alpha = check_alpha(alpha)
+    alpha = _check_alpha(alpha)
     devices = {str(next(m.parameters()).device) for m in models}
     if len(devices) > 1:
         raise ValueError(f"the models are on different devices ({sorted(devices)}); move them")
