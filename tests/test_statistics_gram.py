@@ -125,3 +125,17 @@ def test_save_load_round_trip_and_mismatches(tmp_path):
     save_file({"a": torch.zeros(1)}, bad, metadata={"format": "other"})
     with pytest.raises(ValueError, match="not a curvmerge Gram file"):
         load_grams(bad)
+
+
+def test_a_layer_called_twice_adds_the_rows_of_both_calls():
+    torch.manual_seed(4)
+    lin = nn.Linear(3, 3).double()
+    model = nn.Sequential()
+    model.forward = lambda x: lin(torch.tanh(lin(x)))  # noqa: E731 (one shared layer)
+    model.lin = lin
+    x = torch.randn(4, 3, dtype=DT)
+    g = input_grams(model, [(x, torch.zeros(4))])
+    h = torch.tanh(lin(x)).detach()
+    X = _aug(torch.cat([x, h]))
+    torch.testing.assert_close(g.grams["lin"], X.T @ X)
+    assert g.num_rows == {"lin": 8}

@@ -208,3 +208,36 @@ def test_exact_past_the_memory_budget_is_refused_and_frozen_layers_get_zero_b():
     assert f.B["net.0"].abs().max() == 0
     torch.testing.assert_close(f.A["net.0"], ref.A["0"])
     torch.testing.assert_close(f.B["net.2"], ref.B["2"])
+
+
+class Conv1D(nn.Module):
+    """Hugging Face GPT-2's ``Conv1D`` layout: ``y = x W + b`` with ``W`` ``[in, out]``."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf, dtype=DT))
+        self.bias = nn.Parameter(torch.randn(nf, dtype=DT))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+def test_hf_conv1d_is_a_transposed_linear_layer():
+    lin = _mlp()
+    hf = nn.Sequential(Conv1D(4, 3), nn.Tanh(), Conv1D(3, 4))
+    with torch.no_grad():
+        for i in (0, 2):
+            hf[i].weight.copy_(lin[i].weight.T)
+            hf[i].bias.copy_(lin[i].bias)
+    data = _data(nn.CrossEntropyLoss())
+    K_lin = KroneckerOperator.from_kfac(ParamSpace.from_module(lin), kfac_factors(lin, "ce", data))
+    space = ParamSpace.from_module(hf)
+    K_hf = KroneckerOperator.from_kfac(space, kfac_factors(hf, "ce", data))
+    v = torch.randn(space.size, dtype=DT)
+    d = space.unflatten(v)
+    as_lin = {k: (t.T if t.ndim == 2 else t) for k, t in d.items()}
+    out = K_hf @ d
+    ref = K_lin @ as_lin
+    for k in d:
+        torch.testing.assert_close(out[k], ref[k].T if out[k].ndim == 2 else ref[k])
