@@ -697,3 +697,21 @@ def test_config_with_relative_data_files_and_hf_folders(tmp_path, monkeypatch):
     (proj / "bad.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(ValueError, match=r"tasks\.sentiment.*data/missing\.csv does not exist"):
         load_config(proj / "bad.yaml")
+
+
+def test_exact_fisher_grid_shows_one_bar_and_says_its_bound(trained, capsys):
+    pool, tasks = _pools(trained)
+    method = {"method": "fisher_exact", "grid": {"damping": [1e-1, 1e-3]},
+              "options": {"maxiter": 5}}  # fmt: skip
+    lines = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the cap
+        res = run_experiment(pool, tasks, [method], settings=Settings(**SETTINGS, references=False),
+                             progress=True, log=lines.append)  # fmt: skip
+    err = capsys.readouterr().err
+    assert "fisher_exact CG (2 dampings)" in err and "residual" in err
+    assert "fisher_exact CG:" not in err  # no bar per damping
+    assert "GGN product:" not in err and "GGN product (cached)" not in err
+    assert any("at most 5 iterations" in line for line in lines)  # the bound, said up front
+    assert any("stopped at maxiter=5" in line for line in lines)  # and when it stops
+    assert res.sweeps["fisher_exact"].points[0].iterations == 5

@@ -111,6 +111,18 @@ def _maker(
     if prepared.kind != "operator" or prepared.preconditioner is not None:
         grids = {}
     pending: dict[Any, list] = {}
+    if prepared.kind == "operator":  # the stage's bound, said before it starts
+        solves = sum(1 for g in grids.values() if len(g) > 1) + sum(
+            1 for p in points if len(grids.get(resolve(p)[1], ())) < 2
+        )
+        shared = solves < len(points)
+        cap = f"at most {maxiter} iterations" if maxiter is not None else "no iteration cap"
+        _say(
+            log,
+            f"{spec.name}: {len(points)} points in {solves} CG solve(s)"
+            + (" (each weight point's dampings from one Krylov space)" if shared else "")
+            + f", each {cap} (option maxiter), rtol {prepared.rtol:g}",
+        )
 
     def solve_grid(weights, key):
         dampings = grids[key]
