@@ -139,3 +139,24 @@ def test_a_layer_called_twice_adds_the_rows_of_both_calls():
     X = _aug(torch.cat([x, h]))
     torch.testing.assert_close(g.grams["lin"], X.T @ X)
     assert g.num_rows == {"lin": 8}
+
+
+def test_layers_never_called_are_reported_not_zero():
+    torch.manual_seed(5)
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)  # F.linear(out_proj)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+    model = Attn().double().eval()
+    x = torch.randn(3, 5, 4, dtype=DT)
+    g = input_grams(model, [(x, torch.zeros(3))])
+    assert list(g.grams) == ["head"]
+    assert "attn.out_proj.weight" in g.unsupported and "attn.in_proj_weight" in g.unsupported
+    with pytest.raises(ValueError, match="was called on the data"):
+        input_grams(model, [(x, torch.zeros(3))], params=r"attn\..*")

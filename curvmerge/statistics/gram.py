@@ -29,7 +29,7 @@ from curvmerge.batches import batch_size, model_outputs
 from curvmerge.losses import LossSpec
 from curvmerge.space import ParamSpace
 from curvmerge.statistics.base import CurvatureComputer
-from curvmerge.statistics.layers import LayerHooks, LayerInfo, find_layers
+from curvmerge.statistics.layers import LayerHooks, LayerInfo, drop_unseen, find_layers
 
 __all__ = ["LayerGrams", "input_grams", "add_gram"]
 
@@ -44,7 +44,8 @@ class LayerGrams:
         num_rows: Layer -> number of rows summed (non-padding positions of all calls).
         layers: Layer -> :class:`~curvmerge.statistics.layers.LayerInfo` (weight and bias
             parameter names, sizes).
-        unsupported: Selected parameters no supported layer covers (merges average them).
+        unsupported: Selected parameters no supported layer covers (merges average them),
+            including those of layers never called on the data.
         num_examples: Examples read.
     """
 
@@ -147,4 +148,16 @@ def input_grams(
             hooks.start(inputs)
             model_outputs(model, inputs)
             num_examples += batch_size(inputs)
-    return LayerGrams(grams, rows_seen, layers, unsupported, num_examples)
+    layers, unsupported = drop_unseen(layers, rows_seen, computer.space.names)
+    if not layers:
+        raise ValueError(
+            "no supported layer holding a selected parameter was called on the data (a "
+            "weight used functionally, as nn.MultiheadAttention uses out_proj, is not a call)"
+        )
+    return LayerGrams(
+        {k: grams[k] for k in layers},
+        {k: rows_seen[k] for k in layers},
+        layers,
+        unsupported,
+        num_examples,
+    )

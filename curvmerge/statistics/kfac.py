@@ -40,7 +40,7 @@ from curvmerge.space import ParamSpace
 from curvmerge.statistics.base import CurvatureComputer
 from curvmerge.statistics.diagonal import check_kind, fisher_cotangents
 from curvmerge.statistics.gram import add_gram
-from curvmerge.statistics.layers import LayerHooks, LayerInfo, find_layers
+from curvmerge.statistics.layers import LayerHooks, LayerInfo, drop_unseen, find_layers
 from curvmerge.statistics.per_example import DEFAULT_MEMORY_BUDGET
 
 __all__ = ["KFACFactors", "kfac_factors"]
@@ -60,7 +60,8 @@ class KFACFactors:
             :math:`c`.
         layers: Layer -> :class:`~curvmerge.statistics.layers.LayerInfo`.
         num_rows: Layer -> rows summed into ``A``.
-        unsupported: Selected parameters no supported layer covers.
+        unsupported: Selected parameters no supported layer covers, including those of
+            layers never called on the data.
         kind: ``"exact"``, ``"mc"`` or ``"empirical"``.
         num_examples: Examples read.
         num_terms: Loss terms read (the ``"mean"`` normaliser).
@@ -186,9 +187,13 @@ def kfac_factors(
     finally:
         for p, r in zip(weights, requires, strict=True):
             p.requires_grad_(r)
-    for k in layers:
-        A[k] /= max(num_rows[k], 1)
-        B[k] *= scale
-    return KFACFactors(
-        A, B, layers, num_rows, unsupported, kind, num_examples, num_terms, mc_samples
-    )
+    layers, unsupported = drop_unseen(layers, num_rows, computer.space.names)
+    if not layers:
+        raise ValueError(
+            "no supported layer holding a selected parameter was called on the data (a "
+            "weight used functionally, as nn.MultiheadAttention uses out_proj, is not a call)"
+        )
+    A = {k: A[k] / num_rows[k] for k in layers}
+    B = {k: B[k] * scale for k in layers}
+    rows = {k: num_rows[k] for k in layers}
+    return KFACFactors(A, B, layers, rows, unsupported, kind, num_examples, num_terms, mc_samples)

@@ -34,7 +34,15 @@ convolutions) keep all their rows. Sums over rows do not depend on the order of 
 so beyond the mask the batch axis needs not be known.
 
 A layer called several times per forward pass (shared across positions or blocks) adds the
-rows of every call.
+rows of every call. A layer whose module is never called on the data, because its weight is
+used functionally (``nn.MultiheadAttention`` applies ``out_proj.weight`` with ``F.linear``)
+or not at all, has no statistic: :func:`drop_unseen` moves its parameters to
+``unsupported`` after the pass instead of leaving a zero statistic that would look like
+information.
+
+The row mask is matched by shape: layers of a model with an ``attention_mask`` must see
+their tokens batch-first (``[B, T, d]``, as Hugging Face models do); a sequence-first layer
+with :math:`T = B` would be read as batch-first.
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ from torch import Tensor, nn
 
 from curvmerge.statistics.per_example import conv_patches, supported_layer
 
-__all__ = ["LayerInfo", "find_layers", "row_mask", "LayerHooks", "LayerCall"]
+__all__ = ["LayerInfo", "find_layers", "drop_unseen", "row_mask", "LayerHooks", "LayerCall"]
 
 _KINDS = ("linear", "hf_conv1d", "conv")
 
@@ -128,6 +136,16 @@ def find_layers(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, Layer
         layers[mname] = LayerInfo(mname, kind, name_of[id(weight)], bias_name, d_in, d_out)
     covered = {n for info in layers.values() for n in (info.weight, info.bias) if n}
     return layers, [n for n in names if n not in covered]
+
+
+def drop_unseen(
+    layers: Mapping[str, LayerInfo], num_rows: Mapping[str, int], names: Sequence[str]
+) -> tuple[dict[str, LayerInfo], list[str]]:
+    """The layers that saw at least one row, and the selected parameters ``names`` that
+    none of them covers (in the order of ``names``)."""
+    kept = {k: info for k, info in layers.items() if num_rows.get(k, 0) > 0}
+    covered = {n for info in kept.values() for n in (info.weight, info.bias) if n}
+    return kept, [n for n in names if n not in covered]
 
 
 def row_mask(inputs) -> Tensor | None:
