@@ -241,3 +241,12 @@ def test_hf_conv1d_is_a_transposed_linear_layer():
     ref = K_lin @ as_lin
     for k in d:
         torch.testing.assert_close(out[k], ref[k].T if out[k].ndim == 2 else ref[k])
+
+
+def test_num_data_sets_the_mean_normaliser():
+    model = _mlp()
+    data = _data(nn.CrossEntropyLoss())
+    counted = kfac_factors(model, "cross_entropy", data)
+    given = kfac_factors(model, "cross_entropy", data, num_data=14)
+    torch.testing.assert_close(given.B["0"], counted.B["0"] / 2)
+    torch.testing.assert_close(given.A["0"], counted.A["0"])

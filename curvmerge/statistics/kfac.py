@@ -126,7 +126,8 @@ def kfac_factors(
         mc_samples: Labels sampled per example for ``kind="mc"``.
         seed: Seed of the CPU generator that draws the ``mc`` labels.
         params: Names or a regex of the selected parameters (default: all), or a space.
-        num_data: The ``"mean"`` normaliser (loss terms); ``None`` counts it in one pass.
+        num_data: The ``"mean"`` normaliser (loss terms); ``None`` counts them while the
+            factors are computed.
         memory_budget: Bytes the exact kind's ``[M, C, C]`` output-Hessian factor of a batch
             may use (past it, ``"exact"`` is refused: a language model's vocabulary).
         progress: Show a progress bar over the batches.
@@ -145,7 +146,7 @@ def kfac_factors(
             "no selected parameter belongs to a supported layer (nn.Linear, nn.Conv1d, "
             f"nn.Conv2d, Hugging Face Conv1D); unsupported: {unsupported[:5]}"
         )
-    spec, scale = computer.loss, computer.scale
+    spec = computer.loss
     acc = torch.promote_types(computer.dtype, torch.float32)
     dev = computer.device
     A = {k: torch.zeros(i.size, i.size, dtype=acc, device=dev) for k, i in layers.items()}
@@ -194,6 +195,14 @@ def kfac_factors(
             "weight used functionally, as nn.MultiheadAttention uses out_proj, is not a call)"
         )
     A = {k: A[k] / num_rows[k] for k in layers}
+    if spec.reduction == "sum":
+        scale = 1.0
+    elif num_data is not None:
+        scale = 1.0 / num_data
+    elif num_terms > 0:
+        scale = 1.0 / num_terms  # counted on this pass: no extra pass over the data
+    else:
+        raise ValueError("data has no loss terms (every target is ignore_index)")
     B = {k: B[k] * scale for k in layers}
     rows = {k: num_rows[k] for k in layers}
     return KFACFactors(A, B, layers, rows, unsupported, kind, num_examples, num_terms, mc_samples)
