@@ -159,13 +159,16 @@ def karcher_mean(
     x = mean / norm
     for step in range(maxiter + 1):
         cos = directions @ x
-        ortho = directions - cos[:, None] * x[None, :]
-        sin = torch.linalg.vector_norm(ortho, dim=1)
+        sin = torch.sqrt(torch.clamp(1 - cos * cos, min=0))
+        near = cos * cos > 0.5  # 1 - cos^2 cancels: sin from the orthogonal part itself
+        if bool(near.any()):
+            ortho = directions[near] - cos[near, None] * x[None, :]
+            sin[near] = torch.linalg.vector_norm(ortho, dim=1)
         if bool(((sin < _TINY_SINE) & (cos < 0)).any()):
             return None, step, False
         angle = torch.atan2(sin, cos)
-        factor = torch.where(sin < _TINY_SINE, torch.ones_like(sin), angle / sin)
-        g = (weights * factor) @ ortho
+        coef = weights * torch.where(sin < _TINY_SINE, torch.ones_like(sin), angle / sin)
+        g = coef @ directions - (coef @ cos) * x  # sum_i coef_i (u_i - cos_i x)
         g = g - (g @ x) * x  # keep the step tangent despite rounding
         size = float(torch.linalg.vector_norm(g))
         if size < tol:
