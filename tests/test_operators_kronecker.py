@@ -115,3 +115,16 @@ def test_bad_blocks_are_refused():
         KroneckerOperator(SPACE, {"x": (A, B, "lin.w", "skip")})
     with pytest.raises(TypeError, match="must be a KroneckerBlock or a tuple"):
         KroneckerOperator(SPACE, {"x": A})
+
+
+def test_from_grams_restricted_to_a_smaller_space():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 2)).double()
+    g = input_grams(model, [(torch.randn(6, 3, dtype=DT), torch.zeros(6))])
+    full = KroneckerOperator.from_grams(ParamSpace.from_module(model), g).to_dense()
+    space = ParamSpace.from_module(model).select(["0.weight", "2.weight", "2.bias"])
+    K = KroneckerOperator.from_grams(space, g)
+    keep = torch.cat([torch.arange(6), torch.arange(8, 14)])  # 0.bias dropped
+    torch.testing.assert_close(K.to_dense(), full[keep[:, None], keep[None, :]])
+    with pytest.raises(ValueError, match="no layer of the statistics has its weight"):
+        KroneckerOperator.from_grams(ParamSpace.from_module(model).select(["0.bias"]), g)

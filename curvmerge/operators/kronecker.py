@@ -157,35 +157,38 @@ class KroneckerOperator(LinearOperator):
         return F.to(device=self.device, dtype=self.dtype)
 
     @classmethod
+    def _from_layers(cls, space, layers, factor_a, factor_b) -> KroneckerOperator:
+        blocks = {}
+        for k, info in layers.items():
+            if info.weight not in space:
+                continue  # a layer outside the merged space (a task head)
+            A, bias = factor_a[k], info.bias
+            if bias is not None and bias not in space:
+                A, bias = A[:-1, :-1], None  # the weight's own block
+            B = None if factor_b is None else factor_b[k]
+            blocks[k] = KroneckerBlock(A, B, info.weight, bias, info.kind == "hf_conv1d")
+        if not blocks:
+            raise ValueError("no layer of the statistics has its weight in the space")
+        return cls(space, blocks)
+
+    @classmethod
     def from_grams(cls, space: ParamSpace, grams) -> KroneckerOperator:
         """RegMean's curvature: :math:`A` = a layer's input Gram, :math:`B = I`.
+
+        Layers whose weight is not in ``space`` are left out; a bias not in ``space`` is
+        dropped with its row and column of :math:`A`.
 
         Args:
             space: The parameter space.
             grams: :class:`~curvmerge.statistics.gram.LayerGrams`.
         """
-        return cls(
-            space,
-            {
-                k: KroneckerBlock(
-                    grams.grams[k], None, info.weight, info.bias, info.kind == "hf_conv1d"
-                )
-                for k, info in grams.layers.items()
-            },
-        )
+        return cls._from_layers(space, grams.layers, grams.grams, None)
 
     @classmethod
     def from_kfac(cls, space: ParamSpace, factors) -> KroneckerOperator:
-        """K-FAC's Fisher from :class:`~curvmerge.statistics.kfac.KFACFactors`."""
-        return cls(
-            space,
-            {
-                k: KroneckerBlock(
-                    factors.A[k], factors.B[k], info.weight, info.bias, info.kind == "hf_conv1d"
-                )
-                for k, info in factors.layers.items()
-            },
-        )
+        """K-FAC's Fisher from :class:`~curvmerge.statistics.kfac.KFACFactors` (layers and
+        biases outside ``space`` are left out as in :meth:`from_grams`)."""
+        return cls._from_layers(space, factors.layers, factors.A, factors.B)
 
     # ------------------------------------------------------------------ layout
     def _joint(self, X: Tensor, w_sl, b_sl, d_out, d_in, transposed) -> Tensor:
