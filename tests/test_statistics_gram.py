@@ -160,3 +160,35 @@ def test_layers_never_called_are_reported_not_zero():
     assert "attn.out_proj.weight" in g.unsupported and "attn.in_proj_weight" in g.unsupported
     with pytest.raises(ValueError, match="was called on the data"):
         input_grams(model, [(x, torch.zeros(3))], params=r"attn\..*")
+
+
+@pytest.mark.slow
+def test_bert_grams_equal_the_unpadded_examples_one_by_one():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=30,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        num_labels=3,
+        attn_implementation="eager",
+    )
+    model = transformers.BertForSequenceClassification(cfg).double().eval()
+    ids = torch.randint(1, 30, (3, 6))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
+    g = input_grams(model, [({"input_ids": ids, "attention_mask": mask}, torch.zeros(3))])
+    query = model.bert.encoder.layer[0].attention.self.query
+    rows = []
+    hook = query.register_forward_hook(lambda mod, args, out: rows.append(args[0][0]))
+    with torch.no_grad():
+        for b in range(3):
+            n = int(mask[b].sum())
+            model(input_ids=ids[b : b + 1, :n], attention_mask=mask[b : b + 1, :n])
+    hook.remove()
+    X = _aug(torch.cat(rows))
+    name = "bert.encoder.layer.0.attention.self.query"
+    torch.testing.assert_close(g.grams[name], X.T @ X)
+    assert g.num_rows[name] == 12 and g.num_rows["classifier"] == 3
+    assert "bert.embeddings.word_embeddings.weight" in g.unsupported
