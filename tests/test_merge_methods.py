@@ -264,20 +264,25 @@ def test_ensemble_bad_input():
 # ------------------------------------------------------------------ registry
 def test_registry_lists_working_methods_and_calls_them_alike():
     from curvmerge.merging.registry import get_method, list_methods, method_names, task_models
-    from curvmerge.operators import DenseOperator, DiagonalOperator
+    from curvmerge.operators import DenseOperator, DiagonalOperator, KroneckerOperator
     from curvmerge.space import ParamSpace
 
     assert method_names() == [s.name for s in list_methods()]
-    assert {"average", "task_arithmetic", "ties", "dare", "slerp", "fisher_diagonal",
-            "fisher_exact", "ensemble"} == set(method_names())  # fmt: skip
+    assert {"average", "task_arithmetic", "ties", "dare", "slerp", "slerp_sequential",
+            "spherical_barycenter", "tsv_merge", "iso_c", "iso_cts", "regmean",
+            "regmean_plus_plus", "fisher_diagonal", "fisher_kfac", "fisher_exact",
+            "ensemble"} == set(method_names())  # fmt: skip
     space = ParamSpace.from_tensors(A)
     diag = [DiagonalOperator(space, torch.rand(space.size, dtype=D) + 0.1) for _ in range(2)]
     dense = [DenseOperator(space, torch.diag(F.diagonal()), self_adjoint=True) for F in diag]
-    curv = {"diagonal_fisher": diag, "exact_ggn": dense, "none": None}
+    spd = torch.tensor([[2.0, 0.5, 0.1], [0.5, 1.0, 0.2], [0.1, 0.2, 1.0]], dtype=D)
+    kfac = [KroneckerOperator(space, {"layer": (spd, c * torch.eye(2, dtype=D), "w", "b")})
+            for c in (1.0, 3.0)]  # fmt: skip
+    curv = {"diagonal_fisher": diag, "exact_ggn": dense, "kfac": kfac, "none": None}
     results = {}
     for spec in list_methods():
-        if not spec.is_merge:
-            continue
+        if not spec.is_merge or spec.statistics in ("input_gram", "data"):
+            continue  # these run modules on data: test_registry_runs_the_data_methods
         results[spec.name] = spec([A, B], base=BASE, curvatures=curv[spec.statistics])
         assert set(results[spec.name].params) == set(A)
     assert torch.allclose(results["average"].params["w"], (A["w"] + B["w"]) / 2)
@@ -286,11 +291,45 @@ def test_registry_lists_working_methods_and_calls_them_alike():
         assert torch.allclose(
             results["fisher_exact"].params[n], results["fisher_diagonal"].params[n], atol=1e-8
         )
+    # F_t = spd (x) c_t I: the K-FAC merge of one layer is the closed form with weights c_t
+    M = {t: torch.cat([m["w"], m["b"][:, None]], 1) for t, m in enumerate((A, B))}
+    want = (1.0 * M[0] + 3.0 * M[1]) / 4.0
+    exact = get_method("fisher_kfac")([A, B], curvatures=kfac, damping=0.0, rtol=1e-12)
+    got = torch.cat([exact.params["w"], exact.params["b"][:, None]], 1)
+    assert torch.allclose(got, want, atol=1e-10)
     torch.manual_seed(0)
     nets = [_Net(2), _Net(2)]
     for name in ("average", "ensemble"):
         mods = task_models(get_method(name)(nets, params=r"^body\."), nets)
         assert len(mods) == 2 and mods[0](torch.randn(1, 3)).shape == (1, 2)
+
+
+def test_registry_runs_the_data_methods_like_their_functions():
+    from curvmerge.merging.registry import get_method
+    from curvmerge.merging.regmean import regmean, regmean_plus_plus
+    from curvmerge.statistics import input_grams
+
+    torch.manual_seed(0)
+    nets = [_Net(2).double(), _Net(2).double()]
+    data = [[(torch.randn(8, 3, dtype=D), torch.zeros(8, dtype=torch.long))] for _ in nets]
+    grams = [input_grams(n, d, params=r"^body\.") for n, d in zip(nets, data, strict=True)]
+    pairs = [
+        (get_method("regmean")(nets, curvatures=grams, params=r"^body\.", alpha=0.5),
+         regmean(nets, grams, params=r"^body\.", alpha=0.5)),
+        (get_method("regmean_plus_plus")(nets, curvatures=data, params=r"^body\."),
+         regmean_plus_plus(nets, data, params=r"^body\.")),
+    ]  # fmt: skip
+    for got, want in pairs:
+        assert set(got.params) == {"body.weight", "body.bias"}
+        for n in got.params:
+            assert torch.equal(got.params[n], want.params[n])
+    # regmean differs from the average: the Grams matter
+    avg = get_method("average")(nets, params=r"^body\.")
+    assert not torch.allclose(pairs[0][0].params["body.weight"], avg.params["body.weight"])
+    with pytest.raises(ValueError, match="needs one LayerGrams"):
+        get_method("regmean")(nets)
+    with pytest.raises(ValueError, match="got 1 batch iterable"):
+        get_method("regmean_plus_plus")(nets, curvatures=data[:1])
 
 
 def test_registry_errors():
@@ -338,7 +377,7 @@ def test_registry_rows_carry_grids_and_statistics_needs():
     assert get_method("ties").needs == ("base",)
     assert [p["damping"] for p in get_method("fisher_exact").grid_points()] == [0.1, 0.01, 0.001]
     assert {s.name for s in list_methods() if s.equation} == {
-        "average", "fisher_diagonal", "fisher_exact"}  # fmt: skip
+        "average", "fisher_diagonal", "fisher_exact", "fisher_kfac"}  # fmt: skip
     # overrides: a list of points or a product of values; options are checked
     spec = get_method("fisher_diagonal")
     half = (0.5, 0.5)

@@ -1,11 +1,15 @@
 """Per-model curvature statistics, computed once and shared by every method and sweep.
 
 :class:`StatisticsStore` computes, on first request, one diagonal Fisher per model
-(:func:`curvmerge.fisher.diagonal_fisher`) and one matrix-free GGN/Fisher operator per model
-(the registry's operator class, normally :class:`curvmerge.GGNOperator`), and hands the same
-objects to every method that needs them: a method, a second method of the same kind and a
-coefficient sweep never recompute them. A GGN operator caches its own diagonal, so the
-damping scale and warm starts of several exact merges cost one diagonal pass per model.
+(:func:`curvmerge.fisher.diagonal_fisher`), one matrix-free GGN/Fisher operator per model
+(the registry's operator class, normally :class:`curvmerge.GGNOperator`), one K-FAC Fisher
+per model (:func:`curvmerge.statistics.kfac_factors` of the Fisher kind, as a
+:class:`~curvmerge.operators.KroneckerOperator`) and one set of layer input Gram matrices per
+model (:func:`curvmerge.statistics.input_grams`, RegMean), all on the same statistics
+batches, and hands the same objects to every method that needs them: a method, a second
+method of the same kind and a coefficient sweep never recompute them. A GGN operator caches
+its own diagonal, so the damping scale and warm starts of several exact merges cost one
+diagonal pass per model.
 
 With ``fisher_dir``, each diagonal Fisher is also saved as a Fisher file
 (:func:`curvmerge.fisher.save_fisher`) and a later run loads it instead of computing it.
@@ -31,9 +35,14 @@ from torch import Tensor, nn
 
 from curvmerge.fisher import diagonal_fisher, load_fisher, save_fisher
 from curvmerge.losses import LossSpec, resolve_loss
-from curvmerge.operators import LinearOperator
+from curvmerge.operators import KroneckerOperator, LinearOperator
+from curvmerge.space import ParamSpace
+from curvmerge.statistics import input_grams, kfac_factors
 
-__all__ = ["StatisticsStore", "statistics_key", "KEY_FORMAT"]
+__all__ = ["StatisticsStore", "statistics_key", "KEY_FORMAT", "KINDS"]
+
+#: The statistics a store computes (the registry's kinds that are computed, not ``"data"``).
+KINDS = ("diagonal_fisher", "exact_ggn", "kfac", "input_gram")
 
 #: Prefix of the keys stored in Fisher files (also keeps them from parsing as JSON numbers).
 KEY_FORMAT = "sha256:v1:"
@@ -103,10 +112,11 @@ class StatisticsStore:
         log: Called with one line per statistic computed or loaded.
 
     Attributes:
-        computed: ``{"diagonal_fisher": n, "exact_ggn": n}``: statistics computed (not loaded).
+        computed: ``{kind: n}`` for each kind of :data:`KINDS`: statistics computed (not
+            loaded).
         loaded: Diagonal Fishers read from Fisher files.
-        seconds: ``{"diagonal_fisher": [per model], "exact_ggn": [per model]}``; a loaded
-            Fisher counts the seconds recorded in its file.
+        seconds: ``{kind: [per model]}``; a loaded Fisher counts the seconds recorded in its
+            file.
         notes: Lines worth reading (stale files replaced).
     """
 
@@ -142,13 +152,15 @@ class StatisticsStore:
         self.fisher_dir = Path(fisher_dir) if fisher_dir is not None else None
         self.progress = progress
         self.log = log
-        self.computed = {"diagonal_fisher": 0, "exact_ggn": 0}
+        self.computed = dict.fromkeys(KINDS, 0)
         self.loaded = 0
-        self.seconds: dict[str, list[float]] = {"diagonal_fisher": [], "exact_ggn": []}
+        self.seconds: dict[str, list[float]] = {k: [] for k in KINDS}
         self.paths: list[Path] = []
         self.notes: list[str] = []
         self._fishers: list | None = None
         self._operators: dict[type, list[LinearOperator]] = {}
+        self._kfac: list[KroneckerOperator] | None = None
+        self._grams: list | None = None
 
     def _say(self, msg: str) -> None:
         if self.log is not None:
@@ -156,10 +168,17 @@ class StatisticsStore:
 
     # ------------------------------------------------------------------ requests
     def get(self, statistics: str, operator_class: type | None = None) -> list | None:
-        """The statistics a registry row names: ``"none"`` (``None``), ``"diagonal_fisher"``
-        or ``"exact_ggn"`` (built with ``operator_class``)."""
+        """The statistics a registry row names: ``"none"`` (``None``), ``"diagonal_fisher"``,
+        ``"exact_ggn"`` (built with ``operator_class``), ``"kfac"``, ``"input_gram"`` or
+        ``"data"`` (the statistics batches themselves)."""
         if statistics == "none":
             return None
+        if statistics == "data":
+            return self.batches
+        if statistics == "kfac":
+            return self.kfac_operators()
+        if statistics == "input_gram":
+            return self.input_grams()
         if statistics == "diagonal_fisher":
             return self.diagonal_fishers()
         if statistics == "exact_ggn":
@@ -265,6 +284,49 @@ class StatisticsStore:
             self._say(f"exact GGN operators of {len(ops)} models built")
         return self._operators[operator_class]
 
+    def kfac_operators(self) -> list[KroneckerOperator]:
+        """One K-FAC Fisher per model (the store's Fisher kind, its Monte-Carlo samples and
+        seed, all statistics batches), computed on the first call only."""
+        if self._kfac is None:
+            ops = []
+            for k, model in enumerate(self.models):
+                start = time.perf_counter()
+                factors = kfac_factors(
+                    model,
+                    self.losses[k],
+                    self.batches[k],
+                    kind=self.fisher_kind,
+                    mc_samples=self.mc_samples,
+                    seed=self.seed,
+                    params=self.params,
+                    progress=self.progress,
+                )
+                space = ParamSpace.from_module(model, self.params)
+                ops.append(KroneckerOperator.from_kfac(space, factors))
+                seconds = time.perf_counter() - start
+                self.computed["kfac"] += 1
+                self.seconds["kfac"].append(seconds)
+                self._say(f"K-FAC factors ({self.fisher_kind}) of {self.names[k]}: {seconds:.2f} s")
+            self._kfac = ops
+        return self._kfac
+
+    def input_grams(self) -> list:
+        """One :class:`~curvmerge.statistics.LayerGrams` per model (all statistics batches),
+        computed on the first call only."""
+        if self._grams is None:
+            grams = []
+            for k, model in enumerate(self.models):
+                start = time.perf_counter()
+                grams.append(
+                    input_grams(model, self.batches[k], params=self.params, progress=self.progress)
+                )
+                seconds = time.perf_counter() - start
+                self.computed["input_gram"] += 1
+                self.seconds["input_gram"].append(seconds)
+                self._say(f"input Gram matrices of {self.names[k]}: {seconds:.2f} s")
+            self._grams = grams
+        return self._grams
+
     # ------------------------------------------------------------------ costs
     def costs(self) -> dict[str, Any]:
         """Computed and loaded statistics, their seconds and the operators' data passes."""
@@ -283,5 +345,10 @@ class StatisticsStore:
                 "seconds": list(self.seconds["exact_ggn"]),
                 "data_passes": sum(int(getattr(op, "passes", 0)) for op in ops),
                 "diagonal_passes": sum(int(getattr(op, "diagonal_passes", 0)) for op in ops),
+            },
+            "kfac": {"computed": self.computed["kfac"], "seconds": list(self.seconds["kfac"])},
+            "input_gram": {
+                "computed": self.computed["input_gram"],
+                "seconds": list(self.seconds["input_gram"]),
             },
         }

@@ -17,7 +17,15 @@ not a merge); :func:`task_models` turns either into one evaluable module per tas
   diagonal Fisher of any kind: exact, Monte-Carlo or empirical);
 - ``"exact_ggn"``: one matrix-free :class:`~curvmerge.operators.LinearOperator` per model,
   normally ``curvmerge.operators.ggn.GGNOperator`` (named in ``spec.operator``, imported only
-  by :meth:`MethodSpec.operator_class`).
+  by :meth:`MethodSpec.operator_class`);
+- ``"kfac"``: one K-FAC Fisher per model, a :class:`~curvmerge.operators.KroneckerOperator`
+  (:func:`~curvmerge.statistics.kfac_factors` wrapped by
+  :meth:`~curvmerge.operators.KroneckerOperator.from_kfac`);
+- ``"input_gram"``: one :class:`~curvmerge.statistics.LayerGrams` per model (RegMean);
+- ``"data"``: each model's statistics batches, for methods that run the models on data
+  while they merge (RegMean++).
+
+Whatever the kind, the per-model statistics reach the method as ``curvatures``.
 
 ``spec.grid`` is the method's default coefficient grid: the points (keyword arguments of the
 call, ``weights`` included) among which an experiment chooses on validation data (empty: the
@@ -42,7 +50,10 @@ from torch import Tensor, nn
 from curvmerge.merging.ensemble import EnsembleResult, output_ensemble
 from curvmerge.merging.equation import merge
 from curvmerge.merging.methods import dare, slerp, task_arithmetic, ties
+from curvmerge.merging.regmean import regmean, regmean_plus_plus
 from curvmerge.merging.report import MergeResult, load_merged
+from curvmerge.merging.spectral import iso_c, iso_cts, tsv_merge
+from curvmerge.merging.spherical import slerp_sequential, spherical_barycenter
 from curvmerge.merging.system import DEFAULT_DAMPING
 from curvmerge.operators import DiagonalOperator, LinearOperator
 
@@ -58,7 +69,7 @@ __all__ = [
 ]
 
 #: The kinds of per-model statistics a method can need.
-STATISTICS = ("none", "diagonal_fisher", "exact_ggn")
+STATISTICS = ("none", "diagonal_fisher", "exact_ggn", "kfac", "input_gram", "data")
 
 
 class UnknownMethodError(ValueError):
@@ -74,7 +85,7 @@ class MethodSpec:
         summary: One line saying what the method does.
         reference: The paper it comes from.
         function: ``function(models, *, base, curvatures, weights, params, **options)``.
-        statistics: ``"none"``, ``"diagonal_fisher"`` or ``"exact_ggn"`` (see module doc).
+        statistics: One of :data:`STATISTICS` (see the module doc).
         options: The method's own options and their defaults.
         needs_base: Whether the base model :math:`\\theta_0` is required.
         is_merge: ``False`` for references that are not merges (output ensembling).
@@ -207,8 +218,17 @@ class MethodSpec:
             ) from err
 
 
+_WHAT = {
+    "diagonal_fisher": "diagonal Fisher",
+    "exact_ggn": "GGN/Fisher operator",
+    "kfac": "K-FAC Fisher (KroneckerOperator)",
+    "input_gram": "LayerGrams (input_grams)",
+    "data": "batch iterable (its statistics batches)",
+}
+
+
 def _check_curvatures(spec: MethodSpec, curvatures, num_models: int) -> None:
-    what = "diagonal Fisher" if spec.statistics == "diagonal_fisher" else "GGN/Fisher operator"
+    what = _WHAT[spec.statistics]
     if curvatures is None:
         raise ValueError(
             f"method {spec.name!r} needs one {what} per model (statistics={spec.statistics!r}); "
@@ -216,7 +236,9 @@ def _check_curvatures(spec: MethodSpec, curvatures, num_models: int) -> None:
         )
     curvatures = list(curvatures)
     if len(curvatures) != num_models:
-        raise ValueError(f"got {len(curvatures)} curvatures for {num_models} models")
+        raise ValueError(f"got {len(curvatures)} {what}s for {num_models} models")
+    if spec.statistics in ("input_gram", "data"):
+        return  # checked by the method itself, against the models
     for i, F in enumerate(curvatures):
         if spec.statistics == "diagonal_fisher" and not isinstance(F, DiagonalOperator):
             raise TypeError(
@@ -252,6 +274,34 @@ def _slerp(models, *, base, curvatures, weights, params, t, per_tensor):
     if weights is not None and t is not None:
         raise ValueError("slerp takes the option t or weights, not both")
     return slerp(models, t=t, weights=weights, base=base, per_tensor=per_tensor, params=params)
+
+
+def _tsv(models, *, base, curvatures, weights, params, **options):
+    return tsv_merge(models, base, weights=weights, params=params, **options)
+
+
+def _iso_c(models, *, base, curvatures, weights, params, **options):
+    return iso_c(models, base, weights=weights, params=params, **options)
+
+
+def _iso_cts(models, *, base, curvatures, weights, params, **options):
+    return iso_cts(models, base, weights=weights, params=params, **options)
+
+
+def _slerp_sequential(models, *, base, curvatures, weights, params, **options):
+    return slerp_sequential(models, weights=weights, base=base, params=params, **options)
+
+
+def _barycenter(models, *, base, curvatures, weights, params, **options):
+    return spherical_barycenter(models, weights=weights, base=base, params=params, **options)
+
+
+def _regmean(models, *, base, curvatures, weights, params, **options):
+    return regmean(models, curvatures, weights=weights, params=params, **options)
+
+
+def _regmean_plus_plus(models, *, base, curvatures, weights, params, **options):
+    return regmean_plus_plus(models, curvatures, weights=weights, params=params, **options)
 
 
 def _ensemble(models, *, base, curvatures, weights, params, combine):
@@ -325,6 +375,79 @@ _TABLE: tuple[MethodSpec, ...] = (
         grid=tuple({"t": t} for t in (0.25, 0.5, 0.75)),
     ),
     MethodSpec(
+        name="slerp_sequential",
+        summary="pairwise sequential SLERP with cumulative weights (per tensor)",
+        reference="Shoemake 1985; the pairwise baseline of M3SB (multi-model merging via "
+        "spherical barycenters)",
+        function=_slerp_sequential,
+        options={"per_tensor": True},
+        weights="per-model weights w_t >= 0 (step k interpolates with t = w_k / (w_1+..+w_k))",
+    ),
+    MethodSpec(
+        name="spherical_barycenter",
+        summary="weighted Karcher mean of the directions on the sphere, mean norm (per tensor)",
+        reference="Buss & Fillmore, Spherical averages and applications to spherical splines "
+        "and interpolation, ACM TOG 2001; M3SB (multi-model merging via spherical barycenters)",
+        function=_barycenter,
+        options={"per_tensor": True, "tol": 1e-10, "maxiter": 100},
+        weights="barycenter weights w_t >= 0 (default equal)",
+    ),
+    MethodSpec(
+        name="tsv_merge",
+        summary="task singular vectors: per-matrix low-rank SVDs of the task matrices, "
+        "decorrelated (TSV-M)",
+        reference="Gargiulo et al., Task singular vectors: reducing task interference in model "
+        "merging, CVPR 2025",
+        function=_tsv,
+        options={"scaling": 1.0, "rank_fraction": None, "vector_merge": "mean"},
+        needs_base=True,
+        weights="per-model multipliers of the task vectors (default 1)",
+        grid=tuple({"scaling": s} for s in (0.5, 0.75, 1.0, 1.25)),
+    ),
+    MethodSpec(
+        name="iso_c",
+        summary="isotropic merging: flatten the spectrum of the summed task matrix (Iso-C)",
+        reference="Marczak et al., No task left behind: isotropic model merging with common "
+        "and task-specific subspaces, ICML 2025",
+        function=_iso_c,
+        options={"scaling": 1.0, "vector_merge": "mean"},
+        needs_base=True,
+        weights="per-model multipliers of the task vectors (default 1)",
+        grid=tuple({"scaling": s} for s in (0.5, 1.0, 1.5, 2.0)),
+    ),
+    MethodSpec(
+        name="iso_cts",
+        summary="isotropic merging on common and task-specific subspaces (Iso-CTS)",
+        reference="Marczak et al., No task left behind: isotropic model merging with common "
+        "and task-specific subspaces, ICML 2025",
+        function=_iso_cts,
+        options={"scaling": 1.0, "common_fraction": 0.8, "vector_merge": "mean"},
+        needs_base=True,
+        weights="per-model multipliers of the task vectors (default 1)",
+        grid=tuple({"scaling": s} for s in (0.5, 1.0, 1.5, 2.0)),
+    ),
+    MethodSpec(
+        name="regmean",
+        summary="per-layer regression on input Gram matrices, solved exactly (RegMean)",
+        reference="Jin et al., Dataless knowledge fusion by merging weights of language "
+        "models, ICLR 2023",
+        function=_regmean,
+        statistics="input_gram",
+        options={"alpha": 0.9, "normalize": False},
+        grid=tuple({"alpha": a} for a in (0.5, 0.9, 0.95)),
+    ),
+    MethodSpec(
+        name="regmean_plus_plus",
+        summary="RegMean with each layer's Grams taken from the merged earlier layers "
+        "(RegMean++)",
+        reference="Nguyen et al., RegMean++: enhancing effectiveness and generalization of "
+        "regression mean for model merging, 2025",
+        function=_regmean_plus_plus,
+        statistics="data",
+        options={"alpha": 0.9, "normalize": False},
+        grid=tuple({"alpha": a} for a in (0.5, 0.9, 0.95)),
+    ),
+    MethodSpec(
         name="fisher_diagonal",
         summary="Fisher-weighted averaging with diagonal Fishers (closed form)",
         reference="Matena & Raffel, Merging models with Fisher-weighted averaging, NeurIPS 2022",
@@ -344,6 +467,20 @@ _TABLE: tuple[MethodSpec, ...] = (
         options=_SOLVER,
         operator="curvmerge.operators.ggn:GGNOperator",
         # largest first: each CG solve warm-starts from the previous, better-conditioned one
+        grid=tuple({"damping": d} for d in (1e-1, 1e-2, 1e-3)),
+        equation=True,
+        sweep_options={"maxiter": 100},
+    ),
+    MethodSpec(
+        name="fisher_kfac",
+        summary="K-FAC Fisher merge: one Kronecker factor pair per layer and model, the sum "
+        "over models solved by CG",
+        reference="Martens & Grosse, Optimizing neural networks with Kronecker-factored "
+        "approximate curvature, ICML 2015; Tam et al., Merging by matching models in task "
+        "parameter subspaces (MaTS), TMLR 2024",
+        function=_curvature_merge,
+        statistics="kfac",
+        options=_SOLVER,
         grid=tuple({"damping": d} for d in (1e-1, 1e-2, 1e-3)),
         equation=True,
         sweep_options={"maxiter": 100},
