@@ -1,37 +1,142 @@
-"""Cost of a 25-point coefficient sweep against the Fisher statistics it reuses (issue 6).
+"""Cost of coefficient sweeps against the statistics they reuse (issues 6 and 15).
 
-Two MiniLM sequence classifiers (body parameters, 22.7M), diagonal Fishers of the exact kind
-on N examples each (length 64), then a 25-point sweep of ``w = (a, 1 - a)`` with
-:class:`curvmerge.PreparedMerge` (statistics prepared once, each point elementwise work only).
-Evaluation is excluded. The models are the pretrained body with fresh heads: the costs do not
-depend on fine-tuning. Prints, for each N, the Fisher time, the sweep time (preparation plus
-25 merges) and their ratio, measured in one process.
+Two parts, each measured side by side in one process:
 
-Run: ``python benchmarks/bench_sweep_cost.py [--examples 256 512 1024] [--threads 2]``
+1. **The demo's exact-Fisher damping grid** (issue 15): the three MNIST-5k CNNs of
+   ``make demo`` (:func:`curvmerge.demo.vision_setup`, 256 Fisher examples per task, one
+   thread as the demo), the ``fisher_exact`` registry grid of dampings, at the demo's
+   tolerance and cap (:data:`curvmerge.demo.VISION_EXACT_OPTIONS`; ``--rtol``,
+   ``--maxiter``), solved
+
+   - its hardest (smallest) damping alone (warm-started from the diagonal merge, as one
+     point of the runner);
+   - point by point, as the runner did before multi-shift CG (one CG solve per damping, each
+     warm-started from the previous point);
+   - point by point as the demo did before (registry tolerance, 80 iterations per point);
+   - by one multi-shift CG run (:meth:`curvmerge.PreparedMerge.merge_dampings`, one Krylov
+     space, each damping its own stopping test and true residual), as the runner now does.
+
+   Prints products of the summed system (each applies the three curvatures), seconds, and
+   the ratios to the hardest point alone. The operators' caches are built and the damping
+   scale and right-hand sides prepared before any timing.
+2. **A 25-point diagonal-Fisher sweep of two MiniLM bodies** (issue 6, ``--minilm``):
+   diagonal Fishers of the exact kind on N examples each (length 64), then ``w = (a, 1 - a)``
+   with :class:`curvmerge.PreparedMerge` (each point elementwise work only); prints the
+   Fisher time, the sweep time and their ratio. The models are the pretrained body with
+   fresh heads: the costs do not depend on fine-tuning.
+
+Run: ``python benchmarks/bench_sweep_cost.py [--quick] [--minilm --examples 256 512 1024]``
+(``--quick``: the demo's reduced setup on sklearn digits, 128 Fisher examples).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 import torch
 
-from curvmerge.data import text_tasks, tokenize
-from curvmerge.fisher import diagonal_fisher
-from curvmerge.merging import PreparedMerge, line_grid
-from curvmerge.models import body_names, load_minilm, load_minilm_tokenizer
-from curvmerge.train import iter_batches
+
+def _exact_grid(quick: bool, rtol: float | None, maxiter: int | None) -> None:
+    from curvmerge.demo import VISION_EXACT_OPTIONS, vision_setup
+    from curvmerge.experiment import StatisticsStore
+    from curvmerge.merging import PreparedMerge
+    from curvmerge.merging.registry import get_method
+    from curvmerge.operators.ggn import GGNOperator
+
+    spec = get_method("fisher_exact")
+    dampings = [p["damping"] for p in spec.grid_points()]
+    rtol = VISION_EXACT_OPTIONS["rtol"] if rtol is None else rtol
+    maxiter = VISION_EXACT_OPTIONS["maxiter"] if maxiter is None else maxiter
+    kwargs = dict(dataset="digits", base_steps=30, task_steps=40, fisher_examples=128)
+    setup = vision_setup(progress=False, **(kwargs if quick else {}))
+    store = StatisticsStore(
+        setup.models,
+        setup.fisher_data,
+        ["cross_entropy"] * len(setup.models),
+        setup.params,
+        names=setup.names,
+        exact_examples=256,
+    )
+    ops = store.operators(GGNOperator)
+    prepared = PreparedMerge(
+        setup.models, ops, base=setup.base, params=setup.params, rtol=rtol, maxiter=maxiter
+    )  # damping scale, diagonals, right-hand sides, operator caches: built here, not timed
+    P, T = prepared.space.size, len(ops)
+    print(
+        f"{'digits (quick)' if quick else 'MNIST-5k'} demo: {T} CNNs, {P:,} shared parameters, "
+        f"{torch.get_num_threads()} thread(s); dampings {dampings}, rtol {rtol:g}, "
+        f"maxiter {maxiter}; preparation: {prepared.prepare_costs}"
+    )
+
+    def point_by_point(tol, cap):
+        prepared.reset()
+        prepared.rtol, prepared.maxiter = tol, cap
+        t0 = time.perf_counter()
+        results = [prepared.merge(damping=d) for d in dampings]
+        prepared.rtol, prepared.maxiter = rtol, maxiter
+        return results, sum(r.report.products for r in results), time.perf_counter() - t0
+
+    def describe(results):
+        return "; ".join(
+            f"{r.report.damping:g}: {r.report.iterations} it, res {r.report.relative_residual:.1e}"
+            + ("" if r.report.converged else " (NOT converged)")
+            for r in results
+        )
+
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the rows say which points did not converge
+        prepared.reset()
+        t0 = time.perf_counter()
+        hardest = prepared.merge(damping=min(dampings))
+        h_seconds = time.perf_counter() - t0
+        rows.append(("hardest damping alone", [hardest], hardest.report.products, h_seconds))
+        rows.append(("point by point", *point_by_point(rtol, maxiter)))
+        before = f"point by point, rtol {spec.options['rtol']:g}, cap 80 (demo before)"
+        rows.append((before, *point_by_point(spec.options["rtol"], 80)))
+        prepared.reset()
+        t0 = time.perf_counter()
+        grid = prepared.merge_dampings(dampings=dampings)
+        seconds = time.perf_counter() - t0
+        rows.append(("multi-shift CG, one Krylov space (demo now)", list(grid), grid.products))
+        rows[-1] = (*rows[-1], seconds)
+    hp = hardest.report.products
+    print(
+        "| solve | products of the sum | per-model products | seconds | products / hardest "
+        "| seconds / hardest | per damping |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for name, results, products, seconds in rows:
+        print(
+            f"| {name} | {products} | {products * T} | {seconds:.1f} | {products / hp:.2f} | "
+            f"{seconds / h_seconds:.2f} | {describe(results)} |",
+            flush=True,
+        )
+    by_point = rows[1]
+    print(
+        f"multi-shift / point by point: {grid.products / by_point[2]:.2f}x products, "
+        f"{rows[-1][3] / by_point[3]:.2f}x seconds"
+    )
+    # the shared run's (recurrence) residuals: iterations each damping needs at a tolerance
+    for tol in [t for t in (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6) if t >= rtol]:
+        its = [
+            next((k for k, v in enumerate(r.report.residual_history) if v <= tol), None)
+            for r in grid
+        ]
+        print(
+            f"iterations to relative residual {tol:g}: "
+            + ", ".join(f"{d:g}: {'-' if k is None else k}" for d, k in zip(dampings, its))
+        )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, nargs="+", default=[256, 512, 1024])
-    parser.add_argument("--points", type=int, default=25)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def _minilm_sweep(examples, points: int) -> None:
+    from curvmerge.data import text_tasks, tokenize
+    from curvmerge.fisher import diagonal_fisher
+    from curvmerge.merging import PreparedMerge, line_grid
+    from curvmerge.models import body_names, load_minilm, load_minilm_tokenizer
+    from curvmerge.train import iter_batches
 
     tokenizer = load_minilm_tokenizer()
     tasks = text_tasks(("airline", "deflategate"))
@@ -39,11 +144,11 @@ def main() -> None:
     names = body_names(models[0])
     print(
         f"MiniLM body: {sum(p.numel() for n, p in models[0].named_parameters() if n in names):,}"
-        f" parameters, {torch.get_num_threads()} threads, {args.points} points"
+        f" parameters, {torch.get_num_threads()} threads, {points} points"
     )
     print("| examples per model | Fisher (2 models) s | sweep s (prepare + merges) | ratio |")
     print("| --- | --- | --- | --- |")
-    for n in args.examples:
+    for n in examples:
         fishers, fisher_seconds = [], 0.0
         for model, task in zip(models, tasks, strict=True):
             train = tokenize(task.train, tokenizer)
@@ -55,7 +160,7 @@ def main() -> None:
             fisher_seconds += time.perf_counter() - start
         start = time.perf_counter()
         prepared = PreparedMerge(models, fishers, damping_scale=1.0)  # absolute damping
-        for w in line_grid(args.points):
+        for w in line_grid(points):
             prepared.merge(w, damping=1e-8)
         sweep_seconds = time.perf_counter() - start
         print(
@@ -63,6 +168,22 @@ def main() -> None:
             f"{100 * sweep_seconds / fisher_seconds:.2f}% |",
             flush=True,
         )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the demo's reduced digits setup")
+    parser.add_argument("--rtol", type=float, default=None, help="CG tolerance (the demo's)")
+    parser.add_argument("--maxiter", type=int, default=None, help="CG cap (the demo's)")
+    parser.add_argument("--minilm", action="store_true", help="also the MiniLM diagonal sweep")
+    parser.add_argument("--examples", type=int, nargs="+", default=[256, 512, 1024])
+    parser.add_argument("--points", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (demo: 1)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    _exact_grid(args.quick, args.rtol, args.maxiter)
+    if args.minilm:
+        _minilm_sweep(args.examples, args.points)
 
 
 if __name__ == "__main__":
