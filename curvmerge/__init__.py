@@ -22,15 +22,22 @@ from curvmerge.merging import (
     PreparedMerge,
     dare,
     get_method,
+    iso_c,
+    iso_cts,
     list_methods,
     load_merged,
     merge,
     output_ensemble,
     parameters_of,
+    regmean,
+    regmean_plus_plus,
     slerp,
+    slerp_sequential,
+    spherical_barycenter,
     sweep,
     task_arithmetic,
     ties,
+    tsv_merge,
 )
 from curvmerge.operators import (
     BlockDiagonalOperator,
@@ -38,12 +45,21 @@ from curvmerge.operators import (
     DiagonalOperator,
     GGNOperator,
     IdentityOperator,
+    KroneckerOperator,
     LinearOperator,
     as_operator,
 )
 from curvmerge.precondition import NystromPreconditioner
 from curvmerge.solve import CGResult, ShiftedCGResults, cg, cg_shifts, solve_cg
 from curvmerge.space import ParamSpace, SpaceMismatchError
+from curvmerge.statistics import (
+    KFACFactors,
+    LayerGrams,
+    input_grams,
+    kfac_factors,
+    load_grams,
+    save_grams,
+)
 from curvmerge.statistics.base import DataOrderError
 from curvmerge.train import OneClassWarning
 
@@ -60,12 +76,19 @@ __all__ = [
     "DenseOperator",
     "BlockDiagonalOperator",
     "GGNOperator",
+    "KroneckerOperator",
     "as_operator",
     # curvature statistics
     "diagonal_fisher",
     "DataOrderError",
     "save_fisher",
     "load_fisher",
+    "input_grams",
+    "LayerGrams",
+    "save_grams",
+    "load_grams",
+    "kfac_factors",
+    "KFACFactors",
     # solver
     "cg",
     "solve_cg",
@@ -88,6 +111,13 @@ __all__ = [
     "ties",
     "dare",
     "slerp",
+    "slerp_sequential",
+    "spherical_barycenter",
+    "tsv_merge",
+    "iso_c",
+    "iso_cts",
+    "regmean",
+    "regmean_plus_plus",
     "output_ensemble",
     "get_method",
     "list_methods",

@@ -142,6 +142,56 @@ def test_every_statistic_is_computed_once(trained, monkeypatch):
     assert res.mean("fisher_exact") > res.mean(REFERENCE_ROW)
 
 
+def test_layer_statistics_computed_once_and_every_cost_in_the_table(trained, monkeypatch):
+    import curvmerge.experiment.statistics as stats_module
+    from curvmerge.experiment.outputs import cost_table, format_report
+
+    calls = {"input_grams": 0, "kfac_factors": 0}
+    for name in calls:
+        real = getattr(stats_module, name)
+
+        def counting(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(stats_module, name, counting)
+    pool, tasks = _pools(trained)
+    methods = [
+        "regmean",
+        {"method": "regmean", "label": "regmean (alpha 1)", "grid": [{"alpha": 1.0}]},
+        "regmean_plus_plus",
+        {"method": "fisher_kfac", "grid": {"damping": [1e-1]}},
+        {"method": "fisher_kfac", "label": "kfac (base)", "grid": [{"damping": 1e-2}],
+         "options": {"prior": "base", "maxiter": 20}},
+        "tsv_merge",
+        "iso_c",
+        "iso_cts",
+        "spherical_barycenter",
+    ]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CG caps
+        res = run_experiment(pool, tasks, methods, settings=Settings(**SETTINGS))
+    T = len(tasks)
+    assert calls == {"input_grams": T, "kfac_factors": T}
+    stats = res.costs["statistics"]
+    assert stats["input_gram"]["computed"] == T and stats["kfac"]["computed"] == T
+    assert len(stats["kfac"]["seconds"]) == T and res.seconds["K-FAC factors"] > 0
+    unit = res.costs["gradient_pass_seconds"]
+    assert unit > 0
+    table = cost_table(res)
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r.split(" | ")[0][2:] for r in rows[1:]] == [MethodRun.parse(m).name for m in methods]
+    kfac_row = next(r for r in rows if r.startswith("| fisher_kfac |")).split(" | ")
+    assert kfac_row[1] == "kfac" and float(kfac_row[3]) == pytest.approx(
+        sum(stats["kfac"]["seconds"]) / unit, rel=0.06, abs=0.06
+    )
+    assert int(kfac_row[6]) == res.costs["methods"]["fisher_kfac"]["products"] > 0
+    assert table in format_report(res, "t")
+    for row in res.metrics:  # every method merged to something sensible
+        if res.kinds[row] == "merge":
+            assert res.mean(row) > res.mean(REFERENCE_ROW)
+
+
 def test_test_labels_never_choose(trained):
     methods = ["task_arithmetic", "ties", "fisher_diagonal"]
     results = []

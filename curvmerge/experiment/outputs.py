@@ -33,6 +33,7 @@ from curvmerge.experiment.spec import ExperimentResult
 __all__ = [
     "MERGED_WRITERS",
     "MergedWriter",
+    "cost_table",
     "format_report",
     "output_paths",
     "register_merged_writer",
@@ -98,6 +99,38 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def cost_table(result: ExperimentResult) -> str | None:
+    """Each method's costs as Markdown: its statistics and its merges (every grid point,
+    validation excluded) in seconds and gradient-pass equivalents, and its operator products.
+
+    A gradient pass is one forward and backward pass over one model's statistics batches
+    (``result.costs["gradient_pass_seconds"]``, measured in the same run); a statistic is
+    counted for every method that uses it (they share it: computed once). ``None`` without
+    recorded costs.
+    """
+    costs = result.costs or {}
+    methods, unit = costs.get("methods"), costs.get("gradient_pass_seconds")
+    if not methods or not unit:
+        return None
+    stats = costs.get("statistics", {})
+    lines = [
+        f"Costs (gradient passes: one pass over one model's statistics batches = {unit:.3g} s):",
+        "",
+        "| method | statistics | statistics s | statistics passes | merges s | merge passes "
+        "| products | points |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for label, c in methods.items():
+        kind = c.get("statistics", "none")
+        s_sec = sum(stats.get(kind, {}).get("seconds", []) or []) if kind != "none" else 0.0
+        m_sec = (c.get("merge_seconds") or 0.0) + (c.get("prepare_seconds") or 0.0)
+        lines.append(
+            f"| {label} | {kind} | {s_sec:.2f} | {s_sec / unit:.1f} | {m_sec:.2f} | "
+            f"{m_sec / unit:.1f} | {c.get('products') or 0} | {c.get('points', 1)} |"
+        )
+    return "\n".join(lines)
+
+
 def format_report(result: ExperimentResult, title: str, *, extra: str = "") -> str:
     """The metric tables, the choices, one-class rows, costs and notes, as Markdown.
 
@@ -134,6 +167,9 @@ def format_report(result: ExperimentResult, title: str, *, extra: str = "") -> s
                 f"{100 * e['label_share']:.1f}%)"
             )
         lines.append("")
+    table = cost_table(result)
+    if table:
+        lines.extend([table, ""])
     if result.seconds:
         lines.append("Time: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
     lines.extend(f"Note: {n}" for n in result.notes)

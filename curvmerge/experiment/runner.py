@@ -350,6 +350,7 @@ def run_experiment(
         res.seconds[label] = seconds
         method_costs[label] = {
             "seconds": seconds,
+            "statistics": spec.statistics,
             "statistics_seconds": stats_seconds,
             "points": len(found.points),
             "merge_seconds": found.merge_seconds,
@@ -380,10 +381,15 @@ def run_experiment(
         res.seconds["diagonal Fishers"] = sum(stats["diagonal_fisher"]["seconds"])
     if stats["exact_ggn"]["seconds"]:
         res.seconds["exact GGN operators"] = sum(stats["exact_ggn"]["seconds"])
+    if stats["kfac"]["seconds"]:
+        res.seconds["K-FAC factors"] = sum(stats["kfac"]["seconds"])
+    if stats["input_gram"]["seconds"]:
+        res.seconds["input Grams"] = sum(stats["input_gram"]["seconds"])
     res.seconds["evaluation"] = ev.seconds
     res.seconds["total"] = time.perf_counter() - start
     res.costs = {
         "statistics": stats,
+        "gradient_pass_seconds": store.gradient_pass_seconds(),
         "methods": method_costs,
         "evaluation": {"seconds": ev.seconds, "calls": dict(ev.calls)},
     }

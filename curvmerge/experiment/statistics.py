@@ -33,8 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvmerge.batches import iterate_batches, model_device, model_outputs, move_batch
 from curvmerge.fisher import diagonal_fisher, load_fisher, save_fisher
-from curvmerge.losses import LossSpec, resolve_loss
+from curvmerge.losses import LossSpec, flatten_rows, resolve_loss
 from curvmerge.operators import KroneckerOperator, LinearOperator
 from curvmerge.space import ParamSpace
 from curvmerge.statistics import input_grams, kfac_factors
@@ -161,6 +162,7 @@ class StatisticsStore:
         self._operators: dict[type, list[LinearOperator]] = {}
         self._kfac: list[KroneckerOperator] | None = None
         self._grams: list | None = None
+        self._pass_seconds: float | None = None
 
     def _say(self, msg: str) -> None:
         if self.log is not None:
@@ -328,6 +330,32 @@ class StatisticsStore:
         return self._grams
 
     # ------------------------------------------------------------------ costs
+    def gradient_pass_seconds(self) -> float:
+        """The unit of the costs' gradient-pass equivalents: seconds of one gradient pass
+        (forward, loss, backward to the selected parameters) over one model's statistics
+        batches, the mean over the models; measured once, after one warm-up batch."""
+        if self._pass_seconds is None:
+            times = []
+            for k, model in enumerate(self.models):
+                named = dict(model.named_parameters())
+                params = [named[n] for n in self.params if n in named]
+                fn, device = self.losses[k].module(), model_device(model)
+
+                def grad(inputs, targets, k=k, model=model, params=params, fn=fn, dev=device):
+                    out = model_outputs(model, move_batch(inputs, dev))
+                    f, y, _ = flatten_rows(self.losses[k], out, move_batch(targets, dev))
+                    torch.autograd.grad(fn(f, y), params, allow_unused=True)
+
+                batches = list(iterate_batches(self.batches[k]))
+                if k == 0 and batches:
+                    grad(*batches[0])  # warm-up
+                start = time.perf_counter()
+                for inputs, targets in batches:
+                    grad(inputs, targets)
+                times.append(time.perf_counter() - start)
+            self._pass_seconds = sum(times) / max(len(times), 1)
+        return self._pass_seconds
+
     def costs(self) -> dict[str, Any]:
         """Computed and loaded statistics, their seconds and the operators' data passes."""
         ops = [op for group in self._operators.values() for op in group]
