@@ -163,6 +163,8 @@ def test_layer_statistics_computed_once_and_every_cost_in_the_table(trained, mon
         {"method": "fisher_kfac", "grid": {"damping": [1e-1]}},
         {"method": "fisher_kfac", "label": "kfac (base)", "grid": [{"damping": 1e-2}],
          "options": {"prior": "base", "maxiter": 20}},
+        {"method": "fisher_diagonal", "label": "diagonal (TA prior)", "grid": [{"damping": 1e-2}],
+         "options": {"prior": {"method": "task_arithmetic", "scaling": 0.5}}},
         "tsv_merge",
         "iso_c",
         "iso_cts",

@@ -392,3 +392,33 @@ def test_registry_rows_carry_grids_and_statistics_needs():
     with pytest.raises(ValueError, match="grid 'damping' has no values"):
         spec.grid_points({"damping": []})
     assert "| ties | none | density ∈ {0.2, 0.5}, scaling ∈ {0.7, 1} |" in methods_table()
+
+
+def test_another_methods_merge_as_the_prior():
+    from curvmerge.merging.registry import get_method, method_prior
+    from curvmerge.operators import DiagonalOperator
+    from curvmerge.space import ParamSpace
+
+    space = ParamSpace.from_tensors(A)
+    # curvature on "w" only: "b" is a direction no Fisher sees and keeps the prior's value
+    mask = torch.tensor([1.0] * 4 + [0.0] * 2, dtype=D)
+    curv = [DiagonalOperator(space, c * mask) for c in (1.0, 3.0)]
+    ta = task_arithmetic([A, B], BASE, scaling=0.5)
+    for prior in ({"method": "task_arithmetic", "scaling": 0.5}, ta.params):
+        out = get_method("fisher_diagonal")(
+            [A, B], base=BASE, curvatures=curv, prior=prior, damping=1e-9, damping_scale=1.0
+        )
+        assert torch.allclose(out.params["b"], ta.params["b"], atol=1e-8)
+        assert torch.allclose(out.params["w"], (A["w"] + 3 * B["w"]) / 4, atol=1e-6)
+    # the default prior keeps the average there instead
+    out = get_method("fisher_diagonal")([A, B], curvatures=curv, damping=1e-9, damping_scale=1.0)
+    assert torch.allclose(out.params["b"], (A["b"] + B["b"]) / 2, atol=1e-8)
+    assert method_prior("mean", [A, B]) == "mean"
+    assert torch.equal(method_prior("task_arithmetic", [A, B], base=BASE)["w"],
+                       task_arithmetic([A, B], BASE).params["w"])  # fmt: skip
+    with pytest.raises(ValueError, match="neither 'mean', 'zero', 'base'.*merge method"):
+        method_prior("task_arithmetc", [A, B], base=BASE)
+    with pytest.raises(ValueError, match="only data-free merge methods"):
+        method_prior("fisher_diagonal", [A, B])
+    with pytest.raises(ValueError, match="needs the base model"):
+        method_prior({"method": "ties"}, [A, B])

@@ -40,7 +40,7 @@ from curvmerge.experiment.spec import (
 )
 from curvmerge.experiment.statistics import StatisticsStore
 from curvmerge.merging.prepared import PreparedMerge
-from curvmerge.merging.registry import MethodSpec
+from curvmerge.merging.registry import MethodSpec, method_prior
 from curvmerge.merging.report import (
     ConvergenceWarning,
     MergeResult,
@@ -88,6 +88,8 @@ def _maker(
 
         return call, {}
     fixed = {**spec.options, **run.fixed_options()}
+    if "prior" in fixed:  # another method's merge as the prior: computed once for the grid
+        fixed["prior"] = method_prior(fixed["prior"], pool.models, base=pool.base, params=names)
     prepared = PreparedMerge(
         pool.models,
         curvatures,

@@ -54,7 +54,7 @@ from curvmerge.merging.regmean import regmean, regmean_plus_plus
 from curvmerge.merging.report import MergeResult, load_merged
 from curvmerge.merging.spectral import iso_c, iso_cts, tsv_merge
 from curvmerge.merging.spherical import slerp_sequential, spherical_barycenter
-from curvmerge.merging.system import DEFAULT_DAMPING
+from curvmerge.merging.system import DEFAULT_DAMPING, PRIORS
 from curvmerge.operators import DiagonalOperator, LinearOperator
 
 __all__ = [
@@ -64,6 +64,7 @@ __all__ = [
     "list_methods",
     "method_names",
     "methods_table",
+    "method_prior",
     "task_models",
     "STATISTICS",
 ]
@@ -250,12 +251,53 @@ def _check_curvatures(spec: MethodSpec, curvatures, num_models: int) -> None:
 
 
 # ---------------------------------------------------------------------------------- adapters
-def _average(models, *, base, curvatures, weights, params, **equation):
-    return merge(models, None, weights=weights, params=params, base=base, **equation)
+def method_prior(prior, models, *, base=None, params=None):
+    """The prior :math:`\\theta_0` of an equation method, with another method's merge allowed.
+
+    ``prior`` is passed through unless it names a registered merge method: a name
+    (``"task_arithmetic"``, at the method's defaults) or a mapping ``{"method": name,
+    **options}`` (``{"method": "task_arithmetic", "scaling": 0.5}``) is replaced by that
+    method's merged parameters, so that the directions no curvature sees keep that method's
+    answer instead of the average.
+
+    Raises:
+        ValueError: A name that is neither a prior of the equation nor a merge method, or a
+            method that needs statistics (only data-free methods can serve as priors).
+    """
+    if isinstance(prior, str) and prior not in PRIORS:
+        spec_options: dict[str, Any] = {"method": prior}
+    elif isinstance(prior, Mapping) and "method" in prior:
+        spec_options = dict(prior)
+    else:
+        return prior
+    name = spec_options.pop("method")
+    try:
+        spec = get_method(name)
+    except UnknownMethodError as err:
+        raise ValueError(
+            f"prior {name!r} is neither {', '.join(map(repr, PRIORS))}, a parameter dict, nor "
+            f"a merge method ({', '.join(method_names())})"
+        ) from err
+    if spec.statistics != "none" or not spec.is_merge:
+        raise ValueError(
+            f"prior {spec.name!r}: only data-free merge methods can give the prior (it needs "
+            f"{spec.statistics!r} statistics)"
+            if spec.is_merge
+            else f"prior {spec.name!r} is not a merge"
+        )
+    return spec(models, base=base, params=params, **spec_options).params
 
 
-def _curvature_merge(models, *, base, curvatures, weights, params, **equation):
-    return merge(models, curvatures, weights=weights, params=params, base=base, **equation)
+def _average(models, *, base, curvatures, weights, params, prior, **equation):
+    prior = method_prior(prior, models, base=base, params=params)
+    return merge(models, None, weights=weights, params=params, base=base, prior=prior, **equation)
+
+
+def _curvature_merge(models, *, base, curvatures, weights, params, prior, **equation):
+    prior = method_prior(prior, models, base=base, params=params)
+    return merge(
+        models, curvatures, weights=weights, params=params, base=base, prior=prior, **equation
+    )
 
 
 def _task_arithmetic(models, *, base, curvatures, weights, params, scaling):
@@ -438,8 +480,7 @@ _TABLE: tuple[MethodSpec, ...] = (
     ),
     MethodSpec(
         name="regmean_plus_plus",
-        summary="RegMean with each layer's Grams taken from the merged earlier layers "
-        "(RegMean++)",
+        summary="RegMean with each layer's Grams taken from the merged earlier layers (RegMean++)",
         reference="Nguyen et al., RegMean++: enhancing effectiveness and generalization of "
         "regression mean for model merging, 2025",
         function=_regmean_plus_plus,
