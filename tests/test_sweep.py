@@ -314,3 +314,22 @@ def test_sweep_solves_each_weight_points_damping_grid_from_one_krylov_space():
     assert out.products == out.prepare_products + sum(p.spent_products for p in out.points)
     assert out.products < out.prepare_products + sum(p.products for p in out.points)
     assert "multi-shift" in out.summary()
+
+
+def test_merge_dampings_stays_within_maxiter_when_float32_residuals_stall():
+    # float32 cannot reach rtol 1e-9: the shared run's recurrence may pass while the true
+    # residual misses; finishing those dampings must not buy a second maxiter each
+    g = torch.Generator().manual_seed(3)
+    models = [SPACE.unflatten(torch.randn(P, generator=g)) for _ in range(2)]
+    curv = []
+    for _ in range(2):
+        J = torch.randn(P, P, generator=g) * torch.logspace(0, 3, P)
+        curv.append(DenseOperator(SPACE, (J.T @ J).float(), self_adjoint=True))
+    maxiter, dampings = 60, [1e-4, 1e-3, 1e-2]
+    prepared = PreparedMerge(models, curv, rtol=1e-9, maxiter=maxiter, warm_start=False)
+    with pytest.warns(Warning):
+        grid = prepared.merge_dampings(dampings=dampings)
+    assert not all(r.report.converged for r in grid)  # said, never claimed
+    checks = 2 * len(dampings)  # at most a warm-start check and a true residual each
+    assert grid.costs.cg_products + grid.costs.warm_start_products <= maxiter + checks + 3
+    assert all(r.report.iterations <= maxiter for r in grid)

@@ -325,7 +325,9 @@ class PreparedMerge:
         cost of the hardest (smallest) damping alone, each with its own stopping test and
         true residual. Multi-shift CG starts from zero (no warm start). A damping whose true
         residual misses the tolerance although its recurrence passed (low precision) is
-        finished by a warm-started :meth:`merge`-style CG solve (its products are added).
+        finished by a warm-started :meth:`merge`-style CG solve (its products are added)
+        within the iterations the shared run left of ``maxiter``, so that the grid's
+        iterations stay within ``maxiter``.
         Closed forms, a preconditioner or a single damping: :meth:`merge` per damping.
 
         Args:
@@ -374,6 +376,7 @@ class PreparedMerge:
         grid_costs.curvatures = points[0][2].costs.curvatures
         bn = _norm(b)
         results = []
+        budget = None if self.maxiter is None else max(self.maxiter - solved.iterations, 0)
         for pt, lam, r in zip(points, lams, solved, strict=True):
             report = pt[2]
             costs = report.costs
@@ -388,13 +391,15 @@ class PreparedMerge:
             report.relative_residual = r.relative_residual
             report.residual_history = list(r.residuals)
             y = r.x
-            stopped_early = self.maxiter is None or r.iterations < self.maxiter
-            if r.info > 0 and stopped_early:
-                # the recurrence passed, the true residual missed: finish from this x
+            if r.info > 0 and budget != 0:  # budget 0: the run hit maxiter
+                # the recurrence passed, the true residual missed (low precision): finish from
+                # this x, within what the shared run left of maxiter (the grid's bound)
                 Aj = system_operator(self.curvatures, wl, lam, self.space, self.dtype, self.device)
                 before = MergeCosts(**vars(costs))
                 history = report.residual_history
-                y = solve_system(Aj, b, y, None, report, rtol=self.rtol, maxiter=self.maxiter)
+                y = solve_system(Aj, b, y, None, report, rtol=self.rtol, maxiter=budget)
+                if budget is not None:
+                    budget -= report.iterations
                 report.iterations += r.iterations
                 report.residual_history = history + report.residual_history
                 for k in ("cg", "warm_start"):  # the finishing solve's own products
