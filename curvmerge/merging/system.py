@@ -27,6 +27,7 @@ from curvmerge.operators import (
     BlockDiagonalOperator,
     DiagonalOperator,
     IdentityOperator,
+    KroneckerOperator,
     LinearOperator,
 )
 from curvmerge.operators.base import ScaledOperator, SumOperator, rademacher
@@ -38,6 +39,7 @@ __all__ = [
     "DAMPING_DOMINANCE",
     "SCALE_PROBES",
     "NYSTROM_RANK",
+    "KRONECKER_AVERAGE",
     "PRIORS",
     "check_weights",
     "check_inputs",
@@ -70,6 +72,11 @@ SCALE_PROBES = 4
 
 #: Sketch size of ``preconditioner="nystrom"`` (``"nystrom:<rank>"`` picks another).
 NYSTROM_RANK = 100
+
+#: How ``preconditioner="kronecker"`` makes one Kronecker product of each layer's sum
+#: (``"kronecker:mean"`` or ``"kronecker:frobenius"`` picks one;
+#: :class:`~curvmerge.precondition.KroneckerPreconditioner`).
+KRONECKER_AVERAGE = "mean"
 
 #: The prior vocabulary (besides a parameter dict).
 PRIORS = ("mean", "zero", "base")
@@ -351,8 +358,22 @@ def _nystrom_rank(name: str, P: int) -> int:
     return min(rank, P)
 
 
-def check_preconditioner(preconditioner, P: int) -> None:
-    """Refuse an unknown ``preconditioner`` before any work is done."""
+def _kronecker_average(name: str) -> str:
+    parts = name.split(":")
+    if len(parts) == 1:
+        return KRONECKER_AVERAGE
+    if len(parts) != 2 or parts[1] not in ("mean", "frobenius"):
+        raise ValueError(
+            f"preconditioner {name!r}: expected 'kronecker', 'kronecker:mean' or "
+            "'kronecker:frobenius'"
+        )
+    return parts[1]
+
+
+def check_preconditioner(preconditioner, P: int, curvatures=None) -> None:
+    """Refuse an unknown ``preconditioner`` before any work is done (and ``"kronecker"``
+    for curvatures that are not all :class:`~curvmerge.operators.KroneckerOperator`, when
+    they are given)."""
     if preconditioner is None or isinstance(preconditioner, LinearOperator):
         return
     if preconditioner == "diagonal":
@@ -360,10 +381,27 @@ def check_preconditioner(preconditioner, P: int) -> None:
     if isinstance(preconditioner, str) and preconditioner.split(":")[0] == "nystrom":
         _nystrom_rank(preconditioner, P)
         return
+    if isinstance(preconditioner, str) and preconditioner.split(":")[0] == "kronecker":
+        _kronecker_average(preconditioner)
+        if curvatures is not None:
+            _check_kronecker(curvatures)
+        return
     raise ValueError(
-        "preconditioner must be 'diagonal', 'nystrom', 'nystrom:<rank>', None or an "
-        f"operator, got {preconditioner!r}"
+        "preconditioner must be 'diagonal', 'nystrom', 'nystrom:<rank>', 'kronecker', "
+        f"'kronecker:<mean|frobenius>', None or an operator, got {preconditioner!r}"
     )
+
+
+def _check_kronecker(curvatures) -> None:
+    for i, F in enumerate(curvatures):
+        if not isinstance(F, KroneckerOperator):
+            raise ValueError(
+                f"preconditioner='kronecker' needs Kronecker-factored curvatures "
+                f"(KroneckerOperator: K-FAC, RegMean's Grams); curvature {i} is a "
+                f"{type(F).__name__}. For other curvatures build a "
+                "curvmerge.precondition.KroneckerPreconditioner from K-FAC factors and pass "
+                "it as the preconditioner, or use 'nystrom' or None"
+            )
 
 
 def system_operator(curvatures, w, damping, space, dtype, device) -> LinearOperator:
@@ -402,6 +440,8 @@ def make_preconditioner(preconditioner, curvatures, w, damping, diag, space, rep
             return None
         report.preconditioner = "diagonal"
         return DiagonalOperator(space, 1.0 / (diag + damping))
+    if preconditioner.split(":")[0] == "kronecker":
+        return _kronecker_preconditioner(preconditioner, curvatures, w, damping, report)
     rank = _nystrom_rank(preconditioner, space.size)
     if not damping > 0:
         warn_user(
@@ -417,6 +457,23 @@ def make_preconditioner(preconditioner, curvatures, w, damping, diag, space, rep
     report.costs.sketch_products += M.products
     report.costs.sketch_seconds += time.perf_counter() - t0
     report.preconditioner = f"nystrom (rank {M.products})"
+    return M
+
+
+def _kronecker_preconditioner(name, curvatures, w, damping, report):
+    _check_kronecker(curvatures)
+    if not damping > 0:
+        warn_user(
+            "merge: the Kronecker preconditioner needs damping > 0; solving without", UserWarning
+        )
+        return None
+    from curvmerge.precondition import KroneckerPreconditioner
+
+    average = _kronecker_average(name)
+    t0 = time.perf_counter()
+    M = KroneckerPreconditioner(curvatures, w, damping, average=average)
+    report.costs.sketch_seconds += time.perf_counter() - t0  # eigendecompositions, no products
+    report.preconditioner = f"kronecker ({average})"
     return M
 
 

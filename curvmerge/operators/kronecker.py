@@ -241,3 +241,10 @@ class KroneckerOperator(LinearOperator):
     def factors(self) -> dict[str, tuple[Tensor, Tensor | None]]:
         """Layer -> ``(A, B)`` (``B`` is ``None`` for the identity)."""
         return {layer: (A, B) for layer, A, B, *_ in self._blocks}
+
+    def blocks(self) -> dict[str, KroneckerBlock]:
+        """Layer -> :class:`KroneckerBlock` with the stored factors (this operator's device
+        and dtype) and the parameters each block covers."""
+        return {
+            layer: KroneckerBlock(A, B, *self._names[layer]) for layer, A, B, *_ in self._blocks
+        }
