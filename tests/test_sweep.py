@@ -333,3 +333,34 @@ def test_merge_dampings_stays_within_maxiter_when_float32_residuals_stall():
     checks = 2 * len(dampings)  # at most a warm-start check and a true residual each
     assert grid.costs.cg_products + grid.costs.warm_start_products <= maxiter + checks + 3
     assert all(r.report.iterations <= maxiter for r in grid)
+
+
+def test_screened_sweep_ranks_loosely_then_solves_the_choice_to_the_tolerance():
+    models, curv = _models(2), _dense(2)
+    # (at damping 1e-3 this toy is ill-conditioned enough that rtol 1e-2 misranks: the
+    # choice of screen_rtol is the caller's, the sweep only reports what it did)
+    target = merge(models, curv, weights=(0.3, 0.7), damping=0.1, rtol=1e-12).params
+
+    def validate(result):  # closest to a merge inside the grid: a smooth, clear ranking
+        return -sum(float((result.params[n] - target[n]).norm()) for n in target)
+
+    kwargs = dict(validate=validate, weights=line_grid(11), dampings=[0.1], verbose=False)
+    accurate = sweep(models, curv, rtol=1e-10, **kwargs)
+    screened = sweep(models, curv, rtol=1e-10, screen_rtol=1e-2, **kwargs)
+    assert screened.best == accurate.best
+    assert screened.best_point.coefficients["weights"] == (0.3, 0.7)
+    report = screened.best_result.report
+    assert report.converged and report.relative_residual <= 1e-10
+    ref = merge(models, curv, weights=(0.3, 0.7), damping=0.1, rtol=1e-10)
+    _close(screened.best_result.params, ref.params, atol=1e-7)
+    assert screened.screen_rtol == 1e-2 and screened.refine_products > 0
+    assert all(p.products < 2 * P for p in screened.points)
+    assert screened.products < accurate.products
+    assert screened.products == (
+        screened.prepare_products
+        + sum(p.spent_products for p in screened.points)
+        + screened.refine_products
+    )
+    assert "re-solved" in screened.summary()
+    with pytest.raises(ValueError, match="screen_rtol"):
+        sweep(models, curv, rtol=1e-6, screen_rtol=1e-8, **kwargs)

@@ -276,6 +276,18 @@ class PreparedMerge:
         """Forget the previous solution (the next CG solve starts cold or from the diagonal)."""
         self._last = None
 
+    def resume_from(self, params: Mapping[str, Tensor]) -> None:
+        """Start the next CG solve from these merged parameters (a warm start, kept only if
+        it beats :math:`x = 0`), for example to re-solve a point found at a loose tolerance.
+
+        Args:
+            params: Merged parameters over this merge's space (a ``MergeResult.params``).
+        """
+        flat = torch.empty(self.space.size, dtype=self.dtype, device=self.device)
+        _flatten_into(self.space, {n: params[n].to(self.device, self.dtype) for n in params}, flat)
+        check_finite(flat, "the parameters to resume from", self.space)
+        self._last = flat
+
     # ------------------------------------------------------------------ merging
     def merge(
         self,

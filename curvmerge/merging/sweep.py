@@ -140,6 +140,11 @@ class SweepResult:
         prepare_costs: Every product, diagonal pass and their seconds spent preparing
             (:class:`~curvmerge.merging.MergeCosts`; ``None`` when unknown).
         higher_is_better: Direction of the validation score.
+        screen_rtol: The loose CG tolerance every point was solved to (a screened sweep),
+            ``None`` when every point was solved to the requested one.
+        refine_products: Products re-solving the chosen point to the requested tolerance
+            (screened sweeps; its validation score stays the screened one).
+        refine_seconds: Time of that re-solve.
     """
 
     method: str
@@ -153,6 +158,9 @@ class SweepResult:
     prepare_products: int = 0
     prepare_costs: MergeCosts | None = None
     higher_is_better: bool = True
+    screen_rtol: float | None = None
+    refine_products: int = 0
+    refine_seconds: float = 0.0
 
     @property
     def best_point(self) -> SweepPoint:
@@ -162,8 +170,10 @@ class SweepResult:
     @property
     def products(self) -> int:
         """Operator products the sweep spent, each counted once: preparation plus every
-        point's ``spent_products`` (a shared multi-shift run once, not per damping)."""
-        return self.prepare_products + sum(p.spent_products for p in self.points)
+        point's ``spent_products`` (a shared multi-shift run once, not per damping), plus
+        the re-solve of a screened sweep's choice."""
+        spent = sum(p.spent_products for p in self.points)
+        return self.prepare_products + spent + self.refine_products
 
     @property
     def merge_seconds(self) -> float:
@@ -177,8 +187,9 @@ class SweepResult:
 
     @property
     def sweep_seconds(self) -> float:
-        """Cost of the sweep apart from evaluation: preparation plus merges."""
-        return self.prepare_seconds + self.merge_seconds
+        """Cost of the sweep apart from evaluation: preparation plus merges (and the
+        re-solve of a screened sweep's choice)."""
+        return self.prepare_seconds + self.merge_seconds + self.refine_seconds
 
     @property
     def cost_ratio(self) -> float | None:
@@ -215,6 +226,12 @@ class SweepResult:
                 f"  operator products: {self.products} (preparation {self.prepare_products}"
                 + (", damping grids from one multi-shift CG run each" if shared else "")
                 + ")"
+            )
+        if self.screen_rtol is not None:
+            lines.append(
+                f"  points screened at CG rtol {self.screen_rtol:g} (each warm-started from the "
+                f"previous); the chosen point re-solved to the requested tolerance: "
+                f"{self.refine_products} products, {self.refine_seconds:.3g} s"
             )
         if self.prepare_costs is not None and (
             self.prepare_costs.products or self.prepare_costs.diagonal_passes
@@ -408,6 +425,7 @@ def sweep(
     maxiter: int | None = None,
     preconditioner: str | LinearOperator | None = None,
     warm_start: bool = True,
+    screen_rtol: float | None = None,
     progress: bool = False,
     verbose: bool = True,
 ) -> SweepResult:
@@ -448,12 +466,19 @@ def sweep(
         maxiter: CG iteration limit.
         preconditioner: As in :func:`~curvmerge.merge`.
         warm_start: Warm-start each CG solve from the previous point.
+        screen_rtol: A screened sweep (operator curvatures): every point is solved only to
+            this looser tolerance, enough to rank the points (each warm-started from the
+            previous one), and the chosen point is then re-solved to ``rtol`` from its
+            screened solution; ``best_result`` and ``test`` are that accurate merge, the
+            validation scores the screened ones. ``None``: every point to ``rtol``.
         progress: Show a tqdm progress bar.
         verbose: Print the summary with the sweep's cost against the statistics.
 
     Returns:
         A :class:`SweepResult`.
     """
+    if screen_rtol is not None and not float(screen_rtol) >= rtol:
+        raise ValueError(f"screen_rtol={screen_rtol} must be at least rtol={rtol}")
     if callable(curvatures) and not isinstance(curvatures, (LinearOperator, Sequence)):
         t0 = time.perf_counter()
         curvatures = list(curvatures())
@@ -501,11 +526,14 @@ def sweep(
         for j, damping in enumerate(dampings):
             row = grid_w if j % 2 == 0 else grid_w[::-1]
             points.extend({"weights": w, "damping": damping} for w in row)
-    return grid_search(
+    screened = screen_rtol is not None and prepared.kind == "operator"
+    if screened:
+        prepared.rtol = float(screen_rtol)
+    out = grid_search(
         make,
         points,
         validate=validate,
-        test=test,
+        test=None if screened else test,
         higher_is_better=higher_is_better,
         method=prepared.kind if prepared.kind != "operator" else "cg",
         statistics_seconds=statistics_seconds,
@@ -513,5 +541,22 @@ def sweep(
         prepare_products=prepared.prepare_products,
         prepare_costs=prepared.prepare_costs,
         progress=progress,
-        verbose=verbose,
+        verbose=verbose and not screened,
     )
+    if not screened:
+        return out
+    # the choice, re-solved to the requested tolerance from its screened solution
+    prepared.rtol = rtol
+    t0 = time.perf_counter()
+    prepared.resume_from(out.best_result.params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DampingWarning)  # said once by grid_search
+        out.best_result = prepared.merge(**out.best_point.coefficients)
+    out.refine_seconds = time.perf_counter() - t0
+    out.refine_products = out.best_result.report.products
+    out.screen_rtol = float(screen_rtol)
+    if test is not None:
+        out.test, out.test_detail = _score(test(out.best_result), "test")
+    if verbose:
+        print(out.summary())
+    return out
