@@ -38,17 +38,11 @@ import warnings
 import torch
 
 
-def _exact_grid(quick: bool, rtol: float | None, maxiter: int | None) -> None:
-    from curvmerge.demo import VISION_EXACT_OPTIONS, vision_setup
+def _setup(quick: bool):
+    from curvmerge.demo import vision_setup
     from curvmerge.experiment import StatisticsStore
-    from curvmerge.merging import PreparedMerge
-    from curvmerge.merging.registry import get_method
     from curvmerge.operators.ggn import GGNOperator
 
-    spec = get_method("fisher_exact")
-    dampings = [p["damping"] for p in spec.grid_points()]
-    rtol = VISION_EXACT_OPTIONS["rtol"] if rtol is None else rtol
-    maxiter = VISION_EXACT_OPTIONS["maxiter"] if maxiter is None else maxiter
     kwargs = dict(dataset="digits", base_steps=30, task_steps=40, fisher_examples=128)
     setup = vision_setup(progress=False, **(kwargs if quick else {}))
     store = StatisticsStore(
@@ -59,10 +53,22 @@ def _exact_grid(quick: bool, rtol: float | None, maxiter: int | None) -> None:
         names=setup.names,
         exact_examples=256,
     )
-    ops = store.operators(GGNOperator)
+    return setup, store.operators(GGNOperator)
+
+
+def _exact_grid(setup, ops, quick: bool, rtol: float | None, maxiter: int | None) -> None:
+    from curvmerge.demo import VISION_EXACT_OPTIONS
+    from curvmerge.merging import PreparedMerge
+    from curvmerge.merging.registry import get_method
+
+    spec = get_method("fisher_exact")
+    dampings = [p["damping"] for p in spec.grid_points()]
+    rtol = VISION_EXACT_OPTIONS["rtol"] if rtol is None else rtol
+    maxiter = VISION_EXACT_OPTIONS["maxiter"] if maxiter is None else maxiter
+    # damping scale, diagonals, right-hand sides, operator caches: built here, not timed
     prepared = PreparedMerge(
         setup.models, ops, base=setup.base, params=setup.params, rtol=rtol, maxiter=maxiter
-    )  # damping scale, diagonals, right-hand sides, operator caches: built here, not timed
+    )
     P, T = prepared.space.size, len(ops)
     print(
         f"{'digits (quick)' if quick else 'MNIST-5k'} demo: {T} CNNs, {P:,} shared parameters, "
@@ -131,6 +137,64 @@ def _exact_grid(quick: bool, rtol: float | None, maxiter: int | None) -> None:
         )
 
 
+def _weight_sweep(setup, ops, points: int, damping: float, rtol: float, screen_rtol: float):
+    """A two-model exact-Fisher weight sweep: every point to ``rtol`` vs screened."""
+    from curvmerge.experiment import TaskData
+    from curvmerge.experiment.evaluation import Evaluator
+    from curvmerge.merging import PreparedMerge, line_grid, sweep
+
+    models, curvatures = setup.models[:2], ops[:2]
+    tasks = [
+        TaskData(setup.names[k], val=setup.val[k], test=setup.test[k], fisher_batches=[])
+        for k in range(2)
+    ]
+    ev = Evaluator(models, tasks, setup.params, batch_size=256)
+    kwargs = dict(
+        validate=ev.validate,
+        weights=line_grid(points),
+        dampings=[damping],
+        base=setup.base,
+        params=setup.params,
+        rtol=rtol,
+        verbose=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        one = PreparedMerge(models, curvatures, params=setup.params, rtol=rtol)
+        t0 = time.perf_counter()
+        single = one.merge((0.5, 0.5), damping)  # one accurate solve, as one merge
+        single_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        accurate = sweep(models, curvatures, **kwargs)
+        accurate_seconds = time.perf_counter() - t0 - accurate.eval_seconds
+        t0 = time.perf_counter()
+        screened = sweep(models, curvatures, screen_rtol=screen_rtol, **kwargs)
+        screened_seconds = time.perf_counter() - t0 - screened.eval_seconds
+    sp = single.report.products
+    print(
+        f"\nTwo-model exact-Fisher weight sweep: {points} points, damping {damping:g}; one "
+        f"solve at (0.5, 0.5) to rtol {rtol:g}: {sp} products, {single_seconds:.1f} s"
+    )
+    print("| sweep | products | / one solve | seconds (no evaluation) | chosen weights | val |")
+    print("| --- | ---: | ---: | ---: | --- | ---: |")
+    for name, out, seconds in (
+        (f"every point to rtol {rtol:g} (warm starts)", accurate, accurate_seconds),
+        (f"screened at rtol {screen_rtol:g}, choice re-solved", screened, screened_seconds),
+    ):
+        bp = out.best_point
+        print(
+            f"| {name} | {out.products} | {out.products / sp:.2f} | {seconds:.1f} | "
+            f"({', '.join(f'{w:.3g}' for w in bp.coefficients['weights'])}) | "
+            f"{bp.validation:.4f} |"
+        )
+    same = screened.best == accurate.best
+    gap = accurate.points[screened.best].validation - accurate.best_point.validation
+    print(
+        f"screened choice {'matches' if same else 'differs from'} the accurate sweep's"
+        + ("" if same else f" (solved accurately, it scores {gap:+.4f} against the best)")
+    )
+
+
 def _minilm_sweep(examples, points: int) -> None:
     from curvmerge.data import text_tasks, tokenize
     from curvmerge.fisher import diagonal_fisher
@@ -176,12 +240,23 @@ def main() -> None:
     parser.add_argument("--rtol", type=float, default=None, help="CG tolerance (the demo's)")
     parser.add_argument("--maxiter", type=int, default=None, help="CG cap (the demo's)")
     parser.add_argument("--minilm", action="store_true", help="also the MiniLM diagonal sweep")
+    parser.add_argument(
+        "--weight-sweep", action="store_true", help="also a screened two-model exact sweep"
+    )
+    parser.add_argument("--sweep-damping", type=float, default=0.1)
+    parser.add_argument("--screen-rtol", type=float, default=1e-2)
     parser.add_argument("--examples", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--points", type=int, default=25)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (demo: 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    _exact_grid(args.quick, args.rtol, args.maxiter)
+    setup, ops = _setup(args.quick)
+    _exact_grid(setup, ops, args.quick, args.rtol, args.maxiter)
+    if args.weight_sweep:
+        from curvmerge.demo import VISION_EXACT_OPTIONS
+
+        rtol = VISION_EXACT_OPTIONS["rtol"] if args.rtol is None else args.rtol
+        _weight_sweep(setup, ops, args.points, args.sweep_damping, rtol, args.screen_rtol)
     if args.minilm:
         _minilm_sweep(args.examples, args.points)
 
