@@ -417,4 +417,5 @@ def test_compare_exact_fisher_shows_one_bar_per_solve_unless_quiet(work, capsys,
         assert err == ""
     else:
         assert "fisher_exact CG" in err  # one bar per solve
+        assert "each at most 100 iterations" in err  # the stage's default bound, said first
         assert "GGN product (cached)" not in err and "GGN product:" not in err
