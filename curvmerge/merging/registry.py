@@ -521,7 +521,8 @@ _TABLE: tuple[MethodSpec, ...] = (
         "parameter subspaces (MaTS), TMLR 2024",
         function=_curvature_merge,
         statistics="kfac",
-        options=_SOLVER,
+        # Kronecker-of-the-sum preconditioner: benchmarks/bench_kfac_merge.py
+        options={**_SOLVER, "preconditioner": "kronecker"},
         grid=tuple({"damping": d} for d in (1e-1, 1e-2, 1e-3)),
         equation=True,
         sweep_options={"maxiter": 100},
