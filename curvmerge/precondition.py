@@ -119,6 +119,20 @@ def _gram(factors: list[Tensor]) -> Tensor:
     return flat @ flat.T
 
 
+def _check_damping(damping: float) -> float:
+    damping = float(damping)
+    if not (damping >= 0 and damping < float("inf")):
+        raise ValueError(f"the Kronecker preconditioner needs a damping >= 0, got {damping}")
+    return damping
+
+
+def _spectrum(eigenvalues: Tensor) -> Tensor:
+    """Eigenvalues of a PSD factor, those below the rounding of ``eigh`` set to zero."""
+    top = float(eigenvalues.max().clamp(min=0)) if eigenvalues.numel() else 0.0
+    tol = eigenvalues.numel() * torch.finfo(eigenvalues.dtype).eps * top
+    return torch.where(eigenvalues > tol, eigenvalues, 0.0)
+
+
 def _dense(F: Tensor | None, cast: dict) -> Tensor | None:
     """A factor contiguous in the operator's dtype and device (products at full speed)."""
     return None if F is None else F.to(**cast).contiguous()
@@ -189,7 +203,8 @@ class KroneckerPreconditioner(LinearOperator):
             the same layers over the same parameters.
         weights: :math:`w_t \\ge 0` (default :math:`1/T`); terms with :math:`w_t = 0` are left
             out.
-        damping: :math:`\\lambda > 0` (absolute).
+        damping: :math:`\\lambda \\ge 0` (absolute); 0 only when every :math:`b_i a_j > 0`
+            (then off the blocks, where the system is zero, :math:`P^{-1}` is the identity).
         average: ``"frobenius"`` or ``"mean"`` (:data:`KRONECKER_AVERAGES`).
         iterations: Limit on the power iterations of ``"frobenius"``.
 
@@ -201,8 +216,8 @@ class KroneckerPreconditioner(LinearOperator):
 
     Raises:
         TypeError: A curvature is not a ``KroneckerOperator``.
-        ValueError: Curvatures with different layers or parameters, bad weights, damping
-            :math:`\\le 0` or an unknown ``average``.
+        ValueError: Curvatures with different layers or parameters, bad weights, a negative
+            damping, damping 0 with singular averaged factors, or an unknown ``average``.
 
     Example:
         >>> from curvmerge import KroneckerOperator, ParamSpace, solve_cg
@@ -242,9 +257,7 @@ class KroneckerPreconditioner(LinearOperator):
         w = [1.0 / T] * T if weights is None else [float(v) for v in weights]
         if len(w) != T or any(not (v >= 0 and v < float("inf")) for v in w) or sum(w) <= 0:
             raise ValueError(f"weights must be {T} finite non-negative numbers, not all zero")
-        damping = float(damping)
-        if not (damping > 0 and damping < float("inf")):
-            raise ValueError(f"the Kronecker preconditioner needs damping > 0, got {damping}")
+        damping = _check_damping(damping)
         if average not in KRONECKER_AVERAGES:
             raise ValueError(f"average must be one of {KRONECKER_AVERAGES}, got {average!r}")
         first = curvatures[0]
@@ -296,13 +309,13 @@ class KroneckerPreconditioner(LinearOperator):
             )
             A_bar = sum(a * A for a, A in zip(alpha.tolist(), As, strict=True))
             a, Q_A = torch.linalg.eigh((A_bar + A_bar.T) / 2)
-            a = a.clamp(min=0)
+            a = _spectrum(a)
             if identity_B:
                 Q_B, b = None, torch.full((d_out,), float(beta.sum()), **f64)
             else:
                 B_bar = sum(c * B for c, B in zip(beta.tolist(), Bs, strict=True))
                 b, Q_B = torch.linalg.eigh((B_bar + B_bar.T) / 2)
-                b = b.clamp(min=0)
+                b = _spectrum(b)
             cast = dict(dtype=self.dtype, device=self.device)
 
             rotate[layer] = KroneckerBlock(
@@ -321,17 +334,25 @@ class KroneckerPreconditioner(LinearOperator):
         self._set_damping(damping)
 
     def _set_damping(self, damping: float) -> None:
+        covered = self._covered > 0
+        if damping == 0 and not bool((self._ba[covered] > 0).all()):
+            raise ValueError(
+                "the Kronecker preconditioner needs damping > 0 when the averaged factors are "
+                "singular (an eigenvalue of A-bar or B-bar is zero)"
+            )
         self.damping = damping
         cast = dict(dtype=self.dtype, device=self.device)
-        self._inverse = (1.0 / (damping + self._ba)).to(**cast).unsqueeze(1)
-        self._uncovered = ((1.0 - self._covered) / damping).to(**cast).unsqueeze(1)
+        inverse = 1.0 / torch.where(covered, damping + self._ba, 1.0)
+        self._inverse = torch.where(covered, inverse, 0.0).to(**cast).unsqueeze(1)
+        # off the blocks the system is lambda I: 1 / lambda (with lambda = 0 it is zero there,
+        # CG never moves those entries, and any positive scale keeps P^{-1} definite)
+        off = 1.0 / damping if damping > 0 else 1.0
+        self._uncovered = torch.where(covered, 0.0, off).to(**cast).unsqueeze(1)
 
     def with_damping(self, damping: float) -> KroneckerPreconditioner:
-        """The same preconditioner at another :math:`\\lambda > 0`, sharing the
+        """The same preconditioner at another :math:`\\lambda \\ge 0`, sharing the
         eigendecompositions (no new work but one pass over the scales)."""
-        damping = float(damping)
-        if not (damping > 0 and damping < float("inf")):
-            raise ValueError(f"the Kronecker preconditioner needs damping > 0, got {damping}")
+        damping = _check_damping(damping)
         other = object.__new__(type(self))
         other.__dict__.update(self.__dict__)
         other._set_damping(damping)

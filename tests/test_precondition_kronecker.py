@@ -144,8 +144,8 @@ def test_errors():
     F = _curvature(0)
     with pytest.raises(TypeError, match="not a KroneckerOperator"):
         KroneckerPreconditioner([F, DenseOperator(SPACE, F.to_dense())])
-    with pytest.raises(ValueError, match="damping > 0"):
-        KroneckerPreconditioner([F], damping=0.0)
+    with pytest.raises(ValueError, match="damping >= 0"):
+        KroneckerPreconditioner([F], damping=-1.0)
     with pytest.raises(ValueError, match="average"):
         KroneckerPreconditioner([F], average="median")
     with pytest.raises(ValueError, match="weights"):
@@ -161,5 +161,21 @@ def test_errors():
         merge(thetas, dense, preconditioner="kronecker")
     with pytest.raises(ValueError, match="kronecker:mean"):
         merge(thetas, [F, F], preconditioner="kronecker:median")
+    singular = KroneckerOperator(
+        SPACE, {"lin": (torch.zeros(4, 4, dtype=DT), None, "lin.w", "lin.b")}
+    )
+    with pytest.raises(ValueError, match="singular"):
+        KroneckerPreconditioner([singular], damping=0.0)
     with pytest.warns(UserWarning, match="damping > 0"):
-        merge(thetas, [F, F], damping=0.0, preconditioner="kronecker")
+        merge(thetas, [singular, singular], damping=0.0, preconditioner="kronecker")
+
+
+def test_zero_damping_with_definite_factors_is_the_exact_inverse_on_the_blocks():
+    F = _curvature(0)
+    M = KroneckerPreconditioner([F], damping=0.0)
+    covered = F.diagonal() > 0
+    A = F.to_dense()[covered][:, covered]
+    D = M.to_dense()
+    torch.testing.assert_close(D[covered][:, covered], torch.linalg.inv(A), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(D[~covered][:, ~covered], torch.eye(4, dtype=DT))  # "skip"
+    assert M.with_damping(0.5).damping == 0.5

@@ -462,16 +462,21 @@ def make_preconditioner(preconditioner, curvatures, w, damping, diag, space, rep
 
 def _kronecker_preconditioner(name, curvatures, w, damping, report):
     _check_kronecker(curvatures)
-    if not damping > 0:
-        warn_user(
-            "merge: the Kronecker preconditioner needs damping > 0; solving without", UserWarning
-        )
-        return None
     from curvmerge.precondition import KroneckerPreconditioner
 
     average = _kronecker_average(name)
     t0 = time.perf_counter()
-    M = KroneckerPreconditioner(curvatures, w, damping, average=average)
+    try:
+        M = KroneckerPreconditioner(curvatures, w, damping, average=average)
+    except ValueError:
+        if damping > 0:
+            raise
+        warn_user(
+            "merge: the Kronecker preconditioner needs damping > 0 (the averaged K-FAC factors "
+            "are singular); solving without",
+            UserWarning,
+        )
+        return None
     report.costs.sketch_seconds += time.perf_counter() - t0  # eigendecompositions, no products
     report.preconditioner = f"kronecker ({average})"
     return M
