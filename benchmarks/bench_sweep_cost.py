@@ -1,6 +1,6 @@
 """Cost of coefficient sweeps against the statistics they reuse (issues 6 and 15).
 
-Two parts, each measured side by side in one process:
+Three parts, each measured side by side in one process:
 
 1. **The demo's exact-Fisher damping grid** (issue 15): the three MNIST-5k CNNs of
    ``make demo`` (:func:`curvmerge.demo.vision_setup`, 256 Fisher examples per task, one
@@ -19,14 +19,20 @@ Two parts, each measured side by side in one process:
    Prints products of the summed system (each applies the three curvatures), seconds, and
    the ratios to the hardest point alone. The operators' caches are built and the damping
    scale and right-hand sides prepared before any timing.
-2. **A 25-point diagonal-Fisher sweep of two MiniLM bodies** (issue 6, ``--minilm``):
+2. **A two-model exact-Fisher weight sweep** (issue 15, ``--weight-sweep``): 25 points
+   ``w = (a, 1 - a)`` of the first two CNNs at one damping, every point solved to the
+   tolerance (each warm-started from the previous) vs screened (:func:`curvmerge.sweep`
+   ``screen_rtol``: every point to a loose tolerance, the chosen one re-solved); products
+   against one accurate solve, and whether the choices match on validation.
+3. **A 25-point diagonal-Fisher sweep of two MiniLM bodies** (issue 6, ``--examples``):
    diagonal Fishers of the exact kind on N examples each (length 64), then ``w = (a, 1 - a)``
    with :class:`curvmerge.PreparedMerge` (each point elementwise work only); prints the
    Fisher time, the sweep time and their ratio. The models are the pretrained body with
    fresh heads: the costs do not depend on fine-tuning.
 
-Run: ``python benchmarks/bench_sweep_cost.py [--quick] [--minilm --examples 256 512 1024]``
-(``--quick``: the demo's reduced setup on sklearn digits, 128 Fisher examples).
+Run: ``python benchmarks/bench_sweep_cost.py [--quick] [--weight-sweep]`` (the exact-Fisher
+parts; ``--quick``: the demo's reduced setup on sklearn digits, 128 Fisher examples) and
+``python benchmarks/bench_sweep_cost.py --examples 256 512 1024 [--threads 2]`` (MiniLM).
 """
 
 from __future__ import annotations
@@ -239,26 +245,40 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the demo's reduced digits setup")
     parser.add_argument("--rtol", type=float, default=None, help="CG tolerance (the demo's)")
     parser.add_argument("--maxiter", type=int, default=None, help="CG cap (the demo's)")
-    parser.add_argument("--minilm", action="store_true", help="also the MiniLM diagonal sweep")
     parser.add_argument(
         "--weight-sweep", action="store_true", help="also a screened two-model exact sweep"
     )
     parser.add_argument("--sweep-damping", type=float, default=0.1)
     parser.add_argument("--screen-rtol", type=float, default=1e-2)
-    parser.add_argument("--examples", type=int, nargs="+", default=[256, 512, 1024])
+    parser.add_argument(
+        "--minilm",
+        action="store_true",
+        help="the MiniLM diagonal sweep (also implied by --examples; alone, it skips the "
+        "exact-Fisher parts unless --exact)",
+    )
+    parser.add_argument("--exact", action="store_true", help="the exact-Fisher parts too")
+    parser.add_argument("--examples", type=int, nargs="+", default=None, help="MiniLM: N")
     parser.add_argument("--points", type=int, default=25)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (demo: 1)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (exact parts: 1, as the demo)"
+    )
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    setup, ops = _setup(args.quick)
-    _exact_grid(setup, ops, args.quick, args.rtol, args.maxiter)
-    if args.weight_sweep:
-        from curvmerge.demo import VISION_EXACT_OPTIONS
+    minilm = args.minilm or args.examples is not None
+    if args.exact or not minilm or args.quick or args.weight_sweep:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(args.threads or 1)
+        setup, ops = _setup(args.quick)
+        _exact_grid(setup, ops, args.quick, args.rtol, args.maxiter)
+        if args.weight_sweep:
+            from curvmerge.demo import VISION_EXACT_OPTIONS
 
-        rtol = VISION_EXACT_OPTIONS["rtol"] if args.rtol is None else args.rtol
-        _weight_sweep(setup, ops, args.points, args.sweep_damping, rtol, args.screen_rtol)
-    if args.minilm:
-        _minilm_sweep(args.examples, args.points)
+            rtol = VISION_EXACT_OPTIONS["rtol"] if args.rtol is None else args.rtol
+            _weight_sweep(setup, ops, args.points, args.sweep_damping, rtol, args.screen_rtol)
+        torch.set_num_threads(previous)
+    if minilm:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        _minilm_sweep(args.examples or [256, 512, 1024], args.points)
 
 
 if __name__ == "__main__":
