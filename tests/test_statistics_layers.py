@@ -65,6 +65,24 @@ def test_tied_weights_are_reported_and_grouped_convs_refused():
         find_layers(grouped, ["0.weight"])
 
 
+def test_one_module_registered_under_two_names_is_one_layer():
+    """A module reachable under two names holds its weight alone: it is one layer (first
+    name), and its calls add their rows, not a tied parameter left to averaging."""
+    lin = nn.Linear(3, 3, dtype=DT)
+    model = nn.Sequential(lin, nn.Tanh(), lin)
+    layers, unsupported = find_layers(model, [n for n, _ in model.named_parameters()])
+    assert list(layers) == ["0"] and unsupported == []
+    assert (layers["0"].weight, layers["0"].bias) == ("0.weight", "0.bias")
+    seen = []
+    x = torch.randn(2, 3, dtype=DT)
+    with LayerHooks(model, layers, lambda info, rows: seen.append(rows)) as hooks:
+        hooks.start(x)
+        model(x)
+    assert len(seen) == 2
+    torch.testing.assert_close(seen[0], x)
+    torch.testing.assert_close(seen[1], torch.tanh(lin(x)).detach())
+
+
 def test_rows_of_linear_and_conv_and_padding_mask():
     torch.manual_seed(0)
     model = Mixed().double()

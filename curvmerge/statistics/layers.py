@@ -20,7 +20,8 @@ A supported layer is a linear map :math:`y_r = W x_r + b` applied to *rows* :mat
 model that is itself a layer) and maps to :class:`LayerInfo`: the *parameter* name of its
 weight and of its bias (``None`` without a bias, or when the bias is not selected), named as
 in ``model.named_parameters()`` (the first name of a tied parameter). A layer is supported
-only when its weight is selected and used by no other module; a selected bias of a layer
+only when its weight is selected and held by no other module (one module reachable
+under several names is one layer, named by its first name); a selected bias of a layer
 whose weight is not selected, and every selected parameter of other modules (embeddings,
 norms), is reported in ``unsupported`` so that merges can fall back to averaging for them.
 Grouped convolutions (``groups > 1``) holding a selected weight are refused with an error
@@ -105,10 +106,10 @@ def find_layers(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, Layer
     """
     selected = set(names)
     name_of = {id(p): n for n, p in model.named_parameters()}
-    holders: dict[int, int] = {}  # parameter id -> number of modules holding it
+    holders: dict[int, set[int]] = {}  # parameter id -> ids of the modules holding it
     for _, mod in model.named_modules(remove_duplicate=False):
         for p in mod.parameters(recurse=False):
-            holders[id(p)] = holders.get(id(p), 0) + 1
+            holders.setdefault(id(p), set()).add(id(mod))
     layers: dict[str, LayerInfo] = {}
     for mname, mod in model.named_modules():
         kind = supported_layer(mod)
@@ -117,7 +118,7 @@ def find_layers(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, Layer
         weight = getattr(mod, "weight", None)
         if not isinstance(weight, nn.Parameter) or name_of.get(id(weight)) not in selected:
             continue
-        if holders.get(id(weight), 0) > 1:
+        if len(holders.get(id(weight), ())) > 1:
             continue  # tied to another module: not one layer's statistic (reported)
         if kind == "conv" and mod.groups != 1:
             raise ValueError(
@@ -127,7 +128,7 @@ def find_layers(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, Layer
             )
         bias = getattr(mod, "bias", None)
         bias_name = name_of.get(id(bias)) if isinstance(bias, nn.Parameter) else None
-        if bias_name not in selected or holders.get(id(bias), 0) > 1:
+        if bias_name not in selected or len(holders.get(id(bias), ())) > 1:
             bias_name = None
         if kind == "hf_conv1d":
             d_in, d_out = weight.shape
