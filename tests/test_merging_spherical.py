@@ -261,3 +261,21 @@ def test_bad_inputs_raise():
         spherical_barycenter(models, tol=0.0)
     with pytest.raises(ValueError, match="maxiter"):
         spherical_barycenter(models, maxiter=0)
+
+
+def test_sequential_near_antipodal_float32_models_are_exact():
+    """Two float32 vectors 1e-3 rad from antipodal: the midpoint of their great circle, as
+    the float64 barycenter finds it (float32 arccos near -1 missed it by 2%)."""
+    g = torch.Generator().manual_seed(0)
+    u0 = torch.randn(1000, generator=g, dtype=torch.float64)
+    u0 /= u0.norm()
+    p = torch.randn(1000, generator=g, dtype=torch.float64)
+    p -= (p @ u0) * u0
+    p /= p.norm()
+    angle = math.pi - 1e-3
+    u1 = math.cos(angle) * u0 + math.sin(angle) * p
+    exact = (u0 + u1) / (u0 + u1).norm()
+    a, b = {"w": u0.float()}, {"w": u1.float()}
+    out = slerp_sequential([a, b]).params["w"]
+    assert out.dtype == torch.float32
+    assert float((out.double() - exact).norm()) < 1e-4

@@ -75,7 +75,9 @@ def slerp_sequential(
     a running mean: for two models it is :func:`~curvmerge.merging.methods.slerp` with
     :math:`t = w_2 / (w_1 + w_2)`, and on a line (parallel vectors) it is the weighted mean.
     On the sphere it depends on the order of the models, unlike
-    :func:`spherical_barycenter`. Models of weight 0 are skipped.
+    :func:`spherical_barycenter`. Models of weight 0 are skipped. Computed in float64 (in
+    float32, the angle between nearly opposite vectors, and with it the result, is off by
+    percents), returned in each parameter's dtype.
 
     Args:
         thetas: The models (one or more).
@@ -104,11 +106,15 @@ def slerp_sequential(
     pieces = []
     for _, sl in _segments(flat, per_tensor):
         vectors = flat.thetas[:, sl] - origin[sl]
-        current, cumulative = vectors[order[0]], w[order[0]]
+        if len(order) == 1:  # one model carries all the weight: return it exactly
+            pieces.append(vectors[order[0]])
+            continue
+        v = vectors.to(torch.float64)  # the angle of nearly opposite float32 vectors
+        current, cumulative = v[order[0]], w[order[0]]
         for t in order[1:]:
             cumulative += w[t]
-            current = slerp_vectors(current, vectors[t], w[t] / cumulative)
-        pieces.append(current)
+            current = slerp_vectors(current, v[t], w[t] / cumulative)
+        pieces.append(current.to(vectors.dtype))
     merged = torch.cat(pieces) if pieces else torch.zeros_like(origin)
     report = method_report("slerp_sequential", flat, _normalized(w), start, per_tensor=per_tensor)
     return MergeResult(flat.unflatten(origin + merged), report)
