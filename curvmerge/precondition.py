@@ -16,6 +16,8 @@ For Kronecker-factored curvatures (K-FAC, RegMean's Grams) the
 A_t` by one Kronecker product, whose damped inverse is exact and cheap through the two
 factors' eigendecompositions (the inverse K-FAC itself applies, Martens & Grosse, ICML 2015).
 It needs no product with the system: building it costs one eigendecomposition per factor.
+The merge it preconditions is the K-FAC merge of Tam et al. ("Merging by matching models in
+task parameter subspaces", MaTS, TMLR 2024), which they solve by plain CG.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from curvmerge.operators.kronecker import KroneckerBlock, KroneckerOperator
 __all__ = ["NystromPreconditioner", "KroneckerPreconditioner", "KRONECKER_AVERAGES"]
 
 #: How :class:`KroneckerPreconditioner` turns a layer's sum of Kronecker products into one.
-KRONECKER_AVERAGES = ("frobenius", "mean")
+KRONECKER_AVERAGES = ("mean", "frobenius")
 
 
 class NystromPreconditioner(LinearOperator):
@@ -174,12 +176,17 @@ class KroneckerPreconditioner(LinearOperator):
     :math:`\\sum_t w_t B_t \\otimes A_t`, whose damped inverse has no closed form for
     :math:`T > 1`. It is replaced by one product :math:`\\bar B \\otimes \\bar A`:
 
+    - ``average="mean"`` (default): :math:`\\bar A = \\sum_t w_t A_t / \\sum_t w_t`,
+      :math:`\\bar B = \\sum_t w_t B_t`, exact when the :math:`A_t` agree;
     - ``average="frobenius"``: the best approximation in the Frobenius norm, the top singular
       pair of the rearranged sum (Van Loan & Pitsianis, "Approximation with Kronecker
       products", 1993), found by power iterations on the ``[T, T]`` Gram matrices of the
-      factors; with :math:`T = 1` it is the block itself;
-    - ``average="mean"``: :math:`\\bar A = \\sum_t w_t A_t / \\sum_t w_t`,
-      :math:`\\bar B = \\sum_t w_t B_t`.
+      factors. Closest in norm is not best for CG: the norm is ruled by the largest
+      eigenvalues, CG by the small ones next to :math:`\\lambda`; on the demo's CNNs it
+      needed more products than the mean (``benchmarks/bench_kfac_merge.py``).
+
+    Both are exact for one model (:math:`T = 1`) and for identity output factors (RegMean's
+    Grams, :math:`B_t = I`).
 
     With the eigendecompositions :math:`\\bar A = Q_A \\operatorname{diag}(a) Q_A^\\top`,
     :math:`\\bar B = Q_B \\operatorname{diag}(b) Q_B^\\top` (computed once, in float64),
@@ -193,7 +200,8 @@ class KroneckerPreconditioner(LinearOperator):
     (\\lambda + b a^\\top)) Q_A^\\top` in :math:`O(d_{out} d_{in} (d_{out} + d_{in}))`, the
     inverse K-FAC applies (Martens & Grosse, ICML 2015); parameters no block covers (where
     every :math:`F_t` is zero) get :math:`1/\\lambda`. :math:`P^{-1}` is self-adjoint and
-    positive definite (eigenvalues in :math:`(0, 1/\\lambda]`), so it serves as CG's ``M``.
+    positive definite (for :math:`\\lambda > 0` its eigenvalues lie in :math:`(0, 1/\\lambda]`),
+    so it serves as CG's ``M``.
     Building it costs no product with the curvatures; the eigendecompositions cost
     :math:`O(d_{in}^3 + d_{out}^3)` per layer and do not depend on :math:`\\lambda`
     (:meth:`with_damping` reuses them).
@@ -205,7 +213,7 @@ class KroneckerPreconditioner(LinearOperator):
             out.
         damping: :math:`\\lambda \\ge 0` (absolute); 0 only when every :math:`b_i a_j > 0`
             (then off the blocks, where the system is zero, :math:`P^{-1}` is the identity).
-        average: ``"frobenius"`` or ``"mean"`` (:data:`KRONECKER_AVERAGES`).
+        average: ``"mean"`` or ``"frobenius"`` (:data:`KRONECKER_AVERAGES`).
         iterations: Limit on the power iterations of ``"frobenius"``.
 
     Attributes:
@@ -241,7 +249,7 @@ class KroneckerPreconditioner(LinearOperator):
         weights: Sequence[float] | None = None,
         damping: float = 1.0,
         *,
-        average: str = "frobenius",
+        average: str = "mean",
         iterations: int = 200,
     ):
         curvatures = list(curvatures)
