@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 
 from curvmerge import LinearOperator, ParamSpace
 
@@ -53,3 +54,17 @@ def assert_matches_dense(op: LinearOperator, dense: torch.Tensor, rtol: float = 
     np.testing.assert_allclose(
         sp.rmatvec(x.numpy()), (dense.T @ x).numpy(), rtol=rtol * 10, atol=1e-12
     )
+
+
+class Conv1D(nn.Module):
+    """Hugging Face GPT-2's ``Conv1D`` (recognised by class name): :math:`y = x W + b` with
+    ``W`` ``[in, out]``, random float64 parameters from torch's global generator."""
+
+    def __init__(self, nf: int, nx: int):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf, dtype=torch.float64))
+        self.bias = nn.Parameter(torch.randn(nf, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight + self.bias

@@ -21,6 +21,7 @@ from curvmerge.operators.kronecker import KroneckerOperator
 from curvmerge.space import ParamSpace
 from curvmerge.statistics import LayerGrams, input_grams
 from curvmerge.statistics.layers import LayerInfo
+from tests.helpers import Conv1D
 
 D = torch.float64
 
@@ -626,19 +627,6 @@ def test_regmean_plus_plus_conv_normalize_and_progress():
     halved = regmean_plus_plus(nets, data, normalize=False, weights=[2.0, 1.0])
     for k in out.params:
         torch.testing.assert_close(halved.params[k], out.params[k], rtol=0, atol=1e-10)
-
-
-class Conv1D(nn.Module):
-    """Hugging Face GPT-2's layer (recognised by class name): y = x W + b, W [in, out]."""
-
-    def __init__(self, nf, nx):
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf, dtype=D))
-        self.bias = nn.Parameter(torch.randn(nf, dtype=D))
-
-    def forward(self, x):
-        return x @ self.weight + self.bias
 
 
 def test_hf_conv1d_models_merge_like_their_linear_twins():

@@ -11,6 +11,7 @@ import curvmerge
 from curvmerge import ParamSpace
 from curvmerge.operators import KroneckerOperator
 from curvmerge.statistics.kfac import kfac_factors
+from tests.helpers import Conv1D
 
 DT = torch.float64
 
@@ -208,19 +209,6 @@ def test_exact_past_the_memory_budget_is_refused_and_frozen_layers_get_zero_b():
     assert f.B["net.0"].abs().max() == 0
     torch.testing.assert_close(f.A["net.0"], ref.A["0"])
     torch.testing.assert_close(f.B["net.2"], ref.B["2"])
-
-
-class Conv1D(nn.Module):
-    """Hugging Face GPT-2's ``Conv1D`` layout: ``y = x W + b`` with ``W`` ``[in, out]``."""
-
-    def __init__(self, nf, nx):
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf, dtype=DT))
-        self.bias = nn.Parameter(torch.randn(nf, dtype=DT))
-
-    def forward(self, x):
-        return x @ self.weight + self.bias
 
 
 def test_hf_conv1d_is_a_transposed_linear_layer():

@@ -7,21 +7,9 @@ import torch
 from torch import nn
 
 from curvmerge.statistics.layers import LayerHooks, find_layers, row_mask
+from tests.helpers import Conv1D
 
 DT = torch.float64
-
-
-class Conv1D(nn.Module):
-    """Hugging Face GPT-2's ``Conv1D`` layout: ``y = x W + b`` with ``W`` ``[in, out]``."""
-
-    def __init__(self, nf, nx):
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf, dtype=DT))
-        self.bias = nn.Parameter(torch.randn(nf, dtype=DT))
-
-    def forward(self, x):
-        return x @ self.weight + self.bias
 
 
 class Mixed(nn.Module):
