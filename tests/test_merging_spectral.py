@@ -78,6 +78,45 @@ def test_orthogonalize_is_the_polar_factor():
         torch.testing.assert_close(gram, torch.eye(small, dtype=DT), atol=1e-12, rtol=0)
 
 
+def test_orthogonalize_of_a_rank_deficient_matrix_is_its_partial_isometry():
+    """:math:`a (a^\\top a)^{+1/2}`: the singular vectors of zero singular values are any
+    completion (LAPACK's choice), so they must not enter the factor."""
+    (b,) = _random((6, 2), 1, seed=4)
+    a = torch.cat([b, b, b[:, :1]], dim=1)  # [6, 5] of rank 2
+    vals, vecs = torch.linalg.eigh(a.mT @ a)
+    inv_sqrt = torch.where(vals > 1e-10, vals.clamp_min(1e-300).rsqrt(), torch.zeros_like(vals))
+    expected = a @ (vecs * inv_sqrt) @ vecs.mT
+    torch.testing.assert_close(orthogonalize(a), expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(orthogonalize(a.mT), expected.mT, atol=1e-12, rtol=0)
+    assert orthogonalize(torch.zeros(3, 2, dtype=DT)).abs().max() == 0
+
+
+def test_tsv_of_identical_models_stays_in_their_directions():
+    """Two copies of one task matrix share their singular vectors: TSV-M keeps their top
+    k triplets (the rank-k truncation), adding no direction the task does not have."""
+    (d,) = _random((6, 4), 1, seed=7)
+    models, base = _models([d, d])
+    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    truncation = (u[:, :2] * s[:2]) @ vh[:2]
+    torch.testing.assert_close(tsv_merge(models, base).params["w"], truncation, atol=1e-12, rtol=0)
+    # 1 x n matrices of parallel rows: the shared direction, with the mean length
+    models, base = _models(
+        [torch.tensor([[3.0, 0.0]], dtype=DT), torch.tensor([[1.0, 0.0]], dtype=DT)]
+    )
+    out = tsv_merge(models, base).params["w"]
+    torch.testing.assert_close(out, torch.tensor([[2.0, 0.0]], dtype=DT), atol=1e-12, rtol=0)
+
+
+def test_iso_cts_of_identical_models_stays_in_their_directions():
+    (d,) = _random((6, 4), 1, seed=8)
+    models, base = _models([d, d])
+    out = iso_cts(models, base, common_fraction=0.5).params["w"]
+    # common: top 2 directions; task-specific: the third, shared by both copies
+    assert int(torch.linalg.matrix_rank(out)) == 3
+    _, _, vh = torch.linalg.svd(d, full_matrices=False)
+    torch.testing.assert_close(out @ vh[3], torch.zeros(6, dtype=DT), atol=1e-12, rtol=0)
+
+
 def test_tsv_keeps_orthogonal_rank_one_tasks_exactly():
     e = torch.eye(4, dtype=DT)
     f = torch.eye(3, dtype=DT)

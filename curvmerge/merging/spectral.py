@@ -24,7 +24,9 @@ of the data: any orthonormal completion is an equally valid SVD. They are droppe
 so that a layer a task left unchanged, or a low-rank (LoRA) task matrix, neither rotates the
 other tasks' directions (TSV-M) nor receives the isotropic singular value (Iso-C, Iso-CTS).
 On task matrices of full numerical rank this changes nothing; pass float64 models to keep
-every singular value above float64's tolerance.
+every singular value above float64's tolerance. For the same reason the whitening
+(:func:`orthogonalize`) of concatenated singular vectors that are linearly dependent (tasks
+that share a direction, two copies of one model) keeps their range only.
 
 Computation runs per matrix in the models' dtype promoted to at least float32; the result
 has each parameter's dtype and device.
@@ -56,22 +58,35 @@ _VECTOR_MERGES = ("mean", "sum")
 
 # ---------------------------------------------------------------------------------- helpers
 def orthogonalize(a: Tensor) -> Tensor:
-    """The orthogonal polar factor of ``a``: :math:`P Q^\\top` for :math:`a = P S Q^\\top`.
+    """The orthogonal polar factor of ``a``: :math:`P_r Q_r^\\top` for the SVD
+    :math:`a = P S Q^\\top` restricted to the :math:`r` numerically non-zero singular values
+    (above :math:`\\max(m, n)\\,\\epsilon\\, s_{\\max}`, as :func:`torch.linalg.matrix_rank`).
 
-    It is the matrix with orthonormal columns (rows, when ``a`` is wide) closest to ``a``
-    in Frobenius norm (the "whitening" of TSV-M). Columns that are already orthonormal are
-    returned unchanged.
+    .. math::
+
+        \\operatorname{orthogonalize}(a) = a\\,(a^\\top a)^{+1/2} = P_r Q_r^\\top .
+
+    For a full-rank ``a`` it is the matrix with orthonormal columns (rows, when ``a`` is
+    wide) closest to ``a`` in Frobenius norm (the "whitening" of TSV-M); columns that are
+    already orthonormal are returned unchanged. For a rank-deficient ``a`` (tasks that
+    share a singular vector) it is the partial isometry on ``a``'s range: the singular
+    vectors of zero singular values are any orthonormal completion (the LAPACK routine's
+    choice), and would add directions that ``a`` does not have.
 
     Example:
         >>> a = torch.tensor([[2.0, 0.0], [0.0, 0.5]])
         >>> orthogonalize(a)
         tensor([[1., 0.],
                 [0., 1.]])
+        >>> orthogonalize(torch.tensor([[1.0, 1.0], [0.0, 0.0]]))  # rank one
+        tensor([[0.7071, 0.7071],
+                [0.0000, 0.0000]])
     """
     if a.numel() == 0:
         return a.clone()
-    p, _, qh = torch.linalg.svd(a, full_matrices=False)
-    return p @ qh
+    p, s, qh = torch.linalg.svd(a, full_matrices=False)
+    keep = s > max(a.shape[-2:]) * torch.finfo(a.dtype).eps * s[0]
+    return p[:, keep] @ qh[keep]
 
 
 def _check_fraction(value: float | None, name: str) -> float | None:
@@ -112,7 +127,7 @@ def _spectral_merge(
     flat: FlatModels, weights: list[float], vector_merge: str, merge_matrix
 ) -> Tensor:
     """The merged task vector ``[P]``: ``merge_matrix([T, m, n]) -> [m, n]`` on the weighted
-    task matrices :math:`w_t(\theta_t - \theta_0)` of each matrix parameter, mean or sum of
+    task matrices :math:`w_t(\\theta_t - \\theta_0)` of each matrix parameter, mean or sum of
     the weighted task vectors elsewhere."""
     T = flat.thetas.shape[0]
     coeffs = torch.tensor(weights, dtype=flat.thetas.dtype, device=flat.thetas.device)
@@ -127,6 +142,41 @@ def _spectral_merge(
             total = block.sum(0)
             merged[sl] = total / T if vector_merge == "mean" else total
     return merged
+
+
+def _spectral_method(
+    method: str,
+    thetas: Sequence[Model],
+    base: Model,
+    params: str | Sequence[str] | None,
+    weights: Sequence[float] | None,
+    scaling: float,
+    vector_merge: str,
+    matrix_merge,
+) -> MergeResult:
+    """The shared frame of the spectral methods: checks, :func:`_spectral_merge` with the
+    merge ``matrix_merge(T)`` returns, :math:`\\theta_0 + \\lambda \\Delta` and the report.
+
+    ``matrix_merge(T)`` gets the number of models and returns ``(merge_matrix, options)``:
+    the function ``[T, m, n] -> [m, n]`` and the method's own report options."""
+    start = time.perf_counter()
+    flat = flatten_models(thetas, base, params, method=method, needs_base=True)
+    T = flat.thetas.shape[0]
+    w = check_weights(weights, T, 1.0)
+    scaling = check_finite_scalar(scaling, "scaling")
+    vector_merge = _check_vector_merge(vector_merge)
+    merge_matrix, options = matrix_merge(T)
+    merged = _spectral_merge(flat, w, vector_merge, merge_matrix)
+    report = method_report(
+        method,
+        flat,
+        [scaling * v for v in w],
+        start,
+        scaling=scaling,
+        **options,
+        vector_merge=vector_merge,
+    )
+    return MergeResult(flat.unflatten(flat.base + scaling * merged), report)
 
 
 def _concat_triplets(parts: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
@@ -173,9 +223,12 @@ def tsv_merge(
         base: The base model :math:`\\theta_0` they were fine-tuned from.
         scaling: :math:`\\lambda` (the paper uses 1).
         rank_fraction: :math:`f \\in (0, 1]`, the fraction of each matrix's rank kept per
-            task (default :math:`1/T`, which fills the rank exactly). With
-            :math:`fT > 1` the concatenated vectors outnumber the dimensions and the
-            polar factors are no longer isometries.
+            task (default :math:`1/T`: :math:`\\lfloor r/T \\rfloor` triplets per task,
+            which fill at most the rank :math:`r`). At least one triplet is kept per task,
+            so with :math:`fT > 1`, or a matrix of rank :math:`r < T`, the concatenated
+            vectors outnumber the dimensions and the polar factors are no longer
+            isometries (a ``[1, n]`` matrix of :math:`T` tasks with orthogonal rows merges
+            to :math:`\\sum_t \\Delta_t / \\sqrt{T}`).
         vector_merge: ``"mean"`` or ``"sum"`` of the task vectors for parameters that are
             not matrices.
         weights: Optional per-model multipliers :math:`w_t \\ge 0` of the task vectors
@@ -195,38 +248,26 @@ def tsv_merge(
         tensor([[1., 0.],
                 [0., 2.]])
     """
-    start = time.perf_counter()
-    flat = flatten_models(thetas, base, params, method="tsv_merge", needs_base=True)
-    T = flat.thetas.shape[0]
-    w = check_weights(weights, T, 1.0)
-    scaling = check_finite_scalar(scaling, "scaling")
     fraction = _check_fraction(rank_fraction, "rank_fraction")
-    vector_merge = _check_vector_merge(vector_merge)
 
-    def merge_matrix(mats: Tensor) -> Tensor:
-        r = min(mats.shape[-2:])
-        k = r // T if fraction is None else _floor(fraction * r)
-        k = max(1, k)
-        u, s, vh = torch.linalg.svd(mats, full_matrices=False)
-        tol = _zero_tolerance(mats, s[:, 0])
-        parts = []
-        for t in range(T):
-            keep = s[t, :k] > tol
-            parts.append((u[t, :, :k][:, keep], s[t, :k][keep], vh[t, :k][keep]))
-        u_perp, s_cat, vh_perp = _concat_triplets(parts)
-        return (u_perp * s_cat) @ vh_perp
+    def matrix_merge(T: int):
+        def merge_matrix(mats: Tensor) -> Tensor:
+            r = min(mats.shape[-2:])
+            k = max(1, r // T if fraction is None else _floor(fraction * r))
+            u, s, vh = torch.linalg.svd(mats, full_matrices=False)
+            tol = _zero_tolerance(mats, s[:, 0])
+            parts = []
+            for t in range(T):
+                keep = s[t, :k] > tol
+                parts.append((u[t, :, :k][:, keep], s[t, :k][keep], vh[t, :k][keep]))
+            u_perp, s_cat, vh_perp = _concat_triplets(parts)
+            return (u_perp * s_cat) @ vh_perp
 
-    merged = _spectral_merge(flat, w, vector_merge, merge_matrix)
-    report = method_report(
-        "tsv_merge",
-        flat,
-        [scaling * v for v in w],
-        start,
-        scaling=scaling,
-        rank_fraction=1.0 / T if fraction is None else fraction,
-        vector_merge=vector_merge,
+        return merge_matrix, {"rank_fraction": 1.0 / T if fraction is None else fraction}
+
+    return _spectral_method(
+        "tsv_merge", thetas, base, params, weights, scaling, vector_merge, matrix_merge
     )
-    return MergeResult(flat.unflatten(flat.base + scaling * merged), report)
 
 
 def _isotropic(u: Tensor, s: Tensor, vh: Tensor) -> Tensor:
@@ -282,23 +323,15 @@ def iso_c(
         tensor([[2., 0.],
                 [0., 2.]])
     """
-    start = time.perf_counter()
-    flat = flatten_models(thetas, base, params, method="iso_c", needs_base=True)
-    T = flat.thetas.shape[0]
-    w = check_weights(weights, T, 1.0)
-    scaling = check_finite_scalar(scaling, "scaling")
-    vector_merge = _check_vector_merge(vector_merge)
 
     def merge_matrix(mats: Tensor) -> Tensor:
         u, s, vh = torch.linalg.svd(mats.sum(0), full_matrices=False)
         keep = s > _zero_tolerance(mats, s[:1])
         return _isotropic(u[:, keep], s[keep], vh[keep])
 
-    merged = _spectral_merge(flat, w, vector_merge, merge_matrix)
-    report = method_report(
-        "iso_c", flat, [scaling * v for v in w], start, scaling=scaling, vector_merge=vector_merge
+    return _spectral_method(
+        "iso_c", thetas, base, params, weights, scaling, vector_merge, lambda T: (merge_matrix, {})
     )
-    return MergeResult(flat.unflatten(flat.base + scaling * merged), report)
 
 
 def iso_cts_ranks(rank: int, num_tasks: int, common_fraction: float) -> tuple[int, int]:
@@ -378,40 +411,29 @@ def iso_cts(
         tensor([[2., 0.],
                 [0., 2.]])
     """
-    start = time.perf_counter()
-    flat = flatten_models(thetas, base, params, method="iso_cts", needs_base=True)
-    T = flat.thetas.shape[0]
-    w = check_weights(weights, T, 1.0)
-    scaling = check_finite_scalar(scaling, "scaling")
     common_fraction = _check_fraction(common_fraction, "common_fraction")
-    vector_merge = _check_vector_merge(vector_merge)
 
-    def merge_matrix(mats: Tensor) -> Tensor:
-        k_c, s_task = iso_cts_ranks(min(mats.shape[-2:]), T, common_fraction)
-        u, s, vh = torch.linalg.svd(mats.sum(0), full_matrices=False)
-        tol = _zero_tolerance(mats, s[:1])
-        keep = s[:k_c] > tol
-        u_c = u[:, :k_c][:, keep]
-        parts = [(u_c, s[:k_c][keep], vh[:k_c][keep])]
-        if s_task > 0:
-            residual = mats - u_c @ (u_c.mT @ mats)
-            ut, st, vht = torch.linalg.svd(residual, full_matrices=False)
-            for t in range(T):
-                kept = st[t, :s_task] > tol
-                parts.append(
-                    (ut[t, :, :s_task][:, kept], st[t, :s_task][kept], vht[t, :s_task][kept])
-                )
-        u_perp, s_cat, vh_perp = _concat_triplets(parts)
-        return _isotropic(u_perp, s_cat, vh_perp)
+    def matrix_merge(T: int):
+        def merge_matrix(mats: Tensor) -> Tensor:
+            k_c, s_task = iso_cts_ranks(min(mats.shape[-2:]), T, common_fraction)
+            u, s, vh = torch.linalg.svd(mats.sum(0), full_matrices=False)
+            tol = _zero_tolerance(mats, s[:1])
+            keep = s[:k_c] > tol
+            u_c = u[:, :k_c][:, keep]
+            parts = [(u_c, s[:k_c][keep], vh[:k_c][keep])]
+            if s_task > 0:
+                residual = mats - u_c @ (u_c.mT @ mats)
+                ut, st, vht = torch.linalg.svd(residual, full_matrices=False)
+                for t in range(T):
+                    kept = st[t, :s_task] > tol
+                    parts.append(
+                        (ut[t, :, :s_task][:, kept], st[t, :s_task][kept], vht[t, :s_task][kept])
+                    )
+            u_perp, s_cat, vh_perp = _concat_triplets(parts)
+            return _isotropic(u_perp, s_cat, vh_perp)
 
-    merged = _spectral_merge(flat, w, vector_merge, merge_matrix)
-    report = method_report(
-        "iso_cts",
-        flat,
-        [scaling * v for v in w],
-        start,
-        scaling=scaling,
-        common_fraction=common_fraction,
-        vector_merge=vector_merge,
+        return merge_matrix, {"common_fraction": common_fraction}
+
+    return _spectral_method(
+        "iso_cts", thetas, base, params, weights, scaling, vector_merge, matrix_merge
     )
-    return MergeResult(flat.unflatten(flat.base + scaling * merged), report)
