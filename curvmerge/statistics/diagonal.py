@@ -9,7 +9,7 @@ and returns them as a tensor (the operator wrapper is :func:`curvmerge.fisher.di
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +31,7 @@ __all__ = [
     "FISHER_KINDS",
     "check_kind",
     "fisher_cotangents",
+    "fisher_batches",
     "diagonal_squares",
     "DiagonalSquares",
     "DiagonalTooCostlyError",
@@ -146,6 +147,51 @@ def fisher_cotangents(
                 yield place(rows, S[rows, :, k]), 1.0
 
 
+def fisher_batches(
+    computer: CurvatureComputer,
+    kind: str,
+    forward: Callable[[object], Tensor],
+    *,
+    mc_samples: int = 1,
+    seed: int | Callable[[int], int] = 0,
+    max_factor_bytes: int | None = None,
+    desc: str | None = None,
+    progress: bool = False,
+    dtype: torch.dtype | None = None,
+) -> Iterator[tuple[Tensor, Iterable[tuple[Tensor, float]], int, int]]:
+    """One pass over ``computer``'s data yielding, per batch, ``(out, cotangents, examples,
+    terms)``: the output ``forward(inputs)``, the kind's :func:`fisher_cotangents` of it, the
+    batch's examples and loss terms (the ``"mean"`` normaliser's share).
+
+    The loop every computer that sums over output cotangents shares (diagonal Fisher,
+    K-FAC): inputs and targets moved to the device (floating ones cast to ``dtype``,
+    default the computer's), the ``mc`` labels drawn from a CPU generator seeded with
+    ``seed``, or with ``seed(index)`` per batch (that pass then needs the batches of the
+    computer's first such pass: checked). ``out`` and the cotangents are released before the
+    next batch's forward pass.
+    """
+    per_batch = callable(seed)
+    generator = None if per_batch else torch.Generator().manual_seed(seed)
+    dtype = computer.dtype if dtype is None else dtype
+    batches = computer.batches(desc, progress, same_batches=per_batch and kind == "mc", dtype=dtype)
+    for index, inputs, targets in batches:
+        if per_batch:
+            generator = torch.Generator().manual_seed(seed(index))
+        targets = move_batch(targets, computer.device, dtype)
+        out = forward(inputs)
+        cots = fisher_cotangents(
+            computer.loss,
+            kind,
+            out,
+            targets,
+            mc_samples=mc_samples,
+            generator=generator,
+            max_factor_bytes=max_factor_bytes,
+        )
+        yield out, cots, batch_size(inputs), count_terms(computer.loss, targets)
+        del out, cots
+
+
 def _accumulate_all(engine: PerExampleSquares, out: Tensor, cots) -> None:
     """Feed cotangents to the engine, stacking those of equal weight so that up to
     ``engine.max_columns()`` share one vmapped backward pass."""
@@ -216,9 +262,7 @@ def diagonal_squares(
     """
     check_kind(kind, mc_samples)
     model = computer.model if model is None else model
-    spec, space = computer.loss, computer.space
-    per_batch = callable(seed)
-    generator = None if per_batch else torch.Generator().manual_seed(seed)
+    space = computer.space
     named = dict(model.named_parameters())
     dtype = named[space.names[0]].dtype
     requires = {n: p.requires_grad for n, p in named.items()}
@@ -227,28 +271,20 @@ def diagonal_squares(
         for n in space.names:
             named[n].requires_grad_(True)
         with PerExampleSquares(model, space.names, memory_budget) as engine:
-            batches = computer.batches(
-                f"diagonal Fisher ({kind})",
-                progress,
-                same_batches=per_batch and kind == "mc",
+            batches = fisher_batches(
+                computer,
+                kind,
+                lambda inputs: engine.forward(lambda x: model_outputs(model, x), inputs),
+                mc_samples=mc_samples,
+                seed=seed,
+                max_factor_bytes=max(memory_budget, DEFAULT_MEMORY_BUDGET),
+                desc=f"diagonal Fisher ({kind})",
+                progress=progress,
                 dtype=dtype,
             )
-            for index, inputs, targets in batches:
-                if per_batch:
-                    generator = torch.Generator().manual_seed(seed(index))
-                targets = move_batch(targets, computer.device, dtype)
-                out = engine.forward(lambda x: model_outputs(model, x), inputs)
-                num_examples += batch_size(inputs)
-                num_terms += count_terms(spec, targets)
-                cots = fisher_cotangents(
-                    spec,
-                    kind,
-                    out,
-                    targets,
-                    mc_samples=mc_samples,
-                    generator=generator,
-                    max_factor_bytes=max(memory_budget, DEFAULT_MEMORY_BUDGET),
-                )
+            for out, cots, examples, terms in batches:
+                num_examples += examples
+                num_terms += terms
                 _accumulate_all(engine, out, cots)
                 engine.release()
                 del out

@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from curvmerge.batches import batch_size, model_outputs, move_batch
-from curvmerge.losses import LossSpec, count_terms
+from curvmerge.batches import model_outputs
+from curvmerge.losses import LossSpec
 from curvmerge.space import ParamSpace
 from curvmerge.statistics.base import CurvatureComputer
-from curvmerge.statistics.diagonal import check_kind, fisher_cotangents
+from curvmerge.statistics.diagonal import check_kind, fisher_batches
 from curvmerge.statistics.gram import add_gram
 from curvmerge.statistics.layers import LayerHooks, LayerInfo, drop_unseen, find_layers
 from curvmerge.statistics.per_example import DEFAULT_MEMORY_BUDGET
@@ -157,7 +157,6 @@ def kfac_factors(
         add_gram(A[info.module], rows, info.bias is not None)
         num_rows[info.module] += rows.shape[0]
 
-    generator = torch.Generator().manual_seed(seed)
     named = dict(model.named_parameters())
     weights = [named[i.weight] for i in layers.values()]
     requires = [p.requires_grad for p in weights]
@@ -166,22 +165,25 @@ def kfac_factors(
         for p in weights:  # the layers' outputs must be in the graph
             p.requires_grad_(True)
         with LayerHooks(model, layers, on_rows, keep_outputs=True) as hooks:
-            for _, inputs, targets in computer.batches(f"K-FAC ({kind})", progress):
-                targets = move_batch(targets, dev, computer.dtype)
+
+            def forward(inputs) -> Tensor:
                 hooks.start(inputs)
                 with torch.enable_grad():
-                    out = model_outputs(model, inputs)
-                num_examples += batch_size(inputs)
-                num_terms += count_terms(spec, targets)
-                cots = fisher_cotangents(
-                    spec,
-                    kind,
-                    out,
-                    targets,
-                    mc_samples=mc_samples,
-                    generator=generator,
-                    max_factor_bytes=memory_budget,
-                )
+                    return model_outputs(model, inputs)
+
+            batches = fisher_batches(
+                computer,
+                kind,
+                forward,
+                mc_samples=mc_samples,
+                seed=seed,
+                max_factor_bytes=memory_budget,
+                desc=f"K-FAC ({kind})",
+                progress=progress,
+            )
+            for out, cots, examples, terms in batches:
+                num_examples += examples
+                num_terms += terms
                 _add_output_grads(hooks, out, cots, B, acc)
                 hooks.calls = []
                 del out
