@@ -24,6 +24,7 @@ from curvmerge.atomic import atomic_write_bytes
 from curvmerge.fisher.diagonal import FISHER_KINDS, DiagonalFisher
 from curvmerge.operators import DiagonalOperator
 from curvmerge.space import ParamSpace, SpaceMismatchError
+from curvmerge.statistics.files import read_safetensors
 
 __all__ = ["save_fisher", "load_fisher", "FISHER_FORMAT"]
 
@@ -136,25 +137,6 @@ def _check_against(
     return file_space
 
 
-def _read(path: str) -> tuple[dict, list[str], dict[str, Tensor]]:
-    """Metadata, parameter names and tensors of a Fisher file."""
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as fh:
-        meta = fh.metadata() or {}
-        if meta.get("format") != FISHER_FORMAT:
-            raise ValueError(
-                f"{path!r} is not a curvmerge Fisher file (metadata format is "
-                f"{meta.get('format')!r}, expected {FISHER_FORMAT!r})"
-            )
-        names = json.loads(meta["names"])
-        stored = set(fh.keys())
-        if set(names) != stored:
-            raise ValueError(f"{path!r} is corrupt: its metadata names do not match its tensors")
-        tensors = {n: fh.get_tensor(n) for n in names}
-    return meta, names, tensors
-
-
 def load_fisher(
     path: str | os.PathLike,
     model: nn.Module | Mapping[str, Tensor] | ParamSpace | None = None,
@@ -177,14 +159,10 @@ def load_fisher(
         ValueError: When the file is not a curvmerge Fisher file.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Fisher file {path!r} does not exist")
-    from safetensors import SafetensorError
-
-    try:
-        meta, names, tensors = _read(path)
-    except (SafetensorError, json.JSONDecodeError, KeyError) as err:
-        raise ValueError(f"{path!r} is truncated or corrupt: {err}") from err
+    meta, tensors = read_safetensors(
+        path, FISHER_FORMAT, "Fisher", lambda m: json.loads(m["names"])
+    )
+    names = list(tensors)
     shapes = {n: t.shape for n, t in tensors.items()}
     space = _check_against(names, shapes, model, path)
     flat = (

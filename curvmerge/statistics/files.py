@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +26,45 @@ __all__ = ["save_grams", "load_grams", "GRAMS_FORMAT"]
 GRAMS_FORMAT = "curvmerge.input_grams"
 _VERSION = "1"
 _RESERVED = ("format", "version", "layers", "unsupported", "num_examples")
+
+
+def read_safetensors(
+    path: str | os.PathLike, fmt: str, what: str, keys: Callable[[dict[str, str]], list[str]]
+) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """Metadata and tensors of a curvmerge statistics file (Fisher and Gram files).
+
+    Args:
+        path: The file.
+        fmt: The ``format`` its metadata must hold.
+        what: The kind of file, for messages (``"Fisher"``, ``"Gram"``).
+        keys: The tensor keys the metadata lists, in order (raising ``KeyError`` or
+            ``json.JSONDecodeError`` on metadata without them).
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: Not a file of format ``fmt``, its tensors are not those its metadata
+            lists, or the file is truncated or corrupt.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} file {path!r} does not exist")
+    try:
+        with safe_open(path, framework="pt") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("format") != fmt:
+                raise ValueError(
+                    f"{path!r} is not a curvmerge {what} file (metadata format is "
+                    f"{meta.get('format')!r}, expected {fmt!r})"
+                )
+            listed = keys(meta)
+            if set(listed) != set(fh.keys()) or len(set(listed)) != len(listed):
+                raise ValueError(f"{path!r} is corrupt: its metadata does not list its tensors")
+            tensors = {k: fh.get_tensor(k) for k in listed}
+    except (SafetensorError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path!r} is truncated or corrupt: {err}") from err
+    return meta, tensors
 
 
 def save_grams(
@@ -121,27 +160,19 @@ def load_grams(
         ValueError: Not a Gram file, corrupt, or a metadata value differs from ``metadata``.
         SpaceMismatchError: The file does not fit ``model``.
     """
-    from safetensors import SafetensorError, safe_open
-
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Gram file {path!r} does not exist")
+    meta, stored = read_safetensors(
+        path,
+        GRAMS_FORMAT,
+        "Gram",
+        lambda m: [f"gram:{r['module']}" for r in json.loads(m["layers"])],
+    )
     try:
-        with safe_open(path, framework="pt") as fh:
-            meta = fh.metadata() or {}
-            if meta.get("format") != GRAMS_FORMAT:
-                raise ValueError(
-                    f"{path!r} is not a curvmerge Gram file (metadata format is "
-                    f"{meta.get('format')!r}, expected {GRAMS_FORMAT!r})"
-                )
-            records = json.loads(meta["layers"])
-            keys = set(fh.keys())
-            if keys != {f"gram:{r['module']}" for r in records}:
-                raise ValueError(f"{path!r} is corrupt: its layers do not match its tensors")
-            tensors = {r["module"]: fh.get_tensor(f"gram:{r['module']}") for r in records}
-            unsupported = json.loads(meta["unsupported"])
-            num_examples = int(meta["num_examples"])
-    except (SafetensorError, json.JSONDecodeError, KeyError) as err:
+        records = json.loads(meta["layers"])
+        tensors = {r["module"]: stored[f"gram:{r['module']}"] for r in records}
+        unsupported = json.loads(meta["unsupported"])
+        num_examples = int(meta["num_examples"])
+    except (json.JSONDecodeError, KeyError, ValueError) as err:
         raise ValueError(f"{path!r} is truncated or corrupt: {err}") from err
     for key, value in (metadata or {}).items():
         if meta.get(str(key)) != str(value):
