@@ -238,3 +238,17 @@ def test_num_data_sets_the_mean_normaliser():
     given = kfac_factors(model, "cross_entropy", data, num_data=14)
     torch.testing.assert_close(given.B["0"], counted.B["0"] / 2)
     torch.testing.assert_close(given.A["0"], counted.A["0"])
+
+
+def test_ignored_targets_stay_rows_of_a_but_are_no_loss_terms():
+    """Without an attention_mask, a position whose target is ignore_index is a real input:
+    it stays in A (and in its row count); only the mean normaliser leaves it out."""
+    model = _mlp()
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(2, 5, 3, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (2, 5), generator=g)
+    y[0, 3:] = -100
+    f = kfac_factors(model, "cross_entropy", [(X, y)])
+    rows = torch.cat([X.reshape(-1, 3), torch.ones(10, 1, dtype=DT)], dim=1)
+    torch.testing.assert_close(f.A["0"], rows.T @ rows / 10)
+    assert f.num_rows["0"] == 10 and f.num_terms == 8

@@ -21,7 +21,7 @@ from curvmerge.space import SpaceMismatchError
 from curvmerge.statistics.gram import LayerGrams
 from curvmerge.statistics.layers import LayerInfo
 
-__all__ = ["save_grams", "load_grams", "GRAMS_FORMAT"]
+__all__ = ["save_grams", "load_grams", "GRAMS_FORMAT", "read_safetensors"]
 
 GRAMS_FORMAT = "curvmerge.input_grams"
 _VERSION = "1"

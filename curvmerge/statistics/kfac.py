@@ -21,9 +21,12 @@ Hessian's factor (``kind="exact"``), gradients at labels sampled from the model 
 seeded) or at the true labels (``"empirical"``). These are the conventions of curvlinops'
 ``KFACLinearOperator`` (``fisher_type`` ``"type-2"``, ``"mc"``, ``"empirical"``,
 ``kfac_approx="expand"``, its ``num_data`` normalisation and loss-average correction), so
-that products agree with it on the problems both support; padding rows (an
-``attention_mask``; cross-entropy targets at ``ignore_index``) are left out of both factors
-here. Factors accumulate in float32, or float64 for a float64 model.
+that products agree with it on the problems both support. Padding rows (where an
+``attention_mask`` is 0) are left out of both factors here; positions whose cross-entropy
+target is ``ignore_index`` are no loss terms (nor counted in the ``"mean"`` normaliser) but
+stay rows of both factors: their inputs, and their output gradients from the other
+positions' losses (through attention), are real. Factors accumulate in float32, or float64
+for a float64 model.
 """
 
 from __future__ import annotations

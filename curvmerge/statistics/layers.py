@@ -87,12 +87,6 @@ class LayerInfo:
         """Size of the input factor: :math:`d_{in} + 1` with a bias, else :math:`d_{in}`."""
         return self.d_in + (self.bias is not None)
 
-    def weight_matrix(self, weight: Tensor) -> Tensor:
-        """The weight as the ``[d_out, d_in]`` matrix of :math:`y_r = W x_r`."""
-        if self.kind == "hf_conv1d":
-            return weight.T
-        return weight.reshape(weight.shape[0], -1)
-
 
 def find_layers(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, LayerInfo], list[str]]:
     """The supported layers among the selected parameters ``names``.
