@@ -50,7 +50,7 @@ from curvmerge.merging.report import MergeResult, parameters_of
 from curvmerge.merging.system import check_weights
 from curvmerge.statistics.base import CurvatureComputer
 from curvmerge.statistics.gram import add_gram
-from curvmerge.statistics.layers import LayerHooks, find_layers
+from curvmerge.statistics.layers import LayerHooks, find_layers, weight_dims
 
 __all__ = [
     "RegMeanReport",
@@ -208,8 +208,7 @@ def _layer_of(info: Any, flat: FlatModels, selected: set[str]) -> _Layer:
     """The :class:`_Layer` of a ``LayerInfo``, checked against the merged parameters."""
     W = flat.reference[info.weight]
     transposed = info.kind == "hf_conv1d"
-    rows, cols = (W.shape[1], W.shape[0]) if transposed else (W.shape[0], W[0].numel())
-    if W.ndim < 2 or (rows, cols) != (info.d_out, info.d_in):
+    if weight_dims(W.shape, transposed) != (info.d_out, info.d_in):
         raise ValueError(
             f"layer {info.module!r}: weight {info.weight!r} has shape {tuple(W.shape)}, "
             f"which does not fit its statistics (d_in={info.d_in}, d_out={info.d_out})"

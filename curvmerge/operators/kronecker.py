@@ -31,6 +31,7 @@ from torch import Tensor
 
 from curvmerge.operators.base import LinearOperator
 from curvmerge.space import ParamSpace, SpaceMismatchError
+from curvmerge.statistics.layers import weight_dims
 
 __all__ = ["KroneckerOperator", "KroneckerBlock"]
 
@@ -119,19 +120,13 @@ class KroneckerOperator(LinearOperator):
                     )
                 owner[name] = layer
             wshape = tuple(shapes[blk.weight])
-            if len(wshape) < 2 or (blk.transposed and len(wshape) != 2):
+            dims = weight_dims(wshape, blk.transposed)
+            if dims is None:
                 raise ValueError(
                     f"block {layer!r}: weight {blk.weight!r} of shape {wshape} is not a matrix "
                     "(or a convolution kernel)"
                 )
-            d_out, d_in = (
-                (wshape[1], wshape[0])
-                if blk.transposed
-                else (
-                    wshape[0],
-                    int(torch.Size(wshape[1:]).numel()),
-                )
-            )
+            d_out, d_in = dims
             if blk.bias is not None and tuple(shapes[blk.bias]) != (d_out,):
                 raise ValueError(
                     f"block {layer!r}: bias {blk.bias!r} has shape {tuple(shapes[blk.bias])}, "

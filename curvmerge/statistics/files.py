@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from curvmerge.atomic import atomic_write_bytes
 from curvmerge.space import SpaceMismatchError
 from curvmerge.statistics.gram import LayerGrams
-from curvmerge.statistics.layers import LayerInfo
+from curvmerge.statistics.layers import LayerInfo, weight_dims
 
 __all__ = ["save_grams", "load_grams", "GRAMS_FORMAT", "read_safetensors"]
 
@@ -124,14 +124,7 @@ def _check_model(path: str, layers: dict[str, LayerInfo], model) -> None:
                     "the model does not have"
                 )
         w = named[info.weight]
-        d_out, d_in = (
-            (w.shape[1], w.shape[0])
-            if info.kind == "hf_conv1d"
-            else (
-                w.shape[0],
-                w[0].numel(),
-            )
-        )
+        d_out, d_in = weight_dims(w.shape, info.kind == "hf_conv1d") or (None, None)
         if (d_in, d_out) != (info.d_in, info.d_out):
             raise SpaceMismatchError(
                 f"Gram file {path!r}: layer {info.module!r} maps {info.d_in} -> {info.d_out} "

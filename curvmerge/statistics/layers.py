@@ -48,6 +48,7 @@ with :math:`T = B` would be read as batch-first.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -56,7 +57,15 @@ from torch import Tensor, nn
 
 from curvmerge.statistics.per_example import conv_patches, supported_layer
 
-__all__ = ["LayerInfo", "find_layers", "drop_unseen", "row_mask", "LayerHooks", "LayerCall"]
+__all__ = [
+    "LayerInfo",
+    "find_layers",
+    "drop_unseen",
+    "row_mask",
+    "weight_dims",
+    "LayerHooks",
+    "LayerCall",
+]
 
 _KINDS = ("linear", "hf_conv1d", "conv")
 
@@ -86,6 +95,25 @@ class LayerInfo:
     def size(self) -> int:
         """Size of the input factor: :math:`d_{in} + 1` with a bias, else :math:`d_{in}`."""
         return self.d_in + (self.bias is not None)
+
+
+def weight_dims(shape: Sequence[int], transposed: bool = False) -> tuple[int, int] | None:
+    """``(d_out, d_in)`` of a layer's weight of shape ``shape``: ``[d_out, *rest]`` with
+    :math:`d_{in} = \\prod` ``rest`` (linear weights, convolution kernels read as
+    ``weight.reshape(d_out, -1)``), or ``[d_in, d_out]`` when ``transposed`` (Hugging Face
+    ``Conv1D``); ``None`` for a shape no layer's weight has (fewer than two dimensions, or a
+    transposed weight of more than two).
+
+    Example:
+        >>> weight_dims((8, 3, 5, 5)), weight_dims((3, 8), transposed=True), weight_dims((4,))
+        ((8, 75), (8, 3), None)
+    """
+    shape = tuple(shape)
+    if len(shape) < 2 or (transposed and len(shape) != 2):
+        return None
+    if transposed:
+        return shape[1], shape[0]
+    return shape[0], math.prod(shape[1:])
 
 
 def find_layers(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, LayerInfo], list[str]]:
@@ -124,10 +152,7 @@ def find_layers(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, Layer
         bias_name = name_of.get(id(bias)) if isinstance(bias, nn.Parameter) else None
         if bias_name not in selected or len(holders.get(id(bias), ())) > 1:
             bias_name = None
-        if kind == "hf_conv1d":
-            d_in, d_out = weight.shape
-        else:
-            d_out, d_in = weight.shape[0], weight[0].numel()
+        d_out, d_in = weight_dims(weight.shape, kind == "hf_conv1d")
         layers[mname] = LayerInfo(mname, kind, name_of[id(weight)], bias_name, d_in, d_out)
     covered = {n for info in layers.values() for n in (info.weight, info.bias) if n}
     return layers, [n for n in names if n not in covered]
