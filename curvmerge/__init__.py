@@ -49,7 +49,7 @@ from curvmerge.operators import (
     LinearOperator,
     as_operator,
 )
-from curvmerge.precondition import NystromPreconditioner
+from curvmerge.precondition import KroneckerPreconditioner, NystromPreconditioner
 from curvmerge.solve import CGResult, ShiftedCGResults, cg, cg_shifts, solve_cg
 from curvmerge.space import ParamSpace, SpaceMismatchError
 from curvmerge.statistics import (
@@ -96,6 +96,7 @@ __all__ = [
     "ShiftedCGResults",
     "CGResult",
     "NystromPreconditioner",
+    "KroneckerPreconditioner",
     # merging
     "merge",
     "MergeResult",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from curvmerge import DenseOperator, ParamSpace, merge, solve_cg
+from curvmerge import DenseOperator, ParamSpace, PreparedMerge, merge, solve_cg
 from curvmerge.operators import KroneckerOperator
 from curvmerge.precondition import KroneckerPreconditioner
 from tests.helpers import random_spd
@@ -159,6 +159,8 @@ def test_errors():
     dense = [DenseOperator(SPACE, F.to_dense()) for _ in range(2)]
     with pytest.raises(ValueError, match="Kronecker-factored curvatures"):
         merge(thetas, dense, preconditioner="kronecker")
+    with pytest.raises(ValueError, match="Kronecker-factored curvatures"):
+        PreparedMerge(thetas, dense, preconditioner="kronecker")  # refused before any product
     with pytest.raises(ValueError, match="kronecker:mean"):
         merge(thetas, [F, F], preconditioner="kronecker:median")
     singular = KroneckerOperator(
@@ -182,7 +184,6 @@ def test_zero_damping_with_definite_factors_is_the_exact_inverse_on_the_blocks()
 
 
 def test_prepared_damping_grid_solves_each_damping_with_its_own_preconditioner():
-    from curvmerge import PreparedMerge
 
     Fs = [_curvature(s) for s in range(3)]
     g = torch.Generator().manual_seed(4)

@@ -180,7 +180,7 @@ class PreparedMerge:
         self._reference = {n: dicts[0][n] for n in space.names}
         self.prior_name, self._prior = resolve_prior(prior, base, space, dtype, device)
         self._given_scale = check_damping_scale(damping_scale)
-        check_preconditioner(preconditioner, P)
+        check_preconditioner(preconditioner, P, curvatures)
         self.rtol, self.maxiter = float(rtol), maxiter
         self.preconditioner, self.warm_start = preconditioner, warm_start
         self.curvatures = curvatures
