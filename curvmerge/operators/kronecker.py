@@ -11,7 +11,9 @@ and optionally the bias :math:`b` of one layer. On their joint matrix
 
 i.e. as :math:`B \\otimes A` on the row-major :math:`\\operatorname{vec}(M)`, with
 :math:`A` ``[d_in (+1), d_in (+1)]`` over inputs (the bias entry last) and :math:`B`
-``[d_out, d_out]`` over outputs. ``B=None`` is the identity at no cost: then each row of
+``[d_out, d_out]`` over outputs, both symmetric (the operator is self-adjoint; K-FAC
+factors and Gram matrices are, and a non-symmetric factor would act as its transpose in
+:meth:`adjoint`). ``B=None`` is the identity at no cost: then each row of
 :math:`M` is multiplied by :math:`A`, the shape of RegMean's per-layer problem (Jin et al.,
 ICLR 2023; Tam et al., "Merging by matching models in task parameter subspaces", TMLR
 2024). With the K-FAC factors of :mod:`curvmerge.statistics.kfac` it is K-FAC's Fisher

@@ -43,7 +43,9 @@ information.
 
 The row mask is matched by shape: layers of a model with an ``attention_mask`` must see
 their tokens batch-first (``[B, T, d]``, as Hugging Face models do); a sequence-first layer
-with :math:`T = B` would be read as batch-first.
+with :math:`T = B` would be read as batch-first, and the rows of other tokens that happen to
+have the mask's shape (an encoder-decoder's decoder positions when their length equals the
+encoder's) would be masked by it.
 """
 
 from __future__ import annotations
