@@ -196,15 +196,16 @@ def _select(lead: tuple[int, ...], mask: Tensor | None) -> Tensor | None:
 class LayerCall:
     """One call of a supported layer during a forward pass.
 
+    Its input rows went to ``on_rows`` during the call and are not kept (a convolution's
+    unfolded patches are ``prod(kernel_size)`` times its input).
+
     Attributes:
         layer: The layer's :class:`LayerInfo`.
-        rows: Its input rows ``[n, d_in]`` (padding rows dropped), detached.
         output: The layer's output (kept only when output gradients are wanted).
         keep: The flat mask of the kept rows among all rows (``None``: all).
     """
 
     layer: LayerInfo
-    rows: Tensor
     output: Tensor | None
     keep: Tensor | None
 
@@ -289,7 +290,7 @@ class LayerHooks:
                 self.on_rows(info, rows)
             if not self.keep_outputs:
                 return None
-            self.calls.append(LayerCall(info, rows, output, keep))
+            self.calls.append(LayerCall(info, output, keep))
             return output.clone()
 
         return hook
