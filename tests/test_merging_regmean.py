@@ -694,3 +694,22 @@ def test_regmean_plus_plus_shared_layer_gathers_every_call():
     torch.testing.assert_close(
         out.params["mid.weight"], ref.params["fc.weight"], rtol=0, atol=1e-10
     )
+
+
+def test_a_model_of_weight_zero_is_left_out():
+    """Weight 0: neither its Gram nor its parameters enter (RegMean and RegMean++)."""
+    Xs, models = _tasks()
+    grams = _grams(Xs)
+    three = regmean(models, grams, weights=[1.0, 2.0, 0.0]).params
+    two = regmean(models[:2], grams[:2], weights=[1.0, 2.0]).params
+    for k in two:
+        torch.testing.assert_close(three[k], two[k], rtol=0, atol=1e-12)
+    torch.manual_seed(0)
+    nets = [
+        nn.Sequential(nn.Linear(3, 4, dtype=D), nn.Tanh(), nn.Linear(4, 2, dtype=D)) for _ in "abc"
+    ]
+    data = [[(torch.randn(6, 3, dtype=D), None)] for _ in nets]
+    three = regmean_plus_plus(nets, data, weights=[1.0, 2.0, 0.0]).params
+    two = regmean_plus_plus(nets[:2], data[:2], weights=[1.0, 2.0]).params
+    for k in two:
+        torch.testing.assert_close(three[k], two[k], rtol=0, atol=1e-12)
