@@ -290,6 +290,40 @@ def _tiny_fishers(d):
     return d
 
 
+def test_merge_with_the_methods_that_read_data(work):
+    """RegMean, RegMean++ and the K-FAC merge compute their statistics from the models'
+    data; another method's merge can be the prior."""
+    import torch
+
+    d = work
+    models = (d / "base.safetensors", d / "b.safetensors")
+    status, _, err = run_main("merge", *models, "-o", d / "avg.safetensors", "--force")
+    assert status == 0, err
+    average = load_params(d / "avg.safetensors")
+    runs = {
+        "regmean": ["-m", "regmean"],
+        "regmean_plus_plus": ["-m", "regmean_plus_plus"],
+        "fisher_kfac": ["-m", "fisher_kfac"],
+        "kfac_ta": ["-m", "fisher_kfac", "--prior", "task_arithmetic", "--base", models[0]],
+    }
+    for tag, flags in runs.items():
+        out = d / f"{tag}.safetensors"
+        status, printed, err = run_main(
+            "merge", *models, *flags, "--examples", "32", "-q", "-o", out, "--force"
+        )
+        assert status == 0, (tag, err)
+        merged = load_params(out)
+        assert set(merged) == set(average)
+        moved = sum(float((merged[n] - average[n]).norm()) for n in average)
+        assert moved > 1e-4, tag  # the statistics were used: not the average
+        assert all(torch.isfinite(v).all() for v in merged.values())
+    status, _, err = run_main(
+        "merge", *models, "-m", "fisher_kfac", "--prior", "task_arithmetc", "--base", models[0],
+        "--examples", "32", "-q", "-o", d / "bad.safetensors",
+    )  # fmt: skip
+    assert status == 2 and "merge method" in err and not (d / "bad.safetensors").exists()
+
+
 def test_merge_of_a_tiny_fisher_is_the_same_merge(work):
     """Fisher files 1e-6 times smaller give the same diagonal-Fisher merge with the
     command's defaults (the damping is relative to the curvature), not the average."""

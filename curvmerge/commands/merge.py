@@ -72,8 +72,9 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--method",
         "-m",
-        help="average, task_arithmetic, ties, dare, slerp, fisher_diagonal, "
-        "fisher_exact (see 'curvmerge methods'; default average)",
+        help="a registry method: average (default), task_arithmetic, ties, tsv_merge, iso_c, "
+        "regmean, fisher_diagonal, fisher_kfac, fisher_exact, ... (all: 'curvmerge methods'); "
+        "regmean, regmean_plus_plus, fisher_kfac and fisher_exact read --data",
     )
     p.add_argument(
         "--weights", "-w", type=float, nargs="+", help="one non-negative coefficient per model"
@@ -82,9 +83,10 @@ def add_parser(sub) -> None:
     p.add_argument("--damping-scale", help=DAMPING_SCALE_HELP)
     p.add_argument(
         "--prior",
-        choices=["mean", "zero", "base"],
+        metavar="PRIOR",
         help="theta_0 of curvature merges: mean (weighted average, default), zero "
-        "(textbook form), base (needs --base)",
+        "(textbook form), base (needs --base), or a data-free method's merge at its "
+        "defaults (e.g. task_arithmetic, needs --base)",
     )
     p.add_argument("--params", help=PARAMS_HELP)
     p.add_argument("--fisher", nargs="+", help="one Fisher file per model (fisher_diagonal)")
@@ -99,7 +101,8 @@ def add_parser(sub) -> None:
         p,
         batch_size=64,
         examples=256,
-        examples_help="training examples per model for fisher_exact (default 256)",
+        examples_help="training examples per model for the statistics of fisher_exact, "
+        "fisher_kfac, regmean and regmean_plus_plus (default 256)",
     )
     p.add_argument(
         "--output",
@@ -109,6 +112,33 @@ def add_parser(sub) -> None:
     )
     add_common(p)
     p.set_defaults(func=run)
+
+
+def _statistics(spec, models, names, args) -> list:
+    """Per-model statistics computed from ``--data`` (``--examples`` per model): GGN
+    operators, K-FAC Fishers (exact kind), input Grams, or the batches themselves."""
+    from curvmerge.operators import KroneckerOperator
+    from curvmerge.space import ParamSpace
+    from curvmerge.statistics import input_grams, kfac_factors
+
+    purpose = {"exact_ggn": "GGN", "kfac": "K-FAC", "input_gram": "Gram", "data": "RegMean++"}
+    data = [
+        m.statistics_batches(args, args.examples, 0, purpose=purpose[spec.statistics])
+        for m in models
+    ]
+    out = []
+    for m, (batches, loss) in zip(models, data, strict=True):
+        if spec.statistics == "exact_ggn":
+            ggn = spec.operator_class()
+            out.append(ggn(m.model, loss, batches, params=names, progress=not args.quiet))
+        elif spec.statistics == "kfac":
+            factors = kfac_factors(m.model, loss, batches, params=names, progress=not args.quiet)
+            out.append(KroneckerOperator.from_kfac(ParamSpace.from_module(m.model, names), factors))
+        elif spec.statistics == "input_gram":
+            out.append(input_grams(m.model, batches, params=names, progress=not args.quiet))
+        else:
+            out.append(batches)
+    return out
 
 
 def _settings(args) -> dict[str, Any]:
@@ -227,17 +257,12 @@ def run(args) -> int:
                 "(compute them with 'curvmerge fisher')"
             )
         curvatures, _ = load_fishers(cfg["fisher"], models, names)
-    elif spec.statistics == "exact_ggn":
-        ggn = spec.operator_class()
-        data = [m.statistics_batches(args, args.examples, 0, purpose="GGN") for m in models]
-        curvatures = [
-            ggn(m.model, loss, batches, params=names, progress=not args.quiet)
-            for m, (batches, loss) in zip(models, data, strict=True)
-        ]
+    elif spec.statistics in ("exact_ggn", "kfac", "input_gram", "data"):
+        curvatures = _statistics(spec, models, names, args)
     elif cfg.get("fisher"):
         raise CLIError(f"method {spec.name!r} uses no Fisher; drop --fisher")
     kwargs: dict[str, Any] = {"weights": cfg["weights"], "curvatures": curvatures}
-    if spec.statistics == "none":
+    if spec.statistics in ("none", "input_gram", "data"):
         kwargs["params"] = names
     try:
         with warnings_as_messages():

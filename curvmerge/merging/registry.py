@@ -294,7 +294,9 @@ def _average(models, *, base, curvatures, weights, params, prior, **equation):
 
 
 def _curvature_merge(models, *, base, curvatures, weights, params, prior, **equation):
-    prior = method_prior(prior, models, base=base, params=params)
+    # the curvatures' space is what is merged: the prior method merges the same parameters
+    selected = params if params is not None else list(curvatures[0].space.names)
+    prior = method_prior(prior, models, base=base, params=selected)
     return merge(
         models, curvatures, weights=weights, params=params, base=base, prior=prior, **equation
     )
