@@ -62,6 +62,7 @@ def test_every_example_is_tested():
         "fusionbench_run.py",
         "m3sb_experiment.py",
         "merge_text_classifiers_hf.py",
+        "curvature_prior.py",
     }
 
 
@@ -98,7 +99,8 @@ def test_mergelib_fisher_vs_isotropic(tmp_path):
 def test_fusionbench_config_lists_every_registered_method():
     config = yaml.safe_load((EXAMPLES / "fusionbench_config.yaml").read_text())
     checked = validate_config(config, base_dir=EXAMPLES)  # nothing is loaded
-    assert [run.spec.name for run in checked["methods"]] == method_names()
+    names = list(dict.fromkeys(run.spec.name for run in checked["methods"]))
+    assert names == method_names()
 
 
 def test_fusionbench_config_through_curvmerge_run(tmp_path):
@@ -178,3 +180,11 @@ def test_merge_text_classifiers_hf(tmp_path):
     assert list(rows[0])[1:] == [*tasks, "mean"]
     check_accuracies(rows)
     assert re.search(r"sweep \(diagonal\): 4 points; chosen on validation", stdout)
+
+
+def test_curvature_prior(tmp_path):
+    stdout = run_example("curvature_prior.py", cwd=tmp_path)
+    rows = re.findall(r"^(fisher_\w+)\s+(average|task arithmetic [\d.]+)\s+([\d.]+)", stdout, re.M)
+    assert len(rows) == 9, stdout  # three curvature merges x three priors
+    assert all(0 < float(acc) <= 100 for *_, acc in rows)
+    assert re.search(r"^task_arithmetic\s+-\s+[\d.]+", stdout, re.M), stdout

@@ -501,20 +501,6 @@ _TABLE: tuple[MethodSpec, ...] = (
         equation=True,
     ),
     MethodSpec(
-        name="fisher_exact",
-        summary="exact GGN/Fisher merge, matrix-free, solved by preconditioned CG",
-        reference="Matena & Raffel 2022 (full Fisher); Martens, New insights and perspectives "
-        "on the natural gradient method, JMLR 2020 (GGN)",
-        function=_curvature_merge,
-        statistics="exact_ggn",
-        options=_SOLVER,
-        operator="curvmerge.operators.ggn:GGNOperator",
-        # largest first: each CG solve warm-starts from the previous, better-conditioned one
-        grid=tuple({"damping": d} for d in (1e-1, 1e-2, 1e-3)),
-        equation=True,
-        sweep_options={"maxiter": 100},
-    ),
-    MethodSpec(
         name="fisher_kfac",
         summary="K-FAC Fisher merge: one Kronecker factor pair per layer and model, the sum "
         "over models solved by CG",
@@ -529,6 +515,20 @@ _TABLE: tuple[MethodSpec, ...] = (
         equation=True,
         # a sweep ranks points: 1e-4 is enough, and float32 K-FAC solves stall near 1e-6
         sweep_options={"rtol": 1e-4, "maxiter": 500},
+    ),
+    MethodSpec(
+        name="fisher_exact",
+        summary="exact GGN/Fisher merge, matrix-free, solved by preconditioned CG",
+        reference="Matena & Raffel 2022 (full Fisher); Martens, New insights and perspectives "
+        "on the natural gradient method, JMLR 2020 (GGN)",
+        function=_curvature_merge,
+        statistics="exact_ggn",
+        options=_SOLVER,
+        operator="curvmerge.operators.ggn:GGNOperator",
+        # largest first: each CG solve warm-starts from the previous, better-conditioned one
+        grid=tuple({"damping": d} for d in (1e-1, 1e-2, 1e-3)),
+        equation=True,
+        sweep_options={"maxiter": 100},
     ),
     MethodSpec(
         name="ensemble",
