@@ -148,7 +148,7 @@ def test_every_readme_command_runs(work):
             status, out, err = _run_inline(argv)
             assert status == 0, f"{line}\n{out}\n{err}"
             (checked if why else ran).append(line)
-        elif tokens[0] == "python" and tokens[1].startswith("benchmarks/"):
+        elif tokens[0] == "python" and tokens[1].startswith(("benchmarks/", "examples/")):
             r = subprocess.run(
                 [sys.executable, tokens[1], "--help"],
                 cwd=ROOT,

@@ -23,6 +23,8 @@ def _tables(text: str) -> dict[str, dict[str, list[float]]]:
         elif section and line.startswith("| ") and not line.startswith(("| method", "| ---")):
             cells = [c.strip().strip("*") for c in line.split("|")[1:-1]]
             out[section][cells[0]] = [float(c) for c in cells[1:]]
+        elif section and out[section] and not line.startswith("|"):
+            section = None  # the table ended (a cost table may follow)
     return out
 
 
