@@ -47,6 +47,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from curvmerge.merging.adamerging import adamerging
 from curvmerge.merging.ensemble import EnsembleResult, output_ensemble
 from curvmerge.merging.equation import merge
 from curvmerge.merging.methods import dare, slerp, task_arithmetic, ties
@@ -348,6 +349,10 @@ def _regmean_plus_plus(models, *, base, curvatures, weights, params, **options):
     return regmean_plus_plus(models, curvatures, weights=weights, params=params, **options)
 
 
+def _adamerging(models, *, base, curvatures, weights, params, **options):
+    return adamerging(models, base, curvatures, weights=weights, params=params, **options)
+
+
 def _ensemble(models, *, base, curvatures, weights, params, combine):
     return output_ensemble(models, weights=weights, params=params, combine=combine)
 
@@ -489,6 +494,19 @@ _TABLE: tuple[MethodSpec, ...] = (
         statistics="data",
         options={"alpha": 0.9, "normalize": False},
         grid=tuple({"alpha": a} for a in (0.5, 0.9, 0.95)),
+    ),
+    MethodSpec(
+        name="adamerging",
+        summary="task arithmetic whose task-wise or layer-wise coefficients minimise the "
+        "prediction entropy on unlabelled inputs (Adam, seeded)",
+        reference="Yang et al., AdaMerging: adaptive model merging for multi-task learning, "
+        "ICLR 2024",
+        function=_adamerging,
+        statistics="data",
+        # it learns its coefficients (from the statistics batches' inputs): nothing to choose
+        options={"granularity": "layer", "steps": 500, "lr": 1e-3, "init": 0.3, "seed": 0},
+        needs_base=True,
+        weights="per-model multipliers of the initial coefficient init (default 1)",
     ),
     MethodSpec(
         name="fisher_diagonal",
