@@ -4,6 +4,7 @@ registry, and coefficient sweeps that reuse per-model statistics.
 The subpackage is :mod:`curvmerge.merging`; the merge function is :func:`curvmerge.merge`.
 """
 
+from curvmerge.merging.adamerging import AdaMergingReport, adamerging
 from curvmerge.merging.ensemble import EnsembleResult, OutputEnsemble, output_ensemble
 from curvmerge.merging.equation import merge
 from curvmerge.merging.methods import MethodReport, dare, slerp, task_arithmetic, ties
@@ -71,6 +72,8 @@ __all__ = [
     "regmean_plus_plus",
     "RegMeanReport",
     "SingularGramWarning",
+    "adamerging",
+    "AdaMergingReport",
     "MethodReport",
     "output_ensemble",
     "OutputEnsemble",
