@@ -63,6 +63,7 @@ def test_every_example_is_tested():
         "m3sb_experiment.py",
         "merge_text_classifiers_hf.py",
         "curvature_prior.py",
+        "adamerging.py",
     }
 
 
@@ -188,3 +189,24 @@ def test_curvature_prior(tmp_path):
     assert len(rows) == 9, stdout  # three curvature merges x three priors
     assert all(0 < float(acc) <= 100 for *_, acc in rows)
     assert re.search(r"^task_arithmetic\s+-\s+[\d.]+", stdout, re.M), stdout
+
+
+def test_adamerging(tmp_path):
+    stdout = run_example("adamerging.py", cwd=tmp_path)
+    rows = dict(
+        re.findall(
+            r"^(task_arithmetic|adamerging \((?:task|layer)-wise\))\s+([\d.]+)", stdout, re.M
+        )
+    )
+    assert len(rows) == 3, stdout
+    assert all(0 < float(acc) <= 100 for acc in rows.values())
+    for g in ("task", "layer"):
+        line = re.search(
+            rf"^adamerging \({g}-wise\): 20 steps on \d+ unlabelled inputs, entropy ([\d.]+) -> "
+            r"([\d.]+), adaptation [\d.]+ s = (\d+)x one evaluation pass",
+            stdout,
+            re.M,
+        )
+        assert line, stdout
+        before, after, ratio = float(line[1]), float(line[2]), int(line[3])
+        assert after < before and ratio > 0
