@@ -580,3 +580,69 @@ def test_no_progress_prints_nothing(capsys):
     op @ torch.randn(op.shape[1], 2, dtype=DT)
     assert capsys.readouterr().err == ""
     assert op.products == 2
+
+
+# ---------------------------------------------------------------------------- blocks
+class NormModel(nn.Module):
+    """Layer norms of every form: affine over the last dim, plain over the last two, and
+    weight without bias, so that the cheap double backward of each branch is checked."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(3, 4)
+        self.ln1 = nn.LayerNorm(4)
+        self.ln2 = nn.LayerNorm((5, 4), elementwise_affine=False)
+        self.ln3 = nn.LayerNorm(4, bias=False)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):  # x: [B, 5, 3]
+        h = torch.tanh(self.ln1(self.inp(x)))
+        h = self.ln3(self.ln2(h) * 1.5 + 0.1)
+        return self.out(h).mean(1)
+
+
+def _norm_problem():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    data = [
+        (torch.randn(n, 5, 3, generator=g, dtype=DT), torch.randint(0, 3, (n,), generator=g))
+        for n in (4, 3)
+    ]
+    return NormModel().to(DT), nn.CrossEntropyLoss(), data
+
+
+@pytest.mark.parametrize("kind", ["exact", "mc"])
+def test_layer_norms_match_dense(kind):
+    model, loss_fn, data = _norm_problem()
+    for cache in (True, False):
+        op = GGNOperator(model, loss_fn, data, kind=kind, cache=cache, mc_samples=2)
+        G = dense_ggn(model, loss_fn, data, op.space.names, kind, op)
+        check_products(op, G, tol=1e-10)
+
+
+@pytest.mark.parametrize("case", ["ce", "tokens", "bert", "norms"])
+def test_block_equals_column_by_column(case):
+    """A ``[P, K]`` block in batched passes equals the columns one at a time and the dense
+    GGN; it counts K products but one pass per batch and block of ``block_columns``."""
+    model, loss_fn, data = _norm_problem() if case == "norms" else make_problem(case)
+    K = 7
+    ops = {b: GGNOperator(model, loss_fn, data, block_columns=b) for b in (1, 3, 16)}
+    G = dense_ggn(model, loss_fn, data, ops[1].space.names)
+    X = torch.randn(G.shape[0], K, generator=torch.Generator().manual_seed(3), dtype=DT)
+    columns = torch.stack([ops[1] @ X[:, k] for k in range(K)], dim=1)
+    assert rel_err(columns, G @ X) < 1e-10
+    nb = len(data)
+    for b, op in ops.items():
+        before = (op.products, op.product_passes)
+        Y = op @ X
+        assert rel_err(Y, columns) < 1e-12 and rel_err(Y, G @ X) < 1e-10
+        assert op.products - before[0] == K
+        assert op.product_passes - before[1] == nb * math.ceil(K / b)
+    assert ops[16].product_passes < ops[1].product_passes  # first block: the cache built too
+
+
+def test_block_columns_is_checked():
+    model, loss_fn, data = make_problem("ce")
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="block_columns"):
+            GGNOperator(model, loss_fn, data, block_columns=bad)

@@ -99,6 +99,107 @@ def _eager_attention(model: nn.Module):
         switch(current)
 
 
+class _LayerNormGrad(torch.autograd.Function):
+    """The linear map :math:`g \\mapsto (\\partial_x, \\partial_w, \\partial_b)` of a layer
+    norm's backward, with its transpose written out as its backward.
+
+    For :math:`\\hat x = (x - \\mu)\\, r` (:math:`r` the inverse standard deviation of each row,
+    :math:`N` entries normalised) the backward of :math:`y = w \\odot \\hat x + b` is
+
+    .. math::
+
+        \\partial_x = r\\, \\Pi(w \\odot g), \\qquad
+        \\partial_w = \\textstyle\\sum \\hat x \\odot g, \\qquad \\partial_b = \\textstyle\\sum g,
+
+        \\Pi(z) = z - \\tfrac1N \\mathbf 1 \\mathbf 1^\\top z - \\tfrac1N \\hat x \\hat x^\\top z,
+
+    and :math:`\\Pi` is symmetric, so the transpose (what a Jacobian-vector product by double
+    backward needs) is :math:`(\\dot x, \\dot w, \\dot b) \\mapsto w \\odot \\Pi(r \\dot x) +
+    \\hat x \\odot \\dot w + \\dot b`: a dozen elementwise operations, where PyTorch's general
+    double backward of ``native_layer_norm_backward`` forms every second-order term and
+    costs far more. Only the dependence on :math:`g` is differentiable: the operator
+    differentiates its stored graphs with respect to the cotangent only.
+    """
+
+    @staticmethod
+    def forward(ctx, g, xhat, rstd, weight, dims, lead):
+        ctx.save_for_backward(xhat, rstd, weight)
+        ctx.dims = dims
+        return _layer_norm_grads(g, xhat, rstd, weight, dims, lead)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dgx, dgw, dgb):
+        xhat, rstd, weight = ctx.saved_tensors
+        dims = ctx.dims
+        a = dgx * rstd
+        a = a - a.mean(dims, keepdim=True) - xhat * (a * xhat).mean(dims, keepdim=True)
+        out = a if weight is None else a * weight
+        if weight is not None:
+            out = out + xhat * dgw
+        if dgb is not None and dgb.numel():
+            out = out + dgb
+        return out, None, None, None, None, None
+
+
+def _layer_norm_grads(g, xhat, rstd, weight, dims, lead):
+    """:math:`(\\partial_x, \\partial_w, \\partial_b)` of a layer norm from the output
+    gradient ``g`` (see :class:`_LayerNormGrad`); absent affine terms give empty tensors."""
+    gh = g if weight is None else g * weight
+    gx = rstd * (gh - gh.mean(dims, keepdim=True) - xhat * (gh * xhat).mean(dims, keepdim=True))
+    empty = g.new_zeros(0)
+    gw = empty if weight is None else (g * xhat).sum(lead)
+    gb = g.sum(lead)
+    return gx, gw, gb
+
+
+class _LayerNorm(torch.autograd.Function):
+    """``torch.nn.functional.layer_norm`` (PyTorch's kernel forward) whose backward, when
+    recorded with ``create_graph``, has the cheap double backward of :class:`_LayerNormGrad`."""
+
+    @staticmethod
+    def forward(ctx, x, shape, weight, bias, eps):
+        out, mean, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.has_bias = bias is not None
+        ctx.nd = len(shape)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dims = tuple(range(x.ndim - ctx.nd, x.ndim))
+        lead = tuple(range(x.ndim - ctx.nd))
+        with torch.no_grad():
+            xhat = (x - mean) * rstd
+        if torch.is_grad_enabled():
+            gx, gw, gb = _LayerNormGrad.apply(g, xhat, rstd, weight, dims, lead)
+        else:
+            gx, gw, gb = _layer_norm_grads(g, xhat, rstd, weight, dims, lead)
+        return (
+            gx,
+            None,
+            gw if weight is not None else None,
+            gb if ctx.has_bias else None,
+            None,
+        )
+
+
+class _CheapDoubleBackward(torch.overrides.TorchFunctionMode):
+    """Route ``layer_norm`` through :class:`_LayerNorm` while a batch's graphs are built."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.layer_norm:
+            return _layer_norm(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    return _LayerNorm.apply(input, list(shape), weight, bias, eps)
+
+
 @dataclass
 class _Batch:
     """What one batch needs across products: inputs, targets, output-space data."""
@@ -166,6 +267,10 @@ class GGNOperator(LinearOperator, CurvatureComputer):
             streamed. The cache is keyed on every parameter and buffer of the model (see
             :meth:`~curvmerge.statistics.base.CurvatureComputer.state_key`), selected or
             not: it is rebuilt after any in-place update, reassignment or mode switch.
+        block_columns: Columns of a ``[P, K]`` block multiplied together in one pass of
+            the cached graphs (backward passes batched over the columns with
+            ``is_grads_batched``); the gradients of that many columns are held at once. 1
+            multiplies column by column.
         progress: Show a progress bar over the batches of the statistic passes (the first
             product, which builds the cache, and the diagonal); later products show none
             (a solve shows one bar for all of them).
@@ -196,6 +301,7 @@ class GGNOperator(LinearOperator, CurvatureComputer):
         seed: int = 0,
         num_data: int | None = None,
         cache: bool | int | str = "auto",
+        block_columns: int = 16,
         progress: bool = False,
     ):
         check_kind(kind, mc_samples)
@@ -208,6 +314,11 @@ class GGNOperator(LinearOperator, CurvatureComputer):
         self.mc_samples = int(mc_samples) if kind == "mc" else 1
         self.seed = int(seed)
         self.progress = bool(progress)
+        if isinstance(block_columns, bool) or int(block_columns) != block_columns:
+            raise ValueError(f"block_columns must be a positive integer, got {block_columns!r}")
+        if block_columns < 1:
+            raise ValueError(f"block_columns must be a positive integer, got {block_columns!r}")
+        self.block_columns = int(block_columns)
         if cache == "auto":
             self.cache_budget = _default_cache_budget(self.device)
         elif cache is True:
@@ -226,6 +337,10 @@ class GGNOperator(LinearOperator, CurvatureComputer):
         self.cached_bytes = 0
         self.diagonal_passes = 0
         self.products = 0  # columns multiplied so far (what a solve's progress bar counts)
+        # passes over the batches' graphs or data spent on products: a block of columns
+        # multiplied together in one (batched) pass counts once, column by column K times
+        self.product_passes = 0
+        self._no_batched_grads = False
 
     # ------------------------------------------------------------------ setup helpers
     def _leaves(self) -> tuple[dict[str, Tensor], list[Tensor]]:
@@ -332,14 +447,14 @@ class GGNOperator(LinearOperator, CurvatureComputer):
                 batch, graphs = self._first_visit(index, inputs, targets)
                 batches.append(batch)
                 if graphs is not None:
-                    out += self._product_cached(graphs, batch, V)
+                    self._product_cached(graphs, batch, V, out)
                 else:
-                    out += self._product_streaming(batch, batch.inputs, V)
+                    self._product_streaming(batch, batch.inputs, V, out)
                     batch.inputs = batch.targets = None
             self._batches, self._key = batches, key
         elif all(b.graphs is not None for b in self._batches):
             for batch in self._batches:
-                out += self._product_cached(batch.graphs, batch, V)
+                self._product_cached(batch.graphs, batch, V, out)
         else:
             # the data-order check of ``batches`` makes the first pass's rows and label
             # samples belong to the batch at the same index; no bar: a solve shows one bar
@@ -348,19 +463,18 @@ class GGNOperator(LinearOperator, CurvatureComputer):
             for index, inputs, _targets in again:
                 batch = self._batches[index]
                 if batch.graphs is not None:
-                    out += self._product_cached(batch.graphs, batch, V)
+                    self._product_cached(batch.graphs, batch, V, out)
                 else:
-                    out += self._product_streaming(batch, inputs, V)
+                    self._product_streaming(batch, inputs, V, out)
         return out.T.contiguous()
 
-    def _flat(self, grads: Sequence[Tensor | None], K: int) -> Tensor:
-        parts = []
+    def _accumulate(self, out: Tensor, grads: Sequence[Tensor | None]) -> None:
+        """``out[K, P] += grads`` flattened, parameter by parameter (no concatenated copy)."""
+        K, start = out.shape[0], 0
         for g, n in zip(grads, self.space.numels, strict=True):
-            if g is None:
-                parts.append(torch.zeros(K, n, dtype=self.dtype, device=self.device))
-            else:
-                parts.append(g.reshape(K, n))
-        return torch.cat(parts, dim=1)
+            if g is not None:
+                out[:, start : start + n] += g.reshape(K, n)
+            start += n
 
     def _first_visit(self, index: int, inputs, targets) -> tuple[_Batch, _Graphs | None]:
         """Build a batch's graphs (kept if the budget allows), prepare its rows."""
@@ -392,39 +506,67 @@ class GGNOperator(LinearOperator, CurvatureComputer):
                 pass
             return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        with hooks, torch.enable_grad(), _CheapDoubleBackward():
             f = self._forward(full, inputs)
             u0 = torch.zeros_like(f, requires_grad=True)
             vjp_u = torch.autograd.grad(f, leaves, u0, create_graph=True, allow_unused=True)
         used = [i for i, g in enumerate(vjp_u) if g is not None and g.requires_grad]
         return _Graphs(f, u0, leaves, vjp_u, used, sum(storages.values()))
 
-    def _product_cached(self, graphs: _Graphs, batch: _Batch, V: list[Tensor]) -> Tensor:
+    def _product_cached(self, graphs: _Graphs, batch: _Batch, V: list[Tensor], out: Tensor) -> None:
+        """``out += G_batch V`` from the stored graphs, ``block_columns`` columns per pass."""
         K = V[0].shape[0]
-        rows = []
-        outs = [graphs.vjp_u[i] for i in graphs.used]
-        for k in range(K):
-            if outs:
-                (jv,) = torch.autograd.grad(
-                    outs,
-                    graphs.u0,
-                    [V[i][k] for i in graphs.used],
-                    retain_graph=True,
-                    allow_unused=True,
-                    materialize_grads=True,
-                )
-            else:
-                jv = torch.zeros_like(graphs.f)
-            U = self._cotangent(batch, graphs.f, jv.unsqueeze(0))[0]
-            g = torch.autograd.grad(
-                graphs.f, graphs.leaves, U, retain_graph=True, allow_unused=True
-            )
-            rows.append(self._flat(g, 1))
-        return torch.cat(rows, dim=0)
+        step = 1 if self._no_batched_grads else self.block_columns
+        for start in range(0, K, step):
+            stop = min(start + step, K)
+            cols = [v[start:stop] for v in V]
+            if stop - start > 1:
+                try:
+                    self._columns_cached(graphs, batch, cols, out[start:stop], batched=True)
+                    continue
+                except RuntimeError as err:  # an op without a batching rule
+                    if "batch" not in str(err).lower() and "vmap" not in str(err).lower():
+                        raise
+                    self._no_batched_grads = True
+            for k in range(start, stop):
+                self._columns_cached(graphs, batch, [v[k : k + 1] for v in V], out[k : k + 1])
 
-    def _product_streaming(self, batch: _Batch, inputs, V: list[Tensor]) -> Tensor:
+    def _columns_cached(
+        self, graphs: _Graphs, batch: _Batch, V: list[Tensor], out: Tensor, batched=False
+    ) -> None:
+        """``out[K, P] += G_batch V`` in one pass through each graph: :math:`J V` by double
+        backward, then :math:`J^\\top U`, batched over the columns (or ``K == 1``)."""
+        K = V[0].shape[0]
+        outs = [graphs.vjp_u[i] for i in graphs.used]
+        if outs:
+            (jv,) = torch.autograd.grad(
+                outs,
+                graphs.u0,
+                [V[i] if batched else V[i][0] for i in graphs.used],
+                retain_graph=True,
+                allow_unused=True,
+                materialize_grads=True,
+                is_grads_batched=batched,
+            )
+            JV = jv if batched else jv.unsqueeze(0)
+        else:
+            JV = torch.zeros(K, *graphs.f.shape, dtype=self.dtype, device=self.device)
+        U = self._cotangent(batch, graphs.f, JV)
+        g = torch.autograd.grad(
+            graphs.f,
+            graphs.leaves,
+            U if batched else U[0],
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=batched,
+        )
+        self.product_passes += 1
+        self._accumulate(out, g)
+
+    def _product_streaming(self, batch: _Batch, inputs, V: list[Tensor], out: Tensor) -> None:
         if self._no_forward_ad:
-            return self._product_cached(self._graphs(inputs), batch, V)
+            return self._product_cached(self._graphs(inputs), batch, V, out)
         K = V[0].shape[0]
         full, _ = self._leaves()
         primals = {n: full[n].detach() for n in self.space.names}
@@ -452,7 +594,7 @@ class GGNOperator(LinearOperator, CurvatureComputer):
                 raise
             # an op without forward-mode AD (e.g. fused attention): use the graphs instead
             self._no_forward_ad = True
-            return self._product_cached(self._graphs(inputs), batch, V)
+            return self._product_cached(self._graphs(inputs), batch, V, out)
         U = self._cotangent(batch, f, JV)
         _, vjp_fn = torch.func.vjp(fn, primals)
         if K == 1:
@@ -461,7 +603,8 @@ class GGNOperator(LinearOperator, CurvatureComputer):
         else:
             (g,) = torch.vmap(vjp_fn, randomness="same")(U)
             grads = [g[n] for n in self.space.names]
-        return self._flat(grads, K)
+        self.product_passes += 1
+        self._accumulate(out, grads)
 
     # ------------------------------------------------------------------ extras
     def clear_cache(self) -> None:
