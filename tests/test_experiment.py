@@ -194,6 +194,32 @@ def test_layer_statistics_computed_once_and_every_cost_in_the_table(trained, mon
             assert res.mean(row) > res.mean(REFERENCE_ROW)
 
 
+def test_a_scaling_grid_costs_one_merge(trained, monkeypatch):
+    import curvmerge.merging.registry as registry
+    from curvmerge.merging.spectral import tsv_merge
+
+    calls = []
+    real = registry.tsv_merge
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("scaling"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "tsv_merge", counting)
+    pool, tasks = _pools(trained)
+    grid = {"scaling": [0.5, 1.0, 1.5, 2.0]}
+    res = run_experiment(
+        pool, tasks, [{"method": "tsv_merge", "grid": grid}], settings=Settings(**SETTINGS)
+    )
+    assert calls == [1.0]  # one merge for the four points
+    chosen = res.choices["tsv_merge"]["scaling"]
+    names = list(res.merged["tsv_merge"])
+    want = tsv_merge(pool.models, pool.base, scaling=chosen, params=names).params
+    for n in names:
+        torch.testing.assert_close(res.merged["tsv_merge"][n], want[n], rtol=1e-5, atol=1e-6)
+    assert len(res.sweeps["tsv_merge"].points) == 4
+
+
 def test_test_labels_never_choose(trained):
     methods = ["task_arithmetic", "ties", "fisher_diagonal"]
     results = []

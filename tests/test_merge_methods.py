@@ -270,8 +270,8 @@ def test_registry_lists_working_methods_and_calls_them_alike():
     assert method_names() == [s.name for s in list_methods()]
     assert {"average", "task_arithmetic", "ties", "dare", "slerp", "slerp_sequential",
             "spherical_barycenter", "tsv_merge", "iso_c", "iso_cts", "regmean",
-            "regmean_plus_plus", "fisher_diagonal", "fisher_kfac", "fisher_exact",
-            "ensemble"} == set(method_names())  # fmt: skip
+            "regmean_plus_plus", "adamerging", "fisher_diagonal", "fisher_kfac",
+            "fisher_exact", "ensemble"} == set(method_names())  # fmt: skip
     space = ParamSpace.from_tensors(A)
     diag = [DiagonalOperator(space, torch.rand(space.size, dtype=D) + 0.1) for _ in range(2)]
     dense = [DenseOperator(space, torch.diag(F.diagonal()), self_adjoint=True) for F in diag]
@@ -422,3 +422,21 @@ def test_another_methods_merge_as_the_prior():
         method_prior("fisher_diagonal", [A, B])
     with pytest.raises(ValueError, match="needs the base model"):
         method_prior({"method": "ties"}, [A, B])
+
+
+def test_scaled_methods_are_base_plus_scaling_times_one_delta():
+    from curvmerge.merging.registry import list_methods, rescale
+
+    C = _d(w=[[0.5, 1.0], [2.0, -1.0]], b=[0.0, 3.0])
+    scaled = [s for s in list_methods() if s.scaled]
+    assert {s.name for s in scaled} >= {"task_arithmetic", "ties", "tsv_merge", "iso_c"}
+    for spec in scaled:
+        unit = spec([A, B, C], base=BASE, scaling=1.0)
+        for scaling in (0.3, 1.7):
+            want = spec([A, B, C], base=BASE, scaling=scaling)
+            got = rescale(unit, BASE, scaling)
+            for n in want.params:
+                assert torch.allclose(got.params[n], want.params[n], atol=1e-12), spec.name
+            assert got.report.options["scaling"] == scaling
+            assert got.report.weights == pytest.approx(want.report.weights)
+            assert unit.report.options["scaling"] == 1.0  # the unit merge is not changed

@@ -40,7 +40,7 @@ from curvmerge.experiment.spec import (
 )
 from curvmerge.experiment.statistics import StatisticsStore
 from curvmerge.merging.prepared import PreparedMerge
-from curvmerge.merging.registry import MethodSpec, method_prior
+from curvmerge.merging.registry import MethodSpec, method_prior, rescale
 from curvmerge.merging.report import (
     ConvergenceWarning,
     MergeResult,
@@ -58,6 +58,26 @@ _PREPARED_OPTIONS = ("prior", "damping_scale", "rtol", "maxiter", "preconditione
 def _say(log: Callable[[str], None] | None, msg: str) -> None:
     if log is not None:
         log(msg)
+
+
+def _scaled_maker(spec: MethodSpec, run: MethodRun, pool: ModelPool, names, curvatures):
+    """``make(**point)`` for a method whose merge is :math:`\\theta_0 + s\\,\\Delta`
+    (``spec.scaled``): one merge at scaling 1 per value of the other options, rescaled
+    (:func:`~curvmerge.merging.registry.rescale`) for every ``scaling`` of the grid."""
+    unit_merges: dict[str, Any] = {}
+
+    def make(**point):
+        options = {**spec.options, **run.fixed_options(), **point}
+        scaling = options.pop("scaling")
+        key = repr(sorted(options.items()))
+        if key not in unit_merges:
+            unit_merges[key] = spec(
+                pool.models, base=pool.base, curvatures=curvatures, params=names,
+                scaling=1.0, **options,
+            )  # fmt: skip
+        return rescale(unit_merges[key], pool.base, scaling)
+
+    return make
 
 
 def _maker(
@@ -80,6 +100,8 @@ def _maker(
     Krylov space, at about the cost of the hardest damping): the first of those points
     runs it and carries its products (``spent_products``), the others read their results.
     """
+    if spec.scaled and pool.base is not None:
+        return _scaled_maker(spec, run, pool, names, curvatures), {}
     if not spec.equation or any(set(p) - {"weights", "damping"} for p in points):
 
         def call(**point):

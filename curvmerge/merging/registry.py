@@ -39,12 +39,14 @@ per point). :meth:`MethodSpec.grid_points` checks a grid against the method's op
 
 from __future__ import annotations
 
+import copy
 import importlib
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from curvmerge.merging.adamerging import adamerging
@@ -52,7 +54,7 @@ from curvmerge.merging.ensemble import EnsembleResult, output_ensemble
 from curvmerge.merging.equation import merge
 from curvmerge.merging.methods import dare, slerp, task_arithmetic, ties
 from curvmerge.merging.regmean import regmean, regmean_plus_plus
-from curvmerge.merging.report import MergeResult, load_merged
+from curvmerge.merging.report import MergeResult, load_merged, parameters_of
 from curvmerge.merging.spectral import iso_c, iso_cts, tsv_merge
 from curvmerge.merging.spherical import slerp_sequential, spherical_barycenter
 from curvmerge.merging.system import DEFAULT_DAMPING, PRIORS
@@ -66,6 +68,7 @@ __all__ = [
     "method_names",
     "methods_table",
     "method_prior",
+    "rescale",
     "task_models",
     "STATISTICS",
 ]
@@ -101,6 +104,9 @@ class MethodSpec:
             its other options are those of the prepared merge.
         sweep_options: Option defaults while choosing on a grid (overridable), e.g. a CG
             iteration cap: a sweep only needs merges accurate enough to rank its points.
+        scaled: The merge is :math:`\\theta_0 + s\\,\\Delta` with ``scaling`` :math:`s` and a
+            :math:`\\Delta` that does not depend on it, so a grid over ``scaling`` needs one
+            merge per value of the other options (:func:`rescale`).
     """
 
     name: str
@@ -117,6 +123,7 @@ class MethodSpec:
     grid: tuple[Mapping[str, Any], ...] = ()
     equation: bool = False
     sweep_options: Mapping[str, Any] = field(default_factory=dict)
+    scaled: bool = False
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -252,6 +259,27 @@ def _check_curvatures(spec: MethodSpec, curvatures, num_models: int) -> None:
 
 
 # ---------------------------------------------------------------------------------- adapters
+def rescale(result: MergeResult, base, scaling: float) -> MergeResult:
+    """The merge of a :attr:`MethodSpec.scaled` method at another ``scaling``.
+
+    ``result`` is the merge at scaling 1, :math:`\\theta_0 + \\Delta`; returns
+    :math:`\\theta_0 + s\\,\\Delta` (computed in at least float32, returned in each
+    parameter's dtype) with the report's ``scaling`` and coefficients updated.
+    """
+    base_params = parameters_of(base)
+    params = {}
+    for name, merged in result.params.items():
+        b = base_params[name].to(merged.device)
+        wide = torch.promote_types(merged.dtype, torch.float32)
+        delta = merged.to(wide) - b.to(wide)
+        params[name] = (b.to(wide) + scaling * delta).to(merged.dtype)
+    report = copy.copy(result.report)
+    report.weights = [scaling * w for w in result.report.weights]
+    if hasattr(report, "options"):
+        report.options = {**report.options, "scaling": scaling}
+    return MergeResult(params, report)
+
+
 def method_prior(prior, models, *, base=None, params=None):
     """The prior :math:`\\theta_0` of an equation method, with another method's merge allowed.
 
@@ -386,6 +414,7 @@ _TABLE: tuple[MethodSpec, ...] = (
         needs_base=True,
         weights="per-model multipliers of the task vectors (default 1)",
         grid=tuple({"scaling": s} for s in (0.3, 0.5, 0.7, 1.0)),
+        scaled=True,
     ),
     MethodSpec(
         name="ties",
@@ -396,6 +425,7 @@ _TABLE: tuple[MethodSpec, ...] = (
         needs_base=True,
         weights="per-model multipliers of the trimmed task vectors (default 1)",
         grid=tuple({"density": d, "scaling": s} for d in (0.2, 0.5) for s in (0.7, 1.0)),
+        scaled=True,
     ),
     MethodSpec(
         name="dare",
@@ -412,6 +442,7 @@ _TABLE: tuple[MethodSpec, ...] = (
         needs_base=True,
         weights="per-model multipliers of the task vectors (default 1)",
         grid=tuple({"drop_rate": d, "scaling": s} for d in (0.5, 0.9) for s in (0.5, 1.0)),
+        scaled=True,
     ),
     MethodSpec(
         name="slerp",
@@ -452,6 +483,7 @@ _TABLE: tuple[MethodSpec, ...] = (
         needs_base=True,
         weights="per-model multipliers of the task vectors (default 1)",
         grid=tuple({"scaling": s} for s in (0.5, 0.75, 1.0, 1.25)),
+        scaled=True,
     ),
     MethodSpec(
         name="iso_c",
@@ -463,6 +495,7 @@ _TABLE: tuple[MethodSpec, ...] = (
         needs_base=True,
         weights="per-model multipliers of the task vectors (default 1)",
         grid=tuple({"scaling": s} for s in (0.5, 1.0, 1.5, 2.0)),
+        scaled=True,
     ),
     MethodSpec(
         name="iso_cts",
@@ -474,6 +507,7 @@ _TABLE: tuple[MethodSpec, ...] = (
         needs_base=True,
         weights="per-model multipliers of the task vectors (default 1)",
         grid=tuple({"scaling": s} for s in (0.5, 1.0, 1.5, 2.0)),
+        scaled=True,
     ),
     MethodSpec(
         name="regmean",
