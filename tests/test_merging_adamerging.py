@@ -297,7 +297,7 @@ def test_bad_inputs_raise_clear_errors():
 def test_registry_row_runs_with_the_statistics_batches():
     spec = get_method("adamerging")
     assert spec.statistics == "data" and spec.needs_base and spec.needs == ("data", "base")
-    assert set(spec.options) == {"granularity", "steps", "lr", "init", "seed"}
+    assert set(spec.options) == {"granularity", "steps", "lr", "init", "seed", "clamp"}
     assert spec.grid == () and spec.grid_points() == [{}]
     base, models = _pool()
     data = _data()

@@ -538,7 +538,14 @@ _TABLE: tuple[MethodSpec, ...] = (
         function=_adamerging,
         statistics="data",
         # it learns its coefficients (from the statistics batches' inputs): nothing to choose
-        options={"granularity": "layer", "steps": 500, "lr": 1e-3, "init": 0.3, "seed": 0},
+        options={
+            "granularity": "layer",
+            "steps": 500,
+            "lr": 1e-3,
+            "init": 0.3,
+            "seed": 0,
+            "clamp": True,
+        },
         needs_base=True,
         weights="per-model multipliers of the initial coefficient init (default 1)",
     ),
