@@ -36,6 +36,9 @@ __all__ = [
     "dare",
     "slerp",
     "trim_top_k",
+    "trim_count",
+    "trim_below",
+    "ties_disjoint_merge",
     "dare_drop",
     "slerp_vectors",
     # helpers for method modules (not in curvmerge.__all__)
@@ -213,6 +216,17 @@ def task_arithmetic(
     return MergeResult(flat.unflatten(merged), report)
 
 
+def trim_count(n: int, density: float) -> int:
+    """How many of ``n`` entries TIES keeps at ``density``: :math:`\\min(n, \\max(1,
+    \\lceil \\text{density} \\cdot n \\rceil))`."""
+    return min(n, max(1, math.ceil(density * n)))
+
+
+def trim_below(tau: Tensor, threshold: Tensor | float) -> Tensor:
+    """``tau`` with the entries of magnitude below ``threshold`` set to zero (a new tensor)."""
+    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+
+
 def trim_top_k(tau: Tensor, density: float) -> Tensor:
     """Keep the ``ceil(density * n)`` largest-magnitude entries of ``tau``, zero the rest.
 
@@ -220,12 +234,35 @@ def trim_top_k(tau: Tensor, density: float) -> Tensor:
     on the order of the entries.
     """
     n = tau.numel()
-    k = min(n, max(1, math.ceil(density * n)))
+    k = trim_count(n, density)
     if k == n:
         return tau.clone()
     magnitude = tau.abs()
     threshold = torch.kthvalue(magnitude.reshape(-1).cpu(), n - k + 1).values.to(tau.device)
-    return torch.where(magnitude >= threshold, tau, torch.zeros_like(tau))
+    return trim_below(tau, threshold)
+
+
+def ties_disjoint_merge(trimmed: Tensor) -> Tensor:
+    """TIES's elect and disjoint-merge steps on trimmed (and weighted) task vectors
+    ``[T, ...]``, entry by entry:
+
+    .. math::
+
+        \\gamma = \\operatorname{sign}\\Big(\\sum_t \\hat\\tau_t\\Big), \\quad
+        \\tau_m = \\frac{1}{|A|} \\sum_{t \\in A} \\hat\\tau_t, \\quad
+        A = \\{t : \\operatorname{sign}(\\hat\\tau_t) = \\gamma \\ne 0\\},
+
+    0 where :math:`A` is empty. Returns ``[...]``.
+
+    Example:
+        >>> ties_disjoint_merge(torch.tensor([[1.0, -2.0, 0.0], [3.0, 1.0, 0.0]]))
+        tensor([ 2., -2.,  0.])
+    """
+    elected = torch.sign(trimmed.sum(0))
+    agree = (torch.sign(trimmed) == elected) & (elected != 0)
+    count = agree.sum(0)
+    total = torch.where(agree, trimmed, torch.zeros_like(trimmed)).sum(0)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
 
 
 def ties(
@@ -282,12 +319,7 @@ def ties(
     w = check_weights(weights, T, 1.0)
     tau = flat.task_vectors
     trimmed = torch.stack([w[t] * trim_top_k(tau[t], density) for t in range(T)])
-    elected = torch.sign(trimmed.sum(0))
-    agree = (torch.sign(trimmed) == elected) & (elected != 0)
-    count = agree.sum(0)
-    total = torch.where(agree, trimmed, torch.zeros_like(trimmed)).sum(0)
-    merged_tau = torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
-    merged = flat.base + scaling * merged_tau
+    merged = flat.base + scaling * ties_disjoint_merge(trimmed)
     report = method_report(
         "ties", flat, [scaling * v for v in w], start, density=density, scaling=scaling
     )
