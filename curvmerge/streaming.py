@@ -441,23 +441,13 @@ def tensor_seed(seed: int, name: str) -> int:
 
 
 # --------------------------------------------------------------------------- merging
-def _select(names: list[str], params: str | Sequence[str] | None) -> list[str]:
+def _select(ckpt: ShardedCheckpoint, names: list[str], params) -> list[str]:
+    """``names`` selected by ``params`` as the in-memory methods select them
+    (:meth:`curvmerge.space.ParamSpace.select`: a regex searched, or a list)."""
     if params is None:
         return list(names)
-    if isinstance(params, str):
-        pattern = re.compile(params)
-        chosen = [n for n in names if pattern.fullmatch(n) or pattern.search(n)]
-    else:
-        missing = [p for p in params if p not in names]
-        if missing:
-            raise CheckpointMismatchError(
-                f"params names {missing[0]!r}, which the first model does not hold"
-            )
-        wanted = set(params)
-        chosen = [n for n in names if n in wanted]
-    if not chosen:
-        raise ValueError(f"params {params!r} selects no tensor of the first model")
-    return chosen
+    space = ParamSpace(tuple(names), tuple(ckpt.shape(n) for n in names))
+    return list(space.select(params).names)
 
 
 def _check_sources(
@@ -639,6 +629,8 @@ def stream_merge(
     if method != "fisher" and fishers is not None:
         raise ValueError(f"fishers are used by method='fisher' only, not {method!r}")
     rule, per_options = _rule(method, len(checkpoints), weights, dict(options))
+    if method == "fisher" and per_options["prior"] == "base" and base is None:
+        raise ValueError("fisher with prior='base' needs the base checkpoint: pass base=...")
     models = [open_checkpoint(c) for c in checkpoints]
     base_ckpt = open_checkpoint(base) if base is not None else None
     fisher_ckpts = [open_checkpoint(f) for f in fishers] if fishers is not None else None
@@ -661,9 +653,11 @@ def stream_merge(
                 )
         order = {n: i for i, n in enumerate(first.names)}
         candidates.sort(key=order.__getitem__)
-    else:
+    elif params is None:
         candidates = [n for n in first.names if (first.dtype(n) or torch.int8).is_floating_point]
-    merged_names = _select(candidates, params)
+    else:
+        candidates = list(first.names)  # a non-floating tensor asked for is refused below
+    merged_names = _select(first, candidates, params)
     _check_sources(models, base_ckpt, fisher_ckpts, merged_names)
     stream = _Stream(models, base_ckpt, fisher_ckpts)
     report = StreamReport(method=method, num_models=len(models), options=per_options)
@@ -674,7 +668,7 @@ def stream_merge(
     if method == "ties":
         dtype = torch.promote_types(first.dtype(merged_names[0]), torch.float32)
         thresholds, passes = _ties_thresholds(stream, merged_names, per_options["density"], dtype)
-        context["thresholds"] = thresholds
+        context["thresholds"], context["dtype"] = thresholds, dtype
         report.passes += passes
         report.details["thresholds"] = [None if x is None else float(x) for x in thresholds]
     if method == "fisher":
@@ -812,7 +806,7 @@ def _rule(method: str, T: int, weights, options: dict) -> tuple[_Rule, dict[str,
 
         def rule(s, name, ctx):
             thetas = s.thetas(name)
-            dtype = torch.promote_types(thetas[0].dtype, torch.float32)
+            dtype = ctx["dtype"]  # as ties(): the first merged tensor's, at least float32
             base = s.base_of(name).to(dtype)
             trimmed = torch.stack(
                 [

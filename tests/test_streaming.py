@@ -262,6 +262,52 @@ def test_half_precision_is_merged_in_float32_and_written_back(method, dtype, tmp
         assert err_out < err_half
 
 
+def test_half_precision_fisher_merge(tmp_path):
+    """bf16 models with float32 Fisher files: the closed form in float32, one rounding."""
+    models, base = make_models({"w": (32, 16), "b": (32,)}, dtype=torch.bfloat16)
+    paths = [write_sharded(m, tmp_path / f"m{i}", 1) for i, m in enumerate(models)]
+    g = torch.Generator().manual_seed(1)
+    fishers = []
+    for i in range(3):
+        diag = {n: torch.rand(v.shape, generator=g) for n, v in models[0].items()}
+        save_fisher(tmp_path / f"f{i}.safetensors", diag, kind="exact", num_examples=4)
+        fishers.append(tmp_path / f"f{i}.safetensors")
+    stream_merge(paths, tmp_path / "o", method="fisher", fishers=fishers, damping=0.0)
+    out = read_all(tmp_path / "o")
+    up = [{n: v.float() for n, v in m.items()} for m in models]
+    ref32 = merge(up, [load_fisher(f) for f in fishers], damping=0.0).params
+    for n, value in ref32.items():
+        assert out[n].dtype == torch.bfloat16 and torch.equal(out[n], value.to(torch.bfloat16))
+
+
+def test_params_select_like_the_in_memory_methods_and_the_rest_is_copied(ckpts, tmp_path):
+    models, base, paths, base_path = ckpts
+    regex = r"^layer\d\.weight"
+    report = stream_merge(
+        paths, tmp_path / "o", method="task_arithmetic", base=base_path, params=regex
+    )
+    out = read_all(tmp_path / "o")
+    expected = task_arithmetic(models, base, params=regex).params
+    assert sorted(report.merged) == sorted(expected) and len(report.copied) == 11
+    assert_same(out, expected)
+    for n in report.copied:
+        assert torch.equal(out[n], models[0][n])
+
+
+def test_integer_tensors_are_copied_from_the_first_model(tmp_path):
+    models, base = make_models({"w": (4, 3)})
+    for i, m in enumerate(models):
+        m["position_ids"] = torch.arange(5) + i
+    paths = [write_sharded(m, tmp_path / f"m{i}", 1) for i, m in enumerate(models)]
+    report = stream_merge(paths, tmp_path / "o", method="average")
+    out = read_all(tmp_path / "o")
+    assert report.copied == ["position_ids"] and torch.equal(out["position_ids"], torch.arange(5))
+    assert out["position_ids"].dtype == torch.int64
+    with pytest.raises(CheckpointMismatchError, match="'position_ids'.* not floating point"):
+        stream_merge(paths, tmp_path / "p", method="average", params=["w", "position_ids"])
+    _no_output(tmp_path, "p")
+
+
 # ---------------------------------------------------------------------------------- layout
 def test_output_index_and_shards_are_valid(ckpts, tmp_path):
     models, base, paths, base_path = ckpts
