@@ -29,7 +29,7 @@ merged tensors (the methods are called on single-tensor dicts):
   (:func:`~curvmerge.merging.methods.dare`);
 - ``slerp``, ``slerp_sequential``, ``spherical_barycenter``: per tensor
   (:func:`~curvmerge.merging.methods.slerp`, :mod:`curvmerge.merging.spherical`);
-- ``fisher``: the diagonal-Fisher closed form per entry, from Fisher files
+- ``fisher_diagonal``: the diagonal-Fisher closed form per entry, from Fisher files
   (:func:`~curvmerge.merge` with :class:`~curvmerge.operators.DiagonalOperator` curvatures);
 - ``tsv_merge``, ``iso_c``, ``iso_cts``: per matrix (:mod:`curvmerge.merging.spectral`).
 
@@ -40,7 +40,7 @@ Three methods need a global quantity, computed by a cheap first streaming pass:
   magnitude of each task vector, is found exactly by radix selection on the bit patterns of
   the (non-negative) magnitudes, 16 bits per pass: two passes for float32 task vectors, four
   for float64, each keeping one 65,536-bin histogram per model.
-- ``fisher`` with relative damping needs the mean diagonal entry :math:`s_t` of each Fisher
+- ``fisher_diagonal`` with relative damping needs the mean diagonal entry :math:`s_t` of each Fisher
   over all merged parameters (:math:`\\lambda = \\text{damping} \\sum_t w_t s_t`): one pass
   over the Fisher files.
 - ``dare`` needs none, but is a per-tensor variant: the in-memory :func:`dare` draws all
@@ -131,7 +131,7 @@ STREAM_METHODS: dict[str, bool] = {
     "slerp": False,
     "slerp_sequential": False,
     "spherical_barycenter": False,
-    "fisher": False,
+    "fisher_diagonal": False,
     "tsv_merge": True,
     "iso_c": True,
     "iso_cts": True,
@@ -396,9 +396,9 @@ class StreamReport:
         largest_shard_bytes: Bytes of the largest output shard.
         reads: Tensor reads from the inputs (models, base, Fishers), all passes included.
         passes: Streaming passes over the inputs (1, plus the global passes of ``ties``
-            and ``fisher``).
+            and ``fisher_diagonal``).
         seconds: Wall time.
-        details: Method-specific results: ``ties`` thresholds per model, ``fisher``
+        details: Method-specific results: ``ties`` thresholds per model, ``fisher_diagonal``
             damping scale and :math:`\\lambda`, ``spherical_barycenter`` linear fallbacks,
             tensors whose damping dominated.
     """
@@ -586,8 +586,8 @@ def stream_merge(
         method: One of :data:`STREAM_METHODS`.
         base: The base checkpoint :math:`\\theta_0` (needed by task-vector methods; the
             optional base of ``slerp``, ``slerp_sequential`` and ``spherical_barycenter``;
-            ``prior="base"`` of ``fisher``).
-        fishers: ``fisher`` only: one diagonal Fisher per model, as a Fisher file
+            ``prior="base"`` of ``fisher_diagonal``).
+        fishers: ``fisher_diagonal`` only: one diagonal Fisher per model, as a Fisher file
             (:func:`curvmerge.fisher.save_fisher`) or a (sharded) safetensors checkpoint of
             diagonals named as the parameters. The merged tensors are the Fishers' names.
         weights: Per-model weights, as the in-memory method takes them.
@@ -624,13 +624,15 @@ def stream_merge(
         raise ValueError("stream_merge needs a non-empty list of checkpoints")
     if STREAM_METHODS[method] and base is None:
         raise ValueError(f"{method} needs the base checkpoint theta_0: pass base=...")
-    if method == "fisher" and fishers is None:
-        raise ValueError("fisher needs one Fisher file per model: pass fishers=[...]")
-    if method != "fisher" and fishers is not None:
-        raise ValueError(f"fishers are used by method='fisher' only, not {method!r}")
+    if method == "fisher_diagonal" and fishers is None:
+        raise ValueError("fisher_diagonal needs one Fisher file per model: pass fishers=[...]")
+    if method != "fisher_diagonal" and fishers is not None:
+        raise ValueError(f"fishers are used by method='fisher_diagonal' only, not {method!r}")
     rule, per_options = _rule(method, len(checkpoints), weights, dict(options))
-    if method == "fisher" and per_options["prior"] == "base" and base is None:
-        raise ValueError("fisher with prior='base' needs the base checkpoint: pass base=...")
+    if method == "fisher_diagonal" and per_options["prior"] == "base" and base is None:
+        raise ValueError(
+            "fisher_diagonal with prior='base' needs the base checkpoint: pass base=..."
+        )
     models = [open_checkpoint(c) for c in checkpoints]
     base_ckpt = open_checkpoint(base) if base is not None else None
     fisher_ckpts = [open_checkpoint(f) for f in fishers] if fishers is not None else None
@@ -671,7 +673,7 @@ def stream_merge(
         context["thresholds"], context["dtype"] = thresholds, dtype
         report.passes += passes
         report.details["thresholds"] = [None if x is None else float(x) for x in thresholds]
-    if method == "fisher":
+    if method == "fisher_diagonal":
         context["damping_scale"] = _fisher_scale(stream, merged_names, per_options)
         report.passes += 1 if per_options["damping_scale"] == "auto" else 0
         report.details["damping_scale"] = context["damping_scale"]

@@ -210,7 +210,12 @@ def test_diagonal_fisher_merge_from_fisher_files(ckpts, damping, tmp_path):
             fisher_paths.append(tmp_path / f"f{i}.safetensors")
     w = [0.5, 0.3, 0.2]
     report = stream_merge(
-        paths, tmp_path / "o", method="fisher", fishers=fisher_paths, weights=w, damping=damping
+        paths,
+        tmp_path / "o",
+        method="fisher_diagonal",
+        fishers=fisher_paths,
+        weights=w,
+        damping=damping,
     )
     curv = [load_fisher(p) if str(p).endswith(".safetensors") else None for p in fisher_paths]
     sharded = read_all(fisher_paths[1])
@@ -272,7 +277,7 @@ def test_half_precision_fisher_merge(tmp_path):
         diag = {n: torch.rand(v.shape, generator=g) for n, v in models[0].items()}
         save_fisher(tmp_path / f"f{i}.safetensors", diag, kind="exact", num_examples=4)
         fishers.append(tmp_path / f"f{i}.safetensors")
-    stream_merge(paths, tmp_path / "o", method="fisher", fishers=fishers, damping=0.0)
+    stream_merge(paths, tmp_path / "o", method="fisher_diagonal", fishers=fishers, damping=0.0)
     out = read_all(tmp_path / "o")
     up = [{n: v.float() for n, v in m.items()} for m in models]
     ref32 = merge(up, [load_fisher(f) for f in fishers], damping=0.0).params
@@ -514,3 +519,21 @@ def test_peak_memory_stays_near_a_few_tensors(large, method, tmp_path):
     assert len(report.files) == 16 and report.largest_tensor_bytes == largest
     print(f"{method}: peak {peak / mib:.1f} MiB, bound {bound / mib:.1f} MiB")
     assert peak < bound, f"peak {peak / mib:.1f} MiB >= bound {bound / mib:.1f} MiB"
+
+
+# ---------------------------------------------------------------------------------- command
+def test_merge_command_streams_sharded_folders(ckpts, tmp_path, capsys):
+    from curvmerge.cli import main
+
+    models, base, paths, base_path = ckpts
+    args = ["merge", *map(str, paths), "--stream", "-m", "ties", "--base", str(base_path)]
+    args += ["--option", "density=0.3", "--max-shard-size", "2KB", "-o", str(tmp_path / "o")]
+    assert main(args) == 0
+    assert "streaming ties merge of 3 models" in capsys.readouterr().out
+    assert (tmp_path / "o" / "model.safetensors.index.json").is_file()
+    assert_same(read_all(tmp_path / "o"), ties(models, base, density=0.3).params)
+    bad = ["merge", *map(str, paths), "--stream", "-m", "regmean", "-o", str(tmp_path / "p")]
+    assert main(bad) == 2 and "--stream merges with" in capsys.readouterr().err
+    missing = ["merge", str(paths[0]), str(tmp_path), "--stream", "-o", str(tmp_path / "p")]
+    assert main(missing) != 0 and "model.safetensors" in capsys.readouterr().err
+    _no_output(tmp_path, "p")

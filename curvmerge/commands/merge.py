@@ -110,8 +110,49 @@ def add_parser(sub) -> None:
         type=Path,
         help="output: FILE.safetensors (merged parameters) or a folder (Hugging Face models)",
     )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="merge tensor by tensor from (sharded) safetensors checkpoints or folders into "
+        "a sharded output folder, never holding whole models (curvmerge.streaming; every "
+        "floating tensor unless --params)",
+    )
+    p.add_argument("--max-shard-size", default="5GB", help="--stream: largest output shard")
     add_common(p)
     p.set_defaults(func=run)
+
+
+def _run_stream(cfg: dict[str, Any], output: Path, args) -> int:
+    """``--stream``: :func:`curvmerge.streaming.stream_merge` into the folder ``output``."""
+    from curvmerge.streaming import STREAM_METHODS, stream_merge
+
+    if cfg["method"] not in STREAM_METHODS:
+        raise CLIError(f"--stream merges with {', '.join(STREAM_METHODS)}; not {cfg['method']!r}")
+    if output.suffix == ".safetensors":
+        raise CLIError(f"--stream writes a folder of shards, not {output}")
+    options = dict(cfg["options"])
+    options.update(
+        {k: cfg[k] for k in ("damping", "prior", "damping_scale") if cfg.get(k) is not None}
+    )
+    try:
+        with warnings_as_messages():
+            report = stream_merge(
+                cfg["models"],
+                ensure_parent(output),
+                method=cfg["method"],
+                base=cfg.get("base"),
+                fishers=cfg.get("fisher"),
+                weights=cfg["weights"],
+                params=cfg.get("params"),
+                max_shard_size=args.max_shard_size,
+                force=cfg["force"],
+                progress=not args.quiet,
+                **options,
+            )
+    except (ValueError, OSError) as err:  # checkpoint errors derive from both
+        raise CLIError(str(err)) from None
+    print(f"{output}: {report}")
+    return 0
 
 
 def _statistics(spec, models, names, args) -> list:
@@ -229,6 +270,8 @@ def run(args) -> int:
     output = Path(cfg["output"])
     to_file = output.suffix == ".safetensors"
     check_outputs([output], cfg["force"])
+    if args.stream:
+        return _run_stream(cfg, output, args)
     if spec.is_merge is False:
         raise CLIError(f"method {spec.name!r} is not a merge (use 'compare' to evaluate it)")
     if not cfg.get("base"):
