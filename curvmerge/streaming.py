@@ -603,7 +603,7 @@ def stream_merge(
         **options: The method's options: ``scaling``; ``density`` (ties); ``drop_rate``,
             ``seed`` (dare); ``t`` (slerp); ``tol``, ``maxiter`` (spherical_barycenter);
             ``rank_fraction``, ``common_fraction``, ``vector_merge`` (spectral);
-            ``damping``, ``damping_scale``, ``prior`` (fisher and average).
+            ``damping``, ``damping_scale``, ``prior`` (fisher_diagonal).
 
     Returns:
         A :class:`StreamReport`.
@@ -629,6 +629,7 @@ def stream_merge(
     if method != "fisher_diagonal" and fishers is not None:
         raise ValueError(f"fishers are used by method='fisher_diagonal' only, not {method!r}")
     rule, per_options = _rule(method, len(checkpoints), weights, dict(options))
+    shard_bytes = parse_size(max_shard_size)
     if method == "fisher_diagonal" and per_options["prior"] == "base" and base is None:
         raise ValueError(
             "fisher_diagonal with prior='base' needs the base checkpoint: pass base=..."
@@ -666,19 +667,6 @@ def stream_merge(
     report.largest_tensor_bytes = max(first.nbytes(n) for n in merged_names)
     chosen = set(merged_names)
 
-    context: dict[str, Any] = {}
-    if method == "ties":
-        dtype = torch.promote_types(first.dtype(merged_names[0]), torch.float32)
-        thresholds, passes = _ties_thresholds(stream, merged_names, per_options["density"], dtype)
-        context["thresholds"], context["dtype"] = thresholds, dtype
-        report.passes += passes
-        report.details["thresholds"] = [None if x is None else float(x) for x in thresholds]
-    if method == "fisher_diagonal":
-        context["damping_scale"] = _fisher_scale(stream, merged_names, per_options)
-        report.passes += 1 if per_options["damping_scale"] == "auto" else 0
-        report.details["damping_scale"] = context["damping_scale"]
-        report.details["lambda"] = per_options["damping"] * context["damping_scale"]
-
     target = Path(out)
     dominated: list[str] = []
     fallbacks = 0
@@ -688,8 +676,22 @@ def stream_merge(
 
         bar = tqdm(total=len(first.names), desc=f"stream {method}", unit="tensor")
     try:
-        with atomic_folder(target, force) as tmp:
-            writer = _ShardWriter(tmp, parse_size(max_shard_size))
+        with atomic_folder(target, force) as tmp:  # refuses an existing output first
+            context: dict[str, Any] = {}
+            if method == "ties":
+                dtype = torch.promote_types(first.dtype(merged_names[0]), torch.float32)
+                thresholds, passes = _ties_thresholds(
+                    stream, merged_names, per_options["density"], dtype
+                )
+                context["thresholds"], context["dtype"] = thresholds, dtype
+                report.passes += passes
+                report.details["thresholds"] = [None if x is None else float(x) for x in thresholds]
+            if method == "fisher_diagonal":
+                context["damping_scale"] = _fisher_scale(stream, merged_names, per_options)
+                report.passes += 1 if per_options["damping_scale"] == "auto" else 0
+                report.details["damping_scale"] = context["damping_scale"]
+                report.details["lambda"] = per_options["damping"] * context["damping_scale"]
+            writer = _ShardWriter(tmp, shard_bytes)
             for name in first.names:
                 if name not in chosen:
                     stream.reads += 1
