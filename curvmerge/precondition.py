@@ -49,8 +49,12 @@ class NystromPreconditioner(LinearOperator):
                  + (I - U U^\\top),
 
     which maps the top ℓ eigen-directions of :math:`A + \\mu I` close to the scale of the
-    rest. Building it costs ℓ products with :math:`A` (one ``[P, ℓ]`` block) and
-    :math:`O(P\\ell^2)` arithmetic in float64; applying it costs :math:`O(P\\ell)`.
+    rest. Building it costs ℓ products with :math:`A` (one ``[P, ℓ]`` block, which a
+    :class:`~curvmerge.operators.GGNOperator` multiplies in batched passes) and
+    :math:`O(P\\ell^2)` arithmetic; the ``[P, ℓ]`` blocks stay in the operator's dtype on its
+    device (the test matrix is drawn there), only the ``[ℓ, ℓ]`` factors are formed in
+    float64, and the shift :math:`\\nu` follows the operator's precision. Applying it costs
+    :math:`O(P\\ell)`.
 
     Args:
         A: The PSD operator (without the damping).
@@ -87,27 +91,37 @@ class NystromPreconditioner(LinearOperator):
         if not damping > 0:
             raise ValueError(f"the Nyström preconditioner needs damping > 0, got {damping}")
         super().__init__(A.space, A.dtype, A.device)
-        g = torch.Generator().manual_seed(seed)
-        omega = torch.randn(P, rank, generator=g, dtype=torch.float64)
+        # the [P, rank] blocks stay in the operator's dtype on its device; only the
+        # [rank, rank] matrices are formed in float64
+        f64 = dict(dtype=torch.float64, device=self.device)
+        work = torch.promote_types(self.dtype, torch.float32)  # QR and SVD need float32
+        g = torch.Generator(self.device).manual_seed(seed)
+        omega = torch.randn(P, rank, generator=g, dtype=work, device=self.device)
         omega, _ = torch.linalg.qr(omega)
-        Y = (A @ omega.to(A.device, A.dtype)).to("cpu", torch.float64)
-        nu = (P**0.5) * torch.finfo(A.dtype).eps * torch.linalg.matrix_norm(Y, "fro")
-        nu = max(float(nu), 1e-300)
-        Y_nu = Y + nu * omega
-        core = omega.T @ Y_nu
+        Y = (A @ omega).to(work)
+        nu = (P**0.5) * torch.finfo(self.dtype).eps * float(torch.linalg.matrix_norm(Y, "fro"))
+        nu = max(nu, 1e-300)
+        Y.add_(omega, alpha=nu)  # Y_nu = Y + nu Omega
+        core = (omega.T @ Y).to(**f64)
+        del omega
         core = (core + core.T) / 2
         C, info = torch.linalg.cholesky_ex(core)
         shift = 0.0
         while int(info) != 0:  # not positive definite in floating point: raise the shift
             shift = max(shift * 10, nu * 10)
-            C, info = torch.linalg.cholesky_ex(core + shift * torch.eye(rank, dtype=core.dtype))
-        B = torch.linalg.solve_triangular(C, Y_nu.T, upper=False).T
-        U, S, _ = torch.linalg.svd(B, full_matrices=False)
+            C, info = torch.linalg.cholesky_ex(core + shift * torch.eye(rank, **f64))
+        # B = Y_nu C^{-T}; its thin SVD from a QR of B and the SVD of the small R factor
+        C_inv_T = torch.linalg.solve_triangular(C, torch.eye(rank, **f64), upper=False).T
+        B = Y @ C_inv_T.to(work)
+        del Y
+        Q, R = torch.linalg.qr(B)
+        del B
+        U_R, S, _ = torch.linalg.svd(R.to(torch.float64), full_matrices=False)
         lam = torch.clamp(S**2 - nu - shift, min=0.0)
         self.products = rank
         self.eigenvalues = lam
         self.damping = damping
-        self._U = U.to(self.device, self.dtype)
+        self._U = (Q @ U_R.to(work)).to(self.dtype)
         self._scale = ((lam[-1] + damping) / (lam + damping) - 1.0).to(self.device, self.dtype)
 
     def _matmat(self, X: Tensor) -> Tensor:

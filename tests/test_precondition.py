@@ -80,3 +80,40 @@ def test_errors():
         merge(thetas, [op, op], preconditioner="nystrom:x")
     with pytest.warns(UserWarning, match="damping > 0"):
         merge(thetas, [op, op], damping=0.0, preconditioner="nystrom")
+
+
+def test_sketch_stays_in_the_operators_dtype():
+    """A float32 operator's sketch: float32 blocks, no float64 ``[P, rank]`` tensor is ever
+    formed, exact on a low-rank operator to float32 precision, and it still pays."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    P, rank, mu = 200, 20, 1e-1
+    A = _spiked()
+    space = ParamSpace(("w",), ((P,),))
+    big64 = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == DT and P in t.shape:
+                    big64.append((str(func), tuple(t.shape)))
+            return out
+
+    op32 = DenseOperator(space, A.float(), self_adjoint=True)
+    with Record():
+        M32 = NystromPreconditioner(op32, rank=rank, damping=mu)
+    assert big64 == []
+    assert M32._U.dtype == torch.float32 and M32._U.shape == (P, rank)
+    # exact on a low-rank float32 operator, to float32 precision
+    Z = torch.randn(P, 6, generator=torch.Generator().manual_seed(1), dtype=DT)
+    low = DenseOperator(space, (Z @ Z.T).float(), self_adjoint=True)
+    top = torch.linalg.eigvalsh(Z @ Z.T).flip(0)[:6]
+    M_low = NystromPreconditioner(low, rank=10, damping=mu)
+    torch.testing.assert_close(M_low.eigenvalues[:6], top, rtol=1e-4, atol=0)
+    b = torch.randn(P, generator=torch.Generator().manual_seed(4))
+    A32 = A.float()
+    # rtol 1e-3: float32's residual floor here is near 1e-4 (|A| ~ 1e4)
+    plain = solve_cg(lambda x: A32 @ x + mu * x, b, rtol=1e-3, maxiter=2000)
+    pre = solve_cg(lambda x: A32 @ x + mu * x, b, rtol=1e-3, maxiter=2000, M=M32)
+    assert pre.converged and pre.products + M32.products < plain.products / 2
