@@ -15,6 +15,7 @@ the same merge).
 Run::
 
     python examples/adamerging.py            # the MNIST demo's three CNNs, a few minutes
+    python examples/adamerging.py --lr 1e-2  # Adam moves a coefficient about lr per step
     python examples/adamerging.py --quick    # scikit-learn digits, seconds (smoke test)
 """
 
@@ -36,6 +37,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="digits, small models (seconds)")
     parser.add_argument("--steps", type=int, default=None, help="Adam steps (default 500)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -51,7 +53,7 @@ def main(argv=None) -> None:
         MethodRun(
             "adamerging",
             label=f"adamerging ({g}-wise)",
-            options={"granularity": g, "steps": steps},
+            options={"granularity": g, "steps": steps, "lr": args.lr},
         )
         for g in GRANULARITIES
     ]
@@ -64,7 +66,7 @@ def main(argv=None) -> None:
     for g, run in zip(GRANULARITIES, runs[1:], strict=True):
         out = adamerging(
             setup.models, setup.base, setup.fisher_data, granularity=g, steps=steps,
-            params=res.settings["params"]["names"],
+            lr=args.lr, params=res.settings["params"]["names"],
         )  # fmt: skip
         for name, value in out.params.items():  # the runner's merge, reproduced
             assert torch.allclose(value, res.merged[run.name][name]), name
