@@ -314,6 +314,9 @@ def adamerging(
     With ``clamp`` (the default) the coefficients used are
     :math:`\\operatorname{clip}(\\lambda, 0, 1)`, as in the authors' implementation (the
     raw values are what Adam updates; a raw value outside :math:`[0, 1]` gets no gradient).
+    Adam moves each coefficient by about ``lr`` per step at most, so a coefficient ends
+    within about ``steps * lr`` of where it started: when the best coefficients lie further
+    from ``init`` than that, raise ``lr`` or ``steps``.
 
     **Data.** The inputs are unlabelled in effect: only the inputs of the ``(inputs,
     targets)`` batches are read. The paper adapts on the test inputs; whatever split is
