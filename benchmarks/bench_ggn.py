@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,8 +33,8 @@ from curvmerge.batches import model_outputs  # noqa: E402
 from curvmerge.operators.ggn import GGNOperator  # noqa: E402
 
 
-def interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each function, repeats interleaved round-robin."""
+def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each function per repeat, repeats interleaved round-robin."""
     times = {k: [] for k in fns}
     for fn in fns.values():  # warm-up
         fn()
@@ -42,7 +43,27 @@ def interleaved(fns: dict, repeats: int) -> dict[str, float]:
             t = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def ratio(times: dict, key: str, unit: str) -> str:
+    """Median of the per-repeat ratios ``key / unit`` and their range (min-max)."""
+    r = sorted(a / b for a, b in zip(times[key], times[unit], strict=True))
+    return f"{statistics.median(r):.2f} ({r[0]:.2f}-{r[-1]:.2f})"
+
+
+def load_old_operator(path: str):
+    """``GGNOperator`` of another checkout's ``curvmerge/operators/ggn.py`` (e.g. a
+    ``git worktree`` of an earlier commit), measured side by side with this one."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "old_ggn", os.path.join(path, "curvmerge", "operators", "ggn.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["old_ggn"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module.GGNOperator
 
 
 class _DictModel(nn.Module):
@@ -56,7 +77,7 @@ class _DictModel(nn.Module):
         return model_outputs(self.model, x)
 
 
-def product_costs(name, model, loss_fn, data, names, repeats):
+def product_costs(name, model, loss_fn, data, names, repeats, old=None, block=8):
     from curvlinops import GGNLinearOperator
 
     named = dict(model.named_parameters())
@@ -85,25 +106,39 @@ def product_costs(name, model, loss_fn, data, names, repeats):
     )
     v = torch.randn(cached.shape[0])
     err = float((cached @ v - ref @ v).norm() / (ref @ v).norm())
-    t = interleaved(
-        {
-            "gradient pass": grad_pass,
-            "curvmerge (cached)": lambda: cached @ v,
-            "curvmerge (streaming)": lambda: stream @ v,
-            "curvlinops": lambda: ref @ v,
-        },
-        repeats,
-    )
-    g = t["gradient pass"]
+    fns = {
+        "gradient pass": grad_pass,
+        "curvmerge (cached)": lambda: cached @ v,
+        "curvmerge (streaming)": lambda: stream @ v,
+        "curvlinops": lambda: ref @ v,
+    }
+    if old is not None:
+        before = old(model, loss_fn, data, params=list(names), cache=True)
+        err_old = float((before @ v - cached @ v).norm() / (before @ v).norm())
+        fns["old curvmerge (cached)"] = lambda: before @ v
+    if block:
+        columns = GGNOperator(model, loss_fn, data, params=list(names), cache=True, block_columns=1)
+        V = torch.randn(cached.shape[0], block)
+        fns[f"block of {block}, batched"] = lambda: cached @ V
+        fns[f"block of {block}, column by column"] = lambda: columns @ V
+    t = interleaved(fns, repeats)
+    g = statistics.median(t["gradient pass"])
     print(
         f"\n## {name}: P = {cached.shape[0]:,}, {len(data)} batches, "
         f"cache {cached.cached_bytes / 2**20:.0f} MiB"
     )
     print(f"gradient pass: {g * 1e3:.1f} ms; relative difference to curvlinops: {err:.1e}")
+    if old is not None:
+        print(f"relative difference of the old cached product to this one: {err_old:.1e}")
+    print(
+        "medians over the repeats of per-repeat ratios (range); a block's row is the cost of "
+        "the whole block"
+    )
     print("| product | gradient passes | / curvlinops |")
     print("| --- | --- | --- |")
-    for k in ("curvmerge (cached)", "curvmerge (streaming)", "curvlinops"):
-        print(f"| {k} | {t[k] / g:.2f} | {t[k] / t['curvlinops']:.2f} |")
+    for k in fns:
+        if k != "gradient pass":
+            print(f"| {k} | {ratio(t, k, 'gradient pass')} | {ratio(t, k, 'curvlinops')} |")
     for p in named.values():
         p.requires_grad_(True)
     return t
@@ -271,6 +306,16 @@ def main():
     )
     parser.add_argument("--maxiter", type=int, default=1500, help="CG iteration limit (merge)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--old",
+        default=None,
+        help="checkout (e.g. a git worktree of an earlier commit) whose GGNOperator is timed "
+        "side by side with this one",
+    )
+    parser.add_argument(
+        "--block", type=int, default=8, help="columns of the block products timed (0: none)"
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="repeats (default 3 / 9)")
     args = parser.parse_args()
     merge_args = dict(
         dampings=[float(d) for d in args.dampings.split(",")],
@@ -282,13 +327,16 @@ def main():
     if args.merge_only:
         cnn_merge(args.quick, **merge_args)
         return
-    repeats = 3 if args.quick else 9
+    repeats = args.repeats or (3 if args.quick else 9)
+    old = load_old_operator(args.old) if args.old else None
+    extra = dict(old=old, block=args.block)
     import curvlinops
 
     print(
         f"# GGN products: torch {torch.__version__}, "
         f"curvlinops {getattr(curvlinops, '__version__', '3.0.1')}, "
-        f"{torch.get_num_threads()} threads"
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.2f}"
     )
     model, loss_fn, data = mlp_problem(args.quick)
     product_costs(
@@ -298,6 +346,7 @@ def main():
         data,
         [n for n, _ in model.named_parameters()],
         repeats,
+        **extra,
     )
     X, y = mnist()
     cnn = CNN().eval()
@@ -309,6 +358,7 @@ def main():
         cdata,
         [n for n, _ in cnn.named_parameters()],
         repeats,
+        **extra,
     )
     if not args.skip_minilm:
         model, loss_fn, data, names = minilm_problem(args.quick)
@@ -319,7 +369,9 @@ def main():
             data,
             names,
             max(3, repeats // 2),
+            **extra,
         )
+    print(f"\nload average at the end of the product tables: {os.getloadavg()[0]:.2f}")
     if not args.skip_merge:
         cnn_merge(args.quick, **merge_args)
 

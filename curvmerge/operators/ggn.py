@@ -29,9 +29,16 @@ Each product costs one Jacobian-vector product :math:`J v` and one vector-Jacobi
   trick, e.g. Townsend 2017, "A new trick for calculating Jacobian vector products"). Later
   products then cost one backward pass through each of the two stored graphs and no
   forward pass, which is what makes the repeated products of a CG solve cheap;
-- **streaming** (no cache, or past the budget): forward-mode :func:`torch.func.jvp` and
-  reverse-mode :func:`torch.func.vjp`, vectorised over several columns with
-  :func:`torch.vmap` (the scheme of curvlinops' ``GGNLinearOperator``, Dangel et al.).
+- **streaming** (no cache, or past the budget): one column takes one forward pass with
+  dual numbers (:mod:`torch.autograd.forward_ad`) that gives :math:`J v` while autograd
+  records the graph :math:`J^\\top u` runs back through; a block of columns takes
+  forward-mode :func:`torch.func.jvp` and reverse-mode :func:`torch.func.vjp` vectorised
+  with :func:`torch.vmap` (the scheme of curvlinops' ``GGNLinearOperator``, Dangel et al.).
+
+Blocks of columns (Hutchinson probes, sketches) run through the cached graphs in batched
+backward passes (``is_grads_batched``), ``block_columns`` columns at a time; layer norms are
+recorded with a double backward written out (:class:`_LayerNormGrad`), cheaper than
+PyTorch's general one.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from curvmerge.batches import model_outputs, move_batch
@@ -578,16 +586,26 @@ class GGNOperator(LinearOperator, CurvatureComputer):
         tangents = dict(zip(self.space.names, V, strict=True))
         try:
             if K == 1:
-                f, jv = torch.func.jvp(fn, (primals,), ({n: t[0] for n, t in tangents.items()},))
-                JV = jv.unsqueeze(0)
-            else:
-                with torch.no_grad():
-                    f = fn(primals)
+                # one forward pass for both: dual numbers carry J v forward while autograd
+                # records the graph that J^T u runs back through
+                with torch.enable_grad(), fwAD.dual_level():
+                    duals = dict(rest)
+                    for n, t in tangents.items():
+                        duals[n] = fwAD.make_dual(full[n], t[0])
+                    f, jv = fwAD.unpack_dual(self._forward(duals, inputs))
+                if jv is None:  # the output does not depend on the parameters
+                    jv = torch.zeros_like(f)
+                U = self._cotangent(batch, f.detach(), jv.unsqueeze(0))
+                leaves = [full[n] for n in self.space.names]
+                grads = torch.autograd.grad(f, leaves, U[0], allow_unused=True)
+                self.product_passes += 1
+                self._accumulate(out, [None if g is None else g.unsqueeze(0) for g in grads])
+                return None
 
-                def jvp_one(t):
-                    return torch.func.jvp(fn, (primals,), (t,))[1]
+            def jvp_one(t):
+                return torch.func.jvp(fn, (primals,), (t,))
 
-                JV = torch.vmap(jvp_one, randomness="same")(tangents)
+            f, JV = torch.vmap(jvp_one, randomness="same", out_dims=(None, 0))(tangents)
         except (NotImplementedError, RuntimeError) as err:
             msg = str(err).lower()
             if "forward ad" not in msg and "forward-mode" not in msg and "jvp" not in msg:
@@ -597,14 +615,9 @@ class GGNOperator(LinearOperator, CurvatureComputer):
             return self._product_cached(self._graphs(inputs), batch, V, out)
         U = self._cotangent(batch, f, JV)
         _, vjp_fn = torch.func.vjp(fn, primals)
-        if K == 1:
-            (g,) = vjp_fn(U[0])
-            grads = [g[n].unsqueeze(0) for n in self.space.names]
-        else:
-            (g,) = torch.vmap(vjp_fn, randomness="same")(U)
-            grads = [g[n] for n in self.space.names]
+        (g,) = torch.vmap(vjp_fn, randomness="same")(U)
         self.product_passes += 1
-        self._accumulate(out, grads)
+        self._accumulate(out, [g[n] for n in self.space.names])
 
     # ------------------------------------------------------------------ extras
     def clear_cache(self) -> None:
