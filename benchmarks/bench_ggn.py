@@ -116,6 +116,8 @@ def product_costs(name, model, loss_fn, data, names, repeats, old=None, block=8)
         before = old(model, loss_fn, data, params=list(names), cache=True)
         err_old = float((before @ v - cached @ v).norm() / (before @ v).norm())
         fns["old curvmerge (cached)"] = lambda: before @ v
+        before_s = old(model, loss_fn, data, params=list(names), cache=False)
+        fns["old curvmerge (streaming)"] = lambda: before_s @ v
     if block:
         columns = GGNOperator(model, loss_fn, data, params=list(names), cache=True, block_columns=1)
         V = torch.randn(cached.shape[0], block)
