@@ -32,17 +32,22 @@ from curvmerge import merge  # noqa: E402
 from curvmerge.batches import model_outputs  # noqa: E402
 from curvmerge.operators.ggn import GGNOperator  # noqa: E402
 
+#: The clock of the product tables: wall time, or the CPU time of this process's threads
+#: (``--clock process``: leaves out time spent waiting for a CPU, counts threads spin-waiting).
+CLOCK = {"clock": time.perf_counter}
+
 
 def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
     """Seconds of each function per repeat, repeats interleaved round-robin."""
+    clock = CLOCK["clock"]
     times = {k: [] for k in fns}
     for fn in fns.values():  # warm-up
         fn()
     for _ in range(repeats):
         for k, fn in fns.items():
-            t = time.perf_counter()
+            t = clock()
             fn()
-            times[k].append(time.perf_counter() - t)
+            times[k].append(clock() - t)
     return times
 
 
@@ -263,6 +268,9 @@ def cnn_merge(
                     float(acc),
                 )
             )
+    ranks = [int(p.split(":")[1]) for p in preconditioners if p and p.startswith("nystrom:")]
+    if ranks:
+        sketch_costs(ops, grad3, ranks, dampings[0])
     print(
         "| damping | preconditioner | products | iterations | final rel. residual | converged "
         "| time (gradient passes) | val. acc. |"
@@ -270,6 +278,40 @@ def cnn_merge(
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for d, pre, prod, it, res, conv, gp, acc in rows:
         print(f"| {d:g} | {pre} | {prod} | {it} | {res:.1e} | {conv} | {gp:.0f} | {acc:.3f} |")
+
+
+def sketch_costs(ops, grad3, ranks, damping, repeats=3):
+    """Seconds of the Nyström sketch of the summed curvature, its ``[P, rank]`` block
+    multiplied in batched passes (``block_columns=16``) and column by column, side by side."""
+    from curvmerge.precondition import NystromPreconditioner
+
+    total = sum(ops) / len(ops)
+
+    def sketch(rank, columns):
+        for op in ops:
+            op.block_columns = columns
+        try:
+            NystromPreconditioner(total, rank, damping)
+        finally:
+            for op in ops:
+                op.block_columns = 16
+
+    print("| Nyström rank | sketch, batched (gradient passes) | column by column | ratio |")
+    print("| --- | --- | --- | --- |")
+    for rank in ranks:
+        fns = {"grad": grad3, "batched": lambda r=rank: sketch(r, 16)}
+        fns["columns"] = lambda r=rank: sketch(r, 1)
+        t = {k: [] for k in fns}
+        for _ in range(repeats):
+            for k, fn in fns.items():
+                start = time.perf_counter()
+                out = fn()
+                t[k].append(out if k == "grad" else time.perf_counter() - start)
+        print(
+            f"| {rank} | {ratio(t, 'batched', 'grad')} | {ratio(t, 'columns', 'grad')} "
+            f"| {ratio(t, 'batched', 'columns')} |",
+            flush=True,
+        )
 
 
 def minilm_problem(quick):
@@ -318,6 +360,12 @@ def main():
         "--block", type=int, default=8, help="columns of the block products timed (0: none)"
     )
     parser.add_argument("--repeats", type=int, default=None, help="repeats (default 3 / 9)")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "process"),
+        default="wall",
+        help="time the product tables by wall clock or by this process's CPU time",
+    )
     args = parser.parse_args()
     merge_args = dict(
         dampings=[float(d) for d in args.dampings.split(",")],
@@ -326,6 +374,8 @@ def main():
     )
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "process":
+        CLOCK["clock"] = time.process_time
     if args.merge_only:
         cnn_merge(args.quick, **merge_args)
         return
@@ -338,7 +388,7 @@ def main():
         f"# GGN products: torch {torch.__version__}, "
         f"curvlinops {getattr(curvlinops, '__version__', '3.0.1')}, "
         f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-        f"load average {os.getloadavg()[0]:.2f}"
+        f"load average {os.getloadavg()[0]:.2f}, {args.clock} clock"
     )
     model, loss_fn, data = mlp_problem(args.quick)
     product_costs(
