@@ -124,10 +124,12 @@ def product_costs(name, model, loss_fn, data, names, repeats, old=None, block=8)
         before_s = old(model, loss_fn, data, params=list(names), cache=False)
         fns["old curvmerge (streaming)"] = lambda: before_s @ v
     if block:
-        columns = GGNOperator(model, loss_fn, data, params=list(names), cache=True, block_columns=1)
+        batched = GGNOperator(
+            model, loss_fn, data, params=list(names), cache=True, block_columns=block
+        )
         V = torch.randn(cached.shape[0], block)
-        fns[f"block of {block}, batched"] = lambda: cached @ V
-        fns[f"block of {block}, column by column"] = lambda: columns @ V
+        fns[f"block of {block}, batched"] = lambda: batched @ V
+        fns[f"block of {block}, column by column"] = lambda: cached @ V
     t = interleaved(fns, repeats)
     g = statistics.median(t["gradient pass"])
     print(
@@ -288,13 +290,14 @@ def sketch_costs(ops, grad3, ranks, damping, repeats=3):
     total = sum(ops) / len(ops)
 
     def sketch(rank, columns):
+        before = [op.block_columns for op in ops]
         for op in ops:
             op.block_columns = columns
         try:
             NystromPreconditioner(total, rank, damping)
         finally:
-            for op in ops:
-                op.block_columns = 16
+            for op, b in zip(ops, before, strict=True):
+                op.block_columns = b
 
     print("| Nyström rank | sketch, batched (gradient passes) | column by column | ratio |")
     print("| --- | --- | --- | --- |")

@@ -35,8 +35,8 @@ Each product costs one Jacobian-vector product :math:`J v` and one vector-Jacobi
   forward-mode :func:`torch.func.jvp` and reverse-mode :func:`torch.func.vjp` vectorised
   with :func:`torch.vmap` (the scheme of curvlinops' ``GGNLinearOperator``, Dangel et al.).
 
-Blocks of columns (Hutchinson probes, sketches) run through the cached graphs in batched
-backward passes (``is_grads_batched``), ``block_columns`` columns at a time; layer norms are
+Blocks of columns (Hutchinson probes, sketches) can run through the cached graphs in
+batched backward passes (``is_grads_batched``), ``block_columns`` columns at a time; layer norms are
 recorded with a double backward written out (:class:`_LayerNormGrad`), cheaper than
 PyTorch's general one.
 """
@@ -278,7 +278,9 @@ class GGNOperator(LinearOperator, CurvatureComputer):
         block_columns: Columns of a ``[P, K]`` block multiplied together in one pass of
             the cached graphs (backward passes batched over the columns with
             ``is_grads_batched``); the gradients of that many columns are held at once. 1
-            multiplies column by column.
+            (default) multiplies column by column: on CPUs the batched passes were measured
+            no faster than the column loop (``benchmarks/bench_ggn.py --block``,
+            ``docs/benchmarks_ggn.md``).
         progress: Show a progress bar over the batches of the statistic passes (the first
             product, which builds the cache, and the diagonal); later products show none
             (a solve shows one bar for all of them).
@@ -309,7 +311,7 @@ class GGNOperator(LinearOperator, CurvatureComputer):
         seed: int = 0,
         num_data: int | None = None,
         cache: bool | int | str = "auto",
-        block_columns: int = 16,
+        block_columns: int = 1,
         progress: bool = False,
     ):
         check_kind(kind, mc_samples)
