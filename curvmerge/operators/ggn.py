@@ -351,6 +351,7 @@ class GGNOperator(LinearOperator, CurvatureComputer):
         # multiplied together in one (batched) pass counts once, column by column K times
         self.product_passes = 0
         self._no_batched_grads = False
+        self._fresh = True
 
     # ------------------------------------------------------------------ setup helpers
     def _leaves(self) -> tuple[dict[str, Tensor], list[Tensor]]:
@@ -448,7 +449,8 @@ class GGNOperator(LinearOperator, CurvatureComputer):
             v.reshape(*s, K).movedim(-1, 0)
             for v, s in zip(X.split(self.space.numels), self.space.shapes, strict=True)
         ]
-        out = torch.zeros(K, self.space.size, dtype=self.dtype, device=self.device)
+        out = torch.empty(K, self.space.size, dtype=self.dtype, device=self.device)
+        self._fresh = True  # the first batch writes ``out``, later ones add to it
         if self._batches is None:
             batches = []
             # the first product is the one long pass (it builds the cache): it may show a bar
@@ -461,10 +463,12 @@ class GGNOperator(LinearOperator, CurvatureComputer):
                 else:
                     self._product_streaming(batch, batch.inputs, V, out)
                     batch.inputs = batch.targets = None
+                self._fresh = False
             self._batches, self._key = batches, key
         elif all(b.graphs is not None for b in self._batches):
             for batch in self._batches:
                 self._product_cached(batch.graphs, batch, V, out)
+                self._fresh = False
         else:
             # the data-order check of ``batches`` makes the first pass's rows and label
             # samples belong to the batch at the same index; no bar: a solve shows one bar
@@ -476,14 +480,24 @@ class GGNOperator(LinearOperator, CurvatureComputer):
                     self._product_cached(batch.graphs, batch, V, out)
                 else:
                     self._product_streaming(batch, inputs, V, out)
+                self._fresh = False
+        if self._fresh:  # no batch
+            out.zero_()
         return out.T.contiguous()
 
     def _accumulate(self, out: Tensor, grads: Sequence[Tensor | None]) -> None:
-        """``out[K, P] += grads`` flattened, parameter by parameter (no concatenated copy)."""
+        """``out[K, P] += grads`` flattened, parameter by parameter (no concatenated copy);
+        the first batch of a product writes instead of adding (no zeroed result first)."""
         K, start = out.shape[0], 0
         for g, n in zip(grads, self.space.numels, strict=True):
-            if g is not None:
-                out[:, start : start + n] += g.reshape(K, n)
+            dst = out[:, start : start + n]
+            if g is None:
+                if self._fresh:
+                    dst.zero_()
+            elif self._fresh:
+                dst.copy_(g.reshape(K, n))
+            else:
+                dst += g.reshape(K, n)
             start += n
 
     def _first_visit(self, index: int, inputs, targets) -> tuple[_Batch, _Graphs | None]:
