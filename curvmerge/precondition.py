@@ -8,8 +8,8 @@ is a handful of large eigenvalues far above :math:`\\mu`; the randomized Nyströ
 preconditioner of Frangella, Tropp & Udell ("Randomized Nyström preconditioning", SIAM J.
 Matrix Anal. Appl. 44(2), 2023) captures them from one block product :math:`A\\Omega` with a
 ``[P, ℓ]`` test matrix. On that CNN merge it paid off only at the smallest damping (rank 20:
-56 products, sketch included, against 63 at damping 1e-3; 37 against 27 at 1e-2), and its
-``P × ℓ`` float64 blocks rule it out for models of MiniLM's size.
+56 products, sketch included, against 63 at damping 1e-3; 37 against 27 at 1e-2); its
+``P × ℓ`` blocks, in the operator's dtype, weigh ℓ parameter vectors each.
 
 For Kronecker-factored curvatures (K-FAC, RegMean's Grams) the
 :class:`KroneckerPreconditioner` replaces, per layer, the sum :math:`\\sum_t w_t B_t \\otimes
