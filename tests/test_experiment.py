@@ -220,6 +220,20 @@ def test_a_scaling_grid_costs_one_merge(trained, monkeypatch):
     assert len(res.sweeps["tsv_merge"].points) == 4
 
 
+def test_frozen_models_run_without_a_gradient_pass_unit(trained):
+    from curvmerge.experiment.outputs import cost_table, format_report
+
+    pool, tasks = _pools(trained)
+    frozen = [copy.deepcopy(m).requires_grad_(False) for m in pool.models]
+    res = run_experiment(
+        ModelPool(frozen, base=pool.base), tasks, ["average", "task_arithmetic"],
+        settings=Settings(**SETTINGS),
+    )  # fmt: skip
+    assert res.costs["gradient_pass_seconds"] is None and cost_table(res) is None
+    assert "task_arithmetic" in format_report(res, "t")
+    assert all(not p.requires_grad for m in frozen for p in m.parameters())
+
+
 def test_test_labels_never_choose(trained):
     methods = ["task_arithmetic", "ties", "fisher_diagonal"]
     results = []

@@ -330,30 +330,35 @@ class StatisticsStore:
         return self._grams
 
     # ------------------------------------------------------------------ costs
-    def gradient_pass_seconds(self) -> float:
+    def gradient_pass_seconds(self) -> float | None:
         """The unit of the costs' gradient-pass equivalents: seconds of one gradient pass
         (forward, loss, backward to the selected parameters) over one model's statistics
-        batches, the mean over the models; measured once, after one warm-up batch."""
+        batches, the mean over the models; measured once, after one warm-up batch.
+        ``None`` when it cannot be measured (no batches, or no selected parameter that
+        requires a gradient): the reports then leave the unit out."""
         if self._pass_seconds is None:
             times = []
             for k, model in enumerate(self.models):
                 named = dict(model.named_parameters())
-                params = [named[n] for n in self.params if n in named]
+                params = [named[n] for n in self.params if n in named and named[n].requires_grad]
+                batches = list(iterate_batches(self.batches[k]))
+                if not params or not batches:
+                    return None
                 fn, device = self.losses[k].module(), model_device(model)
 
                 def grad(inputs, targets, k=k, model=model, params=params, fn=fn, dev=device):
-                    out = model_outputs(model, move_batch(inputs, dev))
-                    f, y, _ = flatten_rows(self.losses[k], out, move_batch(targets, dev))
-                    torch.autograd.grad(fn(f, y), params, allow_unused=True)
+                    with torch.enable_grad():
+                        out = model_outputs(model, move_batch(inputs, dev))
+                        f, y, _ = flatten_rows(self.losses[k], out, move_batch(targets, dev))
+                        torch.autograd.grad(fn(f, y), params, allow_unused=True)
 
-                batches = list(iterate_batches(self.batches[k]))
-                if k == 0 and batches:
+                if k == 0:
                     grad(*batches[0])  # warm-up
                 start = time.perf_counter()
                 for inputs, targets in batches:
                     grad(inputs, targets)
                 times.append(time.perf_counter() - start)
-            self._pass_seconds = sum(times) / max(len(times), 1)
+            self._pass_seconds = sum(times) / len(times)
         return self._pass_seconds
 
     def costs(self) -> dict[str, Any]:
