@@ -264,7 +264,10 @@ def rescale(result: MergeResult, base, scaling: float) -> MergeResult:
 
     ``result`` is the merge at scaling 1, :math:`\\theta_0 + \\Delta`; returns
     :math:`\\theta_0 + s\\,\\Delta` (computed in at least float32, returned in each
-    parameter's dtype) with the report's ``scaling`` and coefficients updated.
+    parameter's dtype) with the report's ``scaling`` and coefficients updated. The unit
+    merge was rounded once to the parameters' dtype: for half-precision models a rescaled
+    point can differ from a direct merge at that scaling by about ``scaling`` units in the
+    last place.
     """
     base_params = parameters_of(base)
     params = {}
