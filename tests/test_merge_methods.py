@@ -440,3 +440,20 @@ def test_scaled_methods_are_base_plus_scaling_times_one_delta():
             assert got.report.options["scaling"] == scaling
             assert got.report.weights == pytest.approx(want.report.weights)
             assert unit.report.options["scaling"] == 1.0  # the unit merge is not changed
+
+
+def test_slerp_of_near_antipodal_float32_models_is_exact():
+    """Two float32 unit vectors 1e-3 rad from antipodal: the midpoint of their great circle
+    (float32 arccos near -1 misses it; the interpolation runs in float64)."""
+    g = torch.Generator().manual_seed(0)
+    u0 = torch.randn(1000, generator=g, dtype=D)
+    u0 /= u0.norm()
+    p = torch.randn(1000, generator=g, dtype=D)
+    p -= (p @ u0) * u0
+    p /= p.norm()
+    angle = math.pi - 1e-3
+    u1 = math.cos(angle) * u0 + math.sin(angle) * p
+    exact = (u0 + u1) / (u0 + u1).norm()
+    out = slerp([{"w": u0.float()}, {"w": u1.float()}], t=0.5).params["w"]
+    assert out.dtype == torch.float32
+    assert float((out.double() - exact).norm()) < 1e-4

@@ -500,12 +500,15 @@ def slerp(
     if not 0 <= t <= 1:
         raise ValueError(f"t must be in [0, 1], got {t}")
     origin = flat.base if flat.base is not None else torch.zeros_like(flat.thetas[0])
-    v0, v1 = flat.thetas[0] - origin, flat.thetas[1] - origin
+
+    def interpolate(sl) -> Tensor:  # in float64: float32 arccos near +-1 loses the angle
+        o = origin[sl].double()
+        v0, v1 = flat.thetas[0][sl].double() - o, flat.thetas[1][sl].double() - o
+        return (o + slerp_vectors(v0, v1, t)).to(flat.thetas.dtype)
+
     if per_tensor:
-        merged = torch.cat(
-            [slerp_vectors(v0[sl], v1[sl], t) for sl in flat.space.slices().values()]
-        )
+        merged = torch.cat([interpolate(sl) for sl in flat.space.slices().values()])
     else:
-        merged = slerp_vectors(v0, v1, t)
+        merged = interpolate(slice(None))
     report = method_report("slerp", flat, [1 - t, t], start, t=t, per_tensor=per_tensor)
-    return MergeResult(flat.unflatten(origin + merged), report)
+    return MergeResult(flat.unflatten(merged), report)
