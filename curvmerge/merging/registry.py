@@ -334,50 +334,37 @@ def _curvature_merge(models, *, base, curvatures, weights, params, prior, **equa
     )
 
 
-def _task_arithmetic(models, *, base, curvatures, weights, params, scaling):
-    return task_arithmetic(models, base, scaling=scaling, weights=weights, params=params)
+def _on_task_vectors(method):
+    """Adapter of ``method(models, base, *, weights, params, **options)``."""
+
+    def call(models, *, base, curvatures, weights, params, **options):
+        return method(models, base, weights=weights, params=params, **options)
+
+    return call
 
 
-def _ties(models, *, base, curvatures, weights, params, density, scaling):
-    return ties(models, base, density=density, scaling=scaling, weights=weights, params=params)
+def _on_statistics(method):
+    """Adapter of ``method(models, statistics, *, weights, params, **options)``."""
+
+    def call(models, *, base, curvatures, weights, params, **options):
+        return method(models, curvatures, weights=weights, params=params, **options)
+
+    return call
 
 
-def _dare(models, *, base, curvatures, weights, params, **options):
-    return dare(models, base, weights=weights, params=params, **options)
+def _spherical(method):
+    """Adapter of ``method(models, *, weights, base, params, **options)`` (base optional)."""
+
+    def call(models, *, base, curvatures, weights, params, **options):
+        return method(models, weights=weights, base=base, params=params, **options)
+
+    return call
 
 
 def _slerp(models, *, base, curvatures, weights, params, t, per_tensor):
     if weights is not None and t is not None:
         raise ValueError("slerp takes the option t or weights, not both")
     return slerp(models, t=t, weights=weights, base=base, per_tensor=per_tensor, params=params)
-
-
-def _tsv(models, *, base, curvatures, weights, params, **options):
-    return tsv_merge(models, base, weights=weights, params=params, **options)
-
-
-def _iso_c(models, *, base, curvatures, weights, params, **options):
-    return iso_c(models, base, weights=weights, params=params, **options)
-
-
-def _iso_cts(models, *, base, curvatures, weights, params, **options):
-    return iso_cts(models, base, weights=weights, params=params, **options)
-
-
-def _slerp_sequential(models, *, base, curvatures, weights, params, **options):
-    return slerp_sequential(models, weights=weights, base=base, params=params, **options)
-
-
-def _barycenter(models, *, base, curvatures, weights, params, **options):
-    return spherical_barycenter(models, weights=weights, base=base, params=params, **options)
-
-
-def _regmean(models, *, base, curvatures, weights, params, **options):
-    return regmean(models, curvatures, weights=weights, params=params, **options)
-
-
-def _regmean_plus_plus(models, *, base, curvatures, weights, params, **options):
-    return regmean_plus_plus(models, curvatures, weights=weights, params=params, **options)
 
 
 def _adamerging(models, *, base, curvatures, weights, params, **options):
@@ -412,7 +399,7 @@ _TABLE: tuple[MethodSpec, ...] = (
         name="task_arithmetic",
         summary="base + scaling * sum of task vectors",
         reference="Ilharco et al., Editing models with task arithmetic, ICLR 2023",
-        function=_task_arithmetic,
+        function=_on_task_vectors(task_arithmetic),
         options={"scaling": 1.0},
         needs_base=True,
         weights="per-model multipliers of the task vectors (default 1)",
@@ -423,7 +410,7 @@ _TABLE: tuple[MethodSpec, ...] = (
         name="ties",
         summary="trim task vectors, elect signs, average the agreeing entries",
         reference="Yadav et al., TIES-Merging, NeurIPS 2023",
-        function=_ties,
+        function=_on_task_vectors(ties),
         options={"density": 0.2, "scaling": 1.0},
         needs_base=True,
         weights="per-model multipliers of the trimmed task vectors (default 1)",
@@ -434,7 +421,7 @@ _TABLE: tuple[MethodSpec, ...] = (
         name="dare",
         summary="randomly drop and rescale task-vector entries (seeded), then add them",
         reference="Yu et al., Language models are Super Mario, ICML 2024",
-        function=_dare,
+        function=_on_task_vectors(dare),
         options={
             "drop_rate": 0.5,
             "scaling": 1.0,
@@ -462,7 +449,7 @@ _TABLE: tuple[MethodSpec, ...] = (
         summary="pairwise sequential SLERP with cumulative weights (per tensor)",
         reference="Shoemake 1985; the pairwise baseline of M3SB (multi-model merging via "
         "spherical barycenters)",
-        function=_slerp_sequential,
+        function=_spherical(slerp_sequential),
         options={"per_tensor": True},
         weights="per-model weights w_t >= 0 (step k interpolates with t = w_k / (w_1+..+w_k))",
     ),
@@ -471,7 +458,7 @@ _TABLE: tuple[MethodSpec, ...] = (
         summary="weighted Karcher mean of the directions on the sphere, mean norm (per tensor)",
         reference="Buss & Fillmore, Spherical averages and applications to spherical splines "
         "and interpolation, ACM TOG 2001; M3SB (multi-model merging via spherical barycenters)",
-        function=_barycenter,
+        function=_spherical(spherical_barycenter),
         options={"per_tensor": True, "tol": 1e-10, "maxiter": 100},
         weights="barycenter weights w_t >= 0 (default equal)",
     ),
@@ -481,7 +468,7 @@ _TABLE: tuple[MethodSpec, ...] = (
         "decorrelated (TSV-M)",
         reference="Gargiulo et al., Task singular vectors: reducing task interference in model "
         "merging, CVPR 2025",
-        function=_tsv,
+        function=_on_task_vectors(tsv_merge),
         options={"scaling": 1.0, "rank_fraction": None, "vector_merge": "mean"},
         needs_base=True,
         weights="per-model multipliers of the task vectors (default 1)",
@@ -493,7 +480,7 @@ _TABLE: tuple[MethodSpec, ...] = (
         summary="isotropic merging: flatten the spectrum of the summed task matrix (Iso-C)",
         reference="Marczak et al., No task left behind: isotropic model merging with common "
         "and task-specific subspaces, ICML 2025",
-        function=_iso_c,
+        function=_on_task_vectors(iso_c),
         options={"scaling": 1.0, "vector_merge": "mean"},
         needs_base=True,
         weights="per-model multipliers of the task vectors (default 1)",
@@ -505,7 +492,7 @@ _TABLE: tuple[MethodSpec, ...] = (
         summary="isotropic merging on common and task-specific subspaces (Iso-CTS)",
         reference="Marczak et al., No task left behind: isotropic model merging with common "
         "and task-specific subspaces, ICML 2025",
-        function=_iso_cts,
+        function=_on_task_vectors(iso_cts),
         options={"scaling": 1.0, "common_fraction": 0.8, "vector_merge": "mean"},
         needs_base=True,
         weights="per-model multipliers of the task vectors (default 1)",
@@ -517,7 +504,7 @@ _TABLE: tuple[MethodSpec, ...] = (
         summary="per-layer regression on input Gram matrices, solved exactly (RegMean)",
         reference="Jin et al., Dataless knowledge fusion by merging weights of language "
         "models, ICLR 2023",
-        function=_regmean,
+        function=_on_statistics(regmean),
         statistics="input_gram",
         options={"alpha": 0.9, "normalize": False},
         grid=tuple({"alpha": a} for a in (0.5, 0.9, 0.95)),
@@ -527,7 +514,7 @@ _TABLE: tuple[MethodSpec, ...] = (
         summary="RegMean with each layer's Grams taken from the merged earlier layers (RegMean++)",
         reference="Nguyen et al., RegMean++: enhancing effectiveness and generalization of "
         "regression mean for model merging, 2025",
-        function=_regmean_plus_plus,
+        function=_on_statistics(regmean_plus_plus),
         statistics="data",
         options={"alpha": 0.9, "normalize": False},
         grid=tuple({"alpha": a} for a in (0.5, 0.9, 0.95)),
