@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import os
 import warnings
@@ -199,13 +200,14 @@ def test_a_scaling_grid_costs_one_merge(trained, monkeypatch):
     from curvmerge.merging.spectral import tsv_merge
 
     calls = []
-    real = registry.tsv_merge
+    spec = registry.get_method("tsv_merge")
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("scaling"))
-        return real(*args, **kwargs)
+        return spec.function(*args, **kwargs)
 
-    monkeypatch.setattr(registry, "tsv_merge", counting)
+    counted = dataclasses.replace(spec, function=counting)
+    monkeypatch.setitem(registry._REGISTRY, "tsv_merge", counted)
     pool, tasks = _pools(trained)
     grid = {"scaling": [0.5, 1.0, 1.5, 2.0]}
     res = run_experiment(
