@@ -265,68 +265,64 @@ class StatisticsStore:
         """One GGN/Fisher operator per model (kind ``"exact"``), built on the first call
         only; its products and diagonal are computed lazily by the methods that use it."""
         if operator_class not in self._operators:
-            ops = []
-            for k, model in enumerate(self.models):
-                start = time.perf_counter()
-                from curvmerge.experiment.pools import first_examples
+            from curvmerge.experiment.pools import first_examples
 
-                ops.append(
-                    operator_class(
-                        model,
-                        self.losses[k],
-                        first_examples(self.batches[k], self.exact_examples),
-                        params=self.params,
-                        kind="exact",
-                        progress=False,
-                    )
-                )
-                self.computed["exact_ggn"] += 1
-                self.seconds["exact_ggn"].append(time.perf_counter() - start)
+            def compute(k, model):
+                batches = first_examples(self.batches[k], self.exact_examples)
+                return operator_class(
+                    model, self.losses[k], batches, params=self.params, kind="exact",
+                    progress=False,
+                )  # fmt: skip
+
+            ops = self._each_model("exact_ggn", None, compute)
             self._operators[operator_class] = ops
             self._say(f"exact GGN operators of {len(ops)} models built")
         return self._operators[operator_class]
 
+    def _each_model(self, kind: str, what: str | None, compute: Callable) -> list:
+        """``compute(k, model)`` for every model, timed and counted under ``kind``; one log
+        line per model (``what`` of ``name``: seconds) unless ``what`` is ``None``."""
+        out = []
+        for k, model in enumerate(self.models):
+            start = time.perf_counter()
+            out.append(compute(k, model))
+            seconds = time.perf_counter() - start
+            self.computed[kind] += 1
+            self.seconds[kind].append(seconds)
+            if what is not None:
+                self._say(f"{what} of {self.names[k]}: {seconds:.2f} s")
+        return out
+
     def kfac_operators(self) -> list[KroneckerOperator]:
         """One K-FAC Fisher per model (the store's Fisher kind, its Monte-Carlo samples and
         seed, all statistics batches), computed on the first call only."""
+
+        def compute(k, model):
+            factors = kfac_factors(
+                model,
+                self.losses[k],
+                self.batches[k],
+                kind=self.fisher_kind,
+                mc_samples=self.mc_samples,
+                seed=self.seed,
+                params=self.params,
+                progress=self.progress,
+            )
+            return KroneckerOperator.from_kfac(ParamSpace.from_module(model, self.params), factors)
+
         if self._kfac is None:
-            ops = []
-            for k, model in enumerate(self.models):
-                start = time.perf_counter()
-                factors = kfac_factors(
-                    model,
-                    self.losses[k],
-                    self.batches[k],
-                    kind=self.fisher_kind,
-                    mc_samples=self.mc_samples,
-                    seed=self.seed,
-                    params=self.params,
-                    progress=self.progress,
-                )
-                space = ParamSpace.from_module(model, self.params)
-                ops.append(KroneckerOperator.from_kfac(space, factors))
-                seconds = time.perf_counter() - start
-                self.computed["kfac"] += 1
-                self.seconds["kfac"].append(seconds)
-                self._say(f"K-FAC factors ({self.fisher_kind}) of {self.names[k]}: {seconds:.2f} s")
-            self._kfac = ops
+            self._kfac = self._each_model("kfac", f"K-FAC factors ({self.fisher_kind})", compute)
         return self._kfac
 
     def input_grams(self) -> list:
         """One :class:`~curvmerge.statistics.LayerGrams` per model (all statistics batches),
         computed on the first call only."""
+
+        def compute(k, model):
+            return input_grams(model, self.batches[k], params=self.params, progress=self.progress)
+
         if self._grams is None:
-            grams = []
-            for k, model in enumerate(self.models):
-                start = time.perf_counter()
-                grams.append(
-                    input_grams(model, self.batches[k], params=self.params, progress=self.progress)
-                )
-                seconds = time.perf_counter() - start
-                self.computed["input_gram"] += 1
-                self.seconds["input_gram"].append(seconds)
-                self._say(f"input Gram matrices of {self.names[k]}: {seconds:.2f} s")
-            self._grams = grams
+            self._grams = self._each_model("input_gram", "input Gram matrices", compute)
         return self._grams
 
     # ------------------------------------------------------------------ costs
