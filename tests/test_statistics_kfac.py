@@ -252,3 +252,41 @@ def test_ignored_targets_stay_rows_of_a_but_are_no_loss_terms():
     rows = torch.cat([X.reshape(-1, 3), torch.ones(10, 1, dtype=DT)], dim=1)
     torch.testing.assert_close(f.A["0"], rows.T @ rows / 10)
     assert f.num_rows["0"] == 10 and f.num_terms == 8
+
+
+@pytest.mark.parametrize("kind", ["exact", "empirical"])
+def test_batch_order_does_not_change_the_factors(kind):
+    """K-FAC sums over examples in one pass: a shuffled loader gives the same factors."""
+    model, loss = _mlp(), nn.CrossEntropyLoss()
+    data = _data(loss)
+    g = torch.Generator().manual_seed(3)
+    X, y = torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data])
+    perm = torch.randperm(len(y), generator=g)
+    shuffled = [(X[perm][:3], y[perm][:3]), (X[perm][3:], y[perm][3:])]
+    a, b = (
+        kfac_factors(model, loss, data, kind=kind),
+        kfac_factors(model, loss, shuffled, kind=kind),
+    )
+    for layer in a.A:
+        torch.testing.assert_close(b.A[layer], a.A[layer], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(b.B[layer], a.B[layer], rtol=1e-12, atol=1e-14)
+
+
+def test_bf16_model_accumulates_in_float32():
+    """A bf16 model's factors are float32 sums: equal to the float32 model's (same bf16
+    weights and inputs) to bf16 forward precision, not to bf16 accumulation."""
+    model = _mlp().float()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    loss = nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(512, 3, generator=g).to(torch.bfloat16).float()
+    y = torch.randint(0, 3, (512,), generator=g)
+    data = [(X[i : i + 64], y[i : i + 64]) for i in range(0, 512, 64)]
+    ref = kfac_factors(model, loss, data)
+    low = kfac_factors(model.to(torch.bfloat16), loss, [(x.to(torch.bfloat16), t) for x, t in data])
+    for layer in ref.A:
+        assert low.A[layer].dtype == torch.float32 and low.B[layer].dtype == torch.float32
+        torch.testing.assert_close(low.A[layer], ref.A[layer], rtol=2e-2, atol=1e-3)
+        torch.testing.assert_close(low.B[layer], ref.B[layer], rtol=5e-2, atol=1e-3)
