@@ -15,6 +15,20 @@ from curvmerge.losses import (
 )
 
 
+class TokenModel(nn.Module):
+    """Token-level outputs ``[B, T, C]`` that mix positions (a causal running mean)."""
+
+    def __init__(self, d=3, C=4):
+        super().__init__()
+        self.inp = nn.Linear(d, 5)
+        self.out = nn.Linear(5, C)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        h = h.cumsum(1) / torch.arange(1, h.shape[1] + 1, dtype=h.dtype)[None, :, None]
+        return self.out(h)
+
+
 class Scale(nn.Module):
     """A layer the engine has no closed form for (the ``torch.func`` fallback)."""
 

@@ -12,25 +12,12 @@ from torch import nn
 from curvmerge import ParamSpace, SpaceMismatchError
 from curvmerge.losses import LossSpec, flatten_rows, resolve_loss, sample_targets
 from curvmerge.operators.ggn import GGNOperator
+from tests.fisher_cases import TokenModel
 
 DT = torch.float64
 
 
 # ---------------------------------------------------------------------------- problems
-class TokenModel(nn.Module):
-    """Token-level outputs ``[B, T, C]`` that mix positions (a causal running mean)."""
-
-    def __init__(self, d=3, C=4):
-        super().__init__()
-        self.inp = nn.Linear(d, 5)
-        self.out = nn.Linear(5, C)
-
-    def forward(self, x):
-        h = torch.tanh(self.inp(x))
-        h = h.cumsum(1) / torch.arange(1, h.shape[1] + 1, dtype=h.dtype)[None, :, None]
-        return self.out(h)
-
-
 def _mlp(out=3):
     return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, out))
 

@@ -98,6 +98,7 @@ def diagonal_fisher(
     seed: int = 0,
     progress: bool = True,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    distributed: bool | None = None,
 ) -> DiagonalFisher:
     """The diagonal of the Fisher of ``model`` on ``data``, per example.
 
@@ -129,6 +130,12 @@ def diagonal_fisher(
         progress: Show a progress bar.
         memory_budget: Bytes the engine may use for per-example gradients at once (the
             activations of a batch come on top; choose the batch size for those).
+        distributed: Sum the squares and counts over the processes of
+            :mod:`torch.distributed`, each reading its own shard of the data, so that every
+            process returns the diagonal of all the shards (``None``: when a process group
+            is initialised; ``False``: each process's own shard; see
+            :class:`~curvmerge.statistics.base.CurvatureComputer`). ``mc`` labels are drawn
+            with another seed on each process but the main one.
 
     Returns:
         A :class:`DiagonalFisher` (a :class:`~curvmerge.operators.DiagonalOperator`) on the
@@ -142,7 +149,7 @@ def diagonal_fisher(
         >>> F.shape, F.kind, F.num_examples
         ((26, 26), 'exact', 5)
     """
-    computer = CurvatureComputer(model, loss_fn, data, params=params)
+    computer = CurvatureComputer(model, loss_fn, data, params=params, distributed=distributed)
     stats = diagonal_squares(
         computer,
         kind=kind,

@@ -284,6 +284,15 @@ class GGNOperator(LinearOperator, CurvatureComputer):
         progress: Show a progress bar over the batches of the statistic passes (the first
             product, which builds the cache, and the diagonal); later products show none
             (a solve shows one bar for all of them).
+        distributed: Data parallelism on :mod:`torch.distributed`: each process's ``data``
+            is its own shard, and every product (and the diagonal, and the count of
+            ``num_data``) is summed over the processes once, at its end, so that every
+            process gets the product of all the shards' GGN and a CG solve runs in lockstep
+            on all of them. ``None`` (default): when a process group is initialised;
+            ``False``: the shard's own GGN (see
+            :class:`~curvmerge.statistics.base.CurvatureComputer`). A given ``num_data`` is
+            that of all the shards; ``mc`` labels are drawn with another seed on each
+            process but the main one.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -313,9 +322,12 @@ class GGNOperator(LinearOperator, CurvatureComputer):
         cache: bool | int | str = "auto",
         block_columns: int = 1,
         progress: bool = False,
+        distributed: bool | None = None,
     ):
         check_kind(kind, mc_samples)
-        CurvatureComputer.__init__(self, model, loss_fn, data, params=params, num_data=num_data)
+        CurvatureComputer.__init__(
+            self, model, loss_fn, data, params=params, num_data=num_data, distributed=distributed
+        )
         # products run in at least float32 (a bf16 model's products are formed with float32
         # copies of its parameters and buffers): statistics never accumulate in half precision
         self.dtype = torch.promote_types(self.model_dtype, torch.float32)
@@ -382,7 +394,7 @@ class GGNOperator(LinearOperator, CurvatureComputer):
         return model_outputs(lambda _: out, None)
 
     def _seed_for(self, index: int) -> int:
-        return (self.seed * 1_000_003 + index) % (2**63)
+        return self.rank_seed((self.seed * 1_000_003 + index) % (2**63))
 
     def _prepare_batch(self, index: int, inputs, targets, f: Tensor) -> _Batch:
         """Output-space data of one batch: kept rows, and the scores for mc/empirical."""
@@ -483,6 +495,7 @@ class GGNOperator(LinearOperator, CurvatureComputer):
                 self._fresh = False
         if self._fresh:  # no batch
             out.zero_()
+        self.sum_over_ranks([out])  # one sum per product (with ``distributed``)
         return out.T.contiguous()
 
     def _accumulate(self, out: Tensor, grads: Sequence[Tensor | None]) -> None:

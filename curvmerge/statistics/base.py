@@ -12,6 +12,11 @@ every product). What it owns, once, for every computer:
   with another pass's batches (curvlinops guards the same way); passes that only sum over
   examples take any order;
 - ``num_data``: the normaliser of a ``"mean"`` loss (see :mod:`curvmerge.losses`);
+- data parallelism on :mod:`torch.distributed`: when a process group is initialised (and
+  ``distributed`` is not ``False``), each process's ``data`` is its own shard and
+  :meth:`CurvatureComputer.sum_over_ranks` sums statistics and counts over the processes,
+  once per statistic or per product (never per batch), so that every process holds the
+  statistic of all the shards together (:mod:`curvmerge.distributed`);
 - :meth:`CurvatureComputer.state_key`: what every cache is keyed on, i.e. every parameter
   and buffer the forward pass may read (identity, storage, in-place version and a checksum
   of the values) and every module's training flag.
@@ -25,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from curvmerge.batches import check_deterministic, iterate_batches, move_batch
+from curvmerge.distributed import all_reduce_sum, is_main_process, rank, use_distributed
 from curvmerge.losses import LossSpec, count_terms, resolve_loss
 from curvmerge.space import ParamSpace
 
@@ -89,7 +95,17 @@ class CurvatureComputer:
             :class:`~curvmerge.space.ParamSpace`.
         num_data: The normaliser of a ``"mean"`` loss over the whole data set (loss terms:
             examples for classification, non-padding tokens for token-level cross-entropy,
-            entries for MSE/BCE); ``None`` counts it in one pass when first needed.
+            entries for MSE/BCE); ``None`` counts it in one pass when first needed (over
+            all the processes' shards with ``distributed``). A given ``num_data`` is that of
+            all the shards together.
+        distributed: Sum statistics over the processes of :mod:`torch.distributed`, each
+            holding its own shard of the data: ``None`` (default) when a process group is
+            initialised, ``False`` never (each process keeps its shard's statistic), ``True``
+            always (refused without a process group). Every process must then run the same
+            computations in the same order (the sums are collective calls).
+
+    Raises:
+        ValueError: ``distributed=True`` while torch.distributed is not initialised.
     """
 
     def __init__(
@@ -100,6 +116,7 @@ class CurvatureComputer:
         *,
         params: str | Sequence[str] | ParamSpace | None = None,
         num_data: int | None = None,
+        distributed: bool | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -128,6 +145,7 @@ class CurvatureComputer:
             raise ValueError(f"num_data must be a positive integer, got {num_data!r}")
         self._num_data = num_data
         self._fingerprints: list[tuple] | None = None
+        self.distributed = use_distributed(distributed)
 
     # ------------------------------------------------------------------ data
     def batches(
@@ -142,7 +160,8 @@ class CurvatureComputer:
         inputs cast to ``dtype``, default the computer's).
 
         Args:
-            desc, progress: A progress bar over the batches (``progress=True``).
+            desc, progress: A progress bar over the batches (``progress=True``; with
+                ``distributed``, on the main process only).
             same_batches: This pass reuses what an earlier pass kept per batch index (label
                 samples, kept rows): the first such pass records every batch's fingerprint,
                 later ones are checked against it. Passes that only sum over examples (a
@@ -158,7 +177,7 @@ class CurvatureComputer:
         dtype = self.dtype if dtype is None else dtype
         seen: list[tuple] = []
         items = iterate_batches(self.data)
-        if progress:
+        if progress and (not self.distributed or is_main_process()):
             from tqdm.auto import tqdm
 
             total = len(self.data) if hasattr(self.data, "__len__") else None
@@ -198,13 +217,34 @@ class CurvatureComputer:
             "sampler with a fixed seed), no random augmentation, or pass a list of batches"
         )
 
+    # ------------------------------------------------------------------ processes
+    def sum_over_ranks(self, tensors: Sequence[Tensor] = (), counts: Sequence[int] = ()):
+        """Sum ``tensors`` (in place) and ``counts`` over the processes when the computer
+        is ``distributed``; return the summed counts (a list). One collective call per
+        dtype of the tensors (the counts travel as one int64 tensor); without
+        ``distributed``, nothing happens and the counts come back as they are."""
+        if not self.distributed:
+            return list(counts)
+        summed = torch.tensor(list(counts), dtype=torch.int64)
+        all_reduce_sum([*tensors, summed])
+        return summed.tolist()
+
+    def rank_seed(self, seed: int) -> int:
+        """``seed`` on the main process (or without ``distributed``); another seed on each
+        other process, so that the processes' label samples are independent draws."""
+        if not self.distributed:
+            return seed
+        return (seed + rank() * 2**40) % 2**63
+
     @property
     def num_data(self) -> int:
-        """The ``"mean"`` normaliser (counted in one pass over the data if not given)."""
+        """The ``"mean"`` normaliser (counted in one pass over the data if not given; over
+        all the processes' shards with ``distributed``)."""
         if self._num_data is None:
             total = 0
             for _, _, targets in self.batches():
                 total += count_terms(self.loss, targets)
+            (total,) = self.sum_over_ranks(counts=[total])
             if total == 0 and self.loss.reduction == "mean":
                 raise ValueError("data has no loss terms (every target is ignore_index)")
             self._num_data = max(total, 1)

@@ -166,12 +166,13 @@ def fisher_batches(
     The loop every computer that sums over output cotangents shares (diagonal Fisher,
     K-FAC): inputs and targets moved to the device (floating ones cast to ``dtype``,
     default the computer's), the ``mc`` labels drawn from a CPU generator seeded with
-    ``seed``, or with ``seed(index)`` per batch (that pass then needs the batches of the
+    ``seed`` (:meth:`~CurvatureComputer.rank_seed`: another seed on each process but the
+    main one), or with ``seed(index)`` per batch (that pass then needs the batches of the
     computer's first such pass: checked). ``out`` and the cotangents are released before the
     next batch's forward pass.
     """
     per_batch = callable(seed)
-    generator = None if per_batch else torch.Generator().manual_seed(seed)
+    generator = None if per_batch else torch.Generator().manual_seed(computer.rank_seed(seed))
     dtype = computer.dtype if dtype is None else dtype
     batches = computer.batches(desc, progress, same_batches=per_batch and kind == "mc", dtype=dtype)
     for index, inputs, targets in batches:
@@ -225,7 +226,7 @@ class DiagonalSquares:
     Attributes:
         sums: :math:`\\sum_V w_V \\sum_n (\\nabla_\\theta V_n^\\top f_n)^{\\odot 2}`, flat
             over the computer's space, in at least float32 (not yet multiplied by :math:`c`).
-        num_examples: Examples read.
+        num_examples: Examples read (by all the processes with ``distributed``).
         num_terms: Loss terms counted (the ``"mean"`` normaliser of the data read).
     """
 
@@ -244,7 +245,8 @@ def diagonal_squares(
     progress: bool = False,
     model: nn.Module | None = None,
 ) -> DiagonalSquares:
-    """One pass over ``computer``'s data summing the kind's per-example squares.
+    """One pass over ``computer``'s data summing the kind's per-example squares (and,
+    when the computer is ``distributed``, over the processes' shards: one sum at the end).
 
     Args:
         computer: Model, loss, data and selected parameters.
@@ -294,4 +296,5 @@ def diagonal_squares(
             p.requires_grad_(requires[n])
     acc = torch.promote_types(dtype, torch.float32)
     sums = torch.cat([squares[n].reshape(-1).to(acc) for n in space.names])
+    num_examples, num_terms = computer.sum_over_ranks([sums], [num_examples, num_terms])
     return DiagonalSquares(sums, num_examples, num_terms)

@@ -97,6 +97,7 @@ def input_grams(
     params: str | Sequence[str] | ParamSpace | None = None,
     loss: nn.Module | str | LossSpec | None = None,
     progress: bool = False,
+    distributed: bool | None = None,
 ) -> LayerGrams:
     """Input Gram matrices of the supported layers among the selected parameters.
 
@@ -108,6 +109,10 @@ def input_grams(
         loss: Accepted for a uniform signature with the other computers; not used (the
             Grams do not depend on the loss).
         progress: Show a progress bar over the batches.
+        distributed: Sum the Grams and counts over the processes of
+            :mod:`torch.distributed`, each reading its own shard of the data (``None``:
+            when a process group is initialised; see
+            :class:`~curvmerge.statistics.base.CurvatureComputer`).
 
     Returns:
         :class:`LayerGrams`, in float32 or the model's dtype if wider.
@@ -125,7 +130,9 @@ def input_grams(
                 [14., 20.,  6.],
                 [ 4.,  6.,  2.]]), 2, 'bias')
     """
-    computer = CurvatureComputer(model, loss if loss is not None else "mse", data, params=params)
+    computer = CurvatureComputer(
+        model, loss if loss is not None else "mse", data, params=params, distributed=distributed
+    )
     layers, unsupported = find_layers(model, computer.space.names)
     if not layers:
         raise ValueError(
@@ -148,6 +155,9 @@ def input_grams(
             hooks.start(inputs)
             model_outputs(model, inputs)
             num_examples += batch_size(inputs)
+    counts = computer.sum_over_ranks(list(grams.values()), [*rows_seen.values(), num_examples])
+    *rows, num_examples = counts
+    rows_seen = dict(zip(rows_seen, rows, strict=True))
     layers, unsupported = drop_unseen(layers, rows_seen, computer.space.names)
     if not layers:
         raise ValueError(

@@ -114,6 +114,7 @@ def kfac_factors(
     num_data: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: bool = False,
+    distributed: bool | None = None,
 ) -> KFACFactors:
     """K-FAC factors :math:`A` and :math:`B` of every supported layer among the selected
     parameters, in one forward pass and one (vectorised) backward pass per group of
@@ -134,6 +135,12 @@ def kfac_factors(
         memory_budget: Bytes the exact kind's ``[M, C, C]`` output-Hessian factor of a batch
             may use (past it, ``"exact"`` is refused: a language model's vocabulary).
         progress: Show a progress bar over the batches.
+        distributed: Sum the factors' sums and counts over the processes of
+            :mod:`torch.distributed`, each reading its own shard of the data, before they
+            are normalised (``None``: when a process group is initialised; see
+            :class:`~curvmerge.statistics.base.CurvatureComputer`). A given ``num_data`` is
+            that of all the shards; ``mc`` labels are drawn with another seed on each
+            process but the main one.
 
     Raises:
         ValueError: An unknown kind, no selected parameter in a supported layer, or a
@@ -142,7 +149,9 @@ def kfac_factors(
             ``memory_budget``; use ``kind="mc"``.
     """
     check_kind(kind, mc_samples)
-    computer = CurvatureComputer(model, loss, data, params=params, num_data=num_data)
+    computer = CurvatureComputer(
+        model, loss, data, params=params, num_data=num_data, distributed=distributed
+    )
     layers, unsupported = find_layers(model, computer.space.names)
     if not layers:
         raise ValueError(
@@ -193,6 +202,10 @@ def kfac_factors(
     finally:
         for p, r in zip(weights, requires, strict=True):
             p.requires_grad_(r)
+    *rows, num_examples, num_terms = computer.sum_over_ranks(
+        [*A.values(), *B.values()], [*num_rows.values(), num_examples, num_terms]
+    )
+    num_rows = dict(zip(num_rows, rows, strict=True))
     layers, unsupported = drop_unseen(layers, num_rows, computer.space.names)
     if not layers:
         raise ValueError(

@@ -1,0 +1,120 @@
+"""torch.distributed helpers: who this process is, and sums over all processes.
+
+curvmerge communicates only through :mod:`torch.distributed` (gloo on CPUs, NCCL on GPUs),
+whose process group the user (or ``torchrun``) initialises. When it is not initialised every
+helper is a no-op for a single process: rank 0 of a world of 1, sums left as they are.
+
+Data-parallel curvature (see ``docs/distributed.md``): each rank reads its own shard of the
+data, and the curvature computers (:class:`~curvmerge.statistics.base.CurvatureComputer`
+and what is built on it) sum their statistics over the ranks with :func:`all_reduce_sum`,
+once per statistic or per product, so every rank holds the statistic of all the data.
+
+Example:
+    >>> t = torch.tensor([1.0, 2.0])
+    >>> all_reduce_sum(t) is t, rank(), world_size(), is_main_process()
+    (True, 0, 1, True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "is_distributed",
+    "rank",
+    "world_size",
+    "is_main_process",
+    "all_reduce_sum",
+    "use_distributed",
+]
+
+# dtypes sent as float32 (gloo has no bfloat16 sum on every build; summing in half precision
+# would round every partial sum)
+_WIDEN = {torch.bfloat16: torch.float32, torch.float16: torch.float32}
+
+
+def is_distributed() -> bool:
+    """Whether a ``torch.distributed`` process group is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's rank (0 without torch.distributed)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    """The number of processes (1 without torch.distributed)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    """Rank 0: the process that prints progress and writes files."""
+    return rank() == 0
+
+
+def use_distributed(distributed: bool | None) -> bool:
+    """The rule of every ``distributed`` argument: ``None`` sums over the processes when
+    torch.distributed is initialised, ``False`` never (each process keeps its own data's
+    statistic), ``True`` always.
+
+    Raises:
+        ValueError: ``True`` while torch.distributed is not initialised.
+    """
+    if distributed is None:
+        return is_distributed()
+    if distributed and not is_distributed():
+        raise ValueError(
+            "distributed=True but torch.distributed is not initialised: call "
+            "torch.distributed.init_process_group first (torchrun sets its environment), "
+            "or leave distributed=None"
+        )
+    return bool(distributed)
+
+
+def _comm_device(t: Tensor) -> torch.device:
+    """Where the backend sums ``t``: NCCL needs the current CUDA device, gloo the CPU; a
+    group with a backend per device (``"cpu:gloo,cuda:nccl"``) sums on the tensor's own."""
+    backend = str(dist.get_backend())
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    if backend == "gloo":
+        return torch.device("cpu")
+    return t.device
+
+
+def all_reduce_sum(tensors: Tensor | Sequence[Tensor]) -> Tensor | Sequence[Tensor]:
+    """Sum tensors over all processes, in place, and return the argument.
+
+    A no-op without torch.distributed (or in a world of one process). Tensors of one
+    dtype are summed in one collective call (flattened into one buffer when there are
+    several), on the device the backend needs (copied there and back when it is not the
+    tensor's); bfloat16 and float16 tensors are summed in float32 and rounded back once.
+
+    Args:
+        tensors: A tensor or a sequence of tensors (any devices, dtypes and layouts).
+
+    Returns:
+        ``tensors`` itself, holding the sums.
+    """
+    items = [tensors] if isinstance(tensors, Tensor) else list(tensors)
+    if not items or world_size() == 1:
+        return tensors
+    groups: dict[tuple, list[Tensor]] = {}
+    for t in items:
+        key = (_WIDEN.get(t.dtype, t.dtype), _comm_device(t))
+        groups.setdefault(key, []).append(t)
+    for (dtype, device), group in groups.items():
+        t = group[0]
+        if len(group) == 1 and t.is_contiguous() and t.dtype == dtype and t.device == device:
+            dist.all_reduce(t)  # in place, no copy
+            continue
+        buf = torch.cat([g.reshape(-1).to(device=device, dtype=dtype) for g in group])
+        dist.all_reduce(buf)
+        for g, part in zip(group, buf.split([g.numel() for g in group]), strict=True):
+            g.copy_(part.view(g.shape))
+    return tensors

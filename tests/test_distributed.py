@@ -1,0 +1,239 @@
+"""Data-parallel curvature on torch.distributed: two gloo processes on the CPU, each with its
+own (uneven) shard of the data, give the single-process results on all the data.
+
+One spawned job computes everything (GGN products and diagonals, the diagonal Fisher, input
+Grams, K-FAC factors, an exact-Fisher merge) on both ranks and saves it under ``tmp_path``;
+the parent computes the same on all the data in one process and compares.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from curvmerge import diagonal_fisher, merge
+from curvmerge.distributed import (
+    all_reduce_sum,
+    is_distributed,
+    is_main_process,
+    rank,
+    world_size,
+)
+from curvmerge.operators.ggn import GGNOperator
+from curvmerge.statistics import input_grams, kfac_factors
+from curvmerge.statistics.base import CurvatureComputer
+from tests.fisher_cases import TokenModel, cnn_plain
+
+DT = torch.float64
+SHARDS = (7, 13)  # examples of rank 0 and rank 1: uneven, and uneven batch counts (2 and 4)
+BATCH = 4  # batch size of a rank's shard; the single-process run uses batches of 5
+TOL = 1e-6
+
+
+# ---------------------------------------------------------------------------- problems
+def _mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
+
+
+def _tokens() -> nn.Module:
+    torch.manual_seed(3)
+    return TokenModel().to(DT)
+
+
+def _cnn() -> nn.Module:
+    return cnn_plain().to(DT)
+
+
+def _examples(name: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ``sum(SHARDS)`` examples of a data set."""
+    g = torch.Generator().manual_seed(100 + seed)
+    N = sum(SHARDS)
+    if name == "ce":
+        return torch.randn(N, 4, generator=g, dtype=DT), torch.randint(0, 3, (N,), generator=g)
+    if name == "cnn":
+        return torch.randn(N, 1, 7, 7, generator=g, dtype=DT), torch.randint(
+            0, 3, (N,), generator=g
+        )
+    x = torch.randn(N, 5, 3, generator=g, dtype=DT)
+    y = torch.randint(0, 4, (N, 5), generator=g)
+    lengths = torch.randint(1, 6, (N,), generator=g)
+    y[torch.arange(5)[None, :] >= lengths[:, None]] = -100  # padding: terms != examples * 5
+    return x, y
+
+
+def _batches(name: str, part: int | None, seed: int = 0) -> list:
+    """Rank ``part``'s shard in batches of ``BATCH``, or (``None``) all the data in batches
+    of 5."""
+    x, y = _examples(name, seed)
+    if part is None:
+        size, lo, hi = 5, 0, len(x)
+    else:
+        size, lo = BATCH, sum(SHARDS[:part])
+        hi = lo + SHARDS[part]
+    return [(x[i : min(i + size, hi)], y[i : min(i + size, hi)]) for i in range(lo, hi, size)]
+
+
+def _probe(P: int) -> torch.Tensor:
+    return torch.randn(P, 3, generator=torch.Generator().manual_seed(5), dtype=DT)
+
+
+def _compute(part: int | None) -> dict[str, torch.Tensor]:
+    """Every statistic of the test on rank ``part``'s shard (all-reduced when
+    torch.distributed is initialised) or on all the data (``part=None``)."""
+    out: dict[str, torch.Tensor] = {}
+    ce = nn.CrossEntropyLoss()
+    model, data = _mlp(0), _batches("ce", part)
+    for kind in ("exact", "empirical"):
+        G = GGNOperator(model, ce, data, kind=kind)
+        out[f"ggn {kind} product"] = G @ _probe(G.shape[0])
+        out[f"ggn {kind} diagonal"] = G.diagonal()
+        out[f"ggn {kind} num_data"] = torch.tensor(G.num_data)
+    G = GGNOperator(model, ce, data, cache=False)
+    out["ggn streamed product"] = G @ _probe(G.shape[0])
+    tok, tok_data = _tokens(), _batches("tokens", part)
+    G = GGNOperator(tok, ce, tok_data)
+    out["ggn tokens product"] = G @ _probe(G.shape[0])
+    out["ggn tokens num_data"] = torch.tensor(G.num_data)
+    cnn, cnn_data = _cnn(), _batches("cnn", part)
+    for kind in ("exact", "empirical"):
+        for name, m, d in (("mlp", model, data), ("cnn", cnn, cnn_data), ("tokens", tok, tok_data)):
+            F = diagonal_fisher(m, ce, d, kind=kind, progress=False)
+            out[f"diagonal fisher {kind} {name}"] = F.diagonal()
+            out[f"diagonal fisher {kind} {name} examples"] = torch.tensor(F.num_examples)
+        for name, m, d in (("cnn", cnn, cnn_data), ("tokens", tok, tok_data)):
+            K = kfac_factors(m, ce, d, kind=kind)
+            for layer in K.layers:
+                out[f"kfac {kind} {name} A {layer}"] = K.A[layer]
+                out[f"kfac {kind} {name} B {layer}"] = K.B[layer]
+                out[f"kfac {kind} {name} rows {layer}"] = torch.tensor(K.num_rows[layer])
+            out[f"kfac {kind} {name} terms"] = torch.tensor(K.num_terms)
+    grams = input_grams(cnn, cnn_data)
+    for layer, gram in grams.grams.items():
+        out[f"gram {layer}"] = gram
+        out[f"gram rows {layer}"] = torch.tensor(grams.num_rows[layer])
+    out["gram examples"] = torch.tensor(grams.num_examples)
+    thetas = [_mlp(0), _mlp(1)]
+    ops = [GGNOperator(m, ce, _batches("ce", part, seed=s)) for s, m in enumerate(thetas)]
+    result = merge(thetas, ops, damping=1e-2, rtol=1e-10, maxiter=500)
+    assert result.report.converged
+    for n, p in result.params.items():
+        out[f"merge {n}"] = p
+    return out
+
+
+def _worker(r: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{tmp}/rendezvous",
+        rank=r,
+        world_size=len(SHARDS),
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        out = _compute(r)
+        # the helpers themselves
+        out["rank"], out["world_size"] = torch.tensor(rank()), torch.tensor(world_size())
+        out["is_distributed"] = torch.tensor(is_distributed())
+        out["is_main_process"] = torch.tensor(is_main_process())
+        mixed = [
+            torch.full((3,), r + 1.5, dtype=torch.float32),
+            torch.tensor([r + 1, 10 * r], dtype=torch.int64),
+            torch.full((2, 2), r + 0.25, dtype=DT).T,  # not contiguous
+            torch.tensor([r + 1.0], dtype=torch.bfloat16),
+        ]
+        all_reduce_sum(mixed)
+        single = torch.tensor([float(r)], dtype=DT)
+        all_reduce_sum(single)
+        for i, t in enumerate([*mixed, single]):
+            out[f"reduced {i}"] = t
+        # opting out: the shard's own statistic
+        F = diagonal_fisher(
+            _mlp(0), nn.CrossEntropyLoss(), _batches("ce", r), distributed=False, progress=False
+        )
+        out["local diagonal fisher"] = F.diagonal()
+        torch.save(out, os.path.join(tmp, f"rank{r}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    """The results of both ranks (one spawned job for the whole module)."""
+    tmp = str(tmp_path_factory.mktemp("distributed"))
+    mp.spawn(_worker, args=(tmp,), nprocs=len(SHARDS), join=True)
+    return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(len(SHARDS))]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.to(DT), b.to(DT)
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+@pytest.mark.timeout(120)
+def test_two_ranks_equal_one_process_on_all_the_data(spawned):
+    reference = _compute(None)
+    worst = {}
+    for r, results in enumerate(spawned):
+        missing = set(reference) - set(results)
+        assert not missing, f"rank {r} lacks {sorted(missing)}"
+        for key, want in reference.items():
+            got = results[key]
+            assert got.shape == want.shape, key
+            if not want.is_floating_point():
+                assert torch.equal(got, want), f"rank {r}: {key} {got} != {want}"
+                continue
+            err = rel_err(got, want)
+            assert err < TOL, f"rank {r}: {key} relative error {err:.2e}"
+            worst[key] = max(worst.get(key, 0.0), err)
+    # the shards are uneven and their statistics differ: a sum is what makes them equal
+    assert int(reference["ggn exact num_data"]) == sum(SHARDS)
+    assert int(reference["ggn tokens num_data"]) < 5 * sum(SHARDS)
+    print("\nmax relative error over both ranks:")
+    for key in sorted(worst):
+        print(f"  {key}: {worst[key]:.1e}")
+
+
+def test_helpers_inside_the_job(spawned):
+    for r, results in enumerate(spawned):
+        assert int(results["rank"]) == r
+        assert int(results["world_size"]) == 2
+        assert bool(results["is_distributed"])
+        assert bool(results["is_main_process"]) == (r == 0)
+        f32, i64, f64, bf16, single = (results[f"reduced {i}"] for i in range(5))
+        assert f32.dtype == torch.float32 and torch.equal(f32, torch.full((3,), 4.0))
+        assert i64.dtype == torch.int64 and torch.equal(i64, torch.tensor([3, 10]))
+        assert f64.dtype == DT and torch.equal(f64, torch.full((2, 2), 1.5, dtype=DT))
+        assert bf16.dtype == torch.bfloat16 and torch.equal(bf16, torch.tensor([3.0]).bfloat16())
+        assert torch.equal(single, torch.tensor([1.0], dtype=DT))
+
+
+def test_opting_out_keeps_the_shards_own_statistic(spawned):
+    for r, results in enumerate(spawned):
+        F = diagonal_fisher(_mlp(0), nn.CrossEntropyLoss(), _batches("ce", r), progress=False)
+        assert rel_err(results["local diagonal fisher"], F.diagonal()) < 1e-12
+        assert (
+            rel_err(results["local diagonal fisher"], results["diagonal fisher exact mlp"]) > 0.01
+        )
+
+
+def test_helpers_without_torch_distributed():
+    assert not is_distributed()
+    assert (rank(), world_size(), is_main_process()) == (0, 1, True)
+    t = torch.arange(3.0)
+    assert all_reduce_sum(t) is t
+    assert torch.equal(t, torch.arange(3.0))
+    ts = [torch.ones(2), torch.zeros(1, dtype=torch.int64)]
+    assert all_reduce_sum(ts) is ts and torch.equal(ts[0], torch.ones(2))
+    model, data = _mlp(0), _batches("ce", None)
+    with pytest.raises(ValueError, match="torch.distributed is not initialised"):
+        CurvatureComputer(model, "cross_entropy", data, distributed=True)
+    with pytest.raises(ValueError, match="torch.distributed is not initialised"):
+        diagonal_fisher(model, nn.CrossEntropyLoss(), data, distributed=True)
