@@ -71,9 +71,10 @@ def model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def iterate_batches(data: Iterable) -> Iterator[tuple[object, Tensor]]:
-    """Iterate ``(inputs, targets)`` batches, raising ``ValueError`` on empty data or on
-    a batch that is not a pair."""
+def iterate_batches(data: Iterable, allow_empty: bool = False) -> Iterator[tuple[object, Tensor]]:
+    """Iterate ``(inputs, targets)`` batches, raising ``ValueError`` on empty data (unless
+    ``allow_empty``: one process's shard of distributed data may be) or on a batch that is
+    not a pair."""
     empty = True
     for batch in data:
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
@@ -87,7 +88,7 @@ def iterate_batches(data: Iterable) -> Iterator[tuple[object, Tensor]]:
             continue
         empty = False
         yield inputs, targets
-    if empty:
+    if empty and not allow_empty:
         raise ValueError("data is empty: it yielded no examples")
 
 

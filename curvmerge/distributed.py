@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils.data import Dataset, Subset
 
 __all__ = [
     "is_distributed",
@@ -30,6 +31,7 @@ __all__ = [
     "is_main_process",
     "all_reduce_sum",
     "use_distributed",
+    "shard",
 ]
 
 # dtypes sent as float32 (gloo has no bfloat16 sum on every build; summing in half precision
@@ -55,6 +57,26 @@ def world_size() -> int:
 def is_main_process() -> bool:
     """Rank 0: the process that prints progress and writes files."""
     return rank() == 0
+
+
+def shard(items):
+    """This process's share of ``items``: every ``world_size()``-th item from its rank on
+    (``items[rank::world_size]``; a map-style :class:`~torch.utils.data.Dataset` becomes a
+    :class:`~torch.utils.data.Subset`). All of ``items`` without torch.distributed.
+
+    Unlike :class:`~torch.utils.data.distributed.DistributedSampler`, which pads the shards
+    to equal sizes by repeating items (or drops the tail with ``drop_last=True``), every
+    item lands on exactly one process, so sums over the processes are sums over the data;
+    the shares differ by at most one item (a process's share may be empty).
+
+    Example:
+        >>> shard([10, 11, 12, 13, 14])  # rank 1 of 2 would get [11, 13]
+        [10, 11, 12, 13, 14]
+    """
+    r, w = rank(), world_size()
+    if isinstance(items, Dataset) and not isinstance(items, (list, tuple)):
+        return Subset(items, range(r, len(items), w))
+    return items[r::w]
 
 
 def use_distributed(distributed: bool | None) -> bool:

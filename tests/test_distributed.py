@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from curvmerge import diagonal_fisher, merge
 from curvmerge.distributed import (
@@ -23,6 +24,7 @@ from curvmerge.distributed import (
     is_distributed,
     is_main_process,
     rank,
+    shard,
     world_size,
 )
 from curvmerge.operators.ggn import GGNOperator
@@ -154,6 +156,22 @@ def _worker(r: int, tmp: str) -> None:
         all_reduce_sum(single)
         for i, t in enumerate([*mixed, single]):
             out[f"reduced {i}"] = t
+        # one rank holds all the data, the other an empty shard
+        whole = {k: _batches(k, None) if r == 0 else [] for k in ("ce", "cnn")}
+        G = GGNOperator(_mlp(0), nn.CrossEntropyLoss(), whole["ce"])
+        out["empty: ggn exact product"] = G @ _probe(G.shape[0])
+        F = diagonal_fisher(_mlp(0), nn.CrossEntropyLoss(), whole["ce"], progress=False)
+        out["empty: diagonal fisher exact mlp"] = F.diagonal()
+        for layer, gram in input_grams(_cnn(), whole["cnn"]).grams.items():
+            out[f"empty: gram {layer}"] = gram
+        K = kfac_factors(_cnn(), nn.CrossEntropyLoss(), whole["cnn"])
+        for layer in K.layers:
+            out[f"empty: kfac exact cnn A {layer}"] = K.A[layer]
+            out[f"empty: kfac exact cnn B {layer}"] = K.B[layer]
+        out["shard list"] = torch.tensor(shard(list(range(5))))
+        out["shard dataset"] = torch.tensor(
+            [int(x) for (x,) in shard(TensorDataset(torch.arange(5)))]
+        )
         # opting out: the shard's own statistic
         F = diagonal_fisher(
             _mlp(0), nn.CrossEntropyLoss(), _batches("ce", r), distributed=False, progress=False
@@ -172,14 +190,19 @@ def spawned(tmp_path_factory):
     return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(len(SHARDS))]
 
 
+@pytest.fixture(scope="module")
+def reference():
+    """The statistics of all the data in one process."""
+    return _compute(None)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.to(DT), b.to(DT)
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
 @pytest.mark.timeout(120)
-def test_two_ranks_equal_one_process_on_all_the_data(spawned):
-    reference = _compute(None)
+def test_two_ranks_equal_one_process_on_all_the_data(spawned, reference):
     worst = {}
     for r, results in enumerate(spawned):
         missing = set(reference) - set(results)
@@ -201,6 +224,15 @@ def test_two_ranks_equal_one_process_on_all_the_data(spawned):
         print(f"  {key}: {worst[key]:.1e}")
 
 
+def test_an_empty_shard_adds_nothing(spawned, reference):
+    for r, results in enumerate(spawned):
+        keys = [k for k in results if k.startswith("empty: ")]
+        assert len(keys) == 2 + 3 + 2 * 3  # GGN, Fisher, 3 Grams, 3 layers' K-FAC factors
+        for key in keys:
+            err = rel_err(results[key], reference[key.removeprefix("empty: ")])
+            assert err < TOL, f"rank {r}: {key} relative error {err:.2e}"
+
+
 def test_helpers_inside_the_job(spawned):
     for r, results in enumerate(spawned):
         assert int(results["rank"]) == r
@@ -213,6 +245,8 @@ def test_helpers_inside_the_job(spawned):
         assert f64.dtype == DT and torch.equal(f64, torch.full((2, 2), 1.5, dtype=DT))
         assert bf16.dtype == torch.bfloat16 and torch.equal(bf16, torch.tensor([3.0]).bfloat16())
         assert torch.equal(single, torch.tensor([1.0], dtype=DT))
+        assert results["shard list"].tolist() == [[0, 2, 4], [1, 3]][r]
+        assert results["shard dataset"].tolist() == [[0, 2, 4], [1, 3]][r]
 
 
 def test_opting_out_keeps_the_shards_own_statistic(spawned):
@@ -232,6 +266,9 @@ def test_helpers_without_torch_distributed():
     assert torch.equal(t, torch.arange(3.0))
     ts = [torch.ones(2), torch.zeros(1, dtype=torch.int64)]
     assert all_reduce_sum(ts) is ts and torch.equal(ts[0], torch.ones(2))
+    assert shard([1, 2, 3]) == [1, 2, 3]
+    with pytest.raises(ValueError, match="data is empty"):  # only a shard may be empty
+        diagonal_fisher(_mlp(0), nn.CrossEntropyLoss(), [], progress=False)
     model, data = _mlp(0), _batches("ce", None)
     with pytest.raises(ValueError, match="torch.distributed is not initialised"):
         CurvatureComputer(model, "cross_entropy", data, distributed=True)

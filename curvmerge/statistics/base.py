@@ -176,7 +176,9 @@ class CurvatureComputer:
         record = same_batches and self._fingerprints is None
         dtype = self.dtype if dtype is None else dtype
         seen: list[tuple] = []
-        items = iterate_batches(self.data)
+        index = -1
+        # one process's shard may be empty; the sums over the processes are what must not
+        items = iterate_batches(self.data, allow_empty=self.distributed)
         if progress and (not self.distributed or is_main_process()):
             from tqdm.auto import tqdm
 
