@@ -314,7 +314,7 @@ def test_registry_row_runs_with_the_statistics_batches():
     assert "adamerging" not in [getattr(m, "name", m) for m in DEFAULT_METHODS]
 
 
-def test_a_run_through_the_experiment_runner_gives_a_row():
+def test_runs_through_the_experiment_runner_give_rows_and_keep_what_they_learned(tmp_path):
     from curvmerge.data import digit_subset_tasks, pooled_digits
     from curvmerge.experiment import MethodRun, ModelPool, Settings, TaskData, run_experiment
     from curvmerge.models import make_mlp
@@ -338,6 +338,7 @@ def test_a_run_through_the_experiment_runner_gives_a_row():
         methods = [
             "task_arithmetic",
             MethodRun("adamerging", options={"steps": 5, "granularity": "task"}),
+            MethodRun("weight_ensembling", options={"steps": 5, "hidden": 8}),
         ]
         settings = Settings(fisher_examples=64, fisher_batch_size=32, references=False)
         res = run_experiment(pool, task_pool, methods, settings=settings)
@@ -348,3 +349,26 @@ def test_a_run_through_the_experiment_runner_gives_a_row():
     assert set(res.merged["adamerging"]) == set(pool.shared_names())
     assert res.choices["adamerging"] == {}  # nothing chosen on validation: it learns
     assert 0.0 <= res.mean("adamerging") <= 1.0
+    # what they learned is kept, written to the JSON, and the network to a file
+    assert res.kinds["weight_ensembling"] == "adaptive"
+    assert "weight_ensembling" not in res.merged  # no single merged model
+    assert set(res.metrics["weight_ensembling"]) == {t.name for t in tasks}
+    learned = res.learned["adamerging"]
+    assert len(learned["coefficients"]) == 2 and len(learned["coefficients"][0]) == 1
+    assert learned["steps"] == 5 and learned["cost_ratio"] > 0
+    assert res.learned["weight_ensembling"]["network"]["hidden"] == 8
+    import json
+
+    from curvmerge.experiment import write_results
+    from curvmerge.merging import load_coefficient_network
+
+    paths = write_results(res, tmp_path, pool=pool, plots=False)
+    record = json.loads(paths["json"].read_text())
+    assert record["learned"]["adamerging"]["coefficients"] == learned["coefficients"]
+    assert record["kinds"]["weight_ensembling"] == "adaptive"
+    net, groups, meta = load_coefficient_network(paths["network weight_ensembling"])
+    assert groups == res.learned["weight_ensembling"]["groups"]
+    assert meta["method"] == "weight_ensembling"
+    saved = res.networks["weight_ensembling"].network.state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in net.state_dict().items())
+    assert "Learned on unlabelled inputs" in paths["report"].read_text()

@@ -10,7 +10,10 @@
 - ``merged/<method>...``: the merged models, by a writer of :data:`MERGED_WRITERS`
   (``"safetensors"``: the merged shared parameters, readable by ``curvmerge eval --body``;
   ``"hf"``: Hugging Face folders, through :func:`curvmerge.hf.save_merged`);
-- ``<stem>.json``: every setting, metric, choice, cost and timing, and the files written.
+- ``learned/<method>.safetensors``: the coefficient network of each weight-ensembling row
+  (:func:`curvmerge.merging.load_coefficient_network` reads it back);
+- ``<stem>.json``: every setting, metric, choice, cost and timing, what learned methods
+  learned, and the files written.
 """
 
 from __future__ import annotations
@@ -158,6 +161,18 @@ def format_report(result: ExperimentResult, title: str, *, extra: str = "") -> s
         lines.append("")
     if extra:
         lines.extend([extra.rstrip("\n"), ""])
+    if result.learned:
+        lines.append("Learned on unlabelled inputs (coefficients per task, mean over groups):")
+        for method, info in result.learned.items():
+            per_task = ", ".join(f"{sum(row) / len(row):.3g}" for row in info["coefficients"])
+            memory = info.get("peak_memory_bytes")
+            lines.append(
+                f"- {method}: [{per_task}]; {info['steps']} steps, entropy "
+                f"{_fmt(info['entropy_before'])} -> {_fmt(info['entropy_after'])}, "
+                f"{_fmt(info['cost_ratio'])}x one evaluation pass, peak memory "
+                + (f"{memory / 2**20:.0f} MiB" if memory is not None else "not measured")
+            )
+        lines.append("")
     if result.one_class:
         lines.append("Predictions in one class (test):")
         for e in result.one_class:
@@ -222,6 +237,7 @@ def result_json(
         "choices": result.choices,
         "validation": result.validation,
         "details": result.details,
+        "learned": result.learned,
         "sweeps": {k: s.rows() for k, s in result.sweeps.items()},
         "costs": result.costs,
         "seconds": result.seconds,
@@ -302,6 +318,11 @@ def write_results(
                 MERGED_WRITERS[merged](label, params, pool, out / "merged", force)
             ):
                 paths[f"merged {label}" + (f" {i}" if i else "")] = Path(p)
+    for label, learned in result.networks.items():  # small: written with every result
+        path = out / "learned" / f"{_safe(label)}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        learned.save(path, metadata={"method": label})
+        paths[f"network {label}"] = path
     result.paths.update(paths)
     result.paths["json"] = out / f"{stem}.json"
     atomic_write_text(

@@ -344,13 +344,19 @@ def run_experiment(
         best = found.best_point
         metrics = ev.result(found.best_result, "test")
         res.metrics[label] = metrics
-        res.kinds[label] = "merge" if spec.is_merge else "ensemble"
+        res.kinds[label] = "merge" if spec.is_merge else found.best_result.kind
         res.choices[label] = dict(best.coefficients)
         res.validation[label] = best.validation
         if len(points) > 1:
             res.sweeps[label] = found
         if isinstance(found.best_result, MergeResult):
             res.merged[label] = found.best_result.params
+        learned = getattr(found.best_result.report, "learned", None)
+        if callable(learned):  # coefficients a method learned (AdaMerging, weight ensembling)
+            res.learned[label] = learned()
+        network = getattr(found.best_result, "network", None)
+        if network is not None:
+            res.networks[label] = found.best_result
         products = found.products  # a shared multi-shift run counted once
         detail: dict[str, Any] = {}
         if best.effective_damping is not None:

@@ -178,6 +178,13 @@ class ExperimentResult:
             point.
         sweeps: ``{method: SweepResult}`` for methods with more than one grid point.
         merged: ``{method: merged shared parameters}`` (merges only).
+        learned: ``{method: what it learned}`` for methods that learn coefficients
+            (AdaMerging: the coefficients; weight ensembling: their mean and spread over
+            batches), with the adaptation's steps, entropies, seconds, peak memory and cost
+            ratio to one evaluation pass (the reports' ``learned()``).
+        networks: ``{method: result}`` of methods that learned a network (weight
+            ensembling), written by :func:`~curvmerge.experiment.write_results` with the
+            result's ``save``.
         costs: Statistics (computed, loaded, seconds, passes), per method (seconds, points,
             products, diagonal passes) and evaluation.
         seconds: Flat ``{what: seconds}`` (statistics, each method, evaluation, total).
@@ -195,6 +202,8 @@ class ExperimentResult:
     details: dict[str, dict[str, Any]] = field(default_factory=dict)
     sweeps: dict[str, SweepResult] = field(default_factory=dict)
     merged: dict[str, dict[str, Tensor]] = field(default_factory=dict, repr=False)
+    learned: dict[str, dict[str, Any]] = field(default_factory=dict)
+    networks: dict[str, Any] = field(default_factory=dict, repr=False)
     costs: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     one_class: list[dict[str, Any]] = field(default_factory=list)

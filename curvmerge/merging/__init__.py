@@ -45,6 +45,14 @@ from curvmerge.merging.sweep import (
     sweep,
 )
 from curvmerge.merging.system import DEFAULT_DAMPING
+from curvmerge.merging.weight_ensembling import (
+    CoefficientNetwork,
+    WeightEnsemblingReport,
+    WeightEnsemblingResult,
+    load_coefficient_network,
+    save_coefficient_network,
+    weight_ensembling,
+)
 
 __all__ = [
     # the equation
@@ -74,6 +82,12 @@ __all__ = [
     "SingularGramWarning",
     "adamerging",
     "AdaMergingReport",
+    "weight_ensembling",
+    "WeightEnsemblingResult",
+    "WeightEnsemblingReport",
+    "CoefficientNetwork",
+    "save_coefficient_network",
+    "load_coefficient_network",
     "MethodReport",
     "output_ensemble",
     "OutputEnsemble",

@@ -29,7 +29,7 @@ coefficients; :func:`adamerging` minimises it with Adam.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from curvmerge.batches import check_deterministic, iterate_batches, logits_from, move_batch
+from curvmerge.memory import PeakMemory
 from curvmerge.merging.methods import (
     MethodReport,
     check_finite_scalar,
@@ -55,28 +56,150 @@ GRANULARITIES = ("task", "layer")
 Model = nn.Module | Mapping[str, Tensor]
 
 
-def _entropy(logits: Tensor) -> Tensor:
+def entropy(logits: Tensor) -> Tensor:
     """Per-example Shannon entropy (nats) of ``softmax(logits)``, in at least float32."""
     logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
     return -(logp.exp() * logp).sum(-1)
 
 
-class AdaMergingObjective:
-    """The mean prediction entropy of the merged models as a function of the coefficients.
+class GroupedTaskArithmetic:
+    """Task arithmetic with one coefficient per task and group of merged tensors,
 
-    Holds the task vectors (flattened once, in at least float32) and every task's inputs
-    (moved to the models' device once; the targets of the ``(inputs, targets)`` batches are
-    dropped unread). Calling it builds :math:`\\theta(\\lambda)` and runs each task's own
-    module on it through :func:`torch.func.functional_call`: no model is copied or modified,
-    and gradients reach only the coefficients.
+    .. math::
+
+        \\theta^{(g)}(\\lambda) = \\theta_0^{(g)} + \\sum_t \\lambda_{t,g} \\tau_t^{(g)},
+
+    as a differentiable function of :math:`\\lambda` (``[T, G]``). Shared by the methods
+    that learn their coefficients (AdaMerging, data-adaptive weight ensembling).
 
     **Groups.** ``granularity="task"``: one group holding every merged tensor, coefficients
     ``[T, 1]``. ``granularity="layer"``: one group per merged parameter tensor (a layer's
-    weight and bias have a coefficient each, as in the authors' implementation, which learns
-    one per parameter tensor), coefficients ``[T, G]`` with :math:`G` the number of merged
-    tensors, in the order of :attr:`groups`. Both are computed by the same arithmetic, so
-    layer-wise coefficients that are equal across groups give bit for bit the task-wise
-    merge.
+    weight and bias have a coefficient each, as in AdaMerging's implementation, which
+    learns one per parameter tensor), coefficients ``[T, G]`` with :math:`G` the number of
+    merged tensors, in the order of :attr:`groups`. Both are computed by the same
+    arithmetic, so layer-wise coefficients that are equal across groups give bit for bit
+    the task-wise merge.
+
+    Args:
+        flat: The flattened models and base (:func:`~curvmerge.merging.methods.flatten_models`).
+        granularity: ``"task"`` or ``"layer"``.
+    """
+
+    def __init__(self, flat, granularity: str) -> None:
+        if granularity not in GRANULARITIES:
+            raise ValueError(
+                f"granularity must be one of {', '.join(map(repr, GRANULARITIES))}, "
+                f"got {granularity!r}"
+            )
+        self.granularity = granularity
+        self.flat = flat
+        self.space = flat.space
+        self.base = flat.base
+        self.task_vectors = flat.task_vectors  # [T, P]
+        self.groups: list[list[str]] = (
+            [list(flat.space.names)] if granularity == "task" else [[n] for n in flat.space.names]
+        )
+        self._slices = flat.space.slices()
+        self._group_of = {n: g for g, names in enumerate(self.groups) for n in names}
+        self.device = flat.thetas.device
+        self.dtype = flat.thetas.dtype  # of the coefficients and the merge arithmetic
+
+    @property
+    def num_models(self) -> int:
+        return int(self.task_vectors.shape[0])
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.groups)
+
+    def full(self, value: float | Sequence[float]) -> Tensor:
+        """Coefficients ``[T, G]`` equal to ``value`` (a number, or one per task)."""
+        v = torch.as_tensor(value, dtype=self.dtype, device=self.device)
+        return v.reshape(-1, 1).expand(self.num_models, self.num_groups).clone()
+
+    def merged(self, coefficients: Tensor) -> dict[str, Tensor]:
+        """:math:`\\theta(\\lambda)`, differentiable in ``coefficients`` (``[T, G]``), each
+        tensor in its model dtype and device."""
+        lam = self.check(coefficients)
+        out = {}
+        for name in self.space.names:
+            sl = self._slices[name]
+            g = self._group_of[name]
+            vec = self.base[sl] + lam[:, g] @ self.task_vectors[:, sl]
+            ref = self.flat.reference[name]
+            out[name] = vec.reshape(ref.shape).to(dtype=ref.dtype)
+        return out
+
+    def check(self, coefficients: Tensor) -> Tensor:
+        """``coefficients`` in the merge's dtype and device; ``ValueError`` unless ``[T, G]``."""
+        want = (self.num_models, self.num_groups)
+        if not isinstance(coefficients, Tensor) or tuple(coefficients.shape) != want:
+            got = tuple(coefficients.shape) if isinstance(coefficients, Tensor) else coefficients
+            raise ValueError(f"coefficients must have shape {want} (tasks, groups), got {got}")
+        return coefficients.to(device=self.device, dtype=self.dtype)
+
+
+def run_task_model(model: nn.Module, params: Mapping[str, Tensor], inputs) -> Tensor:
+    """The class logits ``[N, C]`` of ``model`` run on ``inputs`` with ``params`` (a full
+    parameter dict) swapped in through :func:`torch.func.functional_call`."""
+    if isinstance(inputs, Mapping):
+        out = functional_call(model, dict(params), (), dict(inputs))
+    else:
+        out = functional_call(model, dict(params), (inputs,))
+    logits = logits_from(out)
+    if logits.ndim != 2 or logits.shape[-1] < 2:
+        raise ValueError(
+            f"learned coefficients need class logits [N, C] with C >= 2 to take an "
+            f"entropy, got shape {tuple(logits.shape)}"
+        )
+    return logits
+
+
+def check_task_models(models, data, method: str) -> None:
+    """The checks every entropy-minimising method makes on its models and data."""
+    if isinstance(models, nn.Module) or not all(isinstance(m, nn.Module) for m in models):
+        raise TypeError(f"{method} needs a list of torch.nn.Module models (it runs them)")
+    T = len(models)
+    if isinstance(data, (Mapping, Tensor)) or len(data) != T:
+        n = "a single" if isinstance(data, (Mapping, Tensor)) else len(data)
+        raise ValueError(f"data must hold one batch iterable per model: got {n} for {T} models")
+    devices = {str(p.device) for m in models for p in m.parameters()}
+    if len(devices) > 1:
+        raise ValueError(f"the models are on different devices ({sorted(devices)}); move them")
+    for t, m in enumerate(models):
+        try:
+            check_deterministic(m)
+        except ValueError as err:
+            raise ValueError(f"model {t}: {err}") from None
+
+
+def read_inputs(models, data) -> tuple[list[list[Any]], list[list[int]]]:
+    """Every task's input batches, moved to its model's device and dtype once, and their
+    sizes; the targets of the ``(inputs, targets)`` batches are dropped unread."""
+    inputs, sizes = [], []
+    for t, (model, d) in enumerate(zip(models, data, strict=True)):
+        ref = next(model.parameters())
+        batches, counts = [], []
+        try:
+            for x, _ in iterate_batches(d):  # the targets are dropped unread
+                batches.append(move_batch(x, ref.device, ref.dtype))
+                counts.append(_num_examples(x))
+        except ValueError as err:
+            raise ValueError(f"data[{t}]: {err}") from None
+        inputs.append(batches)
+        sizes.append(counts)
+    return inputs, sizes
+
+
+class AdaMergingObjective(GroupedTaskArithmetic):
+    """The mean prediction entropy of the merged models as a function of the coefficients.
+
+    A :class:`GroupedTaskArithmetic` (see it for the groups of ``granularity``) that also
+    holds every task's inputs (moved to the models' device once; the targets of the
+    ``(inputs, targets)`` batches are dropped unread). Calling it builds
+    :math:`\\theta(\\lambda)` and runs each task's own module on it through
+    :func:`torch.func.functional_call`: no model is copied or modified, and gradients reach
+    only the coefficients.
 
     Args:
         models: The fine-tuned modules (eval mode, or free of dropout and batch norm), on
@@ -102,97 +225,24 @@ class AdaMergingObjective:
         *,
         granularity: str = "task",
         params: str | Sequence[str] | None = None,
+        method: str = "adamerging",
     ) -> None:
-        if isinstance(models, nn.Module) or not all(isinstance(m, nn.Module) for m in models):
-            raise TypeError("adamerging needs a list of torch.nn.Module models (it runs them)")
-        if granularity not in GRANULARITIES:
-            raise ValueError(
-                f"granularity must be one of {', '.join(map(repr, GRANULARITIES))}, "
-                f"got {granularity!r}"
-            )
-        flat = flatten_models(models, base, params, method="adamerging", needs_base=True)
-        T = flat.thetas.shape[0]
-        if isinstance(data, (Mapping, Tensor)) or len(data) != T:
-            n = "a single" if isinstance(data, (Mapping, Tensor)) else len(data)
-            raise ValueError(f"data must hold one batch iterable per model: got {n} for {T} models")
-        devices = {str(p.device) for m in models for p in m.parameters()}
-        if len(devices) > 1:
-            raise ValueError(f"the models are on different devices ({sorted(devices)}); move them")
-        for t, m in enumerate(models):
-            try:
-                check_deterministic(m)
-            except ValueError as err:
-                raise ValueError(f"model {t}: {err}") from None
+        check_task_models(models, data, method)
+        flat = flatten_models(models, base, params, method=method, needs_base=True)
+        super().__init__(flat, granularity)
         self.models = list(models)
-        self.granularity = granularity
-        self.flat = flat
-        self.space = flat.space
-        self.base = flat.base
-        self.task_vectors = flat.task_vectors  # [T, P]
-        self.groups: list[list[str]] = (
-            [list(flat.space.names)] if granularity == "task" else [[n] for n in flat.space.names]
-        )
-        self._slices = flat.space.slices()
-        self._group_of = {n: g for g, names in enumerate(self.groups) for n in names}
-        device = flat.thetas.device
-        self.device = device
-        self.dtype = flat.thetas.dtype  # of the coefficients and the merge arithmetic
-        self.inputs: list[list[Any]] = []
-        self.sizes: list[list[int]] = []
-        for t, (model, d) in enumerate(zip(models, data, strict=True)):
-            ref = next(model.parameters())
-            batches, sizes = [], []
-            try:
-                for inputs, _ in iterate_batches(d):  # the targets are dropped unread
-                    batches.append(move_batch(inputs, ref.device, ref.dtype))
-                    sizes.append(_num_examples(inputs))
-            except ValueError as err:
-                raise ValueError(f"data[{t}]: {err}") from None
-            self.inputs.append(batches)
-            self.sizes.append(sizes)
-        self._own = [{n: p.detach() for n, p in m.named_parameters()} for m in models]
-
-    @property
-    def num_models(self) -> int:
-        return len(self.models)
-
-    @property
-    def num_groups(self) -> int:
-        return len(self.groups)
-
-    def full(self, value: float | Sequence[float]) -> Tensor:
-        """Coefficients ``[T, G]`` equal to ``value`` (a number, or one per task)."""
-        v = torch.as_tensor(value, dtype=self.dtype, device=self.device)
-        return v.reshape(-1, 1).expand(self.num_models, self.num_groups).clone()
-
-    def merged(self, coefficients: Tensor) -> dict[str, Tensor]:
-        """:math:`\\theta(\\lambda)`, differentiable in ``coefficients`` (``[T, G]``), each
-        tensor in its model dtype and device."""
-        lam = self._check(coefficients)
-        out = {}
-        for name in self.space.names:
-            sl = self._slices[name]
-            g = self._group_of[name]
-            vec = self.base[sl] + lam[:, g] @ self.task_vectors[:, sl]
-            ref = self.flat.reference[name]
-            out[name] = vec.reshape(ref.shape).to(dtype=ref.dtype)
-        return out
+        self.inputs, self.sizes = read_inputs(models, data)
+        self.own = [{n: p.detach() for n, p in m.named_parameters()} for m in models]
 
     def task_entropy(self, t: int, merged: Mapping[str, Tensor], batch: int) -> Tensor:
         """Per-example entropies of task ``t``'s batch ``batch`` under ``merged``."""
-        params = {**self._own[t], **merged}
-        inputs = self.inputs[t][batch]
-        if isinstance(inputs, Mapping):
-            out = functional_call(self.models[t], params, (), dict(inputs))
-        else:
-            out = functional_call(self.models[t], params, (inputs,))
-        logits = logits_from(out)
-        if logits.ndim != 2 or logits.shape[-1] < 2:
-            raise ValueError(
-                f"model {t}: adamerging needs class logits [N, C] with C >= 2 to take an "
-                f"entropy, got shape {tuple(logits.shape)}"
+        try:
+            logits = run_task_model(
+                self.models[t], {**self.own[t], **merged}, self.inputs[t][batch]
             )
-        return _entropy(logits)
+        except ValueError as err:
+            raise ValueError(f"model {t}: {err}") from None
+        return entropy(logits)
 
     def __call__(
         self, coefficients: Tensor, batches: Sequence[int] | None = None
@@ -213,18 +263,63 @@ class AdaMergingObjective:
         per_task = torch.stack(per_task)
         return per_task.mean(), per_task
 
-    def _check(self, coefficients: Tensor) -> Tensor:
-        want = (self.num_models, self.num_groups)
-        if not isinstance(coefficients, Tensor) or tuple(coefficients.shape) != want:
-            got = tuple(coefficients.shape) if isinstance(coefficients, Tensor) else coefficients
-            raise ValueError(f"coefficients must have shape {want} (tasks, groups), got {got}")
-        return coefficients.to(device=self.device, dtype=self.dtype)
-
 
 def _num_examples(inputs) -> int:
     if isinstance(inputs, Mapping):
         return int(next(iter(inputs.values())).shape[0])
     return int(inputs.shape[0])
+
+
+def entropy_steps(
+    parameters: Sequence[Tensor],
+    loss_of: Callable[[list[int]], Tensor],
+    num_batches: Sequence[int],
+    *,
+    steps: int,
+    lr: float,
+    seed: int,
+    desc: str,
+    progress: bool = False,
+) -> tuple[list[float], float, int | None]:
+    """Adam steps (:math:`\\beta = (0.9, 0.999)`) on ``loss_of(batches)``, where step
+    :math:`s` takes one batch index per task: each task's batches are cycled through, in an
+    order shuffled anew each cycle by a generator seeded with ``seed``.
+
+    Returns:
+        The loss of each step (before its update), the steps' seconds and their peak memory
+        in bytes (:class:`~curvmerge.memory.PeakMemory`; ``None`` where it cannot be read).
+    """
+    optimizer = torch.optim.Adam(list(parameters), lr=lr, betas=(0.9, 0.999))
+    generator = torch.Generator().manual_seed(int(seed))
+    orders: list[list[int]] = [[] for _ in num_batches]
+    history: list[float] = []
+    bar = None
+    if progress and steps:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=desc, leave=False)
+    tic = time.perf_counter()
+    device = parameters[0].device if parameters else torch.device("cpu")
+    try:
+        with PeakMemory(device) as memory:
+            for _ in range(steps):
+                batch = []
+                for t, n in enumerate(num_batches):
+                    if not orders[t]:
+                        orders[t] = torch.randperm(n, generator=generator).tolist()
+                    batch.append(orders[t].pop())
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_of(batch)
+                loss.backward()
+                optimizer.step()
+                history.append(float(loss.detach()))
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(entropy=f"{history[-1]:.4g}")
+    finally:
+        if bar is not None:
+            bar.close()
+    return history, time.perf_counter() - tic, memory.peak
 
 
 @dataclass
@@ -249,6 +344,8 @@ class AdaMergingReport(MethodReport):
             input of every task, measured in the same run: the faster of the two passes
             that take the entropy before and after.
         cost_ratio: ``adaptation_seconds / evaluation_seconds``.
+        peak_memory: Peak memory of the adaptation steps in bytes, above what was in use
+            before them (:class:`~curvmerge.memory.PeakMemory`; ``None``: not measured).
     """
 
     groups: list[list[str]] = field(default_factory=list)
@@ -262,11 +359,27 @@ class AdaMergingReport(MethodReport):
     adaptation_seconds: float = 0.0
     evaluation_seconds: float = 0.0
     cost_ratio: float = float("nan")
+    peak_memory: int | None = None
 
     @property
     def coefficients(self) -> list[list[float]]:
         """The learned coefficients, ``[T][G]``."""
         return self.options["coefficients"]
+
+    def learned(self) -> dict[str, Any]:
+        """What was learned and what it cost, JSON-ready (the experiment runner keeps it)."""
+        return {
+            "coefficients": self.coefficients,
+            "groups": self.groups,
+            "steps": self.steps,
+            "entropy_before": self.entropy_before,
+            "entropy_after": self.entropy_after,
+            "examples": self.examples,
+            "adaptation_seconds": self.adaptation_seconds,
+            "evaluation_seconds": self.evaluation_seconds,
+            "cost_ratio": self.cost_ratio,
+            "peak_memory_bytes": self.peak_memory,
+        }
 
     def __str__(self) -> str:
         o = self.options
@@ -388,36 +501,13 @@ def adamerging(
         before, task_before = objective(used(raw))
     evaluation_seconds = time.perf_counter() - tic
 
-    optimizer = torch.optim.Adam([raw], lr=lr, betas=(0.9, 0.999))
-    generator = torch.Generator().manual_seed(int(seed))
-    orders = [[] for _ in range(T)]
-    history: list[float] = []
-    bar = None
-    if progress and steps:
-        from tqdm.auto import tqdm
+    def loss_of(batch: list[int]) -> Tensor:
+        return objective(used(raw), batch)[0]
 
-        bar = tqdm(total=steps, desc=f"AdaMerging ({granularity}-wise)", leave=False)
-    tic = time.perf_counter()
-    try:
-        for _ in range(steps):
-            batch = []
-            for t in range(T):
-                if not orders[t]:
-                    n = len(objective.inputs[t])
-                    orders[t] = torch.randperm(n, generator=generator).tolist()
-                batch.append(orders[t].pop())
-            optimizer.zero_grad(set_to_none=True)
-            loss, _ = objective(used(raw), batch)
-            loss.backward()
-            optimizer.step()
-            history.append(float(loss.detach()))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(entropy=f"{history[-1]:.4g}")
-    finally:
-        if bar is not None:
-            bar.close()
-    adaptation_seconds = time.perf_counter() - tic
+    history, adaptation_seconds, peak = entropy_steps(
+        [raw], loss_of, [len(b) for b in objective.inputs], steps=steps, lr=lr, seed=seed,
+        desc=f"AdaMerging ({granularity}-wise)", progress=progress,
+    )  # fmt: skip
 
     tic = time.perf_counter()
     with torch.no_grad():
@@ -453,6 +543,7 @@ def adamerging(
         adaptation_seconds=adaptation_seconds,
         evaluation_seconds=evaluation_seconds,
         cost_ratio=adaptation_seconds / evaluation_seconds if evaluation_seconds > 0 else 0.0,
+        peak_memory=peak,
     )
     report.seconds = time.perf_counter() - start
     return MergeResult(merged, report)

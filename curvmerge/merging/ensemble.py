@@ -25,6 +25,7 @@ import time
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -114,6 +115,7 @@ class EnsembleResult:
         report: A :class:`~curvmerge.merging.methods.MethodReport` with ``method="ensemble"``.
     """
 
+    kind: ClassVar[str] = "ensemble"  # the experiment tables' row kind
     members: list[OutputEnsemble]
     report: MethodReport
 

@@ -8,8 +8,9 @@ Every method is called as
     result = spec(models, base=base, curvatures=None, weights=None, params=None, density=0.2)
 
 and returns a :class:`~curvmerge.merging.MergeResult` (merges) or an
-:class:`~curvmerge.merging.ensemble.EnsembleResult` (the output ensemble, a reference that is
-not a merge); :func:`task_models` turns either into one evaluable module per task.
+:class:`~curvmerge.merging.ensemble.EnsembleResult` (one module per task: the output ensemble,
+a reference that is not a merge, and weight ensembling, whose merge changes with every
+batch); :func:`task_models` turns either into one evaluable module per task.
 ``spec.statistics`` says which per-model statistics a caller must compute first:
 
 - ``"none"``: parameters only;
@@ -23,7 +24,7 @@ not a merge); :func:`task_models` turns either into one evaluable module per tas
   :meth:`~curvmerge.operators.KroneckerOperator.from_kfac`);
 - ``"input_gram"``: one :class:`~curvmerge.statistics.LayerGrams` per model (RegMean);
 - ``"data"``: each model's statistics batches, for methods that run the models on data
-  while they merge (RegMean++).
+  while they merge (RegMean++, AdaMerging, weight ensembling).
 
 Whatever the kind, the per-model statistics reach the method as ``curvatures``.
 
@@ -58,6 +59,7 @@ from curvmerge.merging.report import MergeResult, load_merged, parameters_of
 from curvmerge.merging.spectral import iso_c, iso_cts, tsv_merge
 from curvmerge.merging.spherical import slerp_sequential, spherical_barycenter
 from curvmerge.merging.system import DEFAULT_DAMPING, PRIORS
+from curvmerge.merging.weight_ensembling import weight_ensembling
 from curvmerge.operators import DiagonalOperator, LinearOperator
 
 __all__ = [
@@ -371,6 +373,10 @@ def _adamerging(models, *, base, curvatures, weights, params, **options):
     return adamerging(models, base, curvatures, weights=weights, params=params, **options)
 
 
+def _weight_ensembling(models, *, base, curvatures, weights, params, **options):
+    return weight_ensembling(models, base, curvatures, weights=weights, params=params, **options)
+
+
 def _ensemble(models, *, base, curvatures, weights, params, combine):
     return output_ensemble(models, weights=weights, params=params, combine=combine)
 
@@ -537,6 +543,31 @@ _TABLE: tuple[MethodSpec, ...] = (
             "clamp": True,
         },
         needs_base=True,
+        weights="per-model multipliers of the initial coefficient init (default 1)",
+    ),
+    MethodSpec(
+        name="weight_ensembling",
+        summary="data-adaptive weight ensembling: a small network maps each batch's features "
+        "(frozen base model) to task-wise or layer-wise coefficients, trained by entropy "
+        "minimisation on unlabelled inputs; every batch gets its own merge",
+        reference="Tang et al., Data-adaptive weight-ensembling for multi-task model fusion, "
+        "IJCV 2025",
+        function=_weight_ensembling,
+        statistics="data",
+        options={
+            "granularity": "layer",
+            "features": "penultimate",
+            "per": "batch",
+            "hidden": 64,
+            "depth": 2,
+            "steps": 500,
+            "lr": 1e-3,
+            "init": 0.3,
+            "seed": 0,
+            "clamp": True,
+        },
+        needs_base=True,
+        is_merge=False,
         weights="per-model multipliers of the initial coefficient init (default 1)",
     ),
     MethodSpec(
