@@ -324,6 +324,32 @@ def test_merge_with_the_methods_that_read_data(work):
     assert status == 2 and "merge method" in err and not (d / "bad.safetensors").exists()
 
 
+def test_merge_with_weight_ensembling_writes_its_coefficient_network(work):
+    """Weight ensembling is not one merged model: the command writes the network it learned
+    (readable by load_coefficient_network), and refuses a folder output."""
+    from curvmerge.merging import load_coefficient_network
+
+    d = work
+    models = (d / "b.safetensors", d / "b.safetensors")
+    out = d / "net.safetensors"
+    status, printed, err = run_main(
+        "merge", *models, "-m", "weight_ensembling", "--base", d / "base.safetensors",
+        "--option", "steps=3", "--examples", "32", "-q", "-o", out, "--force",
+    )  # fmt: skip
+    assert status == 0, err
+    assert "coefficient network" in printed
+    net, groups, meta = load_coefficient_network(out)
+    assert net.num_models == 2 and len(groups) == net.num_groups > 1
+    assert meta["method"] == "weight_ensembling"
+    status, _, err = run_main(
+        "merge", *models, "-m", "weight_ensembling", "--base", d / "base.safetensors",
+        "-q", "-o", d / "folder",
+    )  # fmt: skip
+    assert status == 2 and "FILE.safetensors" in err and not (d / "folder").exists()
+    status, _, err = run_main("merge", *models, "-m", "ensemble", "-o", d / "e.safetensors")
+    assert status == 2 and "not a merge" in err
+
+
 def test_merge_of_a_tiny_fisher_is_the_same_merge(work):
     """Fisher files 1e-6 times smaller give the same diagonal-Fisher merge with the
     command's defaults (the damping is relative to the curvature), not the average."""

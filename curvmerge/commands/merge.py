@@ -9,6 +9,8 @@ with ``from_pretrained``. Both are written atomically.
 
 from __future__ import annotations
 
+import json
+
 import math
 from pathlib import Path
 from typing import Any
@@ -272,8 +274,13 @@ def run(args) -> int:
     check_outputs([output], cfg["force"])
     if args.stream:
         return _run_stream(cfg, output, args)
-    if spec.is_merge is False:
+    if spec.saves is None:
         raise CLIError(f"method {spec.name!r} is not a merge (use 'compare' to evaluate it)")
+    if spec.saves == "network" and not to_file:
+        raise CLIError(
+            f"--output {output}: method {spec.name!r} learns a coefficient network, written "
+            "to a FILE.safetensors (it is not one merged model; 'compare' evaluates it)"
+        )
     if not cfg.get("base"):
         if spec.needs_base:
             raise needs_base_error(spec.name)
@@ -317,6 +324,13 @@ def run(args) -> int:
             )
     except TypeError as err:
         raise CLIError(str(err)) from None
+    if spec.saves == "network":
+        result.save(
+            ensure_parent(output),
+            metadata={"method": spec.name, "tasks": json.dumps([m.name for m in models])},
+        )
+        print(f"{output}: {result.report} (the coefficient network; not a merged model)")
+        return 0
     if to_file:
         meta = {
             "format": MERGED_FORMAT,

@@ -95,7 +95,11 @@ class MethodSpec:
         statistics: One of :data:`STATISTICS` (see the module doc).
         options: The method's own options and their defaults.
         needs_base: Whether the base model :math:`\\theta_0` is required.
-        is_merge: ``False`` for references that are not merges (output ensembling).
+        is_merge: ``False`` for methods whose result is not one merged model (output
+            ensembling, weight ensembling).
+        saves: What ``curvmerge merge`` writes: ``"parameters"`` (the merged model),
+            ``"network"`` (the result's ``save``: a learned coefficient network) or
+            ``None`` (nothing to write: evaluate it with ``compare``).
         num_models: Number of models the method takes (``None``: any).
         weights: What ``weights`` means for this method.
         operator: ``"module:Class"`` of the operator that computes the statistics, if any.
@@ -119,6 +123,7 @@ class MethodSpec:
     options: Mapping[str, Any] = field(default_factory=dict)
     needs_base: bool = False
     is_merge: bool = True
+    saves: str | None = "parameters"
     num_models: int | None = None
     weights: str = "per-model coefficients w_t >= 0"
     operator: str | None = None
@@ -568,6 +573,7 @@ _TABLE: tuple[MethodSpec, ...] = (
         },
         needs_base=True,
         is_merge=False,
+        saves="network",
         weights="per-model multipliers of the initial coefficient init (default 1)",
     ),
     MethodSpec(
@@ -617,6 +623,7 @@ _TABLE: tuple[MethodSpec, ...] = (
         function=_ensemble,
         options={"combine": "probs"},
         is_merge=False,
+        saves=None,
         weights="ensemble weights (default equal)",
     ),
 )
