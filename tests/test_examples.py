@@ -63,7 +63,7 @@ def test_every_example_is_tested():
         "m3sb_experiment.py",
         "merge_text_classifiers_hf.py",
         "curvature_prior.py",
-        "adamerging.py",
+        "learned_coefficients.py",
     }
 
 
@@ -191,22 +191,19 @@ def test_curvature_prior(tmp_path):
     assert re.search(r"^task_arithmetic\s+-\s+[\d.]+", stdout, re.M), stdout
 
 
-def test_adamerging(tmp_path):
-    stdout = run_example("adamerging.py", cwd=tmp_path)
-    rows = dict(
-        re.findall(
-            r"^(task_arithmetic|adamerging \((?:task|layer)-wise\))\s+([\d.]+)", stdout, re.M
-        )
-    )
-    assert len(rows) == 3, stdout
+def test_learned_coefficients(tmp_path):
+    stdout = run_example("learned_coefficients.py", cwd=tmp_path)
+    learned = r"(?:adamerging|weight_ensembling) \((?:task|layer)-wise\)"
+    rows = dict(re.findall(rf"^(task_arithmetic|{learned})\s+([\d.]+)", stdout, re.M))
+    assert len(rows) == 5, stdout
     assert all(0 < float(acc) <= 100 for acc in rows.values())
-    for g in ("task", "layer"):
-        line = re.search(
-            rf"^adamerging \({g}-wise\): 20 steps on \d+ unlabelled inputs, entropy ([\d.]+) -> "
-            r"([\d.]+), adaptation [\d.]+ s = (\d+)x one evaluation pass",
-            stdout,
-            re.M,
-        )
-        assert line, stdout
-        before, after, ratio = float(line[1]), float(line[2]), int(line[3])
-        assert after < before and ratio > 0
+    lines = re.findall(
+        rf"^({learned}): 20 steps on \d+ unlabelled inputs, entropy ([\d.]+) -> ([\d.]+), "
+        r"adaptation [\d.]+ s = (\d+)x one evaluation pass .*, peak memory (\d+ MiB|not measured)",
+        stdout,
+        re.M,
+    )
+    assert len(lines) == 4, stdout
+    for name, before, after, ratio, _ in lines:
+        assert float(after) < float(before) and int(ratio) > 0, name
+    assert len(re.findall(r"spread between batches [\d.]+", stdout)) == 6  # 3 tasks x 2
