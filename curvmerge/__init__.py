@@ -20,6 +20,7 @@ from curvmerge.merging import (
     MergeReport,
     MergeResult,
     PreparedMerge,
+    adamerging,
     dare,
     get_method,
     iso_c,
@@ -38,6 +39,7 @@ from curvmerge.merging import (
     task_arithmetic,
     ties,
     tsv_merge,
+    weight_ensembling,
 )
 from curvmerge.operators import (
     BlockDiagonalOperator,
@@ -119,6 +121,8 @@ __all__ = [
     "iso_cts",
     "regmean",
     "regmean_plus_plus",
+    "adamerging",
+    "weight_ensembling",
     "output_ensemble",
     "get_method",
     "list_methods",
