@@ -22,6 +22,9 @@ Run::
     python examples/learned_coefficients.py            # the MNIST demo's three CNNs, minutes
     python examples/learned_coefficients.py --lr 1e-2  # Adam moves a coefficient ~lr per step
     python examples/learned_coefficients.py --quick    # scikit-learn digits, seconds (smoke test)
+    python examples/learned_coefficients.py --text     # MiniLM, three text tasks (100 steps;
+                                                       # weight ensembling reads the sentence
+                                                       # embedding: mean over tokens)
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import time
 
 import torch
 
-from curvmerge.demo import compare_methods, vision_setup
+from curvmerge.demo import compare_methods, text_setup, vision_setup
 from curvmerge.experiment import MethodRun
 
 METHODS = ("adamerging", "weight_ensembling")
@@ -41,12 +44,20 @@ GRANULARITIES = ("task", "layer")
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="digits, small models (seconds)")
-    parser.add_argument("--steps", type=int, default=None, help="Adam steps (default 500)")
+    parser.add_argument("--text", action="store_true", help="MiniLM on three text tasks")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="Adam steps (default 500; --text: 100)"
+    )
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(2 if args.text else 1)
     start = time.perf_counter()
-    if args.quick:
+    features = "penultimate"
+    if args.text:
+        setup = text_setup(progress=False)
+        steps = args.steps or 100
+        features = "mean_tokens"  # the sentence embedding all-MiniLM-L6-v2 was trained for
+    elif args.quick:
         setup = vision_setup(
             dataset="digits", base_steps=30, task_steps=40, fisher_examples=128, progress=False
         )
@@ -58,12 +69,20 @@ def main(argv=None) -> None:
         MethodRun(
             method,
             label=f"{method} ({g}-wise)",
-            options={"granularity": g, "steps": steps, "lr": args.lr},
+            options={"granularity": g, "steps": steps, "lr": args.lr}
+            | ({"features": features} if method == "weight_ensembling" else {}),
         )
         for method in METHODS
         for g in GRANULARITIES
     ]
-    res = compare_methods(setup, methods=runs, sweep_points=0, progress=False, log=None)
+    res = compare_methods(
+        setup,
+        methods=runs,
+        sweep_points=0,
+        batch_size=128 if args.text else 256,  # as the demos evaluate
+        progress=False,
+        log=None,
+    )
     print(f"{'method':30s} {'mean test acc':>13s}  " + "  ".join(res.tasks))
     for run in runs:
         per_task = "  ".join(f"{100 * res.metrics[run.name][t]['accuracy']:.1f}" for t in res.tasks)
