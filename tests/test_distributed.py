@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -274,3 +279,57 @@ def test_helpers_without_torch_distributed():
         CurvatureComputer(model, "cross_entropy", data, distributed=True)
     with pytest.raises(ValueError, match="torch.distributed is not initialised"):
         diagonal_fisher(model, nn.CrossEntropyLoss(), data, distributed=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(180)
+def test_the_docs_example_under_torchrun_equals_one_process(tmp_path):
+    """docs/distributed.md's script: ``torchrun --nproc-per-node 2`` and a group of one
+    process write the same Fisher and merge."""
+    doc = (Path(__file__).parents[1] / "docs" / "distributed.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", doc, re.S)
+    script = tmp_path / "fisher_merge.py"
+    script.write_text(code)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for name, cmd, extra in (
+        (
+            "two",
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                str(script),
+            ],
+            {},
+        ),
+        (
+            "one",
+            [sys.executable, str(script)],
+            {
+                "RANK": "0",
+                "WORLD_SIZE": "1",
+                "LOCAL_RANK": "0",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(_free_port()),
+            },
+        ),
+    ):
+        done = subprocess.run(
+            cmd, cwd=tmp_path, env={**env, **extra}, capture_output=True, text=True, timeout=150
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("merged in") == 1  # printed on rank 0 only
+        runs[name] = torch.load(tmp_path / "merged.pt")
+        (tmp_path / "merged.pt").unlink()
+    assert set(runs["two"]) == {"fisher", "0.weight", "0.bias", "2.weight", "2.bias"}
+    for key, want in runs["one"].items():
+        assert rel_err(runs["two"][key], want) < TOL, key
