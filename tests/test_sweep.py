@@ -8,6 +8,7 @@ import torch
 from curvmerge import SpaceMismatchError, merge
 from curvmerge.merging.methods import task_arithmetic
 from curvmerge.merging.prepared import PreparedMerge
+from curvmerge.merging.report import ConvergenceWarning
 from curvmerge.merging.sweep import grid_search, line_grid, scaling_grid, simplex_grid, sweep
 from curvmerge.operators import DenseOperator, DiagonalOperator
 from curvmerge.space import ParamSpace
@@ -333,6 +334,70 @@ def test_merge_dampings_stays_within_maxiter_when_float32_residuals_stall():
     checks = 2 * len(dampings)  # at most a warm-start check and a true residual each
     assert grid.costs.cg_products + grid.costs.warm_start_products <= maxiter + checks + 3
     assert all(r.report.iterations <= maxiter for r in grid)
+
+
+@pytest.mark.parametrize("dampings", [[0.1], [0.3, 0.1, 0.03]])
+def test_a_subspace_screen_ranks_from_one_basis_then_solves_the_choice(dampings):
+    models, curv = _models(2), _dense(2)
+    target = merge(models, curv, weights=(0.3, 0.7), damping=0.1, rtol=1e-12).params
+
+    def validate(result):
+        return -sum(float((result.params[n] - target[n]).norm()) for n in target)
+
+    kwargs = dict(validate=validate, weights=line_grid(11), dampings=dampings, verbose=False)
+    accurate = sweep(models, curv, rtol=1e-10, **kwargs)
+    screened = sweep(models, curv, rtol=1e-10, screen_rtol=1e-4, screen="subspace", **kwargs)
+    assert screened.best_point.coefficients == accurate.best_point.coefficients
+    assert screened.best_point.coefficients["weights"] == (0.3, 0.7)
+    report = screened.best_result.report
+    assert report.converged and report.relative_residual <= 1e-10
+    _close(screened.best_result.params, accurate.best_result.params, atol=1e-7)
+    # every screened point reached the screen tolerance from one basis, whose products
+    # the first point carries (the others none), counted once
+    assert all(p.converged for p in screened.points)
+    basis = screened.points[0].iterations
+    assert all(p.iterations == basis for p in screened.points)
+    assert screened.points[0].spent_products >= basis
+    assert all(p.spent_products == 0 for p in screened.points[1:])
+    assert screened.products == (
+        screened.prepare_products
+        + sum(p.spent_products for p in screened.points)
+        + screened.refine_products
+    )
+    assert screened.products < accurate.products
+    with pytest.raises(ValueError, match="screen must be"):
+        sweep(models, curv, rtol=1e-6, screen_rtol=1e-2, screen="lanczos", **kwargs)
+
+
+def test_merge_subspace_equals_separate_solves_at_every_point_with_true_residuals():
+    models, curv = _models(3), _dense(3)
+    pts = [((a, 1.0 - a, 0.5), d) for a in (0.0, 0.2, 0.9) for d in (1e-3, 0.1)]
+    for name in PRIORS:
+        prior = {n: 0.3 * v for n, v in models[0].items()} if name == "given" else name
+        prepared = PreparedMerge(models, curv, prior=prior)
+        grid = prepared.merge_subspace(pts, rtol=1e-9, max_vectors=3 * P)
+        assert grid.shared and len(grid) == len(pts)
+        for (w, d), r in zip(pts, grid, strict=True):
+            exact = merge(models, curv, weights=w, damping=d, rtol=1e-12, prior=prior)
+            assert r.report.converged and r.report.relative_residual <= 1e-9, (w, d)
+            assert r.report.method == "subspace"
+            _close(r.params, exact.params, atol=1e-6)
+        assert grid.products == grid[0].report.spent_products
+        assert grid.products == grid.costs.rhs_products + grid[0].report.iterations
+
+
+def test_merge_subspace_reports_points_it_could_not_reach():
+    models, curv = _models(2), _dense(2)
+    prepared = PreparedMerge(models, curv)
+    with pytest.warns(ConvergenceWarning):
+        grid = prepared.merge_subspace([((0.5, 0.5), 1e-4), ((0.9, 0.1), 1e-4)],
+                                       rtol=1e-12, max_vectors=2)  # fmt: skip
+    assert not any(r.report.converged for r in grid)
+    assert all(r.report.relative_residual > 1e-12 for r in grid)
+    assert grid[0].report.iterations == 2
+    diag = PreparedMerge(models, [DiagonalOperator(SPACE, torch.ones(P, dtype=D))] * 2)
+    with pytest.raises(ValueError, match="needs operator curvatures"):
+        diag.merge_subspace([((0.5, 0.5), 0.1)])
 
 
 def test_screened_sweep_ranks_loosely_then_solves_the_choice_to_the_tolerance():

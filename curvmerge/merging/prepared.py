@@ -432,6 +432,97 @@ class PreparedMerge:
             results, products=grid_costs.products, shared=True, costs=grid_costs
         )
 
+    def merge_subspace(
+        self,
+        points: Sequence[tuple[Sequence[float] | None, float]],
+        *,
+        rtol: float | None = None,
+        max_vectors: int | None = None,
+        check_every: int = 5,
+        require_convergence: bool = False,
+        callback=None,
+    ) -> DampingGridResults:
+        """The merges at many ``(weights, damping)`` points from one reduced basis.
+
+        Every point's system :math:`(\\lambda I + \\sum_t w_t F_t)\\, y = b_w` is solved in
+        one shared, growing subspace (:func:`~curvmerge.reduced_basis.reduced_basis_solve`):
+        its basis vectors cost one product per model each, made once; every point's
+        Galerkin solution and true residual then cost no product. The basis grows until
+        every point's true relative residual is at most ``rtol`` (or it has
+        ``max_vectors`` vectors: the points above ``rtol`` are reported as not converged).
+        Meant for screening a sweep (a loose ``rtol``) whose chosen point is then solved
+        accurately by :meth:`merge` (:meth:`resume_from` its screened solution). Operator
+        curvatures only; memory :math:`(T + 1)` ``max_vectors`` vectors of size :math:`P`
+        plus one right-hand side per point.
+
+        Args:
+            points: ``(weights, damping)`` pairs (``None`` weights: :math:`1/T`).
+            rtol: The tolerance every point must reach (default: this merge's ``rtol``).
+            max_vectors: Basis size limit (default: ``maxiter``, else 500).
+            check_every: Basis vectors between two checks of every point's residual.
+            require_convergence: As in :meth:`merge`.
+            callback: Called with the basis size and the worst relative residual after
+                each check.
+
+        Returns:
+            A :class:`DampingGridResults` in the points' order; reports state the basis size
+            as ``iterations``, each point's true residual, and put the basis's products on
+            the first result (``spent_products``).
+
+        Raises:
+            ValueError: Not operator curvatures, or a bad point.
+        """
+        from curvmerge.reduced_basis import reduced_basis_solve
+
+        if self.kind != "operator":
+            raise ValueError(
+                f"merge_subspace needs operator curvatures (these merge by {self._method}: "
+                "every point is already cheap with merge())"
+            )
+        rtol = self.rtol if rtol is None else float(rtol)
+        cap = max_vectors or self.maxiter or 500
+        start = time.perf_counter()
+        prepared = [self._point(w, d) for w, d in points]
+        grid_costs = MergeCosts()
+        systems, theta0s = [], []
+        for wl, w, _, lam, _, _ in prepared:
+            theta0, b = self._rhs_of(w, wl, grid_costs)
+            systems.append((wl, lam, b))
+            theta0s.append(theta0)
+        t0 = time.perf_counter()
+        solved = reduced_basis_solve(
+            self.curvatures, systems, rtol=rtol, max_vectors=cap, check_every=check_every,
+            callback=callback,
+        )  # fmt: skip
+        grid_costs.cg_products += solved.vectors
+        grid_costs.cg_seconds += time.perf_counter() - t0
+        grid_costs.curvatures = self.num_models
+        results = []
+        for pt, theta0, y, res, ok in zip(
+            prepared, theta0s, solved.solutions, solved.relative_residuals, solved.converged,
+            strict=True,
+        ):  # fmt: skip
+            report, lam, b = pt[2], pt[3], systems[len(results)][2]
+            report.method, report.warm_start = "subspace", False
+            report.costs.cg_products += solved.vectors
+            report.costs.curvatures = grid_costs.curvatures
+            report.shared_solve = len(points)
+            report.spent_products = 0
+            report.converged, report.iterations = ok, solved.vectors
+            report.relative_residual = res
+            bn = _norm(b)
+            if lam > 0 and bn > 0:
+                report.curvature_share = min(1.0, _norm(b - lam * y) / bn)
+            merged = theta0 + y
+            check_finite(merged, "the merged parameters", self.space)
+            results.append(
+                self._result(merged, report, pt[4], pt[5], start, require_convergence, fresh=True)
+            )
+        results[0].report.spent_products = grid_costs.products
+        return DampingGridResults(
+            results, products=grid_costs.products, shared=True, costs=grid_costs
+        )
+
     def _point(self, weights, damping):
         """Checked weights, the point's report, its λ and damping scale."""
         if _curvature_keys(self.curvatures) != self._curvature_keys:

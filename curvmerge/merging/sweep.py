@@ -426,6 +426,7 @@ def sweep(
     preconditioner: str | LinearOperator | None = None,
     warm_start: bool = True,
     screen_rtol: float | None = None,
+    screen: str = "cg",
     progress: bool = False,
     verbose: bool = True,
 ) -> SweepResult:
@@ -471,6 +472,11 @@ def sweep(
             previous one), and the chosen point is then re-solved to ``rtol`` from its
             screened solution; ``best_result`` and ``test`` are that accurate merge, the
             validation scores the screened ones. ``None``: every point to ``rtol``.
+        screen: How a screened sweep solves its points: ``"cg"`` (each point by CG,
+            warm-started from the previous one) or ``"subspace"`` (every point of the grid,
+            weights and dampings, from one reduced basis grown until all of them reach
+            ``screen_rtol``: :meth:`~curvmerge.merging.PreparedMerge.merge_subspace`; its
+            basis vectors, one product per model each, are the screen's whole cost).
         progress: Show a tqdm progress bar.
         verbose: Print the summary with the sweep's cost against the statistics.
 
@@ -479,6 +485,8 @@ def sweep(
     """
     if screen_rtol is not None and not float(screen_rtol) >= rtol:
         raise ValueError(f"screen_rtol={screen_rtol} must be at least rtol={rtol}")
+    if screen not in ("cg", "subspace"):
+        raise ValueError(f"screen must be 'cg' or 'subspace', got {screen!r}")
     if callable(curvatures) and not isinstance(curvatures, (LinearOperator, Sequence)):
         t0 = time.perf_counter()
         curvatures = list(curvatures())
@@ -529,6 +537,18 @@ def sweep(
     screened = screen_rtol is not None and prepared.kind == "operator"
     if screened:
         prepared.rtol = float(screen_rtol)
+    if screened and screen == "subspace":
+        # every point from one reduced basis, built at the first point (so its time and
+        # products are that point's: the first report's spent_products)
+        pairs = [(tuple(p["weights"]), p["damping"]) for p in points]
+        solved: dict = {}
+
+        def make(weights, damping):
+            if not solved:
+                found = prepared.merge_subspace(pairs, rtol=prepared.rtol, max_vectors=maxiter)
+                solved.update(zip(pairs, found, strict=True))
+            return solved.pop((tuple(weights), damping))
+
     out = grid_search(
         make,
         points,

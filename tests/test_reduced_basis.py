@@ -1,0 +1,90 @@
+"""The reduced-basis solver: Galerkin solutions of many weighted, shifted sums from one
+basis equal dense float64 solves, residuals are true, budgets are honest."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from curvmerge.operators import DenseOperator
+from curvmerge.reduced_basis import reduced_basis_solve
+from curvmerge.space import ParamSpace
+
+D = torch.float64
+P = 60
+SPACE = ParamSpace.from_tensors({"w": torch.zeros(P, dtype=D)})
+
+
+def _spd(seed, rank=12):
+    g = torch.Generator().manual_seed(seed)
+    G = torch.randn(P, rank, generator=g, dtype=D)
+    return G @ G.T
+
+
+def _systems(Fs, seed=5):
+    """Merge-like systems: b = sum_t w_t F_t d_t (in the operators' range)."""
+    g = torch.Generator().manual_seed(seed)
+    d = [torch.randn(P, generator=g, dtype=D) for _ in Fs]
+    out = []
+    for a in torch.linspace(0, 1, 9).tolist():
+        for lam in (1e-2, 1.0):
+            w = (a, 1 - a, 0.3)[: len(Fs)]
+            b = sum(wt * (F @ dt) for wt, F, dt in zip(w, Fs, d, strict=True))
+            out.append((w, lam, b))
+    return out
+
+
+def test_every_system_equals_its_dense_solve_and_the_residuals_are_true():
+    Fs = [_spd(s) for s in (1, 2, 3)]
+    ops = [DenseOperator(SPACE, F, self_adjoint=True) for F in Fs]
+    systems = _systems(Fs)
+    res = reduced_basis_solve(ops, systems, rtol=1e-10, max_vectors=P)
+    assert all(res.converged) and res.vectors <= P
+    assert res.products == 3 * res.vectors
+    for (w, lam, b), y, rel in zip(systems, res.solutions, res.relative_residuals, strict=True):
+        A = lam * torch.eye(P, dtype=D) + sum(wt * F for wt, F in zip(w, Fs, strict=True))
+        x = torch.linalg.solve(A, b)
+        torch.testing.assert_close(y, x, rtol=1e-7, atol=1e-9)
+        true = float(torch.linalg.vector_norm(b - A @ y) / torch.linalg.vector_norm(b))
+        assert rel == pytest.approx(true, abs=1e-11)
+    # at a loose tolerance the residuals are large enough to compare closely
+    loose = reduced_basis_solve(ops, systems, rtol=1e-2, max_vectors=P)
+    assert all(loose.converged) and loose.vectors < res.vectors
+    assert max(loose.relative_residuals) > 1e-4  # not a vacuous comparison
+    for (w, lam, b), y, rel in zip(systems, loose.solutions, loose.relative_residuals, strict=True):
+        A = lam * torch.eye(P, dtype=D) + sum(wt * F for wt, F in zip(w, Fs, strict=True))
+        true = float(torch.linalg.vector_norm(b - A @ y) / torch.linalg.vector_norm(b))
+        assert rel == pytest.approx(true, rel=1e-8) and rel <= 1e-2
+
+
+def test_one_system_is_the_krylov_space_cg_searches():
+    # rank-12 operators: the systems' Krylov space has at most 12 + 1 dimensions
+    Fs = [_spd(1)]
+    ops = [DenseOperator(SPACE, Fs[0], self_adjoint=True)]
+    b = Fs[0] @ torch.randn(P, dtype=D, generator=torch.Generator().manual_seed(0))
+    res = reduced_basis_solve(ops, [((1.0,), 0.5, b)], rtol=1e-12, max_vectors=P, check_every=1)
+    assert res.converged == [True] and res.vectors <= 13
+
+
+def test_a_full_basis_reports_what_it_did_not_reach():
+    Fs = [_spd(s, rank=40) for s in (1, 2)]
+    ops = [DenseOperator(SPACE, F, self_adjoint=True) for F in Fs]
+    systems = [s for s in _systems(Fs) if s[1] == 1e-2][1:3]
+    res = reduced_basis_solve(ops, systems, rtol=1e-12, max_vectors=3)
+    assert res.vectors == 3 and res.products == 6
+    assert res.converged == [False, False]
+    assert all(r > 1e-12 for r in res.relative_residuals)
+
+
+def test_zero_right_hand_sides_and_bad_input():
+    ops = [DenseOperator(SPACE, _spd(1), self_adjoint=True)]
+    res = reduced_basis_solve(ops, [((1.0,), 0.1, torch.zeros(P, dtype=D))], rtol=1e-8)
+    assert res.converged == [True] and float(res.solutions[0].abs().max()) == 0.0
+    with pytest.raises(ValueError, match="2 weights for 1 operators"):
+        reduced_basis_solve(ops, [((1.0, 2.0), 0.1, torch.ones(P, dtype=D))])
+    with pytest.raises(ValueError, match=">= 0"):
+        reduced_basis_solve(ops, [((-1.0,), 0.1, torch.ones(P, dtype=D))])
+    with pytest.raises(ValueError, match="shape"):
+        reduced_basis_solve(ops, [((1.0,), 0.1, torch.ones(P + 1, dtype=D))])
+    with pytest.raises(ValueError, match="no system"):
+        reduced_basis_solve(ops, [])
