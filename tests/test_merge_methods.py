@@ -270,8 +270,8 @@ def test_registry_lists_working_methods_and_calls_them_alike():
     assert method_names() == [s.name for s in list_methods()]
     assert {"average", "task_arithmetic", "ties", "dare", "slerp", "slerp_sequential",
             "spherical_barycenter", "tsv_merge", "iso_c", "iso_cts", "regmean",
-            "regmean_plus_plus", "adamerging", "weight_ensembling", "fisher_diagonal", "fisher_kfac",
-            "fisher_exact", "ensemble"} == set(method_names())  # fmt: skip
+            "regmean_plus_plus", "adamerging", "weight_ensembling", "fisher_diagonal",
+            "fisher_kfac", "fisher_exact", "ensemble"} == set(method_names())  # fmt: skip
     space = ParamSpace.from_tensors(A)
     diag = [DiagonalOperator(space, torch.rand(space.size, dtype=D) + 0.1) for _ in range(2)]
     dense = [DenseOperator(space, torch.diag(F.diagonal()), self_adjoint=True) for F in diag]

@@ -10,7 +10,6 @@ with ``from_pretrained``. Both are written atomically.
 from __future__ import annotations
 
 import json
-
 import math
 from pathlib import Path
 from typing import Any
