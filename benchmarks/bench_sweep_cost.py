@@ -22,8 +22,9 @@ Three parts, each measured side by side in one process:
 2. **A two-model exact-Fisher weight sweep** (issue 15, ``--weight-sweep``): 25 points
    ``w = (a, 1 - a)`` of the first two CNNs at one damping, every point solved to the
    tolerance (each warm-started from the previous) vs screened (:func:`curvmerge.sweep`
-   ``screen_rtol``: every point to a loose tolerance, the chosen one re-solved); products
-   against one accurate solve, and whether the choices match on validation.
+   ``screen_rtol``: every point to a loose tolerance, the chosen one re-solved) by CG point by
+   point or from one reduced basis for all points (``screen="subspace"``); products against
+   one accurate solve, and whether the choices match on validation.
 3. **A 25-point diagonal-Fisher sweep of two MiniLM bodies** (issue 6, ``--examples``):
    diagonal Fishers of the exact kind on N examples each (length 64), then ``w = (a, 1 - a)``
    with :class:`curvmerge.PreparedMerge` (each point elementwise work only); prints the
@@ -176,6 +177,9 @@ def _weight_sweep(setup, ops, points: int, damping: float, rtol: float, screen_r
         t0 = time.perf_counter()
         screened = sweep(models, curvatures, screen_rtol=screen_rtol, **kwargs)
         screened_seconds = time.perf_counter() - t0 - screened.eval_seconds
+        t0 = time.perf_counter()
+        subspace = sweep(models, curvatures, screen_rtol=screen_rtol, screen="subspace", **kwargs)
+        subspace_seconds = time.perf_counter() - t0 - subspace.eval_seconds
     sp = single.report.products
     print(
         f"\nTwo-model exact-Fisher weight sweep: {points} points, damping {damping:g}; one "
@@ -186,6 +190,11 @@ def _weight_sweep(setup, ops, points: int, damping: float, rtol: float, screen_r
     for name, out, seconds in (
         (f"every point to rtol {rtol:g} (warm starts)", accurate, accurate_seconds),
         (f"screened at rtol {screen_rtol:g}, choice re-solved", screened, screened_seconds),
+        (
+            f"one reduced basis to rtol {screen_rtol:g} for all points, choice re-solved",
+            subspace,
+            subspace_seconds,
+        ),
     ):
         bp = out.best_point
         print(
@@ -193,11 +202,17 @@ def _weight_sweep(setup, ops, points: int, damping: float, rtol: float, screen_r
             f"({', '.join(f'{w:.3g}' for w in bp.coefficients['weights'])}) | "
             f"{bp.validation:.4f} |"
         )
-    same = screened.best == accurate.best
-    gap = accurate.points[screened.best].validation - accurate.best_point.validation
+    for name, out in (("CG-screened", screened), ("subspace-screened", subspace)):
+        same = out.best == accurate.best
+        gap = accurate.points[out.best].validation - accurate.best_point.validation
+        print(
+            f"{name} choice {'matches' if same else 'differs from'} the accurate sweep's"
+            + ("" if same else f" (solved accurately, it scores {gap:+.4f} against the best)")
+        )
+    first = subspace.points[0]
     print(
-        f"screened choice {'matches' if same else 'differs from'} the accurate sweep's"
-        + ("" if same else f" (solved accurately, it scores {gap:+.4f} against the best)")
+        f"subspace basis: {first.iterations} vectors ({first.iterations} products of each "
+        f"model), re-solve of the choice {subspace.refine_products} products"
     )
 
 
