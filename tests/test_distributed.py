@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from curvmerge import diagonal_fisher, merge
+from curvmerge import PreparedMerge, diagonal_fisher, merge
 from curvmerge.distributed import (
     all_reduce_sum,
     is_distributed,
@@ -132,6 +132,12 @@ def _compute(part: int | None) -> dict[str, torch.Tensor]:
     assert result.report.converged
     for n, p in result.params.items():
         out[f"merge {n}"] = p
+    prepared = PreparedMerge(thetas, ops, rtol=1e-10, maxiter=500)
+    for w in (0.3, 0.8):
+        result = prepared.merge(weights=[w, 1 - w], damping=1e-2)
+        assert result.report.converged
+        for n, p in result.params.items():
+            out[f"prepared merge {w} {n}"] = p
     return out
 
 
