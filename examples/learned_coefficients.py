@@ -22,6 +22,7 @@ Run::
     python examples/learned_coefficients.py            # the MNIST demo's three CNNs, minutes
     python examples/learned_coefficients.py --lr 1e-2  # Adam moves a coefficient ~lr per step
     python examples/learned_coefficients.py --quick    # scikit-learn digits, seconds (smoke test)
+    python examples/learned_coefficients.py --transfer # + the trained network on a second pool
     python examples/learned_coefficients.py --text     # MiniLM, three text tasks (100 steps;
                                                        # weight ensembling reads the sentence
                                                        # embedding: mean over tokens)
@@ -49,6 +50,13 @@ def main(argv=None) -> None:
         "--steps", type=int, default=None, help="Adam steps (default 500; --text: 100)"
     )
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
+    parser.add_argument(
+        "--transfer",
+        action="store_true",
+        help="also apply the layer-wise weight-ensembling network, as trained, to a second "
+        "pool of CNNs (another seed: other splits, base and fine-tunes), beside task "
+        "arithmetic and a network adapted on that pool",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(2 if args.text else 1)
     start = time.perf_counter()
@@ -106,7 +114,34 @@ def main(argv=None) -> None:
             print(f"  {task}: {text}")
     for note in res.notes:
         print("note:", note)
+    if args.transfer and not args.text:
+        _transfer(res, steps, args, quick=args.quick)
     print(f"total {time.perf_counter() - start:.0f} s")
+
+
+def _transfer(res, steps: int, args, quick: bool) -> None:
+    """The trained network applied, without adaptation, to a second pool (zero-shot)."""
+    kwargs = dict(dataset="digits", base_steps=30, task_steps=40, fisher_examples=128)
+    other = vision_setup(seed=1, progress=False, **(kwargs if quick else {}))
+    network = res.networks["weight_ensembling (layer-wise)"].network
+    runs = [
+        MethodRun("task_arithmetic"),
+        MethodRun(
+            "weight_ensembling",
+            label="network of the first pool, as trained",
+            options={"granularity": "layer", "network": network, "steps": 0},
+        ),
+        MethodRun(
+            "weight_ensembling",
+            label="network adapted on this pool",
+            options={"granularity": "layer", "steps": steps, "lr": args.lr},
+        ),
+    ]
+    out = compare_methods(other, methods=runs, sweep_points=0, progress=False, log=None)
+    print("\nsecond pool (seed 1):")
+    for run in runs:
+        per_task = "  ".join(f"{100 * out.metrics[run.name][t]['accuracy']:.1f}" for t in out.tasks)
+        print(f"{run.name:40s} {100 * out.mean(run.name):6.1f}  {per_task}")
 
 
 if __name__ == "__main__":

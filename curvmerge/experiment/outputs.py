@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from curvmerge.atomic import atomic_write_text
 from curvmerge.experiment.pools import ModelPool
@@ -205,6 +205,8 @@ def _jsonable(obj: Any) -> Any:
         return os.fspath(obj)
     if isinstance(obj, Tensor) and obj.numel() == 1:
         return _jsonable(obj.item())
+    if isinstance(obj, nn.Module):  # an option holding a module (a trained network)
+        return f"<{type(obj).__name__}>"
     return str(obj)
 
 

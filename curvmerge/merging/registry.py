@@ -562,6 +562,7 @@ _TABLE: tuple[MethodSpec, ...] = (
         options={
             "granularity": "layer",
             "features": "penultimate",
+            "network": None,  # a trained CoefficientNetwork to apply (zero-shot transfer)
             "per": "batch",
             "hidden": 64,
             "depth": 2,
