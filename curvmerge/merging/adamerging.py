@@ -48,7 +48,14 @@ from curvmerge.merging.methods import (
 from curvmerge.merging.report import MergeResult
 from curvmerge.merging.system import check_weights
 
-__all__ = ["adamerging", "AdaMergingObjective", "AdaMergingReport", "GRANULARITIES"]
+__all__ = [
+    "adamerging",
+    "AdaMergingObjective",
+    "AdaMergingReport",
+    "AdaptationReport",
+    "GroupedTaskArithmetic",
+    "GRANULARITIES",
+]
 
 #: The coefficient granularities: one per task, or one per task and merged parameter tensor.
 GRANULARITIES = ("task", "layer")
@@ -255,10 +262,18 @@ class AdaMergingObjective(GroupedTaskArithmetic):
                 task (each task's mean over all its examples).
         """
         merged = self.merged(coefficients)
+        return self.mean_entropies(lambda t, b: self.task_entropy(t, merged, b), batches)
+
+    def mean_entropies(
+        self, entropies: Callable[[int, int], Tensor], batches: Sequence[int] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The mean over tasks of each task's mean per-example entropy and the per-task
+        means ``[T]``, with ``entropies(t, b)`` the entropies of task ``t``'s batch ``b``
+        over every batch (``batches=None``) or the batch ``batches[t]`` of each task."""
         per_task = []
         for t in range(self.num_models):
             which = range(len(self.inputs[t])) if batches is None else [batches[t]]
-            total = sum(self.task_entropy(t, merged, b).sum() for b in which)
+            total = sum(entropies(t, b).sum() for b in which)
             per_task.append(total / sum(self.sizes[t][b] for b in which))
         per_task = torch.stack(per_task)
         return per_task.mean(), per_task
@@ -323,27 +338,24 @@ def entropy_steps(
 
 
 @dataclass
-class AdaMergingReport(MethodReport):
-    """A :class:`~curvmerge.merging.methods.MethodReport` of an AdaMerging run.
-
-    ``options`` holds the options and the learned ``coefficients`` (``[T][G]`` nested
-    lists, the values used, after clamping).
+class AdaptationReport(MethodReport):
+    """What every method that learns by entropy minimisation reports (AdaMerging, weight
+    ensembling).
 
     Attributes:
         groups: The parameter names of each coefficient group (one group for task-wise).
         steps: Adam steps taken.
-        entropy_before: :math:`\\mathcal{L}` over every adaptation input at the initial
-            coefficients.
-        entropy_after: The same at the learned coefficients.
-        task_entropy_before: Per task, the mean entropy at the initial coefficients.
-        task_entropy_after: Per task, at the learned coefficients.
+        entropy_before: :math:`\\mathcal{L}` over every adaptation input before the steps.
+        entropy_after: The same after them.
+        task_entropy_before: Per task, the mean entropy before.
+        task_entropy_after: Per task, after.
         history: The objective of each step's batches, before its update.
         examples: Adaptation inputs per task.
         adaptation_seconds: Time of the Adam steps.
         evaluation_seconds: Time of one forward pass (no gradient) over every adaptation
             input of every task, measured in the same run: the faster of the two passes
             that take the entropy before and after.
-        cost_ratio: ``adaptation_seconds / evaluation_seconds``.
+        cost_ratio: The adaptation's seconds over ``evaluation_seconds``.
         peak_memory: Peak memory of the adaptation steps in bytes, above what was in use
             before them (:class:`~curvmerge.memory.PeakMemory`; ``None``: not measured).
     """
@@ -361,13 +373,9 @@ class AdaMergingReport(MethodReport):
     cost_ratio: float = float("nan")
     peak_memory: int | None = None
 
-    @property
-    def coefficients(self) -> list[list[float]]:
-        """The learned coefficients, ``[T][G]``."""
-        return self.options["coefficients"]
-
     def learned(self) -> dict[str, Any]:
-        """What was learned and what it cost, JSON-ready (the experiment runner keeps it)."""
+        """What was learned (``coefficients``, ``[T][G]``) and what it cost, JSON-ready
+        (the experiment runner keeps it)."""
         return {
             "coefficients": self.coefficients,
             "groups": self.groups,
@@ -380,6 +388,18 @@ class AdaMergingReport(MethodReport):
             "cost_ratio": self.cost_ratio,
             "peak_memory_bytes": self.peak_memory,
         }
+
+
+@dataclass
+class AdaMergingReport(AdaptationReport):
+    """An :class:`AdaptationReport` of an AdaMerging run; ``options`` holds the options and
+    the learned ``coefficients`` (``[T][G]`` nested lists, the values used, after
+    clamping)."""
+
+    @property
+    def coefficients(self) -> list[list[float]]:
+        """The learned coefficients, ``[T][G]``."""
+        return self.options["coefficients"]
 
     def __str__(self) -> str:
         o = self.options

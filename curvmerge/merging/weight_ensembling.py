@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from curvmerge.atomic import atomic_write_bytes
 from curvmerge.merging.adamerging import (
     AdaMergingObjective,
+    AdaptationReport,
     GroupedTaskArithmetic,
     entropy,
     entropy_steps,
@@ -54,7 +55,7 @@ from curvmerge.merging.adamerging import (
 )
 from curvmerge.merging.ensemble import EnsembleResult
 from curvmerge.merging.features import feature_extractor
-from curvmerge.merging.methods import MethodReport, check_finite_scalar, method_report
+from curvmerge.merging.methods import check_finite_scalar, method_report
 from curvmerge.merging.report import parameters_of
 from curvmerge.merging.system import check_weights
 
@@ -299,20 +300,17 @@ class WeightEnsemblingObjective(AdaMergingObjective):
         self.adaptive = AdaptiveMerge(self, network, extractor, per=per, clamp=clamp)
 
     def __call__(self, batches: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
-        per_task = []
-        for t in range(self.num_models):
-            which = range(len(self.inputs[t])) if batches is None else [batches[t]]
-            total = sum(
-                entropy(
-                    self.adaptive.logits(
-                        self.models[t], self.own[t], self.inputs[t][b], self.features[t][b]
-                    )
-                ).sum()
-                for b in which
+        """The objective and the per-task mean entropies (see
+        :meth:`~curvmerge.merging.adamerging.AdaMergingObjective.mean_entropies`), every
+        batch merged with its own coefficients."""
+
+        def entropies(t: int, b: int) -> Tensor:
+            logits = self.adaptive.logits(
+                self.models[t], self.own[t], self.inputs[t][b], self.features[t][b]
             )
-            per_task.append(total / sum(self.sizes[t][b] for b in which))
-        per_task = torch.stack(per_task)
-        return per_task.mean(), per_task
+            return entropy(logits)
+
+        return self.mean_entropies(entropies, batches)
 
     def batch_coefficients(self) -> Tensor:
         """Every adaptation batch's coefficients ``[batches, T, G]`` (no gradient)."""
@@ -347,65 +345,32 @@ def _check_network(network, dim: int, T: int, G: int) -> None:
 
 
 @dataclass
-class WeightEnsemblingReport(MethodReport):
-    """A :class:`~curvmerge.merging.methods.MethodReport` of a weight-ensembling run.
+class WeightEnsemblingReport(AdaptationReport):
+    """An :class:`~curvmerge.merging.adamerging.AdaptationReport` of a weight-ensembling
+    run (its ``cost_ratio`` counts the features' seconds too).
 
     Attributes:
-        groups: The parameter names of each coefficient group.
         network: The network's sizes (:meth:`CoefficientNetwork.config`).
-        steps: Adam steps taken.
-        entropy_before: The objective over every adaptation input before the steps.
-        entropy_after: The same after them.
-        task_entropy_before: Per task, before.
-        task_entropy_after: Per task, after.
-        history: The objective of each step's batches, before its update.
-        examples: Adaptation inputs per task.
         coefficients: The mean over the adaptation batches of the batch coefficients,
             ``[T][G]``.
         coefficient_spread: Their standard deviation over the batches, ``[T][G]``: how much
             the coefficients adapt to the data.
         feature_seconds: Time of the frozen features of the adaptation inputs.
-        adaptation_seconds: Time of the Adam steps.
-        evaluation_seconds: One forward pass (no gradient, each batch merged with its own
-            coefficients) over every adaptation input, the faster of the two in the run.
-        cost_ratio: ``(feature_seconds + adaptation_seconds) / evaluation_seconds``.
-        peak_memory: Peak memory of the Adam steps in bytes (``None``: not measured).
     """
 
-    groups: list[list[str]] = field(default_factory=list)
     network: dict[str, int] = field(default_factory=dict)
-    steps: int = 0
-    entropy_before: float = float("nan")
-    entropy_after: float = float("nan")
-    task_entropy_before: list[float] = field(default_factory=list)
-    task_entropy_after: list[float] = field(default_factory=list)
-    history: list[float] = field(default_factory=list)
-    examples: list[int] = field(default_factory=list)
     coefficients: list[list[float]] = field(default_factory=list)
     coefficient_spread: list[list[float]] = field(default_factory=list)
     feature_seconds: float = 0.0
-    adaptation_seconds: float = 0.0
-    evaluation_seconds: float = 0.0
-    cost_ratio: float = float("nan")
-    peak_memory: int | None = None
 
     def learned(self) -> dict[str, Any]:
-        """What was learned and what it cost, JSON-ready (the experiment runner keeps it;
-        the network itself is saved with :func:`save_coefficient_network`)."""
+        """:meth:`AdaptationReport.learned` with the spread, the network's sizes and the
+        features' seconds (the network itself is saved with :func:`save_coefficient_network`)."""
         return {
-            "coefficients": self.coefficients,
+            **super().learned(),
             "coefficient_spread": self.coefficient_spread,
-            "groups": self.groups,
             "network": self.network,
-            "steps": self.steps,
-            "entropy_before": self.entropy_before,
-            "entropy_after": self.entropy_after,
-            "examples": self.examples,
             "feature_seconds": self.feature_seconds,
-            "adaptation_seconds": self.adaptation_seconds,
-            "evaluation_seconds": self.evaluation_seconds,
-            "cost_ratio": self.cost_ratio,
-            "peak_memory_bytes": self.peak_memory,
         }
 
     def __str__(self) -> str:
