@@ -12,7 +12,9 @@ Prints, measured side by side in one process (repeats interleaved, medians):
    Nyström preconditioner (sketch products included).
 
 Usage: ``python benchmarks/bench_ggn.py [--quick] [--skip-minilm] [--skip-merge]
-[--merge-only] [--dampings 1e-3,1e-2] [--preconditioners none,diagonal,nystrom:50]``.
+[--merge-only] [--dampings 1e-3,1e-2] [--preconditioners none,diagonal,nystrom:50]
+[--device cuda]``. With ``--device cuda`` the models, data and operators live on the GPU and
+every timed call ends with ``torch.cuda.synchronize()`` (kernels run asynchronously).
 """
 
 from __future__ import annotations
@@ -35,6 +37,27 @@ from curvmerge.operators.ggn import GGNOperator  # noqa: E402
 #: The clock of the product tables: wall time, or the CPU time of this process's threads
 #: (``--clock process``: leaves out time spent waiting for a CPU, counts threads spin-waiting).
 CLOCK = {"clock": time.perf_counter}
+#: Where the models, data and operators live (``--device``).
+DEVICE = {"device": torch.device("cpu")}
+
+
+def device() -> torch.device:
+    return DEVICE["device"]
+
+
+def sync() -> None:
+    """Wait for the device's queued kernels (CUDA runs them asynchronously); no-op on CPU."""
+    if device().type == "cuda":
+        torch.cuda.synchronize(device())
+
+
+def on_device(model, data):
+    """``model`` and the ``(inputs, targets)`` batches moved to :func:`device`."""
+
+    def move(t):
+        return {k: v.to(device()) for k, v in t.items()} if isinstance(t, dict) else t.to(device())
+
+    return model.to(device()), [(move(x), move(y)) for x, y in data]
 
 
 def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
@@ -43,10 +66,12 @@ def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
     times = {k: [] for k in fns}
     for fn in fns.values():  # warm-up
         fn()
+    sync()
     for _ in range(repeats):
         for k, fn in fns.items():
             t = clock()
             fn()
+            sync()
             times[k].append(clock() - t)
     return times
 
@@ -109,7 +134,7 @@ def product_costs(name, model, loss_fn, data, names, repeats, old=None, block=8)
         check_deterministic=False,
         batch_size_fn=(lambda x: x["input_ids"].shape[0]) if dict_inputs else None,
     )
-    v = torch.randn(cached.shape[0])
+    v = torch.randn(cached.shape[0]).to(device())
     err = float((cached @ v - ref @ v).norm() / (ref @ v).norm())
     fns = {
         "gradient pass": grad_pass,
@@ -127,7 +152,7 @@ def product_costs(name, model, loss_fn, data, names, repeats, old=None, block=8)
         batched = GGNOperator(
             model, loss_fn, data, params=list(names), cache=True, block_columns=block
         )
-        V = torch.randn(cached.shape[0], block)
+        V = torch.randn(cached.shape[0], block).to(device())
         fns[f"block of {block}, batched"] = lambda: batched @ V
         fns[f"block of {block}, column by column"] = lambda: cached @ V
     t = interleaved(fns, repeats)
@@ -160,6 +185,7 @@ def mlp_problem(quick):
     )
     nb = 2 if quick else 4
     data = [(torch.randn(256, 256), torch.randint(0, 10, (256,))) for _ in range(nb)]
+    model, data = on_device(model, data)
     return model, nn.CrossEntropyLoss(), data
 
 
@@ -194,7 +220,7 @@ def train(model, X, y, steps, lr, seed):
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     for _ in range(steps):
-        idx = torch.randint(0, len(X), (64,), generator=g)
+        idx = torch.randint(0, len(X), (64,), generator=g).to(X.device)
         opt.zero_grad()
         nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
         opt.step()
@@ -206,8 +232,9 @@ def cnn_tasks(quick):
     import copy
 
     X, y = mnist()
+    X, y = X.to(device()), y.to(device())
     torch.manual_seed(0)
-    base = train(CNN(), X[:4000], y[:4000], 150 if quick else 400, 0.05, 0)
+    base = train(CNN().to(device()), X[:4000], y[:4000], 150 if quick else 400, 0.05, 0)
     subsets = [(0, 1, 2, 3), (3, 4, 5, 6), (6, 7, 8, 9)]
     models, fisher_data = [], []
     for t, digits in enumerate(subsets):
@@ -231,16 +258,18 @@ def cnn_merge(
     P = ops[0].shape[0]
     print(f"\n## Exact-Fisher merge of three MNIST CNNs (P = {P:,}, 512 Fisher examples each)")
     for op in ops:
-        op @ torch.zeros(P)  # build the caches outside the timings
+        op @ torch.zeros(P, device=device())  # build the caches outside the timings
         op.diagonal()  # exact GGN diagonal (warm start, Jacobi), also outside the timings
 
     def grad3():
         """Seconds of one gradient pass over the three tasks' Fisher data."""
+        sync()
         t = time.perf_counter()
         for m, d in zip(models, fisher_data, strict=True):
             for x, y in d:
                 nn.functional.cross_entropy(m(x), y).backward()
             m.zero_grad(set_to_none=True)
+        sync()
         return time.perf_counter() - t
 
     grad3()  # warm-up
@@ -253,6 +282,7 @@ def cnn_merge(
             res = merge(
                 models, ops, damping=damping, damping_scale=1.0, preconditioner=pre, maxiter=maxiter
             )  # absolute damping, as in docs/benchmarks_ggn.md
+            sync()
             secs = time.perf_counter() - t
             grad = (before + grad3()) / 2
             r = res.report
@@ -309,6 +339,7 @@ def sketch_costs(ops, grad3, ranks, damping, repeats=3):
             for k, fn in fns.items():
                 start = time.perf_counter()
                 out = fn()
+                sync()
                 t[k].append(out if k == "grad" else time.perf_counter() - start)
         print(
             f"| {rank} | {ratio(t, 'batched', 'grad')} | {ratio(t, 'columns', 'grad')} "
@@ -334,6 +365,7 @@ def minilm_problem(quick):
             ({"input_ids": ids, "attention_mask": mask}, torch.randint(0, 3, (16,), generator=g))
         )
     names = [n for n, _ in model.named_parameters() if not n.startswith("classifier.")]
+    model, data = on_device(model, data)
     return model, nn.CrossEntropyLoss(), data, names
 
 
@@ -353,6 +385,11 @@ def main():
     )
     parser.add_argument("--maxiter", type=int, default=1500, help="CG iteration limit (merge)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where models, data and operators live (cpu, cuda, cuda:1)",
+    )
     parser.add_argument(
         "--old",
         default=None,
@@ -379,6 +416,9 @@ def main():
         torch.set_num_threads(args.threads)
     if args.clock == "process":
         CLOCK["clock"] = time.process_time
+    DEVICE["device"] = torch.device(args.device)
+    if DEVICE["device"].type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch.cuda.is_available() is False")
     if args.merge_only:
         cnn_merge(args.quick, **merge_args)
         return
@@ -391,7 +431,8 @@ def main():
         f"# GGN products: torch {torch.__version__}, "
         f"curvlinops {getattr(curvlinops, '__version__', '3.0.1')}, "
         f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-        f"load average {os.getloadavg()[0]:.2f}, {args.clock} clock"
+        f"load average {os.getloadavg()[0]:.2f}, {args.clock} clock, device {device()}"
+        + (f" ({torch.cuda.get_device_name(device())})" if device().type == "cuda" else "")
     )
     model, loss_fn, data = mlp_problem(args.quick)
     product_costs(
@@ -404,8 +445,9 @@ def main():
         **extra,
     )
     X, y = mnist()
-    cnn = CNN().eval()
-    cdata = [(X[i : i + 128], y[i : i + 128]) for i in range(0, 512, 128)]
+    cnn, cdata = on_device(
+        CNN().eval(), [(X[i : i + 128], y[i : i + 128]) for i in range(0, 512, 128)]
+    )
     product_costs(
         "MNIST CNN, CE, batch 128",
         cnn,
