@@ -176,7 +176,7 @@ class AdaptiveMerge:
 
     Args:
         merger: The task vectors and groups (:class:`GroupedTaskArithmetic`).
-        network: :math:`g_\\phi`.
+        network: :math:`g_\\phi` (``None`` until it is set: features only).
         extractor: The frozen feature extractor (``inputs -> [N, D]``).
         per: ``"batch"`` or ``"input"`` (see the module doc).
         clamp: Clip each input's coefficients to :math:`[0, 1]` before they are averaged.
@@ -185,7 +185,7 @@ class AdaptiveMerge:
     def __init__(
         self,
         merger: GroupedTaskArithmetic,
-        network: CoefficientNetwork,
+        network: CoefficientNetwork | None,
         extractor: Callable,
         *,
         per: str = "batch",
@@ -197,7 +197,8 @@ class AdaptiveMerge:
         self.per, self.clamp = per, bool(clamp)
 
     def features(self, inputs) -> Tensor:
-        """The standardised network's input: the extractor's features in the merge dtype."""
+        """The extractor's features ``[N, D]`` in the merge's dtype and device (the network
+        standardises them)."""
         return self.extractor(inputs).to(device=self.merger.device, dtype=self.merger.dtype)
 
     def coefficients(self, features: Tensor) -> Tensor:
@@ -282,11 +283,10 @@ class WeightEnsemblingObjective(AdaMergingObjective):
             method="weight_ensembling",
         )  # fmt: skip
         extractor = feature_extractor(features, _feature_model(models, base))
+        # the network comes after the features: a new one is standardised on them
+        self.adaptive = AdaptiveMerge(self, None, extractor, per=per, clamp=clamp)
         tic = time.perf_counter()
-        self.features = [
-            [extractor(x).to(device=self.device, dtype=self.dtype) for x in batches]
-            for batches in self.inputs
-        ]
+        self.features = [[self.adaptive.features(x) for x in batches] for batches in self.inputs]
         self.feature_seconds = time.perf_counter() - tic
         dim = int(self.features[0][0].shape[1])
         if network is None:
@@ -296,8 +296,7 @@ class WeightEnsemblingObjective(AdaMergingObjective):
             network.standardize(torch.cat([f for task in self.features for f in task]))
         else:
             _check_network(network, dim, self.num_models, self.num_groups)
-        self.network = network
-        self.adaptive = AdaptiveMerge(self, network, extractor, per=per, clamp=clamp)
+        self.network = self.adaptive.network = network
 
     def __call__(self, batches: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
         """The objective and the per-task mean entropies (see
