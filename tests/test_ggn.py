@@ -633,3 +633,30 @@ def test_block_columns_is_checked():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="block_columns"):
             GGNOperator(model, loss_fn, data, block_columns=bad)
+
+
+# ------------------------------------------------------------------ compute dtype
+def test_a_compute_dtype_runs_the_products_in_it():
+    """GGNOperator(dtype=float64) of a float32 (or bf16) model equals the operator of its
+    float64 copy; the float32 operator differs from it by float32 rounding; half precision
+    is refused."""
+    torch.manual_seed(0)
+    model32 = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    data = [(torch.randn(6, 5), torch.randint(0, 3, (6,))) for _ in range(2)]
+    model64 = copy.deepcopy(model32).double()
+    data64 = [(x.double(), y) for x, y in data]
+    ref = GGNOperator(model64, "cross_entropy", data64)
+    G = GGNOperator(model32, "cross_entropy", data, dtype=torch.float64)
+    assert G.dtype == torch.float64 and model32[0].weight.dtype == torch.float32
+    V = torch.randn(ref.shape[0], 3, dtype=torch.float64)
+    want = ref @ V
+    torch.testing.assert_close(G @ V, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(G.diagonal(), ref.diagonal(), rtol=1e-12, atol=1e-12)
+    low = GGNOperator(model32, "cross_entropy", data)
+    assert low.dtype == torch.float32
+    err = float(((low @ V.float()).double() - want).norm() / want.norm())
+    assert 1e-10 < err < 1e-5  # float32 rounding, which the float64 operator does not have
+    bf16 = copy.deepcopy(model32).to(torch.bfloat16)
+    assert GGNOperator(bf16, "cross_entropy", data, dtype=torch.float64).dtype == torch.float64
+    with pytest.raises(ValueError, match="never accumulate in half precision"):
+        GGNOperator(model32, "cross_entropy", data, dtype=torch.bfloat16)

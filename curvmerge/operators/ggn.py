@@ -293,6 +293,10 @@ class GGNOperator(LinearOperator, CurvatureComputer):
             :class:`~curvmerge.statistics.base.CurvatureComputer`). A given ``num_data`` is
             that of all the shards; ``mc`` labels are drawn with another seed on each
             process but the main one.
+        dtype: The products' compute dtype, ``torch.float32`` or ``torch.float64``
+            (default: the model's, at least float32). The forward and backward passes run
+            on copies of the parameters and buffers in it where it differs from the
+            model's (a float64 operator of a float32 or bf16 model, for a reference).
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -323,6 +327,7 @@ class GGNOperator(LinearOperator, CurvatureComputer):
         block_columns: int = 1,
         progress: bool = False,
         distributed: bool | None = None,
+        dtype: torch.dtype | None = None,
     ):
         check_kind(kind, mc_samples)
         CurvatureComputer.__init__(
@@ -330,7 +335,14 @@ class GGNOperator(LinearOperator, CurvatureComputer):
         )
         # products run in at least float32 (a bf16 model's products are formed with float32
         # copies of its parameters and buffers): statistics never accumulate in half precision
-        self.dtype = torch.promote_types(self.model_dtype, torch.float32)
+        if dtype is None:
+            dtype = torch.promote_types(self.model_dtype, torch.float32)
+        if not isinstance(dtype, torch.dtype) or dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"dtype (the products' compute dtype) must be torch.float32 or torch.float64, "
+                f"got {dtype!r}: products never accumulate in half precision"
+            )
+        self.dtype = dtype
         LinearOperator.__init__(self, self.space, self.dtype, self.device)
         self.kind = kind
         self.mc_samples = int(mc_samples) if kind == "mc" else 1
