@@ -634,8 +634,11 @@ def regmean_plus_plus(
     devices = {str(next(m.parameters()).device) for m in models}
     if len(devices) > 1:
         raise ValueError(f"the models are on different devices ({sorted(devices)}); move them")
+    # every process reads all of its data (never a shard: nothing is summed over processes),
+    # so empty data is refused as in one process
     computers = [
-        CurvatureComputer(m, "mse", d, params=flat.space) for m, d in zip(models, data, strict=True)
+        CurvatureComputer(m, "mse", d, params=flat.space, distributed=False)
+        for m, d in zip(models, data, strict=True)
     ]
     infos = _common_layers(models, flat.space.names)
     merged = _average(flat, w)
