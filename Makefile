@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 PYTEST := $(PY) -m pytest
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-slow lint format docs bench clean
+.PHONY: help install demo test test-slow lint format docs bench gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ docs: $(STAMP)  ## build the Sphinx docs with the gallery, warnings as errors
 
 bench: $(STAMP)  ## run the benchmarks (prints ratios measured side by side)
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+gpu-check:  ## GPU tests and quick GPU benchmarks in one run (no .venv needed; exit 2 without a GPU)
+	bash benchmarks/gpu_check.sh
 
 clean:  ## remove build outputs (keeps .venv)
 	rm -rf docs/_build docs/auto_examples docs/gen_modules build *.egg-info .pytest_cache
