@@ -12,15 +12,16 @@ mantissas); the references are float64 copies of the same weights and data on th
 Tolerances (relative errors in norm, unless stated):
 
 - GGN products (vector, ``[P, 3]`` block, diagonal; cached and streaming), diagonal Fisher
-  (exact, empirical), input Grams, K-FAC factors of an MLP, a CNN and a tiny BERT: 1e-5
-  (float32 on the CPU gives at most 7e-7 here; TF32 or half precision would fail it);
+  (exact, empirical), input Grams, K-FAC factors of an MLP, a CNN and a tiny BERT: 1e-4
+  (float32 on the CPU gives at most 7e-7 here; the margin is for cuDNN's float32 algorithms,
+  Winograd or FFT, and atomic adds; TF32, about 1e-3, or half precision would fail it);
 - CG on the device (``curvmerge.cg`` on a damped GGN operator, condition number about 500,
   to rtol 1e-4): 1e-3 of the float64 dense solve; an exact-Fisher merge by CG (rtol 1e-5,
   relative damping 0.1; its reported true residual below 1e-4): merged parameters 1e-3;
-  RegMean (its solve runs in float64 from float32 Grams): 1e-5;
+  RegMean (its solve runs in float64 from float32 Grams): 1e-4;
 - AdaMerging and weight ensembling (5 Adam steps from float32 gradients; Adam steps by about
   ``lr`` in sign, so a gradient entry below float32 noise could flip one): learned
-  coefficients within 1e-4 (absolute), merged parameters and outputs within 1e-5.
+  coefficients within 1e-4 (absolute), merged parameters and outputs within 1e-4.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ DEVICE = torch.device(os.environ.get("CURVMERGE_GPU_TEST_DEVICE", "cuda"))
 F64 = torch.float64
 BODY = r"^body\."
 #: float32 on the device against float64 on the CPU (see the module docstring)
-TOL = 1e-5
+TOL = 1e-4
 
 pytestmark = [
     pytest.mark.gpu,
