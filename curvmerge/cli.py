@@ -29,6 +29,11 @@ which data to use. A model argument may also be a Hugging Face model folder or h
 (:mod:`curvmerge.data.files`), and the loss from the data (token-level cross-entropy for
 causal LMs). Each subcommand is a module of :mod:`curvmerge.commands`.
 
+Under ``torchrun`` (``WORLD_SIZE`` > 1), ``run`` and ``compare`` initialise the process group
+themselves (NCCL with one GPU per process when CUDA is available, gloo otherwise): each
+process computes its shard of the statistics, and only rank 0 prints and writes files
+(``docs/distributed.md``); the other commands refuse to run there.
+
 Errors a user can fix (missing or corrupt files, mismatched architectures, a missing
 column, a label the model does not have, bad options) print one line
 ``curvmerge: error: <message>`` and exit with status 2; failures while running exit with
@@ -39,9 +44,10 @@ status 1. Every output is written atomically and an existing output is only repl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from curvmerge.commands import COMMANDS
 from curvmerge.commands import verify as verify_command
@@ -92,6 +98,43 @@ def _input_errors() -> tuple[type[BaseException], ...]:
 _DATA_COMMANDS = ("fisher", "merge", "eval", "sweep", "compare", "run")
 
 
+#: Commands that run on several processes under ``torchrun`` (one experiment, statistics
+#: summed over the processes, files written by rank 0).
+DISTRIBUTED_COMMANDS = ("run", "compare")
+
+
+@contextlib.contextmanager
+def _process_group(args: argparse.Namespace) -> Iterator[None]:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): a process group for the command (NCCL on this
+    process's GPU when CUDA is available, gloo otherwise; one already initialised is used as
+    it is), every process but rank 0 quiet, and the group destroyed when the command ends."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        yield
+        return
+    if args.command not in DISTRIBUTED_COMMANDS:
+        raise CLIError(
+            f"'{args.command}' runs in one process; under torchrun (WORLD_SIZE={world}) only "
+            f"{' and '.join(DISTRIBUTED_COMMANDS)} run, one experiment on all the processes"
+        )
+    import torch
+    import torch.distributed as dist
+
+    owned = not dist.is_initialized()
+    if owned and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    elif owned:
+        dist.init_process_group("gloo")
+    try:
+        if dist.get_rank() != 0:  # rank 0 prints progress and the results
+            args.quiet = True
+        yield
+    finally:
+        if owned:
+            dist.destroy_process_group()
+
+
 def _one_line(text: str) -> str:
     return " ".join(part.strip() for part in text.strip().splitlines() if part.strip())
 
@@ -127,7 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with _process_group(args):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

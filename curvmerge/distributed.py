@@ -29,6 +29,7 @@ __all__ = [
     "rank",
     "world_size",
     "is_main_process",
+    "barrier",
     "all_reduce_sum",
     "use_distributed",
     "shard",
@@ -57,6 +58,14 @@ def world_size() -> int:
 def is_main_process() -> bool:
     """Rank 0: the process that prints progress and writes files."""
     return rank() == 0
+
+
+def barrier() -> None:
+    """Wait until every process gets here (a no-op without torch.distributed): after rank 0
+    writes files that the others read, or before a process returns from a run whose files
+    rank 0 writes."""
+    if is_distributed():
+        dist.barrier()
 
 
 def shard(items):

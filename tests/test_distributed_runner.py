@@ -84,3 +84,308 @@ def test_regmean_plus_plus_reads_all_its_data_on_every_rank(tmp_path):
             regmean_plus_plus(nets, [[] if k == t else d for k, d in enumerate(data)])
         assert ranks[0][f"empty {t}"] is None
         assert ranks[1][f"empty {t}"] == f"ValueError: {one_process.value}"
+
+
+# ---------------------------------------------------------------------------- the commands
+SUBSETS = ((0, 1, 2), (3, 4, 5))
+HIDDEN = (16,)
+METHODS = [
+    {"method": "task_arithmetic", "grid": {"scaling": [0.5, 1.0]}},
+    {"method": "fisher_diagonal", "grid": {"damping": [1e-4, 1e-2]}},
+    {"method": "fisher_exact", "grid": {"damping": [1e-1, 1e-2]}, "options": {"maxiter": 8}},
+    "fisher_kfac",
+    "regmean",
+    {"method": "regmean_plus_plus", "grid": [{"alpha": 0.9}]},
+]
+COMPARE_METHODS = "task_arithmetic,fisher_diagonal,regmean"
+#: CG stopped at 8 iterations far from convergence: in float32 the merge moves by a few
+#: percent when the sums' order changes, even in one process; these rows' losses and F1 are
+#: compared loosely, and in float64 (below) to 1e-6
+FRAGILE = ("fisher_exact",)
+
+
+def _checkpoints(folder) -> list[str]:
+    """A base and two fine-tuned digits MLPs (3 classes each), saved as checkpoints."""
+    from curvmerge.data import digit_subset_tasks, pooled_digits
+    from curvmerge.io import save_checkpoint
+    from curvmerge.models import make_mlp
+    from curvmerge.train import finetune
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tasks = digit_subset_tasks("digits", SUBSETS)
+    spec = {"kind": "mlp", "in_features": 64, "hidden": list(HIDDEN)}
+    base = make_mlp(64, 10, hidden=HIDDEN, seed=0)
+    finetune(base, pooled_digits(tasks), steps=20, lr=1e-2, progress=False)
+    meta = {"model": {**spec, "num_classes": 10}, "task": "digits"}
+    paths = [save_checkpoint(base, folder / "base.safetensors", metadata=meta)]
+    body = {k: v for k, v in base.state_dict().items() if not k.startswith("head.")}
+    for i, (subset, task) in enumerate(zip(SUBSETS, tasks, strict=True)):
+        model = make_mlp(64, 3, hidden=HIDDEN, seed=i + 1)
+        model.load_state_dict(body, strict=False)
+        finetune(model, task.train, steps=15, lr=1e-2, seed=i, progress=False)
+        paths.append(
+            save_checkpoint(
+                model,
+                folder / f"{task.name}.safetensors",
+                metadata={
+                    "model": {**spec, "num_classes": 3},
+                    "task": "digits:" + ",".join(map(str, subset)),
+                },
+            )  # fmt: skip
+        )
+    return [str(p) for p in paths]
+
+
+def _commands(tmp, checkpoints: list[str], where: str) -> list[list[str]]:
+    """``curvmerge run`` of a configuration, ``curvmerge compare``, and the run again (its
+    Fisher files reused), writing into ``tmp/where``."""
+    import yaml
+
+    base, *models = checkpoints
+    config = {
+        "title": "digits on several processes",
+        "output_dir": f"{where}/run",
+        "models": {"base": base, "finetuned": {f"t{i}": m for i, m in enumerate(models)}},
+        "tasks": {
+            f"t{i}": {"data": "digits:" + ",".join(map(str, s))} for i, s in enumerate(SUBSETS)
+        },  # fmt: skip
+        "methods": METHODS,
+        "fisher": {"examples": 72, "batch_size": 16},  # 5 batches: uneven shards (3 and 2)
+        "exact": {"examples": 48},
+    }
+    path = tmp / f"{where}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    compare = [*models, "--base", base, "--methods", COMPARE_METHODS, "--examples", "72",
+               "--batch-size", "16", "--output", str(tmp / where / "cmp" / "cmp")]  # fmt: skip
+    return [["run", str(path)], ["compare", *compare], ["run", str(path), "--force"]]
+
+
+def _is_write(event: str, args: tuple) -> list[str]:
+    """The paths an audit event writes, creates, renames or removes."""
+    if event == "open":
+        path, mode, flags = args
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            return []
+        if mode is not None:
+            return [os.fspath(path)] if any(c in str(mode) for c in "wax+") else []
+        return [os.fspath(path)] if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) else []
+    if event == "os.rename":
+        return [os.fspath(args[0]), os.fspath(args[1])]
+    if event in ("os.mkdir", "os.remove", "os.rmdir"):
+        return [os.fspath(args[0])]
+    return []
+
+
+def _float64_experiment(config: str):
+    """The configuration's statistics methods in float64, through ``run_experiment``."""
+    from curvmerge.data import TensorSplit
+    from curvmerge.experiment import ModelPool, Settings, TaskData, load_config, run_experiment
+
+    exp = load_config(config)
+
+    def wide(split):
+        return TensorSplit(split.inputs.double(), split.labels)
+
+    tasks = [TaskData(t.name, wide(t.train), wide(t.val), wide(t.test)) for t in exp.tasks]
+    pool = ModelPool(
+        [m.double() for m in exp.pool.models], base=exp.pool.base.double(), params=exp.pool.params
+    )
+    settings = Settings(**{**vars(exp.settings), "fisher_dir": None})
+    methods = [m for m in METHODS if isinstance(m, str) or m["method"] != "task_arithmetic"]
+    return run_experiment(pool, tasks, methods, settings=settings)
+
+
+def _count_batches() -> dict[str, list[int]]:
+    """Record the number of batches each statistic of the store is computed on."""
+    import curvmerge.experiment.statistics as store
+    import curvmerge.operators.ggn as ggn
+
+    seen: dict[str, list[int]] = {}
+
+    def counting(name, fn):
+        def wrapped(model, *args, **kwargs):
+            data = args[1] if name != "input_grams" else args[0]
+            seen.setdefault(name, []).append(len(data))
+            return fn(model, *args, **kwargs)
+
+        return wrapped
+
+    for name in ("diagonal_fisher", "kfac_factors", "input_grams"):
+        setattr(store, name, counting(name, getattr(store, name)))
+
+    class Counting(ggn.GGNOperator):
+        def __init__(self, model, loss, data, **kwargs):
+            seen.setdefault("ggn", []).append(len(data))
+            super().__init__(model, loss, data, **kwargs)
+
+    ggn.GGNOperator = Counting
+    return seen
+
+
+def _command_job(r: int, tmp: str, commands: list[list[str]], ports: list[int]) -> dict:
+    """Each command through ``curvmerge.cli.main`` as under ``torchrun`` (its environment:
+    the command makes the process group), recording what this rank printed and wrote."""
+    import contextlib
+    import io
+    import sys
+
+    from curvmerge.cli import main
+
+    out_dir = os.path.join(tmp, "two")
+    writes: list[str] = []
+
+    def hook(event, args):
+        for path in _is_write(event, args):
+            path = str(path)
+            if os.path.abspath(path).startswith(out_dir):
+                writes.append(f"{event} {path}")
+
+    sys.addaudithook(hook)
+    seen = _count_batches()
+    runs = []
+    for argv, port in zip(commands, ports, strict=True):
+        env = {"RANK": r, "LOCAL_RANK": r, "WORLD_SIZE": WORLD, "MASTER_PORT": port}
+        os.environ.update({k: str(v) for k, v in env.items()}, MASTER_ADDR="127.0.0.1")
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            status = main(argv)
+        runs.append({"status": status, "stdout": stdout.getvalue(), "stderr": stderr.getvalue()})
+        runs[-1]["group after"] = dist.is_initialized()
+    out = {"runs": runs, "writes": writes, "batches": {k: list(v) for k, v in seen.items()}}
+    _group(r, tmp)
+    try:
+        res = _float64_experiment(commands[0][1])
+        out.update(float64_metrics=res.metrics, float64_choices=res.choices,
+                   float64_merged=res.merged)  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+    return out
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _files(folder) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.timeout(240)
+def test_run_and_compare_on_two_processes_equal_one_process(tmp_path):
+    import json
+    import time
+
+    from curvmerge.cli import main
+    from curvmerge.io import load_params
+
+    start = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        checkpoints = _checkpoints(tmp_path / "ckpt")
+        one = _commands(tmp_path, checkpoints, "one")
+        for argv in one[:2]:
+            assert main(["--traceback", *argv, "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    two = _commands(tmp_path, checkpoints, "two")
+    ranks = _spawn(_command_job, str(tmp_path), two, _free_ports(len(two)))
+
+    main_runs, other = ranks[0]["runs"], ranks[1]["runs"]
+    for r, runs in enumerate((main_runs, other)):
+        for run in runs:
+            assert run["status"] == 0, (r, run["stderr"][-2000:])
+            assert not run["group after"]  # the command destroyed the group it made
+    # rank 0 prints the tables and writes every file; rank 1 prints and writes nothing
+    assert "| task_arithmetic" in main_runs[0]["stdout"]
+    assert "wrote" in main_runs[1]["stdout"]
+    assert "[curvmerge]" in main_runs[0]["stderr"]  # progress lines
+    assert all(run["stdout"] == "" for run in other)
+    assert all("[curvmerge]" not in run["stderr"] for run in other)
+    assert ranks[1]["writes"] == []
+    # each rank computed its shard: 5 statistics batches (3 of them for the GGN) per model
+    # in each run (2 models), 5 per model's Fisher and Grams in compare; the rerun reused
+    # the Fisher files on both ranks (and computed the rest again)
+    shards = {"diagonal_fisher": [3, 2], "kfac_factors": [3, 2], "input_grams": [3, 2],
+              "ggn": [2, 1]}  # fmt: skip
+    calls = {"diagonal_fisher": 4, "kfac_factors": 4, "input_grams": 6, "ggn": 4}
+    for name, sizes in shards.items():
+        for r in range(WORLD):
+            assert ranks[r]["batches"][name] == [sizes[r]] * calls[name], (name, r)
+    assert main_runs[2]["stderr"].count("reused") == 2
+    assert any("/fishers/" in w for w in ranks[0]["writes"])
+    assert any("/merged/" in w for w in ranks[0]["writes"])
+    for what in ("run", "cmp"):
+        assert _files(tmp_path / "two" / what) == _files(tmp_path / "one" / what)
+
+    # the same tables and choices as one process
+    for what, record in (("run", "run/results.json"), ("cmp", "cmp/cmp.json")):
+        got = json.loads((tmp_path / "two" / record).read_text())
+        want = json.loads((tmp_path / "one" / record).read_text())
+        assert got["choices"] == want["choices"], what
+        _same_metrics(got["metrics"], want["metrics"], fragile=1e-2)
+    # the merged parameters (float32 statistics summed in another order)
+    errors = {}
+    for path in sorted((tmp_path / "one" / "run" / "merged").iterdir()):
+        want = load_params(path)
+        got = load_params(tmp_path / "two" / "run" / "merged" / path.name)
+        errors[path.stem] = max(_rel_err(got[n], p) for n, p in want.items())
+        assert errors[path.stem] < (0.1 if path.stem in FRAGILE else 1e-4), errors
+    # in float64 the same merges (the unconverged CG included) to 1e-6, on both ranks
+    torch.set_num_threads(1)
+    try:
+        want = _float64_experiment(two[0][1])
+    finally:
+        torch.set_num_threads(threads)
+    float64 = {}
+    for got in ranks:
+        assert got["float64_choices"] == want.choices
+        _same_metrics(got["float64_metrics"], want.metrics, fragile=1e-6)
+        for label, params in want.merged.items():
+            err = max(_rel_err(got["float64_merged"][label][n], p) for n, p in params.items())
+            float64[label] = max(err, float64.get(label, 0.0))
+    assert max(float64.values()) < 1e-6, float64
+    print(f"\nfloat32 merges, relative difference: {errors}")
+    print(f"float64 merges, relative difference: {float64}")
+    print(f"one and two processes: {time.perf_counter() - start:.1f} s")
+
+
+def _same_metrics(got: dict, want: dict, fragile: float) -> None:
+    """Accuracies, counts and predicted classes equal; other numbers to 1e-6 (``fragile``
+    for the rows of :data:`FRAGILE`)."""
+    assert set(got) == set(want)
+    for row, tasks in want.items():
+        for task, metrics in tasks.items():
+            rel = fragile if row in FRAGILE else 1e-6
+            for key, value in metrics.items():
+                if key in ("accuracy", "n", "predicted_class"):
+                    assert got[row][task][key] == value, (row, task, key)
+                elif isinstance(value, float) and value == value:
+                    assert got[row][task][key] == pytest.approx(value, rel=rel, abs=1e-9), (
+                        row, task, key,
+                    )  # fmt: skip
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def test_other_commands_refuse_to_run_under_torchrun(monkeypatch, capsys):
+    from curvmerge.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["methods"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "'methods' runs in one process; under torchrun (WORLD_SIZE=2) only run and compare" in err
+    )
+    assert not dist.is_initialized()

@@ -110,10 +110,15 @@ def stem_outputs(stem: str | os.PathLike) -> list[Path]:
 @contextlib.contextmanager
 def warnings_as_messages() -> Iterator[None]:
     """Print the library's warnings (damping dominates, CG not converged, one class) as
-    ``curvmerge: warning: ...`` lines instead of Python warning records."""
+    ``curvmerge: warning: ...`` lines instead of Python warning records (on rank 0 only
+    under torch.distributed)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield
+    from curvmerge.distributed import is_main_process
+
+    if not is_main_process():  # under torchrun every process sees them: rank 0 says them
+        return
     seen = set()
     for w in caught:
         if issubclass(w.category, UserWarning):

@@ -68,6 +68,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from curvmerge.distributed import barrier, is_main_process
     from curvmerge.experiment import (
         DEFAULT_METHODS,
         ModelPool,
@@ -145,8 +146,13 @@ def run(args) -> int:
             progress=not args.quiet,
             log=None if args.quiet else (lambda msg: log(args, msg)),
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_results(res, out.parent, stem=out.name, title="comparison", merged=None, pool=pool)
+    barrier()  # under torchrun: once every process has checked the outputs, rank 0 writes
+    if is_main_process():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_results(res, out.parent, stem=out.name, title="comparison", merged=None, pool=pool)
+    barrier()
+    if not is_main_process():
+        return 0
     print(format_report(res, "comparison"), end="")
     print(f"wrote {out}.md/.csv/.png, {out}_report.md and {out}.json")
     return 0

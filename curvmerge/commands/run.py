@@ -75,6 +75,7 @@ def rows_lines(experiment) -> list[str]:
 
 
 def run(args) -> int:
+    from curvmerge.distributed import is_main_process
     from curvmerge.experiment import format_report, load_config, output_paths
 
     experiment = load_config(args.config)
@@ -90,6 +91,8 @@ def run(args) -> int:
             progress=not args.quiet,
             log=None if args.quiet else (lambda msg: log(args, msg)),
         )
+    if not is_main_process():  # rank 0 prints (and wrote the files)
+        return 0
     print(format_report(result, experiment.title), end="")
     if result.paths:
         print(f"wrote {len(result.paths)} files into {experiment.output_dir}")

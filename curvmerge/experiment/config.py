@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from curvmerge._optional import require
+from curvmerge.distributed import barrier, is_main_process
 from curvmerge.experiment.outputs import output_paths, write_results
 from curvmerge.experiment.pools import ModelPool, TaskData
 from curvmerge.experiment.runner import run_experiment
@@ -173,7 +174,8 @@ class Experiment:
         self, *, progress: bool = False, log: Callable[[str], None] | None = None
     ) -> ExperimentResult:
         """Run the experiment (see :func:`~curvmerge.experiment.run_experiment`) and write its
-        files when ``output_dir`` is set.
+        files when ``output_dir`` is set (under torch.distributed: every process runs it,
+        rank 0 writes; ``docs/distributed.md``).
 
         Args:
             progress: Progress bars while computing statistics.
@@ -189,7 +191,12 @@ class Experiment:
             self.pool, self.tasks, self.methods, settings=settings, progress=progress, log=log
         )
         result.settings["title"] = self.title
-        if self.output_dir is not None:
+        if self.output_dir is None:
+            return result
+        # under torch.distributed every process has the same result: rank 0 writes it, once
+        # every process has checked the outputs and finished; none returns before the files
+        barrier()
+        if is_main_process():
             write_results(
                 result,
                 self.output_dir,
@@ -200,6 +207,7 @@ class Experiment:
                 pool=self.pool,
                 config=self.config,
             )
+        barrier()
         return result
 
 

@@ -15,6 +15,12 @@
 3. warns with :class:`~curvmerge.train.OneClassWarning` when a merge predicts one class for
    nearly every test input of a task while the labels are not that skewed.
 
+Under :mod:`torch.distributed` (``docs/distributed.md``) every process runs the same
+experiment on the same models and data: the statistics store gives each process its shard
+of the statistics batches and the curvature computers sum over the processes, CG runs in
+lockstep, and every process evaluates the full validation and test splits, so every process
+holds the same result (progress and ``log`` lines on rank 0 only; writing is the caller's).
+
 The :class:`ExperimentResult` holds the test metrics of every row (accuracy, macro-F1, MSE
 for regression tasks), the chosen coefficients and their validation scores, every sweep, the
 merged parameters and the costs (seconds, operator products, data passes).
@@ -29,6 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
+from curvmerge.distributed import is_main_process
 from curvmerge.experiment.evaluation import Evaluator, majority_metrics
 from curvmerge.experiment.pools import ModelPool, TaskData, fisher_batches
 from curvmerge.experiment.spec import (
@@ -255,8 +262,8 @@ def run_experiment(
         methods: Registry names, :class:`MethodRun` entries or their mappings.
         settings: Statistics and evaluation settings (default :class:`Settings`).
         store: A statistics store to use (and fill); default: a new one from ``settings``.
-        progress: Progress bars while computing statistics.
-        log: Called with progress lines (nothing is printed otherwise).
+        progress: Progress bars while computing statistics (rank 0 only).
+        log: Called with progress lines (nothing is printed otherwise; rank 0 only).
 
     Returns:
         An :class:`ExperimentResult`; coefficients are chosen on the validation splits, and
@@ -267,6 +274,8 @@ def run_experiment(
             label, a task pool that does not match the model pool.
     """
     start = time.perf_counter()
+    if not is_main_process():  # under torch.distributed: rank 0's bars and lines only
+        progress, log = False, None
     settings = settings or Settings()
     tasks = list(tasks)
     if len(tasks) != len(pool.models):

@@ -17,6 +17,16 @@ A file is reused only if its key matches: a SHA-256 over everything the Fisher d
 i.e. every parameter and buffer of the model (names, dtypes, shapes, values), every tensor of
 the statistics batches, the loss, the kind, the number of Monte-Carlo samples, their seed and
 the selected parameter names. Any other file at that path is recomputed and replaced.
+
+Under :mod:`torch.distributed` (``docs/distributed.md``) every process holds the same models
+and all of the statistics batches; each computes on its shard of them
+(:func:`curvmerge.distributed.shard`: every ``world_size``-th batch; for the GGN operators,
+of the first batches holding ``exact_examples``) and the computers sum over the processes, so
+every process holds the statistics of all the batches (the ``"mc"`` kind draws other labels
+on the other processes). The ``"data"`` statistics (for methods that run the models on data
+and sum nothing over processes) are all the batches on every process. Keys are computed from
+all the batches; a Fisher file is loaded only where every process can load it, and only
+rank 0 writes one.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from curvmerge.batches import iterate_batches, model_device, model_outputs, move_batch
+from curvmerge.distributed import all_reduce_sum, barrier, is_main_process, shard, world_size
 from curvmerge.fisher import diagonal_fisher, load_fisher, save_fisher
 from curvmerge.losses import LossSpec, flatten_rows, resolve_loss
 from curvmerge.operators import KroneckerOperator, LinearOperator
@@ -98,7 +109,8 @@ class StatisticsStore:
 
     Args:
         models: The task models (not modified).
-        batches: Per model, its ``(inputs, targets)`` statistics batches.
+        batches: Per model, its ``(inputs, targets)`` statistics batches (all of them, the
+            same on every process under torch.distributed: the store shards them).
         losses: Per model, its loss: a :class:`~curvmerge.losses.LossSpec` (handed as it is
             to the Fisher and the operators: ``classes_last=True`` reaches them) or a name.
         params: The selected (merged) parameter names.
@@ -219,6 +231,7 @@ class StatisticsStore:
         key = None
         if path is not None:
             key = statistics_key(self.models[k], self.batches[k], self.fisher_settings(k))
+            F, meta = None, {}
             if path.is_file():
                 try:
                     meta = read_metadata(path)
@@ -226,13 +239,20 @@ class StatisticsStore:
                     meta = {}
                 if meta.get("key") == key:
                     F = load_fisher(path, self.models[k])
-                    if list(F.space.names) == self.params:
-                        self.loaded += 1
-                        seconds = float(meta.get("seconds", 0.0) or 0.0)
-                        self.seconds["diagonal_fisher"].append(seconds)
-                        self.paths.append(path)
-                        self._say(f"diagonal Fisher of {self.names[k]}: reused {path}")
-                        return F
+                    if list(F.space.names) != self.params:
+                        F = None
+            if world_size() > 1:  # one decision on every process: load where all can
+                votes = all_reduce_sum(torch.tensor([int(F is not None)]))
+                if int(votes) < world_size():
+                    F = None
+            if F is not None:
+                self.loaded += 1
+                seconds = float(meta.get("seconds", 0.0) or 0.0)
+                self.seconds["diagonal_fisher"].append(seconds)
+                self.paths.append(path)
+                self._say(f"diagonal Fisher of {self.names[k]}: reused {path}")
+                return F
+            if path.is_file():
                 self.notes.append(
                     f"{path}: computed for another model, data or setting; recomputed"
                 )
@@ -240,7 +260,7 @@ class StatisticsStore:
         F = diagonal_fisher(
             self.models[k],
             self.losses[k],
-            self.batches[k],
+            shard(self.batches[k]),
             params=self.params,
             kind=self.fisher_kind,
             mc_samples=self.mc_samples,
@@ -252,12 +272,14 @@ class StatisticsStore:
         self.seconds["diagonal_fisher"].append(seconds)
         self._say(f"diagonal Fisher ({self.fisher_kind}) of {self.names[k]}: {seconds:.2f} s")
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_fisher(
-                path,
-                F,
-                metadata={"key": key, "seconds": f"{seconds:.6f}", "model": self.names[k]},
-            )
+            if is_main_process():  # every process holds the same Fisher: rank 0 writes it
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_fisher(
+                    path,
+                    F,
+                    metadata={"key": key, "seconds": f"{seconds:.6f}", "model": self.names[k]},
+                )
+            barrier()
             self.paths.append(path)
         return F
 
@@ -268,7 +290,7 @@ class StatisticsStore:
             from curvmerge.experiment.pools import first_examples
 
             def compute(k, model):
-                batches = first_examples(self.batches[k], self.exact_examples)
+                batches = shard(first_examples(self.batches[k], self.exact_examples))
                 return operator_class(
                     model, self.losses[k], batches, params=self.params, kind="exact",
                     progress=False,
@@ -301,7 +323,7 @@ class StatisticsStore:
             factors = kfac_factors(
                 model,
                 self.losses[k],
-                self.batches[k],
+                shard(self.batches[k]),
                 kind=self.fisher_kind,
                 mc_samples=self.mc_samples,
                 seed=self.seed,
@@ -319,7 +341,9 @@ class StatisticsStore:
         computed on the first call only."""
 
         def compute(k, model):
-            return input_grams(model, self.batches[k], params=self.params, progress=self.progress)
+            return input_grams(
+                model, shard(self.batches[k]), params=self.params, progress=self.progress
+            )
 
         if self._grams is None:
             self._grams = self._each_model("input_gram", "input Gram matrices", compute)

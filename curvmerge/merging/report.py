@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor, nn
 
+from curvmerge.distributed import is_main_process
 from curvmerge.space import SpaceMismatchError
 
 __all__ = [
@@ -252,7 +253,8 @@ class SolveProgress:
     (the solver passes it to :meth:`on_residual`) and the per-model products of
     curvatures that count their own (a :class:`~curvmerge.GGNOperator`'s ``products``);
     :meth:`finish` writes the outcome (true relative residual, products of the sum)
-    before closing it. A multi-shift solve of a damping grid is one solve: one bar.
+    before closing it. A multi-shift solve of a damping grid is one solve: one bar. Under
+    torch.distributed (CG in lockstep on every process) only rank 0 shows it.
 
     Args:
         curvatures: The merge's curvatures (``None`` for none).
@@ -271,7 +273,14 @@ class SolveProgress:
         self._callback = callback
         self.iterations = 0
         self.residual: float | None = None
-        self.bar = tqdm(total=total, desc=desc, unit="it", leave=False, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total,
+            desc=desc,
+            unit="it",
+            leave=False,
+            dynamic_ncols=True,
+            disable=not is_main_process(),  # under torch.distributed: rank 0's bar only
+        )
 
     def per_model_products(self) -> int:
         """Products the counting curvatures ran since the bar started."""
