@@ -29,10 +29,10 @@ which data to use. A model argument may also be a Hugging Face model folder or h
 (:mod:`curvmerge.data.files`), and the loss from the data (token-level cross-entropy for
 causal LMs). Each subcommand is a module of :mod:`curvmerge.commands`.
 
-Under ``torchrun`` (``WORLD_SIZE`` > 1), ``run`` and ``compare`` initialise the process group
-themselves (NCCL with one GPU per process when CUDA is available, gloo otherwise): each
-process computes its shard of the statistics, and only rank 0 prints and writes files
-(``docs/distributed.md``); the other commands refuse to run there.
+Under ``torchrun`` (``WORLD_SIZE`` > 1), ``run``, ``compare`` and ``fisher`` initialise the
+process group themselves (NCCL with one GPU per process when CUDA is available, gloo
+otherwise): each process computes its shard of the statistics, and only rank 0 prints and
+writes files (``docs/distributed.md``); the other commands refuse to run there.
 
 Errors a user can fix (missing or corrupt files, mismatched architectures, a missing
 column, a label the model does not have, bad options) print one line
@@ -98,9 +98,9 @@ def _input_errors() -> tuple[type[BaseException], ...]:
 _DATA_COMMANDS = ("fisher", "merge", "eval", "sweep", "compare", "run")
 
 
-#: Commands that run on several processes under ``torchrun`` (one experiment, statistics
-#: summed over the processes, files written by rank 0).
-DISTRIBUTED_COMMANDS = ("run", "compare")
+#: Commands that run on several processes under ``torchrun`` (statistics summed over the
+#: processes, files written by rank 0).
+DISTRIBUTED_COMMANDS = ("run", "compare", "fisher")
 
 
 @contextlib.contextmanager
@@ -115,7 +115,8 @@ def _process_group(args: argparse.Namespace) -> Iterator[None]:
     if args.command not in DISTRIBUTED_COMMANDS:
         raise CLIError(
             f"'{args.command}' runs in one process; under torchrun (WORLD_SIZE={world}) only "
-            f"{' and '.join(DISTRIBUTED_COMMANDS)} run, one experiment on all the processes"
+            f"{', '.join(DISTRIBUTED_COMMANDS[:-1])} and {DISTRIBUTED_COMMANDS[-1]} run, "
+            "their statistics summed over the processes"
         )
     import torch
     import torch.distributed as dist

@@ -386,6 +386,51 @@ def test_other_commands_refuse_to_run_under_torchrun(monkeypatch, capsys):
     assert main(["methods"]) == 2
     err = capsys.readouterr().err
     assert (
-        "'methods' runs in one process; under torchrun (WORLD_SIZE=2) only run and compare" in err
+        "'methods' runs in one process; under torchrun (WORLD_SIZE=2) only run, compare and "
+        "fisher run" in err
     )
     assert not dist.is_initialized()
+
+
+def _fisher_job(r: int, tmp: str, argv: list[str], port: int) -> dict:
+    """``curvmerge fisher`` through ``curvmerge.cli.main`` as under ``torchrun``."""
+    import contextlib
+    import io
+
+    from curvmerge.cli import main
+
+    env = {"RANK": r, "LOCAL_RANK": r, "WORLD_SIZE": WORLD, "MASTER_PORT": port}
+    os.environ.update({k: str(v) for k, v in env.items()}, MASTER_ADDR="127.0.0.1")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        status = main(argv)
+    return {"status": status, "stdout": stdout.getvalue()}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["exact", "empirical"])
+def test_fisher_command_on_two_processes_equals_one_process(tmp_path, kind):
+    """Each process computes the Fisher of its share of the batches (3 and 2 of 5), the
+    sums over the processes are the one-process Fisher, and rank 0 alone writes the files."""
+    from curvmerge.cli import main
+    from curvmerge.fisher import load_fisher
+
+    _, *models = _checkpoints(tmp_path / "ckpt")
+    flags = ["--kind", kind, "--examples", "72", "--batch-size", "16", "--quiet", "--force"]
+
+    def argv(where):
+        outs = [str(tmp_path / where / f"f{i}.safetensors") for i in range(len(models))]
+        return ["fisher", *models, "-o", *outs, *flags], outs
+
+    one, one_out = argv("one")
+    assert main(one) == 0
+    two, two_out = argv("two")
+    ranks = _spawn(_fisher_job, str(tmp_path), two, _free_ports(1)[0])
+    assert [r["status"] for r in ranks] == [0, 0]
+    assert "diagonal Fisher" in ranks[0]["stdout"] and ranks[1]["stdout"] == ""
+    for a, b in zip(one_out, two_out, strict=True):
+        Fa, Fb = load_fisher(a), load_fisher(b)
+        assert Fa.num_examples == Fb.num_examples == 72
+        da, db = Fa.diagonal(), Fb.diagonal()
+        assert float(da.abs().max()) > 0
+        assert _rel_err(db, da) < 1e-6

@@ -59,6 +59,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from curvmerge.distributed import barrier, is_main_process, shard
     from curvmerge.fisher import diagonal_fisher, save_fisher
 
     outputs = list(args.output)
@@ -75,7 +76,8 @@ def run(args) -> int:
     for m in models:  # every model's data is read and checked before any Fisher is computed
         names = m.body_names(args.params)
         batches, loss = m.statistics_batches(args, args.examples, args.seed)
-        jobs.append((m, names, batches, loss))
+        # under torchrun: this process's share of the batches; the Fisher sums the shares
+        jobs.append((m, names, shard(batches), loss))
     # every Fisher is computed before any file is written: an error in the data of a later
     # model leaves no file of an earlier one
     results = []
@@ -108,9 +110,12 @@ def run(args) -> int:
             meta["data"] = str(m.data_file)
         results.append((out, F, meta, kind, m, seconds))
     for out, F, meta, kind, m, seconds in results:
+        if not is_main_process():  # every process holds the same Fisher: rank 0 writes it
+            continue
         save_fisher(ensure_parent(out), F, metadata=meta)
         print(
             f"{out}: {kind} diagonal Fisher of {m.path} on {F.num_examples} "
             f"examples, {F.shape[0]:,} parameters ({seconds:.2f} s)"
         )
+    barrier()  # no process ends before the files are written
     return 0
