@@ -70,8 +70,9 @@ def barrier() -> None:
 
 def shard(items):
     """This process's share of ``items``: every ``world_size()``-th item from its rank on
-    (``items[rank::world_size]``; a map-style :class:`~torch.utils.data.Dataset` becomes a
-    :class:`~torch.utils.data.Subset`). All of ``items`` without torch.distributed.
+    (``items[rank::world_size]`` of a list or tuple; a map-style
+    :class:`~torch.utils.data.Dataset` becomes a :class:`~torch.utils.data.Subset`, any other
+    sequence a list). ``items`` itself without torch.distributed (or with one process).
 
     Unlike :class:`~torch.utils.data.distributed.DistributedSampler`, which pads the shards
     to equal sizes by repeating items (or drops the tail with ``drop_last=True``), every
@@ -83,9 +84,13 @@ def shard(items):
         [10, 11, 12, 13, 14]
     """
     r, w = rank(), world_size()
-    if isinstance(items, Dataset) and not isinstance(items, (list, tuple)):
+    if w == 1:
+        return items  # one process: the data object itself, its type and attributes kept
+    if isinstance(items, (list, tuple)):
+        return items[r::w]
+    if isinstance(items, Dataset):
         return Subset(items, range(r, len(items), w))
-    return items[r::w]
+    return [items[i] for i in range(r, len(items), w)]  # any sequence (its slices may not be)
 
 
 def use_distributed(distributed: bool | None) -> bool:

@@ -339,3 +339,35 @@ def test_the_docs_example_under_torchrun_equals_one_process(tmp_path):
     assert set(runs["two"]) == {"fisher", "0.weight", "0.bias", "2.weight", "2.bias"}
     for key, want in runs["one"].items():
         assert rel_err(runs["two"][key], want) < TOL, key
+
+
+def test_shard_without_a_process_group_is_the_items_themselves(monkeypatch):
+    """One process keeps its data object as it is (a data file's batches keep their type
+    and attributes); a sequence whose slices are not sequences of batches is not sliced."""
+    from collections.abc import Sequence as SequenceABC
+
+    class Batches(SequenceABC):  # like curvmerge.data.files.DataBatches
+        def __init__(self, items):
+            self.items = list(items)
+            self.loss = "cross_entropy"
+
+        def __len__(self):
+            return len(self.items)
+
+        def __getitem__(self, index):
+            if isinstance(index, slice):
+                raise TypeError("no slices")
+            return self.items[index]
+
+    batches = Batches([(torch.ones(2, 3), torch.zeros(2)) for _ in range(3)])
+    assert shard(batches) is batches
+    data = [1, 2, 3]
+    assert shard(data) is data
+    # on rank 1 of 2: every other item, whatever the sequence (fails on 4b5c17d: a slice)
+    import curvmerge.distributed as distributed
+
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    assert distributed.shard(batches) == [batches[1]]
+    assert distributed.shard(data) == [2]
+    assert distributed.shard((1, 2, 3, 4)) == (2, 4)
