@@ -29,8 +29,8 @@ which data to use. A model argument may also be a Hugging Face model folder or h
 (:mod:`curvmerge.data.files`), and the loss from the data (token-level cross-entropy for
 causal LMs). Each subcommand is a module of :mod:`curvmerge.commands`.
 
-Under ``torchrun`` (``WORLD_SIZE`` > 1), ``run``, ``compare`` and ``fisher`` initialise the
-process group themselves (NCCL with one GPU per process when CUDA is available, gloo
+Under ``torchrun`` (``WORLD_SIZE`` > 1), ``run``, ``compare``, ``fisher`` and ``merge``
+initialise the process group themselves (NCCL with one GPU per process when CUDA is available, gloo
 otherwise): each process computes its shard of the statistics, and only rank 0 prints and
 writes files (``docs/distributed.md``); the other commands refuse to run there.
 
@@ -100,7 +100,7 @@ _DATA_COMMANDS = ("fisher", "merge", "eval", "sweep", "compare", "run")
 
 #: Commands that run on several processes under ``torchrun`` (statistics summed over the
 #: processes, files written by rank 0).
-DISTRIBUTED_COMMANDS = ("run", "compare", "fisher")
+DISTRIBUTED_COMMANDS = ("run", "compare", "fisher", "merge")
 
 
 @contextlib.contextmanager

@@ -159,6 +159,7 @@ def _run_stream(cfg: dict[str, Any], output: Path, args) -> int:
 def _statistics(spec, models, names, args) -> list:
     """Per-model statistics computed from ``--data`` (``--examples`` per model): GGN
     operators, K-FAC Fishers (exact kind), input Grams, or the batches themselves."""
+    from curvmerge.distributed import shard
     from curvmerge.operators import KroneckerOperator
     from curvmerge.space import ParamSpace
     from curvmerge.statistics import input_grams, kfac_factors
@@ -170,6 +171,8 @@ def _statistics(spec, models, names, args) -> list:
     ]
     out = []
     for m, (batches, loss) in zip(models, data, strict=True):
+        if spec.statistics != "data":  # under torchrun: this process's share, summed
+            batches = shard(batches)
         if spec.statistics == "exact_ggn":
             ggn = spec.operator_class()
             out.append(ggn(m.model, loss, batches, params=names, progress=not args.quiet))
@@ -263,7 +266,7 @@ def _settings(args) -> dict[str, Any]:
 
 
 def run(args) -> int:
-    from curvmerge.io import save_params
+    from curvmerge.distributed import barrier, is_distributed, is_main_process
     from curvmerge.merging.registry import get_method
 
     cfg = _settings(args)
@@ -272,6 +275,8 @@ def run(args) -> int:
     to_file = output.suffix == ".safetensors"
     check_outputs([output], cfg["force"])
     if args.stream:
+        if is_distributed():
+            raise CLIError("--stream merges in one process; run it without torchrun")
         return _run_stream(cfg, output, args)
     if spec.saves is None:
         raise CLIError(f"method {spec.name!r} is not a merge (use 'compare' to evaluate it)")
@@ -323,6 +328,20 @@ def run(args) -> int:
             )
     except TypeError as err:
         raise CLIError(str(err)) from None
+    # under torchrun every process holds the same merge: rank 0 writes it, the others wait
+    try:
+        return (
+            _write(spec, result, models, output, to_file, options, cfg) if is_main_process() else 0
+        )
+    finally:
+        barrier()
+
+
+def _write(spec, result, models, output: Path, to_file: bool, options, cfg) -> int:
+    """Write the merged model (a safetensors file or Hugging Face folders), or the learned
+    coefficient network, and say what was written."""
+    from curvmerge.io import save_params
+
     if spec.saves == "network":
         result.save(
             ensure_parent(output),
