@@ -317,3 +317,17 @@ def test_registry_row():
     direct = weight_ensembling(models, base, data, steps=4, lr=1e-2, hidden=5, params=BODY)
     assert out.report.coefficients == direct.report.coefficients
     assert out.kind == "adaptive"
+
+
+def test_a_feature_model_in_training_mode_is_refused():
+    # the features are computed once for the adaptation and again at every evaluation: a
+    # base in training mode with dropout gave other features each time, and its batch norm
+    # updated the caller's running statistics (fails on 3f88e38)
+    base, models = _pool()
+    noisy = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), nn.Linear(6, 3))  # training mode
+    with pytest.raises(ValueError, match="feature model.*model.eval"):
+        feature_extractor("penultimate", noisy)
+    bn = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6)).to(D)
+    with pytest.raises(ValueError, match="feature model.*batch statistics"):
+        weight_ensembling(models, base, _data(), features=bn, steps=0, params=BODY)
+    feature_extractor("penultimate", noisy.eval())  # in eval mode: accepted

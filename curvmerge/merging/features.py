@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from curvmerge.batches import logits_from
+from curvmerge.batches import check_deterministic, logits_from
 
 __all__ = ["feature_extractor", "FEATURES", "pool_features"]
 
@@ -147,8 +147,17 @@ def feature_extractor(features: str | nn.Module | Callable, model: nn.Module | N
         model: The module the named extractors run (the base model, as in the paper).
 
     Raises:
-        ValueError: An unknown name, or a model the named extractor cannot read.
+        ValueError: An unknown name, a model the named extractor cannot read, or a feature
+            module in training mode with dropout or batch norm (its features would differ
+            between the adaptation and every evaluation, and batch norm would update its
+            running statistics).
     """
+    module = model if isinstance(features, str) else features
+    if isinstance(module, nn.Module):
+        try:
+            check_deterministic(module)
+        except ValueError as err:
+            raise ValueError(f"the feature model is not frozen: {err}") from None
     if isinstance(features, str):
         if features not in FEATURES:
             raise ValueError(
