@@ -429,3 +429,12 @@ def test_screened_sweep_ranks_loosely_then_solves_the_choice_to_the_tolerance():
     assert "re-solved" in screened.summary()
     with pytest.raises(ValueError, match="screen_rtol"):
         sweep(models, curv, rtol=1e-6, screen_rtol=1e-8, **kwargs)
+
+
+def test_a_subspace_screen_without_a_screen_tolerance_is_refused():
+    # screen='subspace' without screen_rtol solved every point by CG to rtol instead,
+    # silently (fails on 69ac301)
+    models, curv = _models(2), _dense(2)
+    with pytest.raises(ValueError, match="screen='subspace' needs screen_rtol"):
+        sweep(models, curv, validate=lambda r: 0.0, weights=line_grid(3), screen="subspace",
+              verbose=False)  # fmt: skip

@@ -476,7 +476,8 @@ def sweep(
             warm-started from the previous one) or ``"subspace"`` (every point of the grid,
             weights and dampings, from one reduced basis grown until all of them reach
             ``screen_rtol``: :meth:`~curvmerge.merging.PreparedMerge.merge_subspace`; its
-            basis vectors, one product per model each, are the screen's whole cost).
+            basis vectors, one product per model each, are the screen's whole cost;
+            refused without ``screen_rtol``).
         progress: Show a tqdm progress bar.
         verbose: Print the summary with the sweep's cost against the statistics.
 
@@ -487,6 +488,11 @@ def sweep(
         raise ValueError(f"screen_rtol={screen_rtol} must be at least rtol={rtol}")
     if screen not in ("cg", "subspace"):
         raise ValueError(f"screen must be 'cg' or 'subspace', got {screen!r}")
+    if screen == "subspace" and screen_rtol is None:
+        raise ValueError(
+            "screen='subspace' needs screen_rtol (the tolerance of the screen; the chosen "
+            "point is then re-solved to rtol): without it every point is solved by CG to rtol"
+        )
     if callable(curvatures) and not isinstance(curvatures, (LinearOperator, Sequence)):
         t0 = time.perf_counter()
         curvatures = list(curvatures())
