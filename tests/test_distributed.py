@@ -371,3 +371,28 @@ def test_shard_without_a_process_group_is_the_items_themselves(monkeypatch):
     assert distributed.shard(batches) == [batches[1]]
     assert distributed.shard(data) == [2]
     assert distributed.shard((1, 2, 3, 4)) == (2, 4)
+
+
+def test_data_empty_on_every_process_is_refused(tmp_path):
+    # one shard may be empty, all of them may not: the Fisher and the GGN said "every target
+    # is ignore_index", the Grams and K-FAC "no supported layer ... was called", and a
+    # GGN of a sum loss was silently zero (fails on 4a546ce)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1
+    )
+    try:
+        model = _mlp(0)
+        ce, ce_sum = nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="sum")
+        calls = {
+            "diagonal Fisher": lambda: diagonal_fisher(model, ce, [], progress=False),
+            "input Grams": lambda: input_grams(model, []),
+            "K-FAC": lambda: kfac_factors(model, ce, []),
+            "GGN": lambda: GGNOperator(model, ce, []),
+            "GGN of a sum": lambda: GGNOperator(model, ce_sum, []),
+        }
+        for what, call in calls.items():
+            with pytest.raises(ValueError, match="data is empty on every process"):
+                call()
+                pytest.fail(what)
+    finally:
+        dist.destroy_process_group()

@@ -231,6 +231,13 @@ class CurvatureComputer:
         all_reduce_sum([*tensors, summed])
         return summed.tolist()
 
+    def check_examples(self, num_examples: int) -> None:
+        """Refuse a pass that read no example (summed over the processes with
+        ``distributed``: one process's shard may be empty, all of them may not)."""
+        if num_examples == 0:
+            where = " on every process" if self.distributed else ""
+            raise ValueError(f"data is empty{where}: it yielded no examples")
+
     def rank_seed(self, seed: int) -> int:
         """``seed`` on the main process (or without ``distributed``); another seed on each
         other process, so that the processes' label samples are independent draws."""
@@ -243,10 +250,12 @@ class CurvatureComputer:
         """The ``"mean"`` normaliser (counted in one pass over the data if not given; over
         all the processes' shards with ``distributed``)."""
         if self._num_data is None:
-            total = 0
+            total = batches = 0
             for _, _, targets in self.batches():
                 total += count_terms(self.loss, targets)
-            (total,) = self.sum_over_ranks(counts=[total])
+                batches += 1  # a batch of no example is skipped
+            total, batches = self.sum_over_ranks(counts=[total, batches])
+            self.check_examples(batches)
             if total == 0 and self.loss.reduction == "mean":
                 raise ValueError("data has no loss terms (every target is ignore_index)")
             self._num_data = max(total, 1)

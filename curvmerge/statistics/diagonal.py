@@ -302,4 +302,5 @@ def diagonal_squares(
     acc = torch.promote_types(dtype, torch.float32)
     sums = torch.cat([squares[n].reshape(-1).to(acc) for n in space.names])
     num_examples, num_terms = computer.sum_over_ranks([sums], [num_examples, num_terms])
+    computer.check_examples(num_examples)
     return DiagonalSquares(sums, num_examples, num_terms)

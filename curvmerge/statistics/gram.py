@@ -158,6 +158,7 @@ def input_grams(
     counts = computer.sum_over_ranks(list(grams.values()), [*rows_seen.values(), num_examples])
     *rows, num_examples = counts
     rows_seen = dict(zip(rows_seen, rows, strict=True))
+    computer.check_examples(num_examples)
     layers, unsupported = drop_unseen(layers, rows_seen, computer.space.names)
     if not layers:
         raise ValueError(

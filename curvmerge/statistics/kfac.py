@@ -206,6 +206,7 @@ def kfac_factors(
         [*A.values(), *B.values()], [*num_rows.values(), num_examples, num_terms]
     )
     num_rows = dict(zip(num_rows, rows, strict=True))
+    computer.check_examples(num_examples)
     layers, unsupported = drop_unseen(layers, num_rows, computer.space.names)
     if not layers:
         raise ValueError(
