@@ -809,3 +809,23 @@ def test_exact_fisher_grid_shows_one_bar_and_says_its_bound(trained, capsys):
     assert any("at most 5 iterations" in line for line in lines)  # the bound, said up front
     assert any("stopped at maxiter=5" in line for line in lines)  # and when it stops
     assert res.sweeps["fisher_exact"].points[0].iterations == 5
+
+
+def test_an_mc_fisher_file_is_keyed_on_the_number_of_processes(monkeypatch):
+    # under torch.distributed each process draws its own mc labels on its own share, so a
+    # 2-process mc Fisher is another estimate than a 1-process one: its file was reused by
+    # runs on any number of processes (the key ignored it; fails on c96500f)
+    import curvmerge.experiment.statistics as statistics
+
+    model = make_mlp(4, 3, hidden=(5,)).eval()
+    batches = [[(torch.randn(6, 4), torch.randint(0, 3, (6,)))]]
+    names = [n for n, _ in model.named_parameters()]
+
+    def settings(kind, processes):
+        monkeypatch.setattr(statistics, "world_size", lambda: processes)
+        store = StatisticsStore([model], batches, ["cross_entropy"], names, fisher_kind=kind)
+        return store.fisher_settings(0)
+
+    assert settings("mc", 2) != settings("mc", 1) != settings("mc", 3)
+    assert settings("exact", 2) == settings("exact", 1)  # the same Fisher on any number
+    assert "processes" not in settings("mc", 1)  # one process's files keep their keys

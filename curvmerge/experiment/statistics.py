@@ -202,8 +202,9 @@ class StatisticsStore:
         raise ValueError(f"unknown statistics {statistics!r}")
 
     def fisher_settings(self, k: int) -> dict[str, Any]:
-        """Everything model ``k``'s diagonal Fisher depends on besides model and data."""
-        return {
+        """Everything model ``k``'s diagonal Fisher depends on besides model and data (the
+        ``"mc"`` kind's labels also on the number of processes: each draws its own)."""
+        settings = {
             "statistic": "diagonal_fisher",
             "kind": self.fisher_kind,
             "mc_samples": self.mc_samples if self.fisher_kind == "mc" else None,
@@ -211,6 +212,9 @@ class StatisticsStore:
             "loss": _loss_key(self.losses[k]),
             "params": self.params,
         }
+        if self.fisher_kind == "mc" and world_size() > 1:  # one process's keys stay as they were
+            settings["processes"] = world_size()
+        return settings
 
     def fisher_path(self, k: int) -> Path | None:
         """Where model ``k``'s Fisher file lives (``None`` without ``fisher_dir``)."""
