@@ -90,6 +90,12 @@ def shard(items):
         return items[r::w]
     if isinstance(items, Dataset):
         return Subset(items, range(r, len(items), w))
+    if not (hasattr(items, "__len__") and hasattr(items, "__getitem__")):  # a DataLoader
+        raise TypeError(
+            f"shard needs a list, a tuple, a map-style Dataset or another indexable sequence "
+            f"of batches, got {type(items).__name__}: pass a list of its batches (or shard "
+            "a DataLoader's dataset and build the loader on the shard)"
+        )
     return [items[i] for i in range(r, len(items), w)]  # any sequence (its slices may not be)
 
 

@@ -396,3 +396,18 @@ def test_data_empty_on_every_process_is_refused(tmp_path):
                 pytest.fail(what)
     finally:
         dist.destroy_process_group()
+
+
+def test_shard_refuses_what_it_cannot_index(monkeypatch):
+    # a DataLoader or a generator failed with "'DataLoader' object is not subscriptable"
+    # or "object of type 'generator' has no len()" (fails on 985d97b)
+    from torch.utils.data import DataLoader
+
+    import curvmerge.distributed as distributed
+
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    loader = DataLoader(TensorDataset(torch.arange(6.0), torch.arange(6)), batch_size=2)
+    for items in (loader, (b for b in [1, 2, 3])):
+        with pytest.raises(TypeError, match="shard needs a list, a tuple, a map-style Dataset"):
+            distributed.shard(items)
