@@ -331,3 +331,34 @@ def test_a_feature_model_in_training_mode_is_refused():
     with pytest.raises(ValueError, match="feature model.*batch statistics"):
         weight_ensembling(models, base, _data(), features=bn, steps=0, params=BODY)
     feature_extractor("penultimate", noisy.eval())  # in eval mode: accepted
+
+
+class _Renamed(nn.Module):
+    """The test pool's network with its body under another name (same shapes)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.trunk, self.head = net.body, net.head
+
+    def forward(self, x):
+        return self.head(self.trunk(x))
+
+
+def test_a_network_is_refused_on_other_merged_parameters(tmp_path):
+    # the groups saved with a network were never compared with the pool's: a layer-wise
+    # network applied to another selection of as many tensors (here: other names) gave
+    # each tensor another tensor's coefficient, silently (fails on c2eb1cb)
+    base, models = _pool()
+    res = weight_ensembling(models, base, _data(), steps=0, params=BODY)
+    path = tmp_path / "net.safetensors"
+    res.save(path)
+    loaded, groups, _ = load_coefficient_network(path)
+    other = [_Renamed(m).eval() for m in models]
+    for net in (res.network, loaded):
+        with pytest.raises(ValueError, match=r"group 0 is \['body.0.weight'\] there"):
+            weight_ensembling(other, _Renamed(base), _data(), network=net, steps=0,
+                              params=r"^trunk\.")  # fmt: skip
+    # the same parameters: accepted (and a network built by hand has no groups to check)
+    weight_ensembling(models, base, _data(), network=loaded, steps=0, params=BODY)
+    fresh = CoefficientNetwork(5, 3, 4, dtype=D)
+    weight_ensembling(other, _Renamed(base), _data(), network=fresh, steps=0, params=r"^trunk\.")

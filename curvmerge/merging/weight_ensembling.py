@@ -99,6 +99,11 @@ class CoefficientNetwork(nn.Module):
         initial: The output bias: a number, or ``[T, G]`` values.
         seed: Seed of the initial weights.
         dtype: Parameter dtype.
+
+    Attributes:
+        groups: The parameter names of each group the network was trained for (set by
+            :func:`weight_ensembling` and :func:`load_coefficient_network`; ``None`` for a
+            network built by hand): a pool it is applied to must merge the same groups.
     """
 
     def __init__(
@@ -124,6 +129,7 @@ class CoefficientNetwork(nn.Module):
             if int(value) != value or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value}")
         self.feature_dim, self.num_models, self.num_groups = feature_dim, num_models, num_groups
+        self.groups: list[list[str]] | None = None
         self.hidden, self.depth = hidden, depth
         widths = [feature_dim] + [hidden] * depth + [num_models * num_groups]
         layers: list[nn.Module] = []
@@ -295,7 +301,7 @@ class WeightEnsemblingObjective(AdaMergingObjective):
             ).to(self.device)
             network.standardize(torch.cat([f for task in self.features for f in task]))
         else:
-            _check_network(network, dim, self.num_models, self.num_groups)
+            _check_network(network, dim, self.num_models, self.groups)
         self.network = self.adaptive.network = network
 
     def __call__(self, batches: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
@@ -331,16 +337,25 @@ def _feature_model(models: Sequence[nn.Module], base: Model) -> nn.Module:
     return model
 
 
-def _check_network(network, dim: int, T: int, G: int) -> None:
+def _check_network(network, dim: int, T: int, groups: Sequence[Sequence[str]]) -> None:
     if not isinstance(network, CoefficientNetwork):
         raise TypeError(f"network must be a CoefficientNetwork, got {type(network).__name__}")
-    want = {"feature_dim": dim, "num_models": T, "num_groups": G}
+    want = {"feature_dim": dim, "num_models": T, "num_groups": len(groups)}
     have = {k: getattr(network, k) for k in want}
     if have != want:
         diff = ", ".join(
             f"{k} {have[k]} (these models: {want[k]})" for k in want if have[k] != want[k]
         )
         raise ValueError(f"the coefficient network does not fit these models: {diff}")
+    trained = getattr(network, "groups", None)
+    if trained is not None:
+        for g, (there, here) in enumerate(zip(trained, groups, strict=True)):
+            if list(there) != list(here):
+                raise ValueError(
+                    f"the coefficient network was trained for other merged parameters: group "
+                    f"{g} is {list(there)} there, {list(here)} here (select the same "
+                    "parameters, with the same granularity, of the same architecture)"
+                )
 
 
 @dataclass
@@ -464,6 +479,7 @@ def load_coefficient_network(
     except RuntimeError as err:
         raise ValueError(f"{os.fspath(path)!r} is corrupt: {err}") from err
     groups = json.loads(meta["groups"])
+    network.groups = [list(g) for g in groups]
     extra = {
         k: v
         for k, v in meta.items()
@@ -587,6 +603,7 @@ def weight_ensembling(
         lr=lr, seed=seed, desc=f"weight ensembling ({granularity}-wise)", progress=progress,
     )  # fmt: skip
     net.requires_grad_(False)
+    net.groups = [list(g) for g in objective.groups]
 
     tic = time.perf_counter()
     with torch.no_grad():
