@@ -95,8 +95,9 @@ def reduced_basis_solve(
         operators: :math:`F_1..F_T`, symmetric positive semi-definite, one space.
         systems: ``(weights, damping, b)`` per system; ``weights`` has :math:`T` entries.
         rtol: Stop when every system's true relative residual is at most this.
-        max_vectors: Stop at this many basis vectors (the memory is :math:`(T+1)` times
-            ``max_vectors`` vectors of size :math:`P`).
+        max_vectors: Stop at this many basis vectors (at most :math:`P`). The memory grows
+            with the basis, in doubling steps: at most :math:`(T+1)` times ``max_vectors``
+            vectors of size :math:`P`, about :math:`(T+1)\\, k` for the :math:`k` used.
         check_every: Krylov steps between two checks of every system's true residual.
         callback: Called after each check with the basis size and the worst relative
             residual.
@@ -119,19 +120,33 @@ def reduced_basis_solve(
     bnorm = torch.linalg.vector_norm(B, dim=0)
     used = [t for t in range(T) if bool((W[:, t] != 0).any())]
 
-    cap = int(max_vectors)
-    V = torch.empty(P, cap, dtype=dtype, device=device)
-    FV = torch.zeros(T, P, cap, dtype=dtype, device=device)
-    H = torch.zeros(T, cap, cap, dtype=torch.float64, device=device)
-    C = torch.zeros(cap, n, dtype=torch.float64, device=device)  # V^T b_i
+    cap = min(int(max_vectors), P)  # no more than P orthonormal vectors
+    # storage for ``room`` vectors, doubled as the basis grows: the memory follows the basis
+    # used, not ``max_vectors``
+    room = min(cap, 32)
+    V = torch.empty(P, room, dtype=dtype, device=device)
+    FV = torch.zeros(T, P, room, dtype=dtype, device=device)
+    H = torch.zeros(T, room, room, dtype=torch.float64, device=device)
+    C = torch.zeros(room, n, dtype=torch.float64, device=device)  # V^T b_i
     k, products, checks = 0, 0, 0
     history: list[float] = []
+
+    def grow() -> None:
+        nonlocal room, V, FV, H, C
+        new = min(2 * room, cap)
+        V = torch.cat([V, V.new_empty(P, new - room)], 1)
+        FV = torch.cat([FV, FV.new_zeros(T, P, new - room)], 2)
+        H = torch.nn.functional.pad(H, (0, new - room, 0, new - room))
+        C = torch.cat([C, C.new_zeros(new - room, n)], 0)
+        room = new
 
     def add(v: Tensor) -> bool:
         """Orthonormalise ``v`` against the basis (twice) and append it with its products."""
         nonlocal k, products
         if k >= cap:
             return False
+        if k == room:
+            grow()
         norm0 = float(torch.linalg.vector_norm(v))
         for _ in range(2):
             if k:

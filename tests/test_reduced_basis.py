@@ -88,3 +88,18 @@ def test_zero_right_hand_sides_and_bad_input():
         reduced_basis_solve(ops, [((1.0,), 0.1, torch.ones(P + 1, dtype=D))])
     with pytest.raises(ValueError, match="no system"):
         reduced_basis_solve(ops, [])
+
+
+def test_memory_grows_with_the_basis_not_with_max_vectors():
+    # the basis and its products were allocated for max_vectors up front ((T + 1) x
+    # max_vectors x P numbers: sweep(screen='subspace') of a 22.7M-parameter pair at the
+    # default 500 vectors asked for 136 GB before its first product; here 10**9 vectors of
+    # P = 60, 1.4 TB); the module doc says (T + 1) k for k vectors used (fails on 76fd611)
+    Fs = [_spd(s) for s in (1, 2)]
+    ops = [DenseOperator(SPACE, F, self_adjoint=True) for F in Fs]
+    systems = _systems(Fs)
+    small = reduced_basis_solve(ops, systems, rtol=1e-10, max_vectors=P)
+    huge = reduced_basis_solve(ops, systems, rtol=1e-10, max_vectors=10**9)
+    assert huge.vectors == small.vectors and all(huge.converged)
+    for a, b in zip(huge.solutions, small.solutions, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -452,8 +452,8 @@ class PreparedMerge:
         ``max_vectors`` vectors: the points above ``rtol`` are reported as not converged).
         Meant for screening a sweep (a loose ``rtol``) whose chosen point is then solved
         accurately by :meth:`merge` (:meth:`resume_from` its screened solution). Operator
-        curvatures only; memory :math:`(T + 1)` ``max_vectors`` vectors of size :math:`P`
-        plus one right-hand side per point.
+        curvatures only; memory about :math:`(T + 1)` vectors of size :math:`P` per basis
+        vector (at most ``max_vectors`` of them) plus one right-hand side per point.
 
         Args:
             points: ``(weights, damping)`` pairs (``None`` weights: :math:`1/T`).
