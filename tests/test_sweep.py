@@ -438,3 +438,17 @@ def test_a_subspace_screen_without_a_screen_tolerance_is_refused():
     with pytest.raises(ValueError, match="screen='subspace' needs screen_rtol"):
         sweep(models, curv, validate=lambda r: 0.0, weights=line_grid(3), screen="subspace",
               verbose=False)  # fmt: skip
+
+
+def test_merge_subspace_reports_count_each_points_right_hand_side():
+    # without the cached products, each point's right-hand side costs one product per model:
+    # the grid counted them, the points' own reports did not (merge() and merge_dampings()
+    # do; fails on 0e9006e)
+    models, curv = _models(2), _dense(2)
+    prepared = PreparedMerge(models, curv, cache_bytes=0)
+    pts = [((0.5, 0.5), 0.1), ((0.9, 0.1), 0.1), ((1.0, 0.0), 0.1)]
+    grid = prepared.merge_subspace(pts, rtol=1e-8, max_vectors=P)
+    alone = [prepared.merge(w, d) for w, d in pts]
+    for r, ref in zip(grid, alone, strict=True):
+        assert r.report.costs.rhs_products == ref.report.costs.rhs_products > 0
+    assert grid.costs.rhs_products == sum(r.report.costs.rhs_products for r in grid) == 5

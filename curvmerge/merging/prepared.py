@@ -485,8 +485,10 @@ class PreparedMerge:
         prepared = [self._point(w, d) for w, d in points]
         grid_costs = MergeCosts()
         systems, theta0s = [], []
-        for wl, w, _, lam, _, _ in prepared:
-            theta0, b = self._rhs_of(w, wl, grid_costs)
+        for wl, w, report, lam, _, _ in prepared:
+            theta0, b = self._rhs_of(w, wl, report.costs)  # the point's own right-hand side
+            grid_costs.rhs_products += report.costs.rhs_products
+            grid_costs.rhs_seconds += report.costs.rhs_seconds
             systems.append((wl, lam, b))
             theta0s.append(theta0)
         t0 = time.perf_counter()
@@ -505,6 +507,7 @@ class PreparedMerge:
             report, lam, b = pt[2], pt[3], systems[len(results)][2]
             report.method, report.warm_start = "subspace", False
             report.costs.cg_products += solved.vectors
+            report.costs.cg_seconds += grid_costs.cg_seconds  # shared by the points
             report.costs.curvatures = grid_costs.curvatures
             report.shared_solve = len(points)
             report.spent_products = 0
