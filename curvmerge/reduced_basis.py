@@ -23,7 +23,8 @@ searches, with full re-orthogonalisation); for many it is the greedy step of the
 method (Rozza, Huynh & Patera, "Reduced basis
 approximation and a posteriori error estimation for affinely parametrized elliptic coercive
 partial differential equations", Arch. Comput. Methods Eng. 2008), with exact residuals as its
-error estimate. Memory: :math:`(T + 1)\\, k` vectors of size :math:`P`.
+error estimate. Memory: :math:`(T + 1)\\, k` vectors of size :math:`P` for a basis of
+:math:`k` vectors (up to twice that while the storage doubles; see ``max_vectors``).
 """
 
 from __future__ import annotations
@@ -95,9 +96,10 @@ def reduced_basis_solve(
         operators: :math:`F_1..F_T`, symmetric positive semi-definite, one space.
         systems: ``(weights, damping, b)`` per system; ``weights`` has :math:`T` entries.
         rtol: Stop when every system's true relative residual is at most this.
-        max_vectors: Stop at this many basis vectors (at most :math:`P`). The memory grows
-            with the basis, in doubling steps: at most :math:`(T+1)` times ``max_vectors``
-            vectors of size :math:`P`, about :math:`(T+1)\\, k` for the :math:`k` used.
+        max_vectors: Stop at this many basis vectors (at most :math:`P`). The storage
+            grows with the basis by doubling (from 32 vectors): :math:`(T+1)\\, m` vectors
+            of size :math:`P` for room :math:`m` of at most ``max(32, 2 k)`` and
+            ``max_vectors`` for :math:`k` used (and, while it grows, a copy of the old).
         check_every: Krylov steps between two checks of every system's true residual.
         callback: Called after each check with the basis size and the worst relative
             residual.
