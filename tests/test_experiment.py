@@ -829,3 +829,25 @@ def test_an_mc_fisher_file_is_keyed_on_the_number_of_processes(monkeypatch):
     assert settings("mc", 2) != settings("mc", 1) != settings("mc", 3)
     assert settings("exact", 2) == settings("exact", 1)  # the same Fisher on any number
     assert "processes" not in settings("mc", 1)  # one process's files keep their keys
+
+
+def test_a_row_of_weight_ensembling_is_checked_for_one_class_once(monkeypatch):
+    # method rows are checked for one-class predictions where they are evaluated; the last
+    # loop checks the other rows (models, base) but skipped only the kinds "merge",
+    # "ensemble" and "reference", so weight ensembling's rows (kind "adaptive") were listed
+    # twice in one_class (fails on b462713)
+    from curvmerge.experiment import runner
+
+    monkeypatch.setattr(runner, "check_one_class", lambda *a, **k: True)  # every row
+    tasks = digit_subset_tasks("digits", ((0, 1, 2), (3, 4, 5)))
+    base = make_mlp(64, 10, hidden=(8,), seed=0).eval()
+    models = [make_mlp(64, t.num_classes, hidden=(8,), seed=i + 1).eval() for i, t in
+              enumerate(tasks)]  # fmt: skip
+    pool = ModelPool(models, base=base)
+    task_pool = [TaskData(t.name, train=t.train, val=t.val, test=t.test) for t in tasks]
+    methods = ["task_arithmetic", MethodRun("weight_ensembling", options={"steps": 0})]
+    settings = Settings(fisher_examples=32, fisher_batch_size=32, references=False)
+    res = run_experiment(pool, task_pool, methods, settings=settings)
+    entries = [(e["row"], e["task"]) for e in res.one_class]
+    assert len(entries) == len(set(entries))
+    assert entries.count(("weight_ensembling", tasks[0].name)) == 1

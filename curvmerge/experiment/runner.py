@@ -409,7 +409,7 @@ def run_experiment(
         _say(log, f"{label}: mean test score {mean:.4f} at {_fmt_choice(res.choices[label])}")
 
     for row, per_task in res.metrics.items():
-        if res.kinds[row] in ("merge", "ensemble", "reference"):
+        if res.kinds[row] not in ("model", "base"):  # method rows were checked above
             continue
         for task in tasks:
             if check_one_class(per_task[task.name], threshold=settings.one_class_share, warn=False):

@@ -171,7 +171,8 @@ class ExperimentResult:
         tasks: The task names (table columns).
         metrics: ``{row: {task: test metrics}}`` (see :func:`curvmerge.train.evaluate`), rows
             in table order: references, then methods.
-        kinds: ``{row: "model" | "base" | "reference" | "merge" | "ensemble"}``.
+        kinds: ``{row: "model" | "base" | "reference" | "merge" | "ensemble" | "adaptive"}``
+            (``"adaptive"``: weight ensembling, one merge per batch).
         choices: ``{method: coefficients chosen on validation}``.
         validation: ``{method: mean validation score at the chosen point}``.
         details: ``{method: {"λ": effective damping, "products": ..., ...}}`` of the chosen
