@@ -452,3 +452,16 @@ def test_merge_subspace_reports_count_each_points_right_hand_side():
     for r, ref in zip(grid, alone, strict=True):
         assert r.report.costs.rhs_products == ref.report.costs.rhs_products > 0
     assert grid.costs.rhs_products == sum(r.report.costs.rhs_products for r in grid) == 5
+
+
+def test_merge_subspace_counts_only_the_curvatures_its_basis_multiplied():
+    # a model with zero weight at every point gets no product (reduced_basis_solve skips
+    # it), but the reports counted every model for each basis vector (fails on d97b9b3)
+    models, curv = _models(3), _dense(3)
+    prepared = PreparedMerge(models, curv, prior="base", base=models[2])
+    pts = [((0.5, 0.5, 0.0), 0.1), ((0.9, 0.1, 0.0), 0.1)]
+    grid = prepared.merge_subspace(pts, rtol=1e-8, max_vectors=P)
+    vectors = grid[0].report.iterations
+    for r in grid:
+        assert r.report.costs.curvatures == 2
+        assert r.report.costs.per_model_products == 2 * vectors + r.report.costs.rhs_products

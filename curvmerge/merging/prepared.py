@@ -498,7 +498,10 @@ class PreparedMerge:
         )  # fmt: skip
         grid_costs.cg_products += solved.vectors
         grid_costs.cg_seconds += time.perf_counter() - t0
-        grid_costs.curvatures = self.num_models
+        # the curvatures each basis vector was multiplied by: those some point weighs
+        grid_costs.curvatures = sum(
+            any(wl[t] != 0 for wl, _, _ in systems) for t in range(self.num_models)
+        )
         results = []
         for pt, theta0, y, res, ok in zip(
             prepared, theta0s, solved.solutions, solved.relative_residuals, solved.converged,
