@@ -86,9 +86,10 @@ class CoefficientNetwork(nn.Module):
 
     ``depth`` hidden layers of width ``hidden`` with ReLU (``depth=0``: one linear map), on
     standardised features :math:`(z - \\mu) / \\sigma` (the buffers ``feature_mean`` and
-    ``feature_scale``, set by :meth:`standardize`). The output layer's weights start small
-    (normal, standard deviation 0.01, seeded) and its bias at ``initial``, so the first
-    coefficients are close to ``initial`` for every input: task arithmetic at that scaling.
+    ``feature_scale``, set by :meth:`standardize`). Every layer's weights start small
+    (normal, standard deviation 0.01, seeded; not PyTorch's default initialisation), the
+    hidden biases at 0 and the output bias at ``initial``, so the first coefficients are
+    close to ``initial`` for every input: task arithmetic at that scaling.
 
     Args:
         feature_dim: :math:`D`.
