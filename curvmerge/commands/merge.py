@@ -164,7 +164,7 @@ def _statistics(spec, models, names, args) -> list:
     from curvmerge.space import ParamSpace
     from curvmerge.statistics import input_grams, kfac_factors
 
-    purpose = {"exact_ggn": "GGN", "kfac": "K-FAC", "input_gram": "Gram", "data": "RegMean++"}
+    purpose = {"exact_ggn": "GGN", "kfac": "K-FAC", "input_gram": "Gram", "data": spec.name}
     data = [
         m.statistics_batches(args, args.examples, 0, purpose=purpose[spec.statistics])
         for m in models
