@@ -224,6 +224,8 @@ def test_a_saved_network_reloads_and_transfers_to_another_pool(tmp_path):
     torch.testing.assert_close(
         member(x), run_task_model(other[0], {**own, **merged}, x), rtol=1e-12, atol=1e-12
     )
+    assert out.report.options["network"] == "given" and out.report.options["init"] is None
+    assert res.report.options["network"] == "new" and res.report.options["init"] == 0.3
     # adapting from a given network leaves the caller's network as it was
     weight_ensembling(other, other_base, _data(), network=net, steps=3, lr=1e-1, params=BODY)
     assert all(torch.equal(v, kept[k].to(v.dtype)) for k, v in net.state_dict().items())

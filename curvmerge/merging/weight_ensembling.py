@@ -537,12 +537,13 @@ def weight_ensembling(
         features: ``"penultimate"``, ``"mean_tokens"``, or a frozen module or callable
             (:func:`~curvmerge.merging.features.feature_extractor`).
         network: A trained :class:`CoefficientNetwork` to start from (see above).
-        hidden: Hidden width of a new network.
-        depth: Hidden layers of a new network.
+        hidden: Hidden width of a new network (a given one keeps its own).
+        depth: Hidden layers of a new network (a given one keeps its own).
         steps: Adam steps (>= 0).
         lr: Adam's learning rate.
-        init: The initial coefficient of a new network.
-        seed: Seed of the network's initial weights and of the batch order.
+        init: The initial coefficient of a new network (unused with ``network=``; the report
+            then records ``init=None`` and ``network="given"``).
+        seed: Seed of a new network's initial weights and of the batch order.
         clamp: Clip each input's coefficients to :math:`[0, 1]`.
         per: ``"batch"`` or ``"input"``.
         weights: Optional per-model multipliers :math:`w_t \\ge 0` of ``init``.
@@ -578,7 +579,8 @@ def weight_ensembling(
     init = check_finite_scalar(init, "init")
     T = len(models) if not isinstance(models, nn.Module) else 1
     w = check_weights(weights, T, 1.0)
-    if network is not None:
+    given = network is not None
+    if given:
         if not isinstance(network, CoefficientNetwork):
             raise TypeError(f"network must be a CoefficientNetwork, got {type(network).__name__}")
         network = copy.deepcopy(network)  # adapted and moved: the caller's stays as it is
@@ -623,11 +625,12 @@ def weight_ensembling(
         per=per,
         steps=steps,
         lr=lr,
-        init=init,
+        init=None if given else init,  # a given network starts where it was trained
         seed=int(seed),
         clamp=bool(clamp),
         hidden=net.hidden,
         depth=net.depth,
+        network="given" if given else "new",
     )
     report = WeightEnsemblingReport(
         **vars(report),
