@@ -285,6 +285,18 @@ def _num_examples(inputs) -> int:
     return int(inputs.shape[0])
 
 
+def check_adaptation(steps: int, lr: float, init: float) -> tuple[int, float, float]:
+    """``steps`` (>= 0), ``lr`` (> 0) and ``init`` (finite) of an entropy-minimising method,
+    checked; ``ValueError`` naming the bad one."""
+    steps = int(steps)
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    lr = check_finite_scalar(lr, "lr")
+    if lr <= 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    return steps, lr, check_finite_scalar(init, "init")
+
+
 def entropy_steps(
     parameters: Sequence[Tensor],
     loss_of: Callable[[list[int]], Tensor],
@@ -501,13 +513,7 @@ def adamerging(
         (2, 1, 5)
     """
     start = time.perf_counter()
-    steps = int(steps)
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
-    lr = check_finite_scalar(lr, "lr")
-    if lr <= 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    init = check_finite_scalar(init, "init")
+    steps, lr, init = check_adaptation(steps, lr, init)
     objective = AdaMergingObjective(models, base, data, granularity=granularity, params=params)
     T, G = objective.num_models, objective.num_groups
     w = check_weights(weights, T, 1.0)

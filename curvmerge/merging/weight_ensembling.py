@@ -49,13 +49,14 @@ from curvmerge.merging.adamerging import (
     AdaMergingObjective,
     AdaptationReport,
     GroupedTaskArithmetic,
+    check_adaptation,
     entropy,
     entropy_steps,
     run_task_model,
 )
 from curvmerge.merging.ensemble import EnsembleResult
 from curvmerge.merging.features import feature_extractor
-from curvmerge.merging.methods import check_finite_scalar, method_report
+from curvmerge.merging.methods import method_report
 from curvmerge.merging.report import parameters_of
 from curvmerge.merging.system import check_weights
 
@@ -570,13 +571,7 @@ def weight_ensembling(
         torch.Size([4, 2])
     """
     start = time.perf_counter()
-    steps = int(steps)
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
-    lr = check_finite_scalar(lr, "lr")
-    if lr <= 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    init = check_finite_scalar(init, "init")
+    steps, lr, init = check_adaptation(steps, lr, init)
     T = len(models) if not isinstance(models, nn.Module) else 1
     w = check_weights(weights, T, 1.0)
     given = network is not None
