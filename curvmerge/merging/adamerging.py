@@ -402,6 +402,34 @@ class AdaptationReport(MethodReport):
         }
 
 
+def adaptation_fields(
+    objective: AdaMergingObjective,
+    before: tuple[Tensor, Tensor],
+    after: tuple[Tensor, Tensor],
+    history: list[float],
+    adaptation_seconds: float,
+    evaluation_seconds: float,
+    peak: int | None,
+) -> dict[str, Any]:
+    """The :class:`AdaptationReport` fields of a run: ``before`` and ``after`` are the
+    objective and per-task entropies over every adaptation input; the cost ratio counts
+    ``adaptation_seconds`` (including any one-off work the caller adds to it)."""
+    return {
+        "groups": [list(g) for g in objective.groups],
+        "steps": len(history),
+        "entropy_before": float(before[0]),
+        "entropy_after": float(after[0]),
+        "task_entropy_before": before[1].tolist(),
+        "task_entropy_after": after[1].tolist(),
+        "history": history,
+        "examples": [sum(s) for s in objective.sizes],
+        "adaptation_seconds": adaptation_seconds,
+        "evaluation_seconds": evaluation_seconds,
+        "cost_ratio": adaptation_seconds / evaluation_seconds if evaluation_seconds > 0 else 0.0,
+        "peak_memory": peak,
+    }
+
+
 @dataclass
 class AdaMergingReport(AdaptationReport):
     """An :class:`AdaptationReport` of an AdaMerging run; ``options`` holds the options and
@@ -558,18 +586,10 @@ def adamerging(
     )
     report = AdaMergingReport(
         **vars(report),
-        groups=[list(g) for g in objective.groups],
-        steps=steps,
-        entropy_before=float(before),
-        entropy_after=float(after),
-        task_entropy_before=task_before.tolist(),
-        task_entropy_after=task_after.tolist(),
-        history=history,
-        examples=[sum(s) for s in objective.sizes],
-        adaptation_seconds=adaptation_seconds,
-        evaluation_seconds=evaluation_seconds,
-        cost_ratio=adaptation_seconds / evaluation_seconds if evaluation_seconds > 0 else 0.0,
-        peak_memory=peak,
-    )
+        **adaptation_fields(
+            objective, (before, task_before), (after, task_after), history,
+            adaptation_seconds, evaluation_seconds, peak,
+        ),
+    )  # fmt: skip
     report.seconds = time.perf_counter() - start
     return MergeResult(merged, report)

@@ -49,6 +49,7 @@ from curvmerge.merging.adamerging import (
     AdaMergingObjective,
     AdaptationReport,
     GroupedTaskArithmetic,
+    adaptation_fields,
     check_adaptation,
     entropy,
     entropy_steps,
@@ -627,26 +628,18 @@ def weight_ensembling(
         depth=net.depth,
         network="given" if given else "new",
     )
+    fields = adaptation_fields(
+        objective, (before, task_before), (after, task_after), history,
+        objective.feature_seconds + adaptation_seconds, evaluation_seconds, peak,
+    )  # fmt: skip
+    fields["adaptation_seconds"] = adaptation_seconds  # the ratio counts the features too
     report = WeightEnsemblingReport(
         **vars(report),
-        groups=[list(g) for g in objective.groups],
+        **fields,
         network=net.config(),
-        steps=steps,
-        entropy_before=float(before),
-        entropy_after=float(after),
-        task_entropy_before=task_before.tolist(),
-        task_entropy_after=task_after.tolist(),
-        history=history,
-        examples=[sum(s) for s in objective.sizes],
         coefficients=mean.tolist(),
         coefficient_spread=spread.tolist(),
         feature_seconds=objective.feature_seconds,
-        adaptation_seconds=adaptation_seconds,
-        evaluation_seconds=evaluation_seconds,
-        cost_ratio=(objective.feature_seconds + adaptation_seconds) / evaluation_seconds
-        if evaluation_seconds > 0
-        else 0.0,
-        peak_memory=peak,
     )
     merger = GroupedTaskArithmetic(objective.flat, granularity)  # without the inputs
     adaptive = AdaptiveMerge(merger, net, objective.adaptive.extractor, per=per, clamp=clamp)
