@@ -103,3 +103,13 @@ def test_memory_grows_with_the_basis_not_with_max_vectors():
     assert huge.vectors == small.vectors and all(huge.converged)
     for a, b in zip(huge.solutions, small.solutions, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_nan_from_an_operator_is_never_converged():
+    F = _spd(1)
+    F[3, 3] = float("nan")
+    ops = [DenseOperator(SPACE, F, self_adjoint=True)]
+    b = torch.ones(P, dtype=D)
+    res = reduced_basis_solve(ops, [((1.0,), 0.1, b)], rtol=1e-3, max_vectors=5)
+    assert res.converged == [False]
+    assert res.relative_residuals[0] != res.relative_residuals[0]  # NaN, reported as such
