@@ -23,8 +23,9 @@ searches, with full re-orthogonalisation); for many it is the greedy step of the
 method (Rozza, Huynh & Patera, "Reduced basis
 approximation and a posteriori error estimation for affinely parametrized elliptic coercive
 partial differential equations", Arch. Comput. Methods Eng. 2008), with exact residuals as its
-error estimate. Memory: :math:`(T + 1)\\, k` vectors of size :math:`P` for a basis of
-:math:`k` vectors (up to twice that while the storage doubles; see ``max_vectors``).
+error estimate. Memory: :math:`(T' + 1)\\, k` vectors of size :math:`P` for a basis of
+:math:`k` vectors and the :math:`T' \\le T` operators some system weighs (kept in blocks of 8
+vectors, never copied as the basis grows), besides the right-hand sides.
 """
 
 from __future__ import annotations
@@ -97,9 +98,7 @@ def reduced_basis_solve(
         systems: ``(weights, damping, b)`` per system; ``weights`` has :math:`T` entries.
         rtol: Stop when every system's true relative residual is at most this.
         max_vectors: Stop at this many basis vectors (at most :math:`P`). The storage
-            grows with the basis by doubling (from 32 vectors): :math:`(T+1)\\, m` vectors
-            of size :math:`P` for room :math:`m` of at most ``max(32, 2 k)`` and
-            ``max_vectors`` for :math:`k` used (and, while it grows, a copy of the old).
+            follows the basis used, not this cap (see the module doc).
         check_every: Krylov steps between two checks of every system's true residual.
         callback: Called after each check with the basis size and the worst relative
             residual.
@@ -118,63 +117,52 @@ def reduced_basis_solve(
     P = b0.shape[0]
     W = torch.tensor([[float(x) for x in w] for w, _, _ in systems], dtype=dtype, device=device)
     lams = torch.tensor([float(lam) for _, lam, _ in systems], dtype=dtype, device=device)
-    B = torch.stack([b.to(device=device, dtype=dtype) for _, _, b in systems], 1)  # [P, n]
-    bnorm = torch.linalg.vector_norm(B, dim=0)
+    Bs = [b.to(device=device, dtype=dtype) for _, _, b in systems]  # not stacked: no copy
+    bnorm = torch.stack([torch.linalg.vector_norm(b) for b in Bs])
     used = [t for t in range(T) if bool((W[:, t] != 0).any())]
 
     cap = min(int(max_vectors), P)  # no more than P orthonormal vectors
-    # storage for ``room`` vectors, doubled as the basis grows: the memory follows the basis
-    # used, not ``max_vectors``
-    room = min(cap, 32)
-    V = torch.empty(P, room, dtype=dtype, device=device)
-    FV = torch.zeros(T, P, room, dtype=dtype, device=device)
-    H = torch.zeros(T, room, room, dtype=torch.float64, device=device)
-    C = torch.zeros(room, n, dtype=torch.float64, device=device)  # V^T b_i
+    # V and F_t V (for the operators some system weighs) in blocks: appending never copies,
+    # and the memory follows the basis used, not ``max_vectors``
+    V = _Columns(P, dtype, device)
+    FV = {t: _Columns(P, dtype, device) for t in used}
+    H = torch.zeros(T, 0, 0, dtype=torch.float64, device=device)  # H_t = V^T F_t V
+    C = torch.zeros(0, n, dtype=torch.float64, device=device)  # V^T b_i
     k, products, checks = 0, 0, 0
     history: list[float] = []
 
-    def grow() -> None:
-        nonlocal room, V, FV, H, C
-        new = min(2 * room, cap)
-        V = torch.cat([V, V.new_empty(P, new - room)], 1)
-        FV = torch.cat([FV, FV.new_zeros(T, P, new - room)], 2)
-        H = torch.nn.functional.pad(H, (0, new - room, 0, new - room))
-        C = torch.cat([C, C.new_zeros(new - room, n)], 0)
-        room = new
-
     def add(v: Tensor) -> bool:
         """Orthonormalise ``v`` against the basis (twice) and append it with its products."""
-        nonlocal k, products
+        nonlocal k, products, C, H
         if k >= cap:
             return False
-        if k == room:
-            grow()
         norm0 = float(torch.linalg.vector_norm(v))
         for _ in range(2):
             if k:
-                v = v - V[:, :k] @ (V[:, :k].T @ v)
+                v = v - V.matmul(V.t_matmul(v))
         norm = float(torch.linalg.vector_norm(v))
         if not norm > 1e-10 * max(norm0, 1e-300):
             return False  # nothing new: the space is invariant
         v = v / norm
-        V[:, k] = v
+        V.append(v)
+        H = torch.nn.functional.pad(H, (0, 1, 0, 1))
         for t in used:
             Fv = (operators[t] @ v).to(device=device, dtype=dtype)
-            FV[t, :, k] = Fv
+            FV[t].append(Fv)
             products += 1
-            row = (V[:, : k + 1].T @ Fv).double()
+            row = V.t_matmul(Fv).double()
             H[t, k, : k + 1] = row
             H[t, : k + 1, k] = row
-        C[k] = (v @ B).double()
+        C = torch.cat([C, torch.stack([v @ b for b in Bs]).double()[None]], 0)
         k += 1
         return True
 
     def reduced(idx: Tensor) -> Tensor:
         """Galerkin coefficients ``[k, len(idx)]`` of the systems ``idx`` (float64)."""
         eye = torch.eye(k, dtype=torch.float64, device=device)
-        Hs = torch.einsum("it,tab->iab", W[idx].double(), H[:, :k, :k])
+        Hs = torch.einsum("it,tab->iab", W[idx].double(), H)
         Hs = Hs + lams[idx].double()[:, None, None] * eye
-        rhs = C[:k, idx].T.unsqueeze(-1)
+        rhs = C[:, idx].T.unsqueeze(-1)
         try:
             Z = torch.linalg.solve(Hs, rhs)
         except RuntimeError:  # singular (no damping, a direction no weighted F_t sees)
@@ -184,22 +172,27 @@ def reduced_basis_solve(
     def residuals(idx: Tensor, Z: Tensor) -> Tensor:
         """True residuals ``[P, len(idx)]`` of the systems ``idx`` at ``y = V Z``."""
         Zd = Z.to(dtype)
-        R = B[:, idx] - (V[:, :k] @ Zd) * lams[idx]
+        R = torch.stack([Bs[i] for i in idx.tolist()], 1) - V.matmul(Zd) * lams[idx]
         for t in used:
-            R = R - (FV[t, :, :k] @ Zd) * W[idx, t]
+            R = R - FV[t].matmul(Zd) * W[idx, t]
         return R
 
     every = torch.arange(n, device=device)
 
     def check() -> tuple[Tensor, Tensor]:
         Z = reduced(every)
-        rel = torch.linalg.vector_norm(residuals(every, Z), dim=0) / torch.where(
-            bnorm > 0, bnorm, 1.0
+        # residual norms a few systems at a time: temporaries of [P, group], not [P, n]
+        norms = torch.cat(
+            [
+                torch.linalg.vector_norm(residuals(idx, Z[:, idx]), dim=0)
+                for idx in every.split(_CHECK_GROUP)
+            ]
         )
+        rel = norms / torch.where(bnorm > 0, bnorm, 1.0)
         return Z, torch.where(bnorm > 0, rel, torch.zeros_like(rel))
 
     # start from the largest right-hand side; then, greedily, the residual of the worst system
-    add(B[:, int(torch.argmax(bnorm))])
+    add(Bs[int(torch.argmax(bnorm))])
     Z, rel = check()
     checks += 1
     worst = int(torch.argmax(rel))
@@ -222,7 +215,7 @@ def reduced_basis_solve(
             callback(k, float(rel[worst]))
         if not grew:  # the worst system's space is exhausted: nothing more to learn
             break
-    solutions = [V[:, :k] @ Z[:, i].to(dtype) for i in range(n)]
+    solutions = [V.matmul(Z[:, i : i + 1].to(dtype))[:, 0] for i in range(n)]
     rels = [float(r) for r in rel]
     return ReducedBasisResult(
         solutions=solutions,
@@ -233,6 +226,43 @@ def reduced_basis_solve(
         checks=checks,
         history=history,
     )
+
+
+class _Columns:
+    """The columns of a ``[P, k]`` matrix, kept in blocks of ``_BLOCK`` columns so that
+    appending one never copies the others."""
+
+    def __init__(self, P: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.P, self.dtype, self.device = P, dtype, device
+        self.blocks: list[Tensor] = []
+        self.k = 0
+
+    def append(self, v: Tensor) -> None:
+        if self.k % _BLOCK == 0:
+            self.blocks.append(torch.empty(self.P, _BLOCK, dtype=self.dtype, device=self.device))
+        self.blocks[-1][:, self.k % _BLOCK] = v
+        self.k += 1
+
+    def _used(self):
+        for j, block in enumerate(self.blocks):
+            yield j * _BLOCK, block[:, : min(_BLOCK, self.k - j * _BLOCK)]
+
+    def t_matmul(self, x: Tensor) -> Tensor:
+        """:math:`V^\\top x` (``[k]`` for a vector ``x``)."""
+        parts = [block.T @ x for _, block in self._used()]
+        return torch.cat(parts, 0) if parts else x.new_zeros(0, *x.shape[1:])
+
+    def matmul(self, Z: Tensor) -> Tensor:
+        """:math:`V Z` for ``Z`` of ``k`` rows."""
+        out = torch.zeros(self.P, *Z.shape[1:], dtype=self.dtype, device=self.device)
+        for start, block in self._used():
+            part = block @ Z[start : start + block.shape[1]]
+            out.add_(part)
+        return out
+
+
+_BLOCK = 8  # basis columns per storage block
+_CHECK_GROUP = 4  # systems whose residuals are formed together
 
 
 def _converged(residual: float, rtol: float) -> bool:
