@@ -17,7 +17,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -30,6 +31,7 @@ __all__ = [
     "world_size",
     "is_main_process",
     "barrier",
+    "on_main_process",
     "all_reduce_sum",
     "use_distributed",
     "shard",
@@ -66,6 +68,39 @@ def barrier() -> None:
     rank 0 writes."""
     if is_distributed():
         dist.barrier()
+
+
+R = TypeVar("R")
+
+
+class MainProcessError(RuntimeError):
+    """Raised on the other processes when rank 0 failed in :func:`on_main_process`."""
+
+
+def on_main_process(fn: Callable[[], R]) -> R | None:
+    """Run ``fn`` on rank 0 only (writing files, printing) while the others wait; every
+    process returns once it is done (``fn``'s value on rank 0, ``None`` elsewhere).
+
+    If ``fn`` raises on rank 0 the error is re-raised there and every other process raises
+    :class:`MainProcessError` naming it, so no process waits for a rank 0 that will never
+    come and none reports a success that did not happen. Without torch.distributed it is
+    ``fn()``.
+    """
+    if not is_distributed():
+        return fn()
+    out, err, message = None, None, [None]
+    if is_main_process():
+        try:
+            out = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after telling the others
+            err = e
+            message = [f"{type(e).__name__}: {e}"]
+    dist.broadcast_object_list(message, src=0)  # also the wait for rank 0
+    if err is not None:
+        raise err
+    if message[0] is not None:
+        raise MainProcessError(f"rank 0 failed, so this process stops too: {message[0]}")
+    return out
 
 
 def shard(items):

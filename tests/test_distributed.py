@@ -411,3 +411,78 @@ def test_shard_refuses_what_it_cannot_index(monkeypatch):
     for items in (loader, (b for b in [1, 2, 3])):
         with pytest.raises(TypeError, match="shard needs a list, a tuple, a map-style Dataset"):
             distributed.shard(items)
+
+
+# ------------------------------------------------------------ rank 0 writes, the others wait
+def _writer(r: int, tmp: str) -> None:
+    from curvmerge.distributed import MainProcessError, on_main_process
+    from curvmerge.experiment import StatisticsStore
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{tmp}/rendezvous",
+        rank=r,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=20),
+    )
+    seen = {}
+    try:
+        # success: rank 0's value, and no process returns before rank 0 is done
+        def slow_write():
+            import time
+
+            time.sleep(0.5)
+            Path(tmp, "written").write_text("done")
+            return 7
+
+        seen["value"] = on_main_process(slow_write)
+        seen["file after return"] = Path(tmp, "written").exists()
+
+        # failure on rank 0: raised there, named on every other process (no wait forever)
+        def failing_write():
+            raise OSError("No space left on device")
+
+        try:
+            on_main_process(failing_write)
+        except MainProcessError as e:
+            seen["failure"] = f"MainProcessError: {e}"
+        except OSError as e:
+            seen["failure"] = f"OSError: {e}"
+
+        # a site: the experiment's Fisher file, whose folder rank 0 cannot create
+        blocker = Path(tmp, "not_a_folder")
+        blocker.write_text("a file where the Fisher folder should be")
+        store = StatisticsStore(
+            [_mlp(0)], [_batches("ce", r)], ["cross_entropy"], ["0.weight"],
+            fisher_dir=blocker / "fishers",
+        )  # fmt: skip
+        try:
+            store.diagonal_fishers()
+            seen["store"] = "no error"
+        except MainProcessError as e:
+            seen["store"] = f"MainProcessError: {e}"
+        except OSError as e:
+            seen["store"] = f"{type(e).__name__}"
+    except Exception as e:  # noqa: BLE001 - what a rank saw is the test's evidence
+        seen["unexpected"] = f"{type(e).__name__}: {e}"
+    finally:
+        torch.save(seen, os.path.join(tmp, f"writer{r}.pt"))
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_rank_0_writes_while_the_others_wait_and_its_failure_stops_them_all(tmp_path):
+    # rank 0 failing between its write and the barrier left the other ranks waiting at the
+    # barrier until the backend's timeout (and then failing with a timeout that named
+    # nothing); the experiment's Fisher files are one such site (fails on 149a1b4)
+    mp.spawn(_writer, args=(str(tmp_path),), nprocs=2, join=True)
+    seen = [torch.load(tmp_path / f"writer{r}.pt") for r in range(2)]
+    assert "unexpected" not in seen[0] and "unexpected" not in seen[1], seen
+    assert seen[0]["value"] == 7 and seen[1]["value"] is None
+    assert seen[1]["file after return"]
+    assert seen[0]["failure"] == "OSError: No space left on device"
+    assert seen[1]["failure"].startswith("MainProcessError: rank 0 failed")
+    assert "No space left on device" in seen[1]["failure"]
+    assert seen[0]["store"] in ("FileExistsError", "NotADirectoryError")
+    assert seen[1]["store"].startswith("MainProcessError: rank 0 failed"), seen[1]["store"]

@@ -68,7 +68,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from curvmerge.distributed import barrier, is_main_process
+    from curvmerge.distributed import barrier, is_main_process, on_main_process
     from curvmerge.experiment import (
         DEFAULT_METHODS,
         ModelPool,
@@ -147,10 +147,12 @@ def run(args) -> int:
             log=None if args.quiet else (lambda msg: log(args, msg)),
         )
     barrier()  # under torchrun: once every process has checked the outputs, rank 0 writes
-    if is_main_process():
+
+    def write() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_results(res, out.parent, stem=out.name, title="comparison", merged=None, pool=pool)
-    barrier()
+
+    on_main_process(write)
     if not is_main_process():
         return 0
     print(format_report(res, "comparison"), end="")

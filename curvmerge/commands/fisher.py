@@ -59,7 +59,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from curvmerge.distributed import barrier, is_main_process, shard
+    from curvmerge.distributed import on_main_process, shard
     from curvmerge.fisher import diagonal_fisher, save_fisher
 
     outputs = list(args.output)
@@ -109,13 +109,15 @@ def run(args) -> int:
         if getattr(m, "data_file", None):
             meta["data"] = str(m.data_file)
         results.append((out, F, meta, kind, m, seconds))
-    for out, F, meta, kind, m, seconds in results:
-        if not is_main_process():  # every process holds the same Fisher: rank 0 writes it
-            continue
-        save_fisher(ensure_parent(out), F, metadata=meta)
-        print(
-            f"{out}: {kind} diagonal Fisher of {m.path} on {F.num_examples} "
-            f"examples, {F.shape[0]:,} parameters ({seconds:.2f} s)"
-        )
-    barrier()  # no process ends before the files are written
+
+    def write() -> None:
+        for out, F, meta, kind, m, seconds in results:
+            save_fisher(ensure_parent(out), F, metadata=meta)
+            print(
+                f"{out}: {kind} diagonal Fisher of {m.path} on {F.num_examples} "
+                f"examples, {F.shape[0]:,} parameters ({seconds:.2f} s)"
+            )
+
+    # every process holds the same Fishers: rank 0 writes them, no process ends before
+    on_main_process(write)
     return 0

@@ -266,7 +266,7 @@ def _settings(args) -> dict[str, Any]:
 
 
 def run(args) -> int:
-    from curvmerge.distributed import barrier, is_distributed, is_main_process
+    from curvmerge.distributed import is_distributed, on_main_process
     from curvmerge.merging.registry import get_method
 
     cfg = _settings(args)
@@ -329,12 +329,7 @@ def run(args) -> int:
     except TypeError as err:
         raise CLIError(str(err)) from None
     # under torchrun every process holds the same merge: rank 0 writes it, the others wait
-    try:
-        return (
-            _write(spec, result, models, output, to_file, options, cfg) if is_main_process() else 0
-        )
-    finally:
-        barrier()
+    return on_main_process(lambda: _write(spec, result, models, output, to_file, options, cfg)) or 0
 
 
 def _write(spec, result, models, output: Path, to_file: bool, options, cfg) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from curvmerge._optional import require
-from curvmerge.distributed import barrier, is_main_process
+from curvmerge.distributed import barrier, on_main_process
 from curvmerge.experiment.outputs import output_paths, write_results
 from curvmerge.experiment.pools import ModelPool, TaskData
 from curvmerge.experiment.runner import run_experiment
@@ -196,8 +196,8 @@ class Experiment:
         # under torch.distributed every process has the same result: rank 0 writes it, once
         # every process has checked the outputs and finished; none returns before the files
         barrier()
-        if is_main_process():
-            write_results(
+        on_main_process(
+            lambda: write_results(
                 result,
                 self.output_dir,
                 title=self.title,
@@ -207,7 +207,7 @@ class Experiment:
                 pool=self.pool,
                 config=self.config,
             )
-        barrier()
+        )
         return result
 
 

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from curvmerge.batches import iterate_batches, model_device, model_outputs, move_batch
-from curvmerge.distributed import all_reduce_sum, barrier, is_main_process, shard, world_size
+from curvmerge.distributed import all_reduce_sum, on_main_process, shard, world_size
 from curvmerge.fisher import diagonal_fisher, load_fisher, save_fisher
 from curvmerge.losses import LossSpec, flatten_rows, resolve_loss
 from curvmerge.operators import KroneckerOperator, LinearOperator
@@ -276,14 +276,16 @@ class StatisticsStore:
         self.seconds["diagonal_fisher"].append(seconds)
         self._say(f"diagonal Fisher ({self.fisher_kind}) of {self.names[k]}: {seconds:.2f} s")
         if path is not None:
-            if is_main_process():  # every process holds the same Fisher: rank 0 writes it
+
+            def write() -> None:  # every process holds the same Fisher: rank 0 writes it
                 path.parent.mkdir(parents=True, exist_ok=True)
                 save_fisher(
                     path,
                     F,
                     metadata={"key": key, "seconds": f"{seconds:.6f}", "model": self.names[k]},
                 )
-            barrier()
+
+            on_main_process(write)
             self.paths.append(path)
         return F
 
