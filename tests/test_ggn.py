@@ -499,6 +499,40 @@ def test_cache_follows_updates_through_data():
     assert rel_err(op.diagonal(), G.diagonal()) < 1e-6
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda w: w.data.neg_(),  # a sign flip: the bit sum moves by (#neg - #pos) * 2**63
+        lambda w: w.data.mul_(1 + 2**-22),  # an ulp or two of every entry
+        lambda w: w.data[0, 0].add_(1e-9),  # one entry
+        lambda w: w.data.copy_(w.data.flip(1)),  # a permutation of each row
+    ],
+    ids=["sign flip", "ulp", "one entry", "permuted rows"],
+)
+def test_state_key_sees_every_change_through_data_and_not_the_thread_count(change):
+    """The key's checksum (exact integer sum of the bit patterns, and the values' sum) sees
+    each change; computing it with another number of threads gives the same key (a float
+    sum split between threads would not: a spurious 'changed' would rebuild every cache)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 200), nn.Tanh(), nn.Linear(200, 3))  # float32
+    w = model[0].weight  # 60,000 entries: torch splits its sums between threads
+    with torch.no_grad():  # as many negative as positive entries: a sign flip keeps the bit sum
+        w.abs_().mul_(torch.tensor([1.0, -1.0]).repeat(w.numel() // 2).view_as(w))
+    data = [(torch.randn(5, 300), torch.randint(0, 3, (5,)))]
+    op = GGNOperator(model, nn.CrossEntropyLoss(), data)
+    threads = torch.get_num_threads()
+    try:
+        keys = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            keys.append(op.state_key())
+    finally:
+        torch.set_num_threads(threads)
+    assert keys[0] == keys[1] == keys[2]
+    change(w)
+    assert op.state_key() != keys[0]
+
+
 def test_cached_products_accept_a_shuffled_loader():
     """Nothing reused per batch depends on the order when every graph is cached (the count
     of num_data and the diagonal are sums over examples)."""

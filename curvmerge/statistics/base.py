@@ -269,22 +269,52 @@ class CurvatureComputer:
     # ------------------------------------------------------------------ caches
     def state_key(self) -> tuple:
         """What a cache of this computer's results depends on in the model: every parameter
-        and buffer (object, storage, in-place version and a float64 checksum of its values,
-        which also sees updates through ``.data`` that bypass the version counter) and every
-        module's training flag. Costs one pass over the parameters, little next to a
-        product."""
+        and buffer (object, storage, in-place version and a checksum of its values, which
+        also sees updates through ``.data`` that bypass the version counter) and every
+        module's training flag.
+
+        The checksum of a tensor is the exact integer sum of its bit patterns (any change of
+        one entry changes it, whatever the summation order) and its sum in its own dtype
+        (which changes sign with the tensor: a sign flip with as many negative as positive
+        entries leaves the bit sum unchanged). One cheap pass over the parameters."""
         key = []
         named = [
             *self.model.named_parameters(remove_duplicate=False),
             *self.model.named_buffers(remove_duplicate=False),
         ]
-        sums = []
+        bit_sums, value_sums = [], []
         for name, t in named:
             key.append((name, id(t), t.data_ptr(), t._version, t.dtype, t.device))
-            sums.append(t.detach().sum(dtype=torch.float64) if t.numel() else t.new_zeros(()))
-            if t.is_floating_point() and t.numel():
-                sums.append(torch.linalg.vector_norm(t.detach(), dtype=torch.float64))
-        if sums:
-            key.append(tuple(torch.stack([s.to(torch.float64).cpu() for s in sums]).tolist()))
+            bits, value = _checksum(t.detach())
+            bit_sums.append(bits)
+            value_sums.append(value)
+        if named:
+            key.append(tuple(torch.stack([s.cpu() for s in bit_sums]).tolist()))
+            key.append(tuple(torch.stack([s.double().cpu() for s in value_sums]).tolist()))
         key.append(tuple(m.training for m in self.model.modules()))
         return tuple(key)
+
+
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _checksum(t: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum of the bit patterns as int64, sum of the values)`` of a tensor (0-d tensors on
+    its device): the first exact and order-free, the second in the tensor's own dtype
+    (float64 for integer and boolean tensors), summed in rows of ``_ROW`` entries so that
+    the result does not depend on the number of threads."""
+    if not t.numel():
+        zero = torch.zeros((), dtype=torch.int64, device=t.device)
+        return zero, zero.double()
+    flat = torch.view_as_real(t).reshape(-1) if t.is_complex() else t.reshape(-1)
+    if not flat.is_floating_point():
+        return flat.sum(dtype=torch.int64), flat.sum(dtype=torch.float64)
+    bits = flat.view(_BITS[flat.element_size()]).sum(dtype=torch.int64)
+    whole = flat.numel() // _ROW * _ROW
+    # a row's sum is one thread's work in a fixed order; the few row sums and the tail are
+    # below the size torch splits between threads
+    value = flat[whole:].sum() + flat[:whole].view(-1, _ROW).sum(1).sum()
+    return bits, value
+
+
+_ROW = 8192
