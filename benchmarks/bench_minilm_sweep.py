@@ -35,9 +35,7 @@ import torch  # noqa: E402
 
 def main() -> None:
     from curvmerge.demo import TEXT_TASKS, text_setup
-    from curvmerge.experiment import StatisticsStore, TaskData
-    from curvmerge.experiment.evaluation import Evaluator
-    from curvmerge.merging import PreparedMerge, line_grid, sweep
+    from curvmerge.experiment import StatisticsStore
     from curvmerge.merging.registry import get_method
     from curvmerge.operators.ggn import GGNOperator
 
@@ -51,6 +49,12 @@ def main() -> None:
     parser.add_argument("--damping", type=float, default=0.1, help="the weight sweep's damping")
     parser.add_argument("--steps", type=int, default=150, help="fine-tuning steps per task")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--max-vectors", type=int, default=None,
+        help="cap on the reduced basis (memory: 3 x vectors x 91 MB; default: --maxiter)",
+    )  # fmt: skip
+    parser.add_argument("--skip-grid", action="store_true", help="only the weight sweep")
+    parser.add_argument("--skip-sweep", action="store_true", help="only the damping grid")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -75,6 +79,17 @@ def main() -> None:
 
     # 1. the damping grid
     dampings = [p["damping"] for p in get_method("fisher_exact").grid_points()]
+    if not args.skip_grid:
+        damping_grid(setup, ops, dampings, kw, args)
+
+    # 2. the weight sweep
+    if not args.skip_sweep:
+        weight_sweep(setup, ops, kw, args)
+
+
+def damping_grid(setup, ops, dampings, kw, args) -> None:
+    from curvmerge.merging import PreparedMerge
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prepared = PreparedMerge(setup.models, ops, **kw)
@@ -95,7 +110,12 @@ def main() -> None:
           f"{grid.products / hp:.2f} | {g_s:.0f} | {[r.report.converged for r in grid]} |",
           flush=True)  # fmt: skip
 
-    # 2. the weight sweep
+
+def weight_sweep(setup, ops, kw, args) -> None:
+    from curvmerge.experiment import TaskData
+    from curvmerge.experiment.evaluation import Evaluator
+    from curvmerge.merging import PreparedMerge, line_grid, sweep
+
     tasks = [
         TaskData(setup.names[k], val=setup.sweep_val[k], test=setup.test[k], fisher_batches=[])
         for k in range(2)
@@ -103,6 +123,7 @@ def main() -> None:
     ev = Evaluator(setup.models, tasks, setup.params, batch_size=64)
     weights = line_grid(args.points)
     common = dict(validate=ev.validate, dampings=[args.damping], verbose=False, **kw)
+    screen_kw = dict(common, maxiter=args.max_vectors or args.maxiter)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         one = PreparedMerge(setup.models, ops, **kw)
@@ -111,7 +132,7 @@ def main() -> None:
         s_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         screened = sweep(setup.models, ops, weights=weights, screen_rtol=args.screen_rtol,
-                         screen="subspace", **common)  # fmt: skip
+                         screen="subspace", **screen_kw)  # fmt: skip
         sc_s = time.perf_counter() - t0 - screened.eval_seconds
         ref_weights = weights[:: args.reference_every]
         if weights[-1] not in ref_weights:
