@@ -32,6 +32,9 @@ __all__ = [
     "is_main_process",
     "barrier",
     "on_main_process",
+    "agree_on_failure",
+    "PeerProcessError",
+    "MainProcessError",
     "all_reduce_sum",
     "use_distributed",
     "shard",
@@ -73,8 +76,31 @@ def barrier() -> None:
 R = TypeVar("R")
 
 
-class MainProcessError(RuntimeError):
+class PeerProcessError(RuntimeError):
+    """Raised on a process when another one failed in work they do together."""
+
+
+class MainProcessError(PeerProcessError):
     """Raised on the other processes when rank 0 failed in :func:`on_main_process`."""
+
+
+def agree_on_failure(failed: bool) -> None:
+    """One collective call in which every process says whether it failed (a no-op without
+    torch.distributed). A process that did not fail raises :class:`PeerProcessError`
+    naming the ranks that did, so that no process waits forever for a sum that a failed
+    process will never join; a failed process calls it with ``failed=True`` and then
+    raises its own error."""
+    if not is_distributed():
+        return
+    flags = torch.zeros(world_size(), dtype=torch.int64)
+    flags[rank()] = int(bool(failed))
+    all_reduce_sum(flags)
+    if not failed and bool(flags.any()):
+        ranks = ", ".join(str(r) for r in flags.nonzero().flatten().tolist())
+        raise PeerProcessError(
+            f"process {ranks} failed (see its error) in a pass every process makes; "
+            "this process stops too"
+        )
 
 
 def on_main_process(fn: Callable[[], R]) -> R | None:

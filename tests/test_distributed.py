@@ -486,3 +486,58 @@ def test_rank_0_writes_while_the_others_wait_and_its_failure_stops_them_all(tmp_
     assert "No space left on device" in seen[1]["failure"]
     assert seen[0]["store"] in ("FileExistsError", "NotADirectoryError")
     assert seen[1]["store"].startswith("MainProcessError: rank 0 failed"), seen[1]["store"]
+
+
+# ---------------------------------------------- one process fails in a pass, all stop
+def _failing_pass(r: int, tmp: str) -> None:
+    from curvmerge.distributed import PeerProcessError
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{tmp}/rendezvous",
+        rank=r,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=20),
+    )
+    seen = {}
+    try:
+        data = _batches("ce", r)
+        if r == 1:  # one bad batch in rank 1's shard only: its forward raises
+            data = [*data[:1], (torch.randn(3, 5, dtype=DT), torch.zeros(3, dtype=torch.long))]
+        ce = nn.CrossEntropyLoss()
+        passes = {
+            "diagonal Fisher": lambda: diagonal_fisher(_mlp(0), ce, data, progress=False),
+            "input Grams": lambda: input_grams(_mlp(0), data),
+            "K-FAC": lambda: kfac_factors(_mlp(0), ce, data),
+            "GGN product": lambda: GGNOperator(_mlp(0), ce, data) @ _probe(51),
+        }
+        for name, call in passes.items():
+            try:
+                call()
+                seen[name] = "no error"
+            except PeerProcessError as e:
+                seen[name] = f"PeerProcessError: {e}"
+            except RuntimeError as e:
+                seen[name] = f"own: {type(e).__name__}"
+        # the group still works after the failures: a sum of every rank
+        seen["after"] = float(all_reduce_sum(torch.tensor([1.0]))[0])
+    except Exception as e:  # noqa: BLE001 - what a rank saw is the test's evidence
+        seen["unexpected"] = f"{type(e).__name__}: {e}"
+    finally:
+        torch.save(seen, os.path.join(tmp, f"failing{r}.pt"))
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_a_pass_failing_on_one_process_stops_every_process(tmp_path):
+    # a batch that raises in one shard only (bad data, or the exact Fisher's memory check,
+    # which is decided batch by batch) left the other process waiting in the pass's sum
+    # until the backend's timeout (fails on 149a1b4)
+    mp.spawn(_failing_pass, args=(str(tmp_path),), nprocs=2, join=True)
+    seen = [torch.load(tmp_path / f"failing{r}.pt") for r in range(2)]
+    assert "unexpected" not in seen[0] and "unexpected" not in seen[1], seen
+    for name in ("diagonal Fisher", "input Grams", "K-FAC", "GGN product"):
+        assert seen[1][name] == "own: RuntimeError", (name, seen[1][name])
+        assert seen[0][name].startswith("PeerProcessError: process 1 failed"), (name, seen[0])
+    assert seen[0]["after"] == seen[1]["after"] == 2.0

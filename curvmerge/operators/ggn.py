@@ -475,38 +475,39 @@ class GGNOperator(LinearOperator, CurvatureComputer):
         ]
         out = torch.empty(K, self.space.size, dtype=self.dtype, device=self.device)
         self._fresh = True  # the first batch writes ``out``, later ones add to it
-        if self._batches is None:
-            batches = []
-            # the first product is the one long pass (it builds the cache): it may show a bar
-            first = self.batches("GGN product (first)", self.progress, same_batches=True)
-            for index, inputs, targets in first:
-                batch, graphs = self._first_visit(index, inputs, targets)
-                batches.append(batch)
-                if graphs is not None:
-                    self._product_cached(graphs, batch, V, out)
-                else:
-                    self._product_streaming(batch, batch.inputs, V, out)
-                    batch.inputs = batch.targets = None
-                self._fresh = False
-            self._batches, self._key = batches, key
-        elif all(b.graphs is not None for b in self._batches):
-            for batch in self._batches:
-                self._product_cached(batch.graphs, batch, V, out)
-                self._fresh = False
-        else:
-            # the data-order check of ``batches`` makes the first pass's rows and label
-            # samples belong to the batch at the same index; no bar: a solve shows one bar
-            # for all its products
-            again = self.batches("GGN product", False, same_batches=True)
-            for index, inputs, _targets in again:
-                batch = self._batches[index]
-                if batch.graphs is not None:
+        with self.shard_pass():
+            if self._batches is None:
+                batches = []
+                # the first product is the one long pass (it builds the cache): it may show a bar
+                first = self.batches("GGN product (first)", self.progress, same_batches=True)
+                for index, inputs, targets in first:
+                    batch, graphs = self._first_visit(index, inputs, targets)
+                    batches.append(batch)
+                    if graphs is not None:
+                        self._product_cached(graphs, batch, V, out)
+                    else:
+                        self._product_streaming(batch, batch.inputs, V, out)
+                        batch.inputs = batch.targets = None
+                    self._fresh = False
+                self._batches, self._key = batches, key
+            elif all(b.graphs is not None for b in self._batches):
+                for batch in self._batches:
                     self._product_cached(batch.graphs, batch, V, out)
-                else:
-                    self._product_streaming(batch, inputs, V, out)
-                self._fresh = False
-        if self._fresh:  # no batch
-            out.zero_()
+                    self._fresh = False
+            else:
+                # the data-order check of ``batches`` makes the first pass's rows and label
+                # samples belong to the batch at the same index; no bar: a solve shows one bar
+                # for all its products
+                again = self.batches("GGN product", False, same_batches=True)
+                for index, inputs, _targets in again:
+                    batch = self._batches[index]
+                    if batch.graphs is not None:
+                        self._product_cached(batch.graphs, batch, V, out)
+                    else:
+                        self._product_streaming(batch, inputs, V, out)
+                    self._fresh = False
+            if self._fresh:  # no batch
+                out.zero_()
         self.sum_over_ranks([out])  # one sum per product (with ``distributed``)
         return out.T.contiguous()
 

@@ -24,13 +24,20 @@ every product). What it owns, once, for every computer:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from curvmerge.batches import check_deterministic, iterate_batches, move_batch
-from curvmerge.distributed import all_reduce_sum, is_main_process, rank, use_distributed
+from curvmerge.distributed import (
+    agree_on_failure,
+    all_reduce_sum,
+    is_main_process,
+    rank,
+    use_distributed,
+)
 from curvmerge.losses import LossSpec, count_terms, resolve_loss
 from curvmerge.space import ParamSpace
 
@@ -220,13 +227,28 @@ class CurvatureComputer:
         )
 
     # ------------------------------------------------------------------ processes
+    @contextlib.contextmanager
+    def shard_pass(self):
+        """Around the part of a pass each process makes on its own shard, before the pass's
+        :meth:`sum_over_ranks`: if it raises on one process (a batch too costly, bad data
+        in one shard), that process says so in the others' sum, which then raises
+        :class:`~curvmerge.distributed.PeerProcessError` instead of waiting for it."""
+        try:
+            yield
+        except BaseException:
+            if self.distributed:
+                agree_on_failure(True)
+            raise
+
     def sum_over_ranks(self, tensors: Sequence[Tensor] = (), counts: Sequence[int] = ()):
         """Sum ``tensors`` (in place) and ``counts`` over the processes when the computer
-        is ``distributed``; return the summed counts (a list). One collective call per
-        dtype of the tensors (the counts travel as one int64 tensor); without
+        is ``distributed``; return the summed counts (a list). First one small collective
+        in which every process says whether its :meth:`shard_pass` failed; then one call
+        per dtype of the tensors (the counts travel as one int64 tensor). Without
         ``distributed``, nothing happens and the counts come back as they are."""
         if not self.distributed:
             return list(counts)
+        agree_on_failure(False)
         summed = torch.tensor(list(counts), dtype=torch.int64)
         all_reduce_sum([*tensors, summed])
         return summed.tolist()
@@ -251,9 +273,10 @@ class CurvatureComputer:
         all the processes' shards with ``distributed``)."""
         if self._num_data is None:
             total = batches = 0
-            for _, _, targets in self.batches():
-                total += count_terms(self.loss, targets)
-                batches += 1  # a batch of no example is skipped
+            with self.shard_pass():
+                for _, _, targets in self.batches():
+                    total += count_terms(self.loss, targets)
+                    batches += 1  # a batch of no example is skipped
             total, batches = self.sum_over_ranks(counts=[total, batches])
             self.check_examples(batches)
             if total == 0 and self.loss.reduction == "mean":

@@ -274,31 +274,32 @@ def diagonal_squares(
     dtype = named[space.names[0]].dtype
     requires = {n: p.requires_grad for n, p in named.items()}
     num_examples = num_terms = 0
-    try:
-        for n in space.names:
-            named[n].requires_grad_(True)
-        with PerExampleSquares(model, space.names, memory_budget) as engine:
-            batches = fisher_batches(
-                computer,
-                kind,
-                lambda inputs: engine.forward(lambda x: model_outputs(model, x), inputs),
-                mc_samples=mc_samples,
-                seed=seed,
-                max_factor_bytes=max(memory_budget, DEFAULT_MEMORY_BUDGET),
-                desc=f"diagonal Fisher ({kind})",
-                progress=progress,
-                dtype=dtype,
-            )
-            for out, cots, examples, terms in batches:
-                num_examples += examples
-                num_terms += terms
-                _accumulate_all(engine, out, cots)
-                engine.release()
-                del out
-            squares = engine.squares
-    finally:
-        for n, p in named.items():
-            p.requires_grad_(requires[n])
+    with computer.shard_pass():
+        try:
+            for n in space.names:
+                named[n].requires_grad_(True)
+            with PerExampleSquares(model, space.names, memory_budget) as engine:
+                batches = fisher_batches(
+                    computer,
+                    kind,
+                    lambda inputs: engine.forward(lambda x: model_outputs(model, x), inputs),
+                    mc_samples=mc_samples,
+                    seed=seed,
+                    max_factor_bytes=max(memory_budget, DEFAULT_MEMORY_BUDGET),
+                    desc=f"diagonal Fisher ({kind})",
+                    progress=progress,
+                    dtype=dtype,
+                )
+                for out, cots, examples, terms in batches:
+                    num_examples += examples
+                    num_terms += terms
+                    _accumulate_all(engine, out, cots)
+                    engine.release()
+                    del out
+                squares = engine.squares
+        finally:
+            for n, p in named.items():
+                p.requires_grad_(requires[n])
     acc = torch.promote_types(dtype, torch.float32)
     sums = torch.cat([squares[n].reshape(-1).to(acc) for n in space.names])
     num_examples, num_terms = computer.sum_over_ranks([sums], [num_examples, num_terms])

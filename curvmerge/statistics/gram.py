@@ -150,11 +150,12 @@ def input_grams(
         rows_seen[info.module] += rows.shape[0]
 
     num_examples = 0
-    with torch.no_grad(), LayerHooks(model, layers, on_rows) as hooks:
-        for _, inputs, _ in computer.batches("input Grams", progress):
-            hooks.start(inputs)
-            model_outputs(model, inputs)
-            num_examples += batch_size(inputs)
+    with computer.shard_pass():
+        with torch.no_grad(), LayerHooks(model, layers, on_rows) as hooks:
+            for _, inputs, _ in computer.batches("input Grams", progress):
+                hooks.start(inputs)
+                model_outputs(model, inputs)
+                num_examples += batch_size(inputs)
     counts = computer.sum_over_ranks(list(grams.values()), [*rows_seen.values(), num_examples])
     *rows, num_examples = counts
     rows_seen = dict(zip(rows_seen, rows, strict=True))

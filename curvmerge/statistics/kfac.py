@@ -173,35 +173,36 @@ def kfac_factors(
     weights = [named[i.weight] for i in layers.values()]
     requires = [p.requires_grad for p in weights]
     num_examples = num_terms = 0
-    try:
-        for p in weights:  # the layers' outputs must be in the graph
-            p.requires_grad_(True)
-        with LayerHooks(model, layers, on_rows, keep_outputs=True) as hooks:
+    with computer.shard_pass():
+        try:
+            for p in weights:  # the layers' outputs must be in the graph
+                p.requires_grad_(True)
+            with LayerHooks(model, layers, on_rows, keep_outputs=True) as hooks:
 
-            def forward(inputs) -> Tensor:
-                hooks.start(inputs)
-                with torch.enable_grad():
-                    return model_outputs(model, inputs)
+                def forward(inputs) -> Tensor:
+                    hooks.start(inputs)
+                    with torch.enable_grad():
+                        return model_outputs(model, inputs)
 
-            batches = fisher_batches(
-                computer,
-                kind,
-                forward,
-                mc_samples=mc_samples,
-                seed=seed,
-                max_factor_bytes=memory_budget,
-                desc=f"K-FAC ({kind})",
-                progress=progress,
-            )
-            for out, cots, examples, terms in batches:
-                num_examples += examples
-                num_terms += terms
-                _add_output_grads(hooks, out, cots, B, acc)
-                hooks.calls = []
-                del out
-    finally:
-        for p, r in zip(weights, requires, strict=True):
-            p.requires_grad_(r)
+                batches = fisher_batches(
+                    computer,
+                    kind,
+                    forward,
+                    mc_samples=mc_samples,
+                    seed=seed,
+                    max_factor_bytes=memory_budget,
+                    desc=f"K-FAC ({kind})",
+                    progress=progress,
+                )
+                for out, cots, examples, terms in batches:
+                    num_examples += examples
+                    num_terms += terms
+                    _add_output_grads(hooks, out, cots, B, acc)
+                    hooks.calls = []
+                    del out
+        finally:
+            for p, r in zip(weights, requires, strict=True):
+                p.requires_grad_(r)
     *rows, num_examples, num_terms = computer.sum_over_ranks(
         [*A.values(), *B.values()], [*num_rows.values(), num_examples, num_terms]
     )
