@@ -141,15 +141,20 @@ def _compute(part: int | None) -> dict[str, torch.Tensor]:
     return out
 
 
-def _worker(r: int, tmp: str) -> None:
+def _join_group(r: int, tmp: str, timeout: float = 60) -> None:
+    """Rank ``r`` of a gloo group of ``len(SHARDS)`` processes meeting in ``tmp``."""
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
         init_method=f"file://{tmp}/rendezvous",
         rank=r,
         world_size=len(SHARDS),
-        timeout=datetime.timedelta(seconds=60),
+        timeout=datetime.timedelta(seconds=timeout),
     )
+
+
+def _worker(r: int, tmp: str) -> None:
+    _join_group(r, tmp)
     try:
         out = _compute(r)
         # the helpers themselves
@@ -418,14 +423,7 @@ def _writer(r: int, tmp: str) -> None:
     from curvmerge.distributed import MainProcessError, on_main_process
     from curvmerge.experiment import StatisticsStore
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{tmp}/rendezvous",
-        rank=r,
-        world_size=2,
-        timeout=datetime.timedelta(seconds=20),
-    )
+    _join_group(r, tmp, timeout=20)
     seen = {}
     try:
         # success: rank 0's value, and no process returns before rank 0 is done
@@ -476,7 +474,7 @@ def test_rank_0_writes_while_the_others_wait_and_its_failure_stops_them_all(tmp_
     # rank 0 failing between its write and the barrier left the other ranks waiting at the
     # barrier until the backend's timeout (and then failing with a timeout that named
     # nothing); the experiment's Fisher files are one such site (fails on 149a1b4)
-    mp.spawn(_writer, args=(str(tmp_path),), nprocs=2, join=True)
+    mp.spawn(_writer, args=(str(tmp_path),), nprocs=len(SHARDS), join=True)
     seen = [torch.load(tmp_path / f"writer{r}.pt") for r in range(2)]
     assert "unexpected" not in seen[0] and "unexpected" not in seen[1], seen
     assert seen[0]["value"] == 7 and seen[1]["value"] is None
@@ -492,14 +490,7 @@ def test_rank_0_writes_while_the_others_wait_and_its_failure_stops_them_all(tmp_
 def _failing_pass(r: int, tmp: str) -> None:
     from curvmerge.distributed import PeerProcessError
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{tmp}/rendezvous",
-        rank=r,
-        world_size=2,
-        timeout=datetime.timedelta(seconds=20),
-    )
+    _join_group(r, tmp, timeout=20)
     seen = {}
     try:
         data = _batches("ce", r)
@@ -534,7 +525,7 @@ def test_a_pass_failing_on_one_process_stops_every_process(tmp_path):
     # a batch that raises in one shard only (bad data, or the exact Fisher's memory check,
     # which is decided batch by batch) left the other process waiting in the pass's sum
     # until the backend's timeout (fails on 149a1b4)
-    mp.spawn(_failing_pass, args=(str(tmp_path),), nprocs=2, join=True)
+    mp.spawn(_failing_pass, args=(str(tmp_path),), nprocs=len(SHARDS), join=True)
     seen = [torch.load(tmp_path / f"failing{r}.pt") for r in range(2)]
     assert "unexpected" not in seen[0] and "unexpected" not in seen[1], seen
     for name in ("diagonal Fisher", "input Grams", "K-FAC", "GGN product"):
