@@ -82,18 +82,29 @@ def ratio(times: dict, key: str, unit: str) -> str:
     return f"{statistics.median(r):.2f} ({r[0]:.2f}-{r[-1]:.2f})"
 
 
-def load_old_operator(path: str):
-    """``GGNOperator`` of another checkout's ``curvmerge/operators/ggn.py`` (e.g. a
-    ``git worktree`` of an earlier commit), measured side by side with this one."""
+def _load_old_module(path: str, name: str, *parts: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(
-        "old_ggn", os.path.join(path, "curvmerge", "operators", "ggn.py")
-    )
+    spec = importlib.util.spec_from_file_location(name, os.path.join(path, *parts))
     module = importlib.util.module_from_spec(spec)
-    sys.modules["old_ggn"] = module  # dataclasses look their module up
+    sys.modules[name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
-    return module.GGNOperator
+    return module
+
+
+def load_old_operator(path: str):
+    """``GGNOperator`` of another checkout's ``curvmerge/operators/ggn.py`` (e.g. a
+    ``git worktree`` of an earlier commit), measured side by side with this one. It runs on
+    this checkout's ``CurvatureComputer``; the old computer's cache key is timed on its own
+    (:func:`load_old_state_key`)."""
+    return _load_old_module(path, "old_ggn", "curvmerge", "operators", "ggn.py").GGNOperator
+
+
+def load_old_state_key(path: str):
+    """``CurvatureComputer.state_key`` of another checkout (called on this one's operator:
+    it reads only the model)."""
+    module = _load_old_module(path, "old_base", "curvmerge", "statistics", "base.py")
+    return module.CurvatureComputer.state_key
 
 
 class _DictModel(nn.Module):
@@ -107,7 +118,9 @@ class _DictModel(nn.Module):
         return model_outputs(self.model, x)
 
 
-def product_costs(name, model, loss_fn, data, names, repeats, old=None, block=8):
+def product_costs(
+    name, model, loss_fn, data, names, repeats, old=None, block=8, old_state_key=None
+):
     from curvlinops import GGNLinearOperator
 
     named = dict(model.named_parameters())
@@ -141,7 +154,10 @@ def product_costs(name, model, loss_fn, data, names, repeats, old=None, block=8)
         "curvmerge (cached)": lambda: cached @ v,
         "curvmerge (streaming)": lambda: stream @ v,
         "curvlinops": lambda: ref @ v,
+        "cache key (checked at every product)": cached.state_key,
     }
+    if old_state_key is not None:
+        fns["old cache key"] = lambda: old_state_key(cached)
     if old is not None:
         before = old(model, loss_fn, data, params=list(names), cache=True)
         err_old = float((before @ v - cached @ v).norm() / (before @ v).norm())
@@ -424,7 +440,8 @@ def main():
         return
     repeats = args.repeats or (3 if args.quick else 9)
     old = load_old_operator(args.old) if args.old else None
-    extra = dict(old=old, block=args.block)
+    old_key = load_old_state_key(args.old) if args.old else None
+    extra = dict(old=old, block=args.block, old_state_key=old_key)
     import curvlinops
 
     print(

@@ -333,6 +333,8 @@ def _checksum(t: Tensor) -> tuple[Tensor, Tensor]:
     if not flat.is_floating_point():
         return flat.sum(dtype=torch.int64), flat.sum(dtype=torch.float64)
     bits = flat.view(_BITS[flat.element_size()]).sum(dtype=torch.int64)
+    if flat.numel() <= _ROW:
+        return bits, flat.sum()
     whole = flat.numel() // _ROW * _ROW
     # a row's sum is one thread's work in a fixed order; the few row sums and the tail are
     # below the size torch splits between threads
