@@ -1,8 +1,9 @@
 """Exact-Fisher damping grid and weight sweep of two MiniLM bodies (issue 15's MiniLM figures).
 
 Two all-MiniLM-L6-v2 classifiers fine-tuned from the same checkpoint (Rotten Tomatoes and
-airline tweets, as ``curvmerge demo --text``), a ``GGNOperator`` per model on ``--examples``
-training texts (length 64), CG to ``--rtol`` (the demo's 1e-3). Measured in one process:
+airline tweets, as ``curvmerge demo --text``; ``--tasks 3`` adds deflategate tweets, for the
+damping grid only), a ``GGNOperator`` per model on ``--examples`` training texts (length 64),
+CG to ``--rtol`` (the demo's 1e-3). Measured in one process:
 
 1. the registry's damping grid (0.1, 0.01, 0.001): its hardest damping alone vs all three by
    multi-shift CG (one Krylov space);
@@ -13,12 +14,15 @@ training texts (length 64), CG to ``--rtol`` (the demo's 1e-3). Measured in one 
    ``--reference-every``-th point of the grid (every point of it: ``1``; the full reference
    costs about ``points`` solves).
 
-Prints products of the summed system (each applies both GGNs once), per-model products, the
-basis size, seconds, the validation score of each choice, and the choices' agreement. The
-reduced basis holds (T + 1) x basis vectors x 22.7M floats (about 0.27 GB per vector).
+Prints products of the summed system (each applies every GGN once), per-model products, the
+basis size, seconds and gradient-pass equivalents (the unit: one forward and backward pass
+over one model's GGN texts, timed in the same run), the validation score of each choice, and
+the choices' agreement. The reduced basis holds (T + 1) x basis vectors x 22.7M float32
+numbers (about 0.27 GB per vector for two bodies).
 
 Run: ``python benchmarks/bench_minilm_sweep.py [--examples 64] [--points 25]
-[--reference-every 4] [--threads 2]`` (about half an hour on 2 CPU cores).
+[--reference-every 4] [--threads 2] [--skip-grid | --skip-sweep] [--tasks 3]`` (about half
+an hour on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -55,26 +59,35 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--skip-grid", action="store_true", help="only the weight sweep")
     parser.add_argument("--skip-sweep", action="store_true", help="only the damping grid")
+    parser.add_argument(
+        "--tasks", type=int, default=2, choices=(2, 3),
+        help="bodies merged (3: the three text tasks of `curvmerge demo --text`)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.tasks != 2 and not args.skip_sweep:
+        parser.error("the weight sweep is of two bodies: use --skip-sweep with --tasks 3")
     torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
-    setup = text_setup(names=TEXT_TASKS[:2], steps=args.steps, progress=False)
+    setup = text_setup(names=TEXT_TASKS[: args.tasks], steps=args.steps, progress=False)
     store = StatisticsStore(
         setup.models,
         setup.fisher_data,
-        ["cross_entropy"] * 2,
+        ["cross_entropy"] * args.tasks,
         setup.params,
         names=setup.names,
         exact_examples=args.examples,
     )
     ops = store.operators(GGNOperator)
     P = sum(p.numel() for n, p in setup.models[0].named_parameters() if n in set(setup.params))
+    unit = gradient_pass_seconds(ops)
     print(
-        f"two MiniLM bodies ({P:,} merged parameters), GGN on {args.examples} texts each, "
-        f"{args.threads} threads; setup {time.perf_counter() - t0:.0f} s",
+        f"{args.tasks} MiniLM bodies ({P:,} merged parameters), GGN on {args.examples} texts "
+        f"each, {args.threads} threads; setup {time.perf_counter() - t0:.0f} s; one gradient "
+        f"pass over one model's GGN texts {unit:.2f} s (median of 3, the unit below)",
         flush=True,
     )
+    args.unit = unit
     kw = dict(base=setup.base, params=setup.params, rtol=args.rtol, maxiter=args.maxiter)
 
     # 1. the damping grid
@@ -85,6 +98,25 @@ def main() -> None:
     # 2. the weight sweep
     if not args.skip_sweep:
         weight_sweep(setup, ops, kw, args)
+
+
+def gradient_pass_seconds(ops) -> float:
+    """Seconds of one forward and backward pass over a GGN operator's texts (to the merged
+    parameters), median of 3, the mean over the models."""
+    from curvmerge.batches import model_outputs
+
+    per_model = []
+    for op in ops:
+        params = [dict(op.model.named_parameters())[n] for n in op.space.names]
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            for _, inputs, targets in op.batches():
+                loss = torch.nn.functional.cross_entropy(model_outputs(op.model, inputs), targets)
+                torch.autograd.grad(loss, params)
+            times.append(time.perf_counter() - start)
+        per_model.append(sorted(times)[1])
+    return sum(per_model) / len(per_model)
 
 
 def damping_grid(setup, ops, dampings, kw, args) -> None:
@@ -100,15 +132,24 @@ def damping_grid(setup, ops, dampings, kw, args) -> None:
         t0 = time.perf_counter()
         grid = prepared.merge_dampings(dampings=dampings)
         g_s = time.perf_counter() - t0
-    hp = hardest.report.products
+    hp, T, u = hardest.report.products, len(ops), args.unit
     print(f"\nDamping grid {dampings}, rtol {args.rtol:g}:")
-    print("| solve | products | per-model products | / hardest alone | seconds | converged |")
-    print("| --- | ---: | ---: | ---: | ---: | --- |")
-    print(f"| hardest damping alone | {hp} | {2 * hp} | 1.00 | {h_s:.0f} | "
+    print("| solve | products | per-model products | / hardest alone | seconds | "
+          "gradient passes | converged |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    print(f"| hardest damping alone | {hp} | {T * hp} | 1.00 | {h_s:.0f} | {h_s / u:.0f} | "
           f"{hardest.report.converged} |")  # fmt: skip
-    print(f"| multi-shift CG, one Krylov space | {grid.products} | {2 * grid.products} | "
-          f"{grid.products / hp:.2f} | {g_s:.0f} | {[r.report.converged for r in grid]} |",
-          flush=True)  # fmt: skip
+    print(f"| multi-shift CG, one Krylov space | {grid.products} | {T * grid.products} | "
+          f"{grid.products / hp:.2f} | {g_s:.0f} | {g_s / u:.0f} | "
+          f"{[r.report.converged for r in grid]} |", flush=True)  # fmt: skip
+    print(f"seconds ratio (grid / hardest alone): {g_s / h_s:.2f}; process peak resident "
+          f"memory {_peak_rss_gib():.1f} GiB")  # fmt: skip
+
+
+def _peak_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def weight_sweep(setup, ops, kw, args) -> None:
