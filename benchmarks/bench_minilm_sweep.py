@@ -38,6 +38,8 @@ import torch  # noqa: E402
 
 
 def main() -> None:
+    from _units import gradient_pass_seconds
+
     from curvmerge.demo import TEXT_TASKS, text_setup
     from curvmerge.experiment import StatisticsStore
     from curvmerge.merging.registry import get_method
@@ -98,25 +100,6 @@ def main() -> None:
     # 2. the weight sweep
     if not args.skip_sweep:
         weight_sweep(setup, ops, kw, args)
-
-
-def gradient_pass_seconds(ops) -> float:
-    """Seconds of one forward and backward pass over a GGN operator's texts (to the merged
-    parameters), median of 3, the mean over the models."""
-    from curvmerge.batches import model_outputs
-
-    per_model = []
-    for op in ops:
-        params = [dict(op.model.named_parameters())[n] for n in op.space.names]
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            for _, inputs, targets in op.batches():
-                loss = torch.nn.functional.cross_entropy(model_outputs(op.model, inputs), targets)
-                torch.autograd.grad(loss, params)
-            times.append(time.perf_counter() - start)
-        per_model.append(sorted(times)[1])
-    return sum(per_model) / len(per_model)
 
 
 def damping_grid(setup, ops, dampings, kw, args) -> None:

@@ -43,6 +43,7 @@ import time
 import warnings
 
 import torch
+from _units import gradient_pass_seconds
 
 
 def _setup(quick: bool):
@@ -77,10 +78,12 @@ def _exact_grid(setup, ops, quick: bool, rtol: float | None, maxiter: int | None
         setup.models, ops, base=setup.base, params=setup.params, rtol=rtol, maxiter=maxiter
     )
     P, T = prepared.space.size, len(ops)
+    unit = gradient_pass_seconds(ops)
     print(
         f"{'digits (quick)' if quick else 'MNIST-5k'} demo: {T} CNNs, {P:,} shared parameters, "
         f"{torch.get_num_threads()} thread(s); dampings {dampings}, rtol {rtol:g}, "
-        f"maxiter {maxiter}; preparation: {prepared.prepare_costs}"
+        f"maxiter {maxiter}; preparation: {prepared.prepare_costs}; one gradient pass over "
+        f"one model's GGN data {unit * 1e3:.0f} ms (the unit of 'gradient passes')"
     )
 
     def point_by_point(tol, cap):
@@ -117,14 +120,14 @@ def _exact_grid(setup, ops, quick: bool, rtol: float | None, maxiter: int | None
         rows[-1] = (*rows[-1], seconds)
     hp = hardest.report.products
     print(
-        "| solve | products of the sum | per-model products | seconds | products / hardest "
-        "| seconds / hardest | per damping |"
+        "| solve | products of the sum | per-model products | seconds | gradient passes "
+        "| products / hardest | seconds / hardest | per damping |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for name, results, products, seconds in rows:
         print(
-            f"| {name} | {products} | {products * T} | {seconds:.1f} | {products / hp:.2f} | "
-            f"{seconds / h_seconds:.2f} | {describe(results)} |",
+            f"| {name} | {products} | {products * T} | {seconds:.1f} | {seconds / unit:.0f} | "
+            f"{products / hp:.2f} | {seconds / h_seconds:.2f} | {describe(results)} |",
             flush=True,
         )
     by_point = rows[1]
@@ -181,12 +184,17 @@ def _weight_sweep(setup, ops, points: int, damping: float, rtol: float, screen_r
         subspace = sweep(models, curvatures, screen_rtol=screen_rtol, screen="subspace", **kwargs)
         subspace_seconds = time.perf_counter() - t0 - subspace.eval_seconds
     sp = single.report.products
+    unit = gradient_pass_seconds(curvatures)
     print(
         f"\nTwo-model exact-Fisher weight sweep: {points} points, damping {damping:g}; one "
-        f"solve at (0.5, 0.5) to rtol {rtol:g}: {sp} products, {single_seconds:.1f} s"
+        f"solve at (0.5, 0.5) to rtol {rtol:g}: {sp} products, {single_seconds:.1f} s "
+        f"= {single_seconds / unit:.0f} gradient passes"
     )
-    print("| sweep | products | / one solve | seconds (no evaluation) | chosen weights | val |")
-    print("| --- | ---: | ---: | ---: | --- | ---: |")
+    print(
+        "| sweep | products | / one solve | seconds (no evaluation) | gradient passes | "
+        "chosen weights | val |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | --- | ---: |")
     for name, out, seconds in (
         (f"every point to rtol {rtol:g} (warm starts)", accurate, accurate_seconds),
         (f"screened at rtol {screen_rtol:g}, choice re-solved", screened, screened_seconds),
@@ -199,6 +207,7 @@ def _weight_sweep(setup, ops, points: int, damping: float, rtol: float, screen_r
         bp = out.best_point
         print(
             f"| {name} | {out.products} | {out.products / sp:.2f} | {seconds:.1f} | "
+            f"{seconds / unit:.0f} | "
             f"({', '.join(f'{w:.3g}' for w in bp.coefficients['weights'])}) | "
             f"{bp.validation:.4f} |"
         )
