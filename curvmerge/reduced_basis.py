@@ -38,7 +38,7 @@ from torch import Tensor
 
 from curvmerge.operators.base import LinearOperator
 
-__all__ = ["reduced_basis_solve", "ReducedBasisResult"]
+__all__ = ["reduced_basis_solve", "ReducedBasisResult", "combine"]
 
 
 @dataclass
@@ -65,26 +65,37 @@ class ReducedBasisResult:
     history: list[float] = field(default_factory=list)
 
 
-def _check_systems(operators, systems):
+def _check_systems(operators, systems, pieces):
     if not len(operators) or not all(isinstance(F, LinearOperator) for F in operators):
         raise TypeError("operators must be a non-empty list of curvmerge LinearOperators")
     if not len(systems):
         raise ValueError("no system to solve")
     P = operators[0].shape[0]
     T = len(operators)
+    if pieces is not None:
+        if not len(pieces):
+            raise ValueError("rhs_pieces is empty")
+        for j, c in enumerate(pieces):
+            if c.shape != (P,):
+                raise ValueError(f"rhs_pieces[{j}] has shape {tuple(c.shape)}, not ({P},)")
     for i, (w, lam, b) in enumerate(systems):
         if len(w) != T:
             raise ValueError(f"system {i}: {len(w)} weights for {T} operators")
         if any(float(x) < 0 for x in w) or float(lam) < 0:
             raise ValueError(f"system {i}: weights and damping must be >= 0")
-        if b.shape != (P,):
+        if pieces is not None and len(b) != len(pieces):
+            raise ValueError(
+                f"system {i}: {len(b)} right-hand-side coefficients for {len(pieces)} pieces"
+            )
+        if pieces is None and b.shape != (P,):
             raise ValueError(f"system {i}: right-hand side of shape {tuple(b.shape)}, not ({P},)")
 
 
 def reduced_basis_solve(
     operators: Sequence[LinearOperator],
-    systems: Sequence[tuple[Sequence[float], float, Tensor]],
+    systems: Sequence[tuple[Sequence[float], float, Tensor | Sequence[float]]],
     *,
+    rhs_pieces: Sequence[Tensor] | None = None,
     rtol: float = 1e-3,
     max_vectors: int = 200,
     check_every: int = 5,
@@ -96,6 +107,11 @@ def reduced_basis_solve(
     Args:
         operators: :math:`F_1..F_T`, symmetric positive semi-definite, one space.
         systems: ``(weights, damping, b)`` per system; ``weights`` has :math:`T` entries.
+            With ``rhs_pieces``, ``b`` is the coefficients :math:`a_{ij}` of
+            :math:`b_i = \\sum_j a_{ij} c_j`.
+        rhs_pieces: Vectors :math:`c_j` the right-hand sides combine (for example
+            :math:`F_t \\theta_t`): each :math:`b_i` is then formed only while it is
+            needed, never all :math:`n` at once (:math:`n` vectors less memory).
         rtol: Stop when every system's true relative residual is at most this.
         max_vectors: Stop at this many basis vectors (at most :math:`P`). The storage
             follows the basis used, not this cap (see the module doc).
@@ -107,18 +123,18 @@ def reduced_basis_solve(
         A :class:`ReducedBasisResult`; a system whose residual is above ``rtol`` when the
         basis is full is reported as not converged (never as converged).
     """
-    _check_systems(operators, systems)
+    _check_systems(operators, systems, rhs_pieces)
     if int(max_vectors) < 1 or int(check_every) < 1:
         raise ValueError("max_vectors and check_every must be >= 1")
     T, n = len(operators), len(systems)
-    b0 = systems[0][2]
+    b0 = systems[0][2] if rhs_pieces is None else rhs_pieces[0]
     dtype = torch.promote_types(b0.dtype, operators[0].dtype)
     device = b0.device
     P = b0.shape[0]
     W = torch.tensor([[float(x) for x in w] for w, _, _ in systems], dtype=dtype, device=device)
     lams = torch.tensor([float(lam) for _, lam, _ in systems], dtype=dtype, device=device)
-    Bs = [b.to(device=device, dtype=dtype) for _, _, b in systems]  # not stacked: no copy
-    bnorm = torch.stack([torch.linalg.vector_norm(b) for b in Bs])
+    Bs = _RightHandSides([b for _, _, b in systems], rhs_pieces, P, dtype, device)
+    bnorm = Bs.norms()
     used = [t for t in range(T) if bool((W[:, t] != 0).any())]
 
     cap = min(int(max_vectors), P)  # no more than P orthonormal vectors
@@ -153,7 +169,7 @@ def reduced_basis_solve(
             row = V.t_matmul(Fv).double()
             H[t, k, : k + 1] = row
             H[t, : k + 1, k] = row
-        C = torch.cat([C, torch.stack([v @ b for b in Bs]).double()[None]], 0)
+        C = torch.cat([C, Bs.dots(v)[None]], 0)
         k += 1
         return True
 
@@ -172,7 +188,7 @@ def reduced_basis_solve(
     def residuals(idx: Tensor, Z: Tensor) -> Tensor:
         """True residuals ``[P, len(idx)]`` of the systems ``idx`` at ``y = V Z``."""
         Zd = Z.to(dtype)
-        R = torch.stack([Bs[i] for i in idx.tolist()], 1) - V.matmul(Zd) * lams[idx]
+        R = Bs.columns(idx.tolist()) - V.matmul(Zd) * lams[idx]
         for t in used:
             R = R - FV[t].matmul(Zd) * W[idx, t]
         return R
@@ -192,7 +208,7 @@ def reduced_basis_solve(
         return Z, torch.where(bnorm > 0, rel, torch.zeros_like(rel))
 
     # start from the largest right-hand side; then, greedily, the residual of the worst system
-    add(Bs[int(torch.argmax(bnorm))])
+    add(Bs.column(int(torch.argmax(bnorm))))
     Z, rel = check()
     checks += 1
     worst = int(torch.argmax(rel))
@@ -226,6 +242,52 @@ def reduced_basis_solve(
         checks=checks,
         history=history,
     )
+
+
+def combine(coefficients: Sequence[float], pieces: Sequence[Tensor]) -> Tensor:
+    """:math:`\\sum_j a_j c_j` (a new tensor; zero when every coefficient is)."""
+    out = torch.zeros_like(pieces[0])
+    for a, c in zip(coefficients, pieces, strict=True):
+        if a != 0:
+            out.add_(c, alpha=float(a))
+    return out
+
+
+class _RightHandSides:
+    """The systems' right-hand sides: given vectors, or combinations
+    :math:`b_i = \\sum_j a_{ij} c_j` of shared pieces, formed only while needed."""
+
+    def __init__(self, given, pieces, P: int, dtype: torch.dtype, device) -> None:
+        self.P, self.dtype, self.device = P, dtype, device
+        if pieces is None:
+            self.given = [b.to(device=device, dtype=dtype) for b in given]  # not stacked
+            self.pieces = None
+        else:
+            self.given = None
+            self.pieces = [c.to(device=device, dtype=dtype) for c in pieces]
+            self.A = torch.tensor([[float(a) for a in row] for row in given], dtype=torch.float64)
+
+    def column(self, i: int) -> Tensor:
+        if self.given is not None:
+            return self.given[i]
+        return combine(self.A[i].tolist(), self.pieces)
+
+    def columns(self, idx: list[int]) -> Tensor:
+        return torch.stack([self.column(i) for i in idx], 1)
+
+    def norms(self) -> Tensor:
+        return torch.stack(
+            [torch.linalg.vector_norm(self.column(i)) for i in range(self.A.shape[0])]
+            if self.given is None
+            else [torch.linalg.vector_norm(b) for b in self.given]
+        )
+
+    def dots(self, v: Tensor) -> Tensor:
+        """:math:`v^\\top b_i` for every system (float64)."""
+        if self.given is not None:
+            return torch.stack([v @ b for b in self.given]).double()
+        d = torch.stack([v @ c for c in self.pieces]).double().cpu()
+        return (self.A @ d).to(v.device)
 
 
 class _Columns:

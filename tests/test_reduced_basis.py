@@ -140,3 +140,31 @@ def test_peak_memory_is_the_basis_used_without_copies_or_unweighted_operators():
     # copies and the allocator's fragmentation: measured 217-229 MiB here, 463 before
     bound = stored + 32 * n * 4 + 16 * 2**20
     assert m.peak <= bound, f"peak {m.peak / 2**20:.0f} MiB > bound {bound / 2**20:.0f} MiB"
+
+
+def test_right_hand_sides_from_shared_pieces_equal_the_given_ones():
+    # b_i = sum_j a_ij c_j formed while needed (merges: c_t = F_t theta_t) instead of n
+    # vectors held at once: the same solutions and residuals
+    Fs = [_spd(s) for s in (1, 2, 3)]
+    ops = [DenseOperator(SPACE, F, self_adjoint=True) for F in Fs]
+    g = torch.Generator().manual_seed(7)
+    pieces = [F @ torch.randn(P, generator=g, dtype=D) for F in Fs]
+    coeffs, given = [], []
+    for a in (0.1, 0.5, 0.9):
+        for lam in (1e-2, 1.0):
+            w = (a, 1 - a, 0.3)
+            coeffs.append((w, lam, w))
+            given.append((w, lam, sum(wt * c for wt, c in zip(w, pieces, strict=True))))
+    ref = reduced_basis_solve(ops, given, rtol=1e-9)
+    res = reduced_basis_solve(ops, coeffs, rhs_pieces=pieces, rtol=1e-9)
+    assert res.vectors == ref.vectors and all(res.converged)
+    for (w, lam, b), y, z in zip(given, res.solutions, ref.solutions, strict=True):
+        A = lam * torch.eye(P, dtype=D) + sum(wt * F for wt, F in zip(w, Fs, strict=True))
+        torch.testing.assert_close(y, torch.linalg.solve(A, b), rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(y, z, rtol=1e-8, atol=1e-10)  # rounding only
+    for a, b in zip(res.relative_residuals, ref.relative_residuals, strict=True):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-14)
+    with pytest.raises(ValueError, match="2 right-hand-side coefficients for 3 pieces"):
+        reduced_basis_solve(ops, [((1, 1, 1), 1.0, (1, 1))], rhs_pieces=pieces)
+    with pytest.raises(ValueError, match=r"rhs_pieces\[1\] has shape"):
+        reduced_basis_solve(ops, coeffs, rhs_pieces=[pieces[0], pieces[1][:5], pieces[2]])

@@ -453,7 +453,9 @@ class PreparedMerge:
         Meant for screening a sweep (a loose ``rtol``) whose chosen point is then solved
         accurately by :meth:`merge` (:meth:`resume_from` its screened solution). Operator
         curvatures only; memory about :math:`(T + 1)` vectors of size :math:`P` per basis
-        vector (at most ``max_vectors`` of them) plus one right-hand side per point.
+        vector (at most ``max_vectors`` of them) plus one merged vector per point (the
+        right-hand sides are formed from the prepared products while needed, when the
+        preparation kept them).
 
         Args:
             points: ``(weights, damping)`` pairs (``None`` weights: :math:`1/T`).
@@ -472,7 +474,7 @@ class PreparedMerge:
         Raises:
             ValueError: Not operator curvatures, or a bad point.
         """
-        from curvmerge.reduced_basis import reduced_basis_solve
+        from curvmerge.reduced_basis import combine, reduced_basis_solve
 
         if self.kind != "operator":
             raise ValueError(
@@ -484,17 +486,22 @@ class PreparedMerge:
         start = time.perf_counter()
         prepared = [self._point(w, d) for w, d in points]
         grid_costs = MergeCosts()
-        systems, theta0s = [], []
+        pieces = self._rhs_pieces()
+        for c in pieces or ():
+            check_finite(c, "a prepared right-hand side F_t theta", self.space)
+        systems = []
         for wl, w, report, lam, _, _ in prepared:
-            theta0, b = self._rhs_of(w, wl, report.costs)  # the point's own right-hand side
+            if pieces is not None:  # b_w combines prepared products: formed when needed
+                systems.append((wl, lam, self._rhs_coefficients(w)))
+                continue
+            _, b = self._rhs_of(w, wl, report.costs)  # the point's own right-hand side
             grid_costs.rhs_products += report.costs.rhs_products
             grid_costs.rhs_seconds += report.costs.rhs_seconds
             systems.append((wl, lam, b))
-            theta0s.append(theta0)
         t0 = time.perf_counter()
         solved = reduced_basis_solve(
-            self.curvatures, systems, rtol=rtol, max_vectors=cap, check_every=check_every,
-            callback=callback,
+            self.curvatures, systems, rhs_pieces=pieces, rtol=rtol, max_vectors=cap,
+            check_every=check_every, callback=callback,
         )  # fmt: skip
         grid_costs.cg_products += solved.vectors
         grid_costs.cg_seconds += time.perf_counter() - t0
@@ -503,11 +510,13 @@ class PreparedMerge:
             any(wl[t] != 0 for wl, _, _ in systems) for t in range(self.num_models)
         )
         results = []
-        for pt, theta0, y, res, ok in zip(
-            prepared, theta0s, solved.solutions, solved.relative_residuals, solved.converged,
-            strict=True,
-        ):  # fmt: skip
-            report, lam, b = pt[2], pt[3], systems[len(results)][2]
+        for i, (pt, res, ok) in enumerate(
+            zip(prepared, solved.relative_residuals, solved.converged, strict=True)
+        ):
+            y, solved.solutions[i] = solved.solutions[i], None  # one point's vectors at a time
+            report, lam, b = pt[2], pt[3], systems[i][2]
+            if pieces is not None:
+                b = combine(b, pieces)
             report.method, report.warm_start = "subspace", False
             report.costs.cg_products += solved.vectors
             report.costs.cg_seconds += grid_costs.cg_seconds  # shared by the points
@@ -519,7 +528,7 @@ class PreparedMerge:
             bn = _norm(b)
             if lam > 0 and bn > 0:
                 report.curvature_share = min(1.0, _norm(b - lam * y) / bn)
-            merged = theta0 + y
+            merged = y.add_(self._theta0(pt[1]))  # in place: theta_0 + y
             check_finite(merged, "the merged parameters", self.space)
             results.append(
                 self._result(merged, report, pt[4], pt[5], start, require_convergence, fresh=True)
@@ -528,6 +537,27 @@ class PreparedMerge:
         return DampingGridResults(
             results, products=grid_costs.products, shared=True, costs=grid_costs
         )
+
+    def _rhs_pieces(self) -> list[Tensor] | None:
+        """Prepared vectors :math:`c_j` that every right-hand side combines (``None`` when
+        none were prepared): :math:`F_t (\\theta_t - \\theta_0)` for a fixed prior,
+        :math:`F_t \\theta_s` for the mean prior (:meth:`_rhs_coefficients`)."""
+        if self._rhs is not None:
+            return list(self._rhs)
+        if self._cross is not None:
+            T = self.num_models
+            return [self._cross[t, :, s] for t in range(T) for s in range(T)]
+        return None
+
+    def _rhs_coefficients(self, w: Tensor) -> list[float]:
+        """:math:`a` with :math:`b_w = \\sum_j a_j c_j` over :meth:`_rhs_pieces`: the
+        weights for a fixed prior; for the mean prior
+        :math:`b_w = \\sum_t w_t F_t \\theta_t - \\sum_{t,s} w_t \\frac{w_s}{W}
+        F_t \\theta_s`."""
+        if self._rhs is not None:
+            return w.tolist()
+        a = torch.diag(w) - torch.outer(w, w / w.sum())  # [t, s]
+        return a.flatten().tolist()
 
     def _point(self, weights, damping):
         """Checked weights, the point's report, its λ and damping scale."""
