@@ -25,7 +25,8 @@ approximation and a posteriori error estimation for affinely parametrized ellipt
 partial differential equations", Arch. Comput. Methods Eng. 2008), with exact residuals as its
 error estimate. Memory: :math:`(T' + 1)\\, k` vectors of size :math:`P` for a basis of
 :math:`k` vectors and the :math:`T' \\le T` operators some system weighs (kept in blocks of 8
-vectors, never copied as the basis grows), besides the right-hand sides.
+vectors, never copied as the basis grows), besides the right-hand sides; at the end the
+:math:`F_t V` are freed before the :math:`n` solutions are formed.
 """
 
 from __future__ import annotations
@@ -231,6 +232,8 @@ def reduced_basis_solve(
             callback(k, float(rel[worst]))
         if not grew:  # the worst system's space is exhausted: nothing more to learn
             break
+    for columns in FV.values():  # the solutions need V only: free F_t V before forming them
+        columns.blocks.clear()
     solutions = [V.matmul(Z[:, i : i + 1].to(dtype))[:, 0] for i in range(n)]
     rels = [float(r) for r in rel]
     return ReducedBasisResult(
