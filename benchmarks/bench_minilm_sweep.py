@@ -84,9 +84,11 @@ def main() -> None:
     P = sum(p.numel() for n, p in setup.models[0].named_parameters() if n in set(setup.params))
     unit = gradient_pass_seconds(ops)
     print(
-        f"{args.tasks} MiniLM bodies ({P:,} merged parameters), GGN on {args.examples} texts "
-        f"each, {args.threads} threads; setup {time.perf_counter() - t0:.0f} s; one gradient "
-        f"pass over one model's GGN texts {unit:.2f} s (median of 3, the unit below)",
+        f"{args.tasks} MiniLM bodies ({P:,} merged parameters), GGN on "
+        f"{[op.num_data for op in ops]} texts (the first batches of 16 holding at least "
+        f"{args.examples}), {args.threads} threads; setup {time.perf_counter() - t0:.0f} s; "
+        f"one gradient pass over one model's GGN texts {unit:.2f} s (median of 3, the unit "
+        "below)",
         flush=True,
     )
     args.unit = unit
