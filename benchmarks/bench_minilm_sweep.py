@@ -57,7 +57,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--max-vectors", type=int, default=None,
-        help="cap on the reduced basis (memory: 3 x vectors x 91 MB; default: --maxiter)",
+        help="cap on the reduced basis (memory: 3 x vectors x 91 MB; default: --maxiter); "
+        "points it leaves above --screen-rtol are reported",
     )  # fmt: skip
     parser.add_argument("--skip-grid", action="store_true", help="only the weight sweep")
     parser.add_argument("--skip-sweep", action="store_true", help="only the damping grid")
@@ -149,7 +150,7 @@ def weight_sweep(setup, ops, kw, args) -> None:
     ev = Evaluator(setup.models, tasks, setup.params, batch_size=64)
     weights = line_grid(args.points)
     common = dict(validate=ev.validate, dampings=[args.damping], verbose=False, **kw)
-    screen_kw = dict(common, maxiter=args.max_vectors or args.maxiter)
+    screen_kw = dict(common, screen_max_vectors=args.max_vectors)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         one = PreparedMerge(setup.models, ops, **kw)
@@ -174,10 +175,12 @@ def weight_sweep(setup, ops, kw, args) -> None:
     sp = single.report.products
     print(
         f"\nWeight sweep, {args.points} points at damping {args.damping:g}; one solve at "
-        f"(0.5, 0.5) to rtol {args.rtol:g}: {sp} products ({2 * sp} per-model), {s_s:.0f} s"
+        f"(0.5, 0.5) to rtol {args.rtol:g}: {sp} products ({2 * sp} per-model), {s_s:.0f} s "
+        f"= {s_s / args.unit:.0f} gradient passes"
     )
-    print("| sweep | points | products | / one solve | seconds (no evaluation) | chosen | val |")
-    print("| --- | ---: | ---: | ---: | ---: | --- | ---: |")
+    print("| sweep | points | products | / one solve | seconds (no evaluation) | "
+          "gradient passes | chosen | val |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
     for name, out, n, seconds in (
         (f"one reduced basis to {args.screen_rtol:g}, choice re-solved", screened,
          len(weights), sc_s),
@@ -187,12 +190,14 @@ def weight_sweep(setup, ops, kw, args) -> None:
         bp = out.best_point
         w = ", ".join(f"{x:.3g}" for x in bp.coefficients["weights"])
         print(f"| {name} | {n} | {out.products} | {out.products / sp:.2f} | {seconds:.0f} | "
-              f"({w}) | {bp.validation:.4f} |")  # fmt: skip
+              f"{seconds / args.unit:.0f} | ({w}) | {bp.validation:.4f} |")  # fmt: skip
     first = screened.points[0]
     converged = all(p.converged for p in screened.points)
+    worst = max(p.relative_residual for p in screened.points)
     print(
         f"reduced basis: {first.iterations} vectors; re-solve {screened.refine_products} "
-        f"products; every screened point converged: {converged}"
+        f"products; every screened point converged: {converged} (worst relative residual "
+        f"{worst:.1e}); peak resident memory of the process {_peak_rss_gib():.1f} GiB"
     )
     print(
         f"screened choice ({', '.join(f'{x:.3g}' for x in chosen)}): screened validation "

@@ -365,6 +365,15 @@ def test_a_subspace_screen_ranks_from_one_basis_then_solves_the_choice(dampings)
         + screened.refine_products
     )
     assert screened.products < accurate.products
+    assert all(p.relative_residual <= 1e-4 for p in screened.points)
+    # a basis budget apart from CG's maxiter: points left above the screen are said so,
+    # and the choice is still re-solved by CG to rtol
+    with pytest.warns(ConvergenceWarning):
+        capped = sweep(models, curv, rtol=1e-10, screen_rtol=1e-4, screen="subspace",
+                       screen_max_vectors=2, maxiter=500, **kwargs)  # fmt: skip
+    assert capped.points[0].iterations == 2
+    assert not all(p.converged for p in capped.points)
+    assert capped.best_result.report.converged
     with pytest.raises(ValueError, match="screen must be"):
         sweep(models, curv, rtol=1e-6, screen_rtol=1e-2, screen="lanczos", **kwargs)
 
@@ -377,6 +386,8 @@ def test_merge_subspace_equals_separate_solves_at_every_point_with_true_residual
         prepared = PreparedMerge(models, curv, prior=prior)
         grid = prepared.merge_subspace(pts, rtol=1e-9, max_vectors=3 * P)
         assert grid.shared and len(grid) == len(pts)
+        history = grid[0].report.residual_history  # the worst point's, at each check
+        assert history and history[-1] <= 1e-9 < history[0]
         for (w, d), r in zip(pts, grid, strict=True):
             exact = merge(models, curv, weights=w, damping=d, rtol=1e-12, prior=prior)
             assert r.report.converged and r.report.relative_residual <= 1e-9, (w, d)

@@ -525,6 +525,7 @@ class PreparedMerge:
             report.spent_products = 0
             report.converged, report.iterations = ok, solved.vectors
             report.relative_residual = res
+            report.residual_history = list(solved.history)  # the worst point's, per check
             bn = _norm(b)
             if lam > 0 and bn > 0:
                 report.curvature_share = min(1.0, _norm(b - lam * y) / bn)

@@ -104,6 +104,8 @@ class SweepPoint:
             point carries the whole run and the others 0.
         iterations: CG iterations (0 for closed forms).
         converged: Whether the merge's solve converged.
+        relative_residual: The solve's true relative residual (0 for closed forms; ``None``
+            for a merge without a report).
         effective_damping: The merge's :math:`\\lambda` (``None`` when it has none).
         damping_dominates: Whether the damping held the merge at its prior (see
             :class:`~curvmerge.merging.MergeReport`); the sweep warns once, not per point.
@@ -119,6 +121,7 @@ class SweepPoint:
     spent_products: int = 0
     iterations: int = 0
     converged: bool = True
+    relative_residual: float | None = None
     effective_damping: float | None = None
     damping_dominates: bool = False
 
@@ -376,6 +379,7 @@ def grid_search(
             spent_products=products if spent is None else spent,
             iterations=getattr(report, "iterations", 0),
             converged=getattr(report, "converged", True),
+            relative_residual=getattr(report, "relative_residual", None),
             effective_damping=getattr(report, "effective_damping", None),
             damping_dominates=bool(getattr(report, "damping_dominates", False)),
         )
@@ -427,6 +431,7 @@ def sweep(
     warm_start: bool = True,
     screen_rtol: float | None = None,
     screen: str = "cg",
+    screen_max_vectors: int | None = None,
     progress: bool = False,
     verbose: bool = True,
 ) -> SweepResult:
@@ -478,6 +483,10 @@ def sweep(
             ``screen_rtol``: :meth:`~curvmerge.merging.PreparedMerge.merge_subspace`; its
             basis vectors, one product per model each, are the screen's whole cost;
             refused without ``screen_rtol``).
+        screen_max_vectors: The subspace screen's basis size limit (default ``maxiter``,
+            else 500); its memory is about :math:`(T + 1)` vectors of size :math:`P` per
+            basis vector. Points it leaves above ``screen_rtol`` are reported as not
+            converged.
         progress: Show a tqdm progress bar.
         verbose: Print the summary with the sweep's cost against the statistics.
 
@@ -551,7 +560,9 @@ def sweep(
 
         def make(weights, damping):
             if not solved:
-                found = prepared.merge_subspace(pairs, rtol=prepared.rtol, max_vectors=maxiter)
+                found = prepared.merge_subspace(
+                    pairs, rtol=prepared.rtol, max_vectors=screen_max_vectors or maxiter
+                )
                 solved.update(zip(pairs, found, strict=True))
             return solved.pop((tuple(weights), damping))
 
