@@ -333,13 +333,17 @@ def _checksum(t: Tensor) -> tuple[Tensor, Tensor]:
     if not flat.is_floating_point():
         return flat.sum(dtype=torch.int64), flat.sum(dtype=torch.float64)
     bits = flat.view(_BITS[flat.element_size()]).sum(dtype=torch.int64)
-    if flat.numel() <= _ROW:
-        return bits, flat.sum()
-    whole = flat.numel() // _ROW * _ROW
-    # a row's sum is one thread's work in a fixed order; the few row sums and the tail are
-    # below the size torch splits between threads
-    value = flat[whole:].sum() + flat[:whole].view(-1, _ROW).sum(1).sum()
-    return bits, value
+    return bits, _ordered_sum(flat)
+
+
+def _ordered_sum(x: Tensor) -> Tensor:
+    """The sum of a 1-d tensor in an order that does not depend on the number of threads:
+    rows of ``_ROW`` entries (a row's sum is one thread's work), then their sums the same
+    way; ``_ROW`` entries or fewer are below the size torch splits between threads."""
+    if x.numel() <= _ROW:
+        return x.sum()
+    whole = x.numel() // _ROW * _ROW
+    return x[whole:].sum() + _ordered_sum(x[:whole].view(-1, _ROW).sum(1))
 
 
 _ROW = 8192
