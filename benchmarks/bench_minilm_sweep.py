@@ -63,6 +63,11 @@ def main() -> None:
     parser.add_argument("--skip-grid", action="store_true", help="only the weight sweep")
     parser.add_argument("--skip-sweep", action="store_true", help="only the damping grid")
     parser.add_argument(
+        "--agreement", action="store_true",
+        help="instead of the sweep: one point (1/3, 2/3) solved cold and warm to --rtol and "
+        "to 1e-6, each one's validation score and distance",
+    )  # fmt: skip
+    parser.add_argument(
         "--tasks", type=int, default=2, choices=(2, 3),
         help="bodies merged (3: the three text tasks of `curvmerge demo --text`)",
     )  # fmt: skip
@@ -101,8 +106,49 @@ def main() -> None:
         damping_grid(setup, ops, dampings, kw, args)
 
     # 2. the weight sweep
-    if not args.skip_sweep:
+    if args.agreement:
+        agreement(setup, ops, kw, args)
+    elif not args.skip_sweep:
         weight_sweep(setup, ops, kw, args)
+
+
+def agreement(setup, ops, kw, args) -> None:
+    """Do two solves of one point to ``--rtol`` agree on validation? Cold, warm-started from
+    the point (0, 1), and cold to 1e-6 (within ``--maxiter``)."""
+    from curvmerge.experiment import TaskData
+    from curvmerge.experiment.evaluation import Evaluator
+    from curvmerge.merging import PreparedMerge
+
+    tasks = [
+        TaskData(setup.names[k], val=setup.sweep_val[k], test=setup.test[k], fisher_batches=[])
+        for k in range(2)
+    ]
+    ev = Evaluator(setup.models, tasks, setup.params, batch_size=64)
+    w, d = (1 / 3, 2 / 3), args.damping
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = PreparedMerge(setup.models, ops, **kw)
+        runs = {}
+        pm.reset()
+        runs[f"cold, rtol {args.rtol:g}"] = pm.merge(w, d)
+        pm.reset()
+        pm.merge((0.0, 1.0), d)
+        runs[f"warm from (0, 1), rtol {args.rtol:g}"] = pm.merge(w, d)
+        pm.rtol = 1e-6
+        pm.reset()
+        runs["cold, rtol 1e-6"] = pm.merge(w, d)
+    ref = runs["cold, rtol 1e-6"].params
+    ref_norm = sum(float(ref[n].norm() ** 2) for n in ref) ** 0.5
+    print(f"\nOne point (1/3, 2/3) at damping {d:g}, solved three ways:")
+    print("| solve | products | relative residual | converged | validation | "
+          "distance to the 1e-6 solve |")  # fmt: skip
+    print("| --- | ---: | ---: | --- | ---: | ---: |")
+    for name, r in runs.items():
+        val = sum(ev.validate(r).values()) / 2
+        dist = sum(float((r.params[n] - ref[n]).norm() ** 2) for n in ref) ** 0.5 / ref_norm
+        rep = r.report
+        print(f"| {name} | {rep.products} | {rep.relative_residual:.1e} | {rep.converged} | "
+              f"{val:.4f} | {dist:.2e} |", flush=True)  # fmt: skip
 
 
 def damping_grid(setup, ops, dampings, kw, args) -> None:
