@@ -112,18 +112,24 @@ def main() -> None:
         weight_sweep(setup, ops, kw, args)
 
 
-def agreement(setup, ops, kw, args) -> None:
-    """Do two solves of one point to ``--rtol`` agree on validation? Cold, warm-started from
-    the point (0, 1), and cold to 1e-6 (within ``--maxiter``)."""
+def _evaluator(setup):
+    """Validation of the two bodies, each with its own head (the sweeps' score)."""
     from curvmerge.experiment import TaskData
     from curvmerge.experiment.evaluation import Evaluator
-    from curvmerge.merging import PreparedMerge
 
     tasks = [
         TaskData(setup.names[k], val=setup.sweep_val[k], test=setup.test[k], fisher_batches=[])
         for k in range(2)
     ]
-    ev = Evaluator(setup.models, tasks, setup.params, batch_size=64)
+    return Evaluator(setup.models, tasks, setup.params, batch_size=64)
+
+
+def agreement(setup, ops, kw, args) -> None:
+    """Do two solves of one point to ``--rtol`` agree on validation? Cold, warm-started from
+    the point (0, 1), and cold to 1e-6 (within ``--maxiter``)."""
+    from curvmerge.merging import PreparedMerge
+
+    ev = _evaluator(setup)
     w, d = (1 / 3, 2 / 3), args.damping
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -185,15 +191,9 @@ def _peak_rss_gib() -> float:
 
 
 def weight_sweep(setup, ops, kw, args) -> None:
-    from curvmerge.experiment import TaskData
-    from curvmerge.experiment.evaluation import Evaluator
     from curvmerge.merging import PreparedMerge, line_grid, sweep
 
-    tasks = [
-        TaskData(setup.names[k], val=setup.sweep_val[k], test=setup.test[k], fisher_batches=[])
-        for k in range(2)
-    ]
-    ev = Evaluator(setup.models, tasks, setup.params, batch_size=64)
+    ev = _evaluator(setup)
     weights = line_grid(args.points)
     common = dict(validate=ev.validate, dampings=[args.damping], verbose=False, **kw)
     screen_kw = dict(common, screen_max_vectors=args.max_vectors)
