@@ -422,6 +422,27 @@ def test_cache_follows_updates_outside_params():
         assert rel_err(op @ x, G @ x) < 1e-6
 
 
+@pytest.mark.parametrize("kind", ["exact", "empirical", "mc"])
+def test_streamed_products_check_the_state_key_only_when_they_keep_parameter_state(
+    kind, monkeypatch
+):
+    """An exact streamed product recomputes everything from the current parameters, so it
+    need not checksum them (a tenth of a gradient pass on MiniLM); mc label samples and
+    empirical gradients are kept from the first pass and must follow changes."""
+    model, loss_fn, data = make_problem("ce")
+    op = GGNOperator(model, loss_fn, data, kind=kind, cache=False, mc_samples=2)
+    calls = []
+    key = op.state_key
+    monkeypatch.setattr(op, "state_key", lambda: calls.append(1) or key())
+    x = torch.randn(op.shape[0], dtype=DT)
+    op @ x
+    with torch.no_grad():
+        model[0].weight.data.mul_(1.5)  # no version-counter bump
+    G = dense_ggn(model, loss_fn, data, op.space.names, kind, op)
+    assert rel_err(op @ x, G @ x) < 1e-6
+    assert len(calls) == (1 if kind == "exact" else 2)
+
+
 def test_cache_follows_buffers_and_reassigned_parameters():
     class Scaled(nn.Module):
         def __init__(self):

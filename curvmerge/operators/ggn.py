@@ -36,9 +36,10 @@ Each product costs one Jacobian-vector product :math:`J v` and one vector-Jacobi
   with :func:`torch.vmap` (the scheme of curvlinops' ``GGNLinearOperator``, Dangel et al.).
 
 Blocks of columns (Hutchinson probes, sketches) can run through the cached graphs in
-batched backward passes (``is_grads_batched``), ``block_columns`` columns at a time; layer norms are
-recorded with a double backward written out (:class:`_LayerNormGrad`), cheaper than
-PyTorch's general one.
+batched backward passes (``is_grads_batched``), ``block_columns`` columns at a time. Layer norms
+are recorded with a double backward written out, and the dual-number pass runs layer norms,
+linear layers and softmaxes with forward-mode derivatives written out, each cheaper than
+PyTorch's general rule (:mod:`curvmerge.operators.derivatives`).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from curvmerge.losses import (
     sample_targets,
 )
 from curvmerge.operators.base import LinearOperator
+from curvmerge.operators.derivatives import CheapDoubleBackward, CheapForwardAD
 from curvmerge.space import ParamSpace
 from curvmerge.statistics.base import CurvatureComputer
 from curvmerge.statistics.diagonal import FISHER_KINDS, check_kind, diagonal_squares
@@ -105,107 +107,6 @@ def _eager_attention(model: nn.Module):
         yield
     finally:
         switch(current)
-
-
-class _LayerNormGrad(torch.autograd.Function):
-    """The linear map :math:`g \\mapsto (\\partial_x, \\partial_w, \\partial_b)` of a layer
-    norm's backward, with its transpose written out as its backward.
-
-    For :math:`\\hat x = (x - \\mu)\\, r` (:math:`r` the inverse standard deviation of each row,
-    :math:`N` entries normalised) the backward of :math:`y = w \\odot \\hat x + b` is
-
-    .. math::
-
-        \\partial_x = r\\, \\Pi(w \\odot g), \\qquad
-        \\partial_w = \\textstyle\\sum \\hat x \\odot g, \\qquad \\partial_b = \\textstyle\\sum g,
-
-        \\Pi(z) = z - \\tfrac1N \\mathbf 1 \\mathbf 1^\\top z - \\tfrac1N \\hat x \\hat x^\\top z,
-
-    and :math:`\\Pi` is symmetric, so the transpose (what a Jacobian-vector product by double
-    backward needs) is :math:`(\\dot x, \\dot w, \\dot b) \\mapsto w \\odot \\Pi(r \\dot x) +
-    \\hat x \\odot \\dot w + \\dot b`: a dozen elementwise operations, where PyTorch's general
-    double backward of ``native_layer_norm_backward`` forms every second-order term and
-    costs far more. Only the dependence on :math:`g` is differentiable: the operator
-    differentiates its stored graphs with respect to the cotangent only.
-    """
-
-    @staticmethod
-    def forward(ctx, g, xhat, rstd, weight, dims, lead):
-        ctx.save_for_backward(xhat, rstd, weight)
-        ctx.dims = dims
-        return _layer_norm_grads(g, xhat, rstd, weight, dims, lead)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dgx, dgw, dgb):
-        xhat, rstd, weight = ctx.saved_tensors
-        dims = ctx.dims
-        a = dgx * rstd
-        a = a - a.mean(dims, keepdim=True) - xhat * (a * xhat).mean(dims, keepdim=True)
-        out = a if weight is None else a * weight
-        if weight is not None:
-            out = out + xhat * dgw
-        if dgb is not None and dgb.numel():
-            out = out + dgb
-        return out, None, None, None, None, None
-
-
-def _layer_norm_grads(g, xhat, rstd, weight, dims, lead):
-    """:math:`(\\partial_x, \\partial_w, \\partial_b)` of a layer norm from the output
-    gradient ``g`` (see :class:`_LayerNormGrad`); absent affine terms give empty tensors."""
-    gh = g if weight is None else g * weight
-    gx = rstd * (gh - gh.mean(dims, keepdim=True) - xhat * (gh * xhat).mean(dims, keepdim=True))
-    empty = g.new_zeros(0)
-    gw = empty if weight is None else (g * xhat).sum(lead)
-    gb = g.sum(lead)
-    return gx, gw, gb
-
-
-class _LayerNorm(torch.autograd.Function):
-    """``torch.nn.functional.layer_norm`` (PyTorch's kernel forward) whose backward, when
-    recorded with ``create_graph``, has the cheap double backward of :class:`_LayerNormGrad`."""
-
-    @staticmethod
-    def forward(ctx, x, shape, weight, bias, eps):
-        out, mean, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.has_bias = bias is not None
-        ctx.nd = len(shape)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        x, weight, mean, rstd = ctx.saved_tensors
-        dims = tuple(range(x.ndim - ctx.nd, x.ndim))
-        lead = tuple(range(x.ndim - ctx.nd))
-        with torch.no_grad():
-            xhat = (x - mean) * rstd
-        if torch.is_grad_enabled():
-            gx, gw, gb = _LayerNormGrad.apply(g, xhat, rstd, weight, dims, lead)
-        else:
-            gx, gw, gb = _layer_norm_grads(g, xhat, rstd, weight, dims, lead)
-        return (
-            gx,
-            None,
-            gw if weight is not None else None,
-            gb if ctx.has_bias else None,
-            None,
-        )
-
-
-class _CheapDoubleBackward(torch.overrides.TorchFunctionMode):
-    """Route ``layer_norm`` through :class:`_LayerNorm` while a batch's graphs are built."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.layer_norm:
-            return _layer_norm(*args, **kwargs)
-        return func(*args, **kwargs)
-
-
-def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    return _LayerNorm.apply(input, list(shape), weight, bias, eps)
 
 
 @dataclass
@@ -463,8 +364,16 @@ class GGNOperator(LinearOperator, CurvatureComputer):
         with _eager_attention(self.model):
             return self._matmat_eager(X)
 
+    def _keeps_parameter_state(self) -> bool:
+        """Whether the stored batches hold anything computed from the parameters (graphs,
+        mc label samples, empirical gradients), which the state key must then guard; an
+        exact streamed product recomputes everything from the current parameters."""
+        if self._batches is None or self.kind != "exact":
+            return True
+        return any(b.graphs is not None for b in self._batches)
+
     def _matmat_eager(self, X: Tensor) -> Tensor:
-        key = self.state_key()
+        key = self.state_key() if self._keeps_parameter_state() else self._key
         if self._key is not None and self._key != key:
             self.clear_cache()  # a parameter or buffer changed: the graphs are stale
         K = X.shape[1]
@@ -557,7 +466,7 @@ class GGNOperator(LinearOperator, CurvatureComputer):
             return t
 
         hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-        with hooks, torch.enable_grad(), _CheapDoubleBackward():
+        with hooks, torch.enable_grad(), CheapDoubleBackward():
             f = self._forward(full, inputs)
             u0 = torch.zeros_like(f, requires_grad=True)
             vjp_u = torch.autograd.grad(f, leaves, u0, create_graph=True, allow_unused=True)
@@ -630,10 +539,12 @@ class GGNOperator(LinearOperator, CurvatureComputer):
             if K == 1:
                 # one forward pass for both: dual numbers carry J v forward while autograd
                 # records the graph that J^T u runs back through
-                with torch.enable_grad(), fwAD.dual_level():
+                with torch.enable_grad(), fwAD.dual_level(), CheapForwardAD():
                     duals = dict(rest)
                     for n, t in tangents.items():
-                        duals[n] = fwAD.make_dual(full[n], t[0])
+                        # a tangent with its own storage is taken as it is; a view into the
+                        # flat vector would be copied into zeros laid out like the parameter
+                        duals[n] = fwAD.make_dual(full[n], t[0].clone())
                     f, jv = fwAD.unpack_dual(self._forward(duals, inputs))
                 if jv is None:  # the output does not depend on the parameters
                     jv = torch.zeros_like(f)
