@@ -141,26 +141,33 @@ def reduced_basis_solve(
     cap = min(int(max_vectors), P)  # no more than P orthonormal vectors
     # V and F_t V (for the operators some system weighs) in blocks: appending never copies,
     # and the memory follows the basis used, not ``max_vectors``
-    V = _Columns(P, dtype, device)
-    FV = {t: _Columns(P, dtype, device) for t in used}
+    V = _Rows(P, dtype, device)
+    FV = {t: _Rows(P, dtype, device) for t in used}
     H = torch.zeros(T, 0, 0, dtype=torch.float64, device=device)  # H_t = V^T F_t V
     C = torch.zeros(0, n, dtype=torch.float64, device=device)  # V^T b_i
     k, products, checks = 0, 0, 0
     history: list[float] = []
 
     def add(v: Tensor) -> bool:
-        """Orthonormalise ``v`` against the basis (twice) and append it with its products."""
+        """Orthonormalise ``v`` (a vector the caller no longer needs) against the basis and
+        append it with its products."""
         nonlocal k, products, C, H
         if k >= cap:
             return False
-        norm0 = float(torch.linalg.vector_norm(v))
+        norm0 = norm = float(torch.linalg.vector_norm(v))
+        # classical Gram-Schmidt, repeated while a pass removes more than 1 - 1/sqrt(2) of
+        # the norm ("twice is enough", Daniel, Gragg, Kaufman & Stewart 1976): a Galerkin
+        # residual is orthogonal to the basis already, and one pass only cleans its rounding
         for _ in range(2):
-            if k:
-                v = v - V.matmul(V.t_matmul(v))
-        norm = float(torch.linalg.vector_norm(v))
+            if not k:
+                break
+            V.matmul_into(v, -V.t_matmul(v))
+            before, norm = norm, float(torch.linalg.vector_norm(v))
+            if norm >= before / 2**0.5:
+                break
         if not norm > 1e-10 * max(norm0, 1e-300):
             return False  # nothing new: the space is invariant
-        v = v / norm
+        v = v.div_(norm)
         V.append(v)
         H = torch.nn.functional.pad(H, (0, 1, 0, 1))
         for t in used:
@@ -187,21 +194,23 @@ def reduced_basis_solve(
         return Z.squeeze(-1).T
 
     def residuals(idx: Tensor, Z: Tensor) -> Tensor:
-        """True residuals ``[P, len(idx)]`` of the systems ``idx`` at ``y = V Z``."""
+        """True residuals ``[len(idx), P]`` of the systems ``idx`` at ``y = V Z``, formed in
+        place (one pass over ``V`` and each ``F_t V``, no ``[P, k]`` temporaries)."""
         Zd = Z.to(dtype)
-        R = Bs.columns(idx.tolist()) - V.matmul(Zd) * lams[idx]
+        R = Bs.rows(idx.tolist())
+        V.matmul_into(R, Zd * -lams[idx])
         for t in used:
-            R = R - FV[t].matmul(Zd) * W[idx, t]
+            FV[t].matmul_into(R, Zd * -W[idx, t])
         return R
 
     every = torch.arange(n, device=device)
 
     def check() -> tuple[Tensor, Tensor]:
         Z = reduced(every)
-        # residual norms a few systems at a time: temporaries of [P, group], not [P, n]
+        # residual norms a few systems at a time: temporaries of [group, P], not [n, P]
         norms = torch.cat(
             [
-                torch.linalg.vector_norm(residuals(idx, Z[:, idx]), dim=0)
+                torch.linalg.vector_norm(residuals(idx, Z[:, idx]), dim=1)
                 for idx in every.split(_CHECK_GROUP)
             ]
         )
@@ -209,7 +218,7 @@ def reduced_basis_solve(
         return Z, torch.where(bnorm > 0, rel, torch.zeros_like(rel))
 
     # start from the largest right-hand side; then, greedily, the residual of the worst system
-    add(Bs.column(int(torch.argmax(bnorm))))
+    add(Bs.rows([int(torch.argmax(bnorm))])[0])
     Z, rel = check()
     checks += 1
     worst = int(torch.argmax(rel))
@@ -219,7 +228,7 @@ def reduced_basis_solve(
             # one Lanczos step of the worst system: its Galerkin residual is orthogonal to the
             # basis and spans, with it, the next Krylov space of that system
             idx = torch.tensor([worst], device=device)
-            if not add(residuals(idx, reduced(idx))[:, 0]):
+            if not add(residuals(idx, reduced(idx))[0]):
                 break
             grew = True
             if k >= cap:
@@ -234,7 +243,7 @@ def reduced_basis_solve(
             break
     for columns in FV.values():  # the solutions need V only: free F_t V before forming them
         columns.blocks.clear()
-    solutions = [V.matmul(Z[:, i : i + 1].to(dtype))[:, 0] for i in range(n)]
+    solutions = [V.matmul(Z[:, i].to(dtype)) for i in range(n)]
     rels = [float(r) for r in rel]
     return ReducedBasisResult(
         solutions=solutions,
@@ -270,19 +279,24 @@ class _RightHandSides:
             self.pieces = [c.to(device=device, dtype=dtype) for c in pieces]
             self.A = torch.tensor([[float(a) for a in row] for row in given], dtype=torch.float64)
 
-    def column(self, i: int) -> Tensor:
-        if self.given is not None:
-            return self.given[i]
-        return combine(self.A[i].tolist(), self.pieces)
-
-    def columns(self, idx: list[int]) -> Tensor:
-        return torch.stack([self.column(i) for i in idx], 1)
+    def rows(self, idx: list[int]) -> Tensor:
+        """:math:`b_i` for ``i`` in ``idx`` as the rows of a new ``[len(idx), P]`` tensor."""
+        out = torch.empty(len(idx), self.P, dtype=self.dtype, device=self.device)
+        for row, i in zip(out, idx, strict=True):
+            if self.given is not None:
+                row.copy_(self.given[i])
+            else:
+                row.copy_(combine(self.A[i].tolist(), self.pieces))
+        return out
 
     def norms(self) -> Tensor:
+        if self.given is not None:
+            return torch.stack([torch.linalg.vector_norm(b) for b in self.given])
         return torch.stack(
-            [torch.linalg.vector_norm(self.column(i)) for i in range(self.A.shape[0])]
-            if self.given is None
-            else [torch.linalg.vector_norm(b) for b in self.given]
+            [
+                torch.linalg.vector_norm(combine(self.A[i].tolist(), self.pieces))
+                for i in range(self.A.shape[0])
+            ]
         )
 
     def dots(self, v: Tensor) -> Tensor:
@@ -293,9 +307,9 @@ class _RightHandSides:
         return (self.A @ d).to(v.device)
 
 
-class _Columns:
-    """The columns of a ``[P, k]`` matrix, kept in blocks of ``_BLOCK`` columns so that
-    appending one never copies the others."""
+class _Rows:
+    """The vectors of a ``[k, P]`` matrix (a basis, or its products), kept in blocks of
+    ``_BLOCK`` contiguous rows so that appending one never copies the others."""
 
     def __init__(self, P: int, dtype: torch.dtype, device: torch.device) -> None:
         self.P, self.dtype, self.device = P, dtype, device
@@ -304,30 +318,37 @@ class _Columns:
 
     def append(self, v: Tensor) -> None:
         if self.k % _BLOCK == 0:
-            self.blocks.append(torch.empty(self.P, _BLOCK, dtype=self.dtype, device=self.device))
-        self.blocks[-1][:, self.k % _BLOCK] = v
+            self.blocks.append(torch.empty(_BLOCK, self.P, dtype=self.dtype, device=self.device))
+        self.blocks[-1][self.k % _BLOCK] = v
         self.k += 1
 
     def _used(self):
         for j, block in enumerate(self.blocks):
-            yield j * _BLOCK, block[:, : min(_BLOCK, self.k - j * _BLOCK)]
+            yield j * _BLOCK, block[: min(_BLOCK, self.k - j * _BLOCK)]
 
     def t_matmul(self, x: Tensor) -> Tensor:
-        """:math:`V^\\top x` (``[k]`` for a vector ``x``)."""
-        parts = [block.T @ x for _, block in self._used()]
-        return torch.cat(parts, 0) if parts else x.new_zeros(0, *x.shape[1:])
+        """:math:`V^\\top x` (``[k]``) for a vector ``x``."""
+        parts = [block @ x for _, block in self._used()]
+        return torch.cat(parts, 0) if parts else x.new_zeros(0)
+
+    def matmul_into(self, out: Tensor, Z: Tensor) -> Tensor:
+        """``out += V Z`` in place: ``out`` a ``[P]`` vector and ``Z`` ``[k]``, or ``out``
+        ``[m, P]`` rows and ``Z`` ``[k, m]``."""
+        for start, block in self._used():
+            part = Z[start : start + block.shape[0]]
+            if out.ndim == 1:
+                out.addmv_(block.T, part)
+            else:
+                out.addmm_(part.T, block)
+        return out
 
     def matmul(self, Z: Tensor) -> Tensor:
-        """:math:`V Z` for ``Z`` of ``k`` rows."""
-        out = torch.zeros(self.P, *Z.shape[1:], dtype=self.dtype, device=self.device)
-        for start, block in self._used():
-            part = block @ Z[start : start + block.shape[1]]
-            out.add_(part)
-        return out
+        """:math:`V z` for a vector ``z`` of ``k`` entries."""
+        return self.matmul_into(torch.zeros(self.P, dtype=self.dtype, device=self.device), Z)
 
 
 _BLOCK = 8  # basis columns per storage block
-_CHECK_GROUP = 4  # systems whose residuals are formed together
+_CHECK_GROUP = 8  # systems whose residuals are formed together (as many rows as a block)
 
 
 def _converged(residual: float, rtol: float) -> bool:

@@ -38,8 +38,11 @@ def test_every_system_equals_its_dense_solve_and_the_residuals_are_true():
     Fs = [_spd(s) for s in (1, 2, 3)]
     ops = [DenseOperator(SPACE, F, self_adjoint=True) for F in Fs]
     systems = _systems(Fs)
+    given = [b.clone() for _, _, b in systems]
     res = reduced_basis_solve(ops, systems, rtol=1e-10, max_vectors=P)
     assert all(res.converged) and res.vectors <= P
+    for (_, _, b), before in zip(systems, given, strict=True):  # worked on in place: copies
+        assert torch.equal(b, before)
     assert res.products == 3 * res.vectors
     for (w, lam, b), y, rel in zip(systems, res.solutions, res.relative_residuals, strict=True):
         A = lam * torch.eye(P, dtype=D) + sum(wt * F for wt, F in zip(w, Fs, strict=True))
