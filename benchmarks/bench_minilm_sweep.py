@@ -10,9 +10,12 @@ CG to ``--rtol`` (the demo's 1e-3). Measured in one process:
 2. a ``--points``-point weight sweep ``w = (a, 1 - a)`` at damping 0.1: one accurate solve at
    (0.5, 0.5); every point screened from one reduced basis to ``--screen-rtol``
    (``sweep(screen="subspace")``) with the choice re-solved to ``--rtol``; and, as the
-   reference, an accurate sweep (every point to ``--rtol``, warm starts) over every
-   ``--reference-every``-th point of the grid (every point of it: ``1``; the full reference
-   costs about ``points`` solves).
+   reference, an accurate sweep (every point to ``--rtol`` from a cold start, as ``merge``
+   solves it) over every ``--reference-every``-th point of the grid (every point of it:
+   ``1``; the full reference costs about ``points`` solves). Cold, because at these
+   dampings a solve to 1e-3 warm-started from another point keeps that point's components
+   in the directions of small curvature (``--agreement``: 9 validation points apart), so a
+   warm-started reference would depend on the order of the sweep.
 
 Prints products of the summed system (each applies every GGN once), per-model products, the
 basis size, seconds and gradient-pass equivalents (the unit: one forward and backward pass
@@ -211,7 +214,7 @@ def weight_sweep(setup, ops, kw, args) -> None:
         if weights[-1] not in ref_weights:
             ref_weights.append(weights[-1])
         t0 = time.perf_counter()
-        reference = sweep(setup.models, ops, weights=ref_weights, **common)
+        reference = sweep(setup.models, ops, weights=ref_weights, warm_start=False, **common)
         r_s = time.perf_counter() - t0 - reference.eval_seconds
         # the screened choice solved accurately, scored like the reference points
         chosen = screened.best_point.coefficients["weights"]
@@ -230,7 +233,7 @@ def weight_sweep(setup, ops, kw, args) -> None:
     for name, out, n, seconds in (
         (f"one reduced basis to {args.screen_rtol:g}, choice re-solved", screened,
          len(weights), sc_s),
-        (f"reference: every point to {args.rtol:g} (warm starts)", reference, len(ref_weights),
+        (f"reference: every point to {args.rtol:g} (cold starts)", reference, len(ref_weights),
          r_s),
     ):  # fmt: skip
         bp = out.best_point
