@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _checkouts import load_old_module  # noqa: E402
 from torch import nn  # noqa: E402
 
 from curvmerge import merge  # noqa: E402
@@ -82,28 +82,18 @@ def ratio(times: dict, key: str, unit: str) -> str:
     return f"{statistics.median(r):.2f} ({r[0]:.2f}-{r[-1]:.2f})"
 
 
-def _load_old_module(path: str, name: str, *parts: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, os.path.join(path, *parts))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def load_old_operator(path: str):
     """``GGNOperator`` of another checkout's ``curvmerge/operators/ggn.py`` (e.g. a
     ``git worktree`` of an earlier commit), measured side by side with this one. It runs on
     this checkout's ``CurvatureComputer``; the old computer's cache key is timed on its own
     (:func:`load_old_state_key`)."""
-    return _load_old_module(path, "old_ggn", "curvmerge", "operators", "ggn.py").GGNOperator
+    return load_old_module(path, "old_ggn", "curvmerge", "operators", "ggn.py").GGNOperator
 
 
 def load_old_state_key(path: str):
     """``CurvatureComputer.state_key`` of another checkout (called on this one's operator:
     it reads only the model)."""
-    module = _load_old_module(path, "old_base", "curvmerge", "statistics", "base.py")
+    module = load_old_module(path, "old_base", "curvmerge", "statistics", "base.py")
     return module.CurvatureComputer.state_key
 
 
