@@ -471,7 +471,14 @@ def sweep(
         rtol: CG tolerance (operator curvatures).
         maxiter: CG iteration limit.
         preconditioner: As in :func:`~curvmerge.merge`.
-        warm_start: Warm-start each CG solve from the previous point.
+        warm_start: Warm-start each CG solve from the previous point. Cheaper, but where
+            the damping is small against the curvature a solve to ``rtol`` keeps the
+            previous point's components in the directions of small curvature, so the merges
+            (and the choice) depend on the order of the grid: on two MiniLM bodies at
+            damping 0.1, seven points solved to 1e-3 scored at best 0.72 warm-started and
+            0.79 solved each from zero (``docs/benchmarks_sweep.md``).
+            ``False`` (each point from zero, as a lone :func:`~curvmerge.merge`), or
+            ``screen="subspace"``, gives merges that do not depend on the order.
         screen_rtol: A screened sweep (operator curvatures): every point is solved only to
             this looser tolerance, enough to rank the points (each warm-started from the
             previous one), and the chosen point is then re-solved to ``rtol`` from its
