@@ -241,8 +241,8 @@ def reduced_basis_solve(
             callback(k, float(rel[worst]))
         if not grew:  # the worst system's space is exhausted: nothing more to learn
             break
-    for columns in FV.values():  # the solutions need V only: free F_t V before forming them
-        columns.blocks.clear()
+    for rows in FV.values():  # the solutions need V only: free F_t V before forming them
+        rows.blocks.clear()
     solutions = [V.matmul(Z[:, i].to(dtype)) for i in range(n)]
     rels = [float(r) for r in rel]
     return ReducedBasisResult(
@@ -347,7 +347,7 @@ class _Rows:
         return self.matmul_into(torch.zeros(self.P, dtype=self.dtype, device=self.device), Z)
 
 
-_BLOCK = 8  # basis columns per storage block
+_BLOCK = 8  # basis vectors per storage block
 _CHECK_GROUP = 8  # systems whose residuals are formed together (as many rows as a block)
 
 

@@ -116,8 +116,10 @@ def test_forward_mode_routes_layer_norm_linear_and_softmax():
     x, w = _randn(4, 3).requires_grad_(True), _randn(5, 3, seed=1)
     with CheapForwardAD():
         h = F.linear(x, w)
+        by_name = F.linear(input=x, weight=w, bias=None)
         outs = [h, F.layer_norm(h, (5,)), F.softmax(h, -1), h.softmax(-1), torch.softmax(h, 0)]
         kept = F.softmax(h, -1, dtype=DT)  # an explicit dtype keeps PyTorch's softmax
     names = [type(t.grad_fn).__name__ for t in outs]
     assert names == ["_LinearBackward", "_LayerNormBackward"] + ["_SoftmaxBackward"] * 3
     assert type(kept.grad_fn).__name__ == "SoftmaxBackward0"
+    assert type(by_name.grad_fn).__name__ == "_LinearBackward" and torch.equal(by_name, h)

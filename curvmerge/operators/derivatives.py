@@ -254,8 +254,8 @@ class CheapForwardAD(torch.overrides.TorchFunctionMode):
         if func is F.layer_norm:
             return _layer_norm(*args, **kwargs)
         if func is F.linear:
-            x, weight, *rest = args
-            return _Linear.apply(x, weight, rest[0] if rest else kwargs.get("bias"))
+            bound = dict(zip(("input", "weight", "bias"), args, strict=False), **kwargs)
+            return _Linear.apply(bound["input"], bound["weight"], bound.get("bias"))
         if func in _SOFTMAXES:
             call = _softmax_call(func, args, kwargs)
             if call is not None:
