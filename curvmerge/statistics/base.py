@@ -296,8 +296,9 @@ class CurvatureComputer:
         also sees updates through ``.data`` that bypass the version counter) and every
         module's training flag.
 
-        The checksum of a tensor is the exact integer sum of its bit patterns (any change of
-        one entry changes it, whatever the summation order) and its sum in its own dtype
+        The checksum of a tensor is the exact integer sum of its bit patterns (modulo
+        :math:`2^{32}` for 4-byte dtypes: any change of one entry changes it, whatever the
+        summation order) and its sum in its own dtype
         (which changes sign with the tensor: a sign flip with as many negative as positive
         entries leaves the bit sum unchanged). One cheap pass over the parameters."""
         key = []
@@ -323,7 +324,8 @@ _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 def _checksum(t: Tensor) -> tuple[Tensor, Tensor]:
     """``(sum of the bit patterns as int64, sum of the values)`` of a tensor (0-d tensors on
-    its device): the first exact and order-free, the second in the tensor's own dtype
+    its device): the first exact and order-free (modulo :math:`2^{32}` for 4-byte dtypes,
+    where one changed entry still changes it), the second in the tensor's own dtype
     (float64 for integer and boolean tensors), summed in rows of ``_ROW`` entries so that
     the result does not depend on the number of threads."""
     if not t.numel():
@@ -332,8 +334,11 @@ def _checksum(t: Tensor) -> tuple[Tensor, Tensor]:
     flat = torch.view_as_real(t).reshape(-1) if t.is_complex() else t.reshape(-1)
     if not flat.is_floating_point():
         return flat.sum(dtype=torch.int64), flat.sum(dtype=torch.float64)
-    bits = flat.view(_BITS[flat.element_size()]).sum(dtype=torch.int64)
-    return bits, _ordered_sum(flat)
+    patterns = flat.view(_BITS[flat.element_size()])
+    # 4-byte patterns are summed in int32, which wraps: exact modulo 2**32 in any order, and
+    # without the int64 copy of the tensor that a widening sum makes (30x faster on CPU)
+    wide = torch.int32 if flat.element_size() == 4 else torch.int64
+    return patterns.sum(dtype=wide).long(), _ordered_sum(flat)
 
 
 def _ordered_sum(x: Tensor) -> Tensor:
