@@ -10,12 +10,12 @@ CG to ``--rtol`` (the demo's 1e-3). Measured in one process:
 2. a ``--points``-point weight sweep ``w = (a, 1 - a)`` at damping 0.1: one accurate solve at
    (0.5, 0.5); every point screened from one reduced basis to ``--screen-rtol``
    (``sweep(screen="subspace")``) with the choice re-solved to ``--rtol``; and, as the
-   reference, an accurate sweep (every point to ``--rtol`` from a cold start, as ``merge``
-   solves it) over every ``--reference-every``-th point of the grid (every point of it:
-   ``1``; the full reference costs about ``points`` solves). Cold, because at these
-   dampings a solve to 1e-3 warm-started from another point keeps that point's components
-   in the directions of small curvature (``--agreement``: 9 validation points apart), so a
-   warm-started reference would depend on the order of the sweep.
+   reference, an accurate sweep (every point to ``--rtol`` from zero,
+   ``sweep(warm_start=False)``) over every ``--reference-every``-th point of the grid
+   (every point of it: ``1``; the full reference costs about ``points`` solves). From zero,
+   because at these dampings a solve to 1e-3 warm-started from another point keeps that
+   point's components in the directions of small curvature (``--agreement``: 8-9
+   validation points apart), so a warm-started reference would depend on the sweep's order.
 
 Prints products of the summed system (each applies every GGN once), per-model products, the
 basis size, seconds and gradient-pass equivalents (the unit: one forward and backward pass
@@ -67,8 +67,9 @@ def main() -> None:
     parser.add_argument("--skip-sweep", action="store_true", help="only the damping grid")
     parser.add_argument(
         "--agreement", action="store_true",
-        help="instead of the sweep: one point (1/3, 2/3) solved cold and warm to --rtol and "
-        "to 1e-6, each one's validation score and distance",
+        help="instead of the sweep: one point (1/3, 2/3) solved from the diagonal merge and "
+        "warm-started from (0, 1) to --rtol, and from the diagonal merge towards 1e-6 within "
+        "--maxiter, each one's validation score and distance",
     )  # fmt: skip
     parser.add_argument(
         "--tasks", type=int, default=2, choices=(2, 3),
@@ -128,8 +129,9 @@ def _evaluator(setup):
 
 
 def agreement(setup, ops, kw, args) -> None:
-    """Do two solves of one point to ``--rtol`` agree on validation? Cold, warm-started from
-    the point (0, 1), and cold to 1e-6 (within ``--maxiter``)."""
+    """Do two solves of one point to ``--rtol`` agree on validation? From the diagonal merge
+    (``PreparedMerge``'s first solve), warm-started from the point (0, 1), and from the
+    diagonal merge towards 1e-6 (within ``--maxiter``)."""
     from curvmerge.merging import PreparedMerge
 
     ev = _evaluator(setup)
@@ -139,18 +141,19 @@ def agreement(setup, ops, kw, args) -> None:
         pm = PreparedMerge(setup.models, ops, **kw)
         runs = {}
         pm.reset()
-        runs[f"cold, rtol {args.rtol:g}"] = pm.merge(w, d)
+        runs[f"from the diagonal merge, rtol {args.rtol:g}"] = pm.merge(w, d)
         pm.reset()
         pm.merge((0.0, 1.0), d)
         runs[f"warm from (0, 1), rtol {args.rtol:g}"] = pm.merge(w, d)
         pm.rtol = 1e-6
         pm.reset()
-        runs["cold, rtol 1e-6"] = pm.merge(w, d)
-    ref = runs["cold, rtol 1e-6"].params
+        longest = f"from the diagonal merge, towards 1e-6 (at most {args.maxiter} iterations)"
+        runs[longest] = pm.merge(w, d)
+    ref = runs[longest].params
     ref_norm = sum(float(ref[n].norm() ** 2) for n in ref) ** 0.5
     print(f"\nOne point (1/3, 2/3) at damping {d:g}, solved three ways:")
     print("| solve | products | relative residual | converged | validation | "
-          "distance to the 1e-6 solve |")  # fmt: skip
+          "distance to the longest solve |")  # fmt: skip
     print("| --- | ---: | ---: | --- | ---: | ---: |")
     for name, r in runs.items():
         val = sum(ev.validate(r).values()) / 2
@@ -233,7 +236,7 @@ def weight_sweep(setup, ops, kw, args) -> None:
     for name, out, n, seconds in (
         (f"one reduced basis to {args.screen_rtol:g}, choice re-solved", screened,
          len(weights), sc_s),
-        (f"reference: every point to {args.rtol:g} (cold starts)", reference, len(ref_weights),
+        (f"reference: every point to {args.rtol:g} from zero", reference, len(ref_weights),
          r_s),
     ):  # fmt: skip
         bp = out.best_point

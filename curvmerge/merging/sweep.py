@@ -477,8 +477,8 @@ def sweep(
             (and the choice) depend on the order of the grid: on two MiniLM bodies at
             damping 0.1, seven points solved to 1e-3 scored at best 0.72 warm-started and
             0.79 solved each from zero (``docs/benchmarks_sweep.md``).
-            ``False`` (each point from zero, as a lone :func:`~curvmerge.merge`), or
-            ``screen="subspace"``, gives merges that do not depend on the order.
+            ``False`` (each point from zero), or ``screen="subspace"``, gives merges that
+            do not depend on the order.
         screen_rtol: A screened sweep (operator curvatures): every point is solved only to
             this looser tolerance, enough to rank the points (each warm-started from the
             previous one), and the chosen point is then re-solved to ``rtol`` from its
