@@ -554,6 +554,32 @@ def test_state_key_sees_every_change_through_data_and_not_the_thread_count(chang
     assert op.state_key() != keys[0]
 
 
+def test_state_key_of_a_bf16_model_sees_one_entry_and_a_sign_flip():
+    """2-byte bit patterns take the int64 sum (4-byte ones the wrapping int32 sum): a bf16
+    model's key is thread-independent and sees a one-entry change and a balanced sign flip."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 200), nn.Tanh(), nn.Linear(200, 3)).to(torch.bfloat16)
+    w = model[0].weight
+    with torch.no_grad():
+        w.abs_().mul_(torch.tensor([1.0, -1.0], dtype=w.dtype).repeat(w.numel() // 2).view_as(w))
+    data = [(torch.randn(5, 300, dtype=torch.bfloat16), torch.randint(0, 3, (5,)))]
+    op = GGNOperator(model, nn.CrossEntropyLoss(), data)
+    threads = torch.get_num_threads()
+    try:
+        keys = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            keys.append(op.state_key())
+    finally:
+        torch.set_num_threads(threads)
+    assert keys[0] == keys[1] == keys[2]
+    w.data.neg_()
+    flipped = op.state_key()
+    assert flipped != keys[0]
+    w.data[0, 0] = w.data[0, 0] * 2
+    assert op.state_key() != flipped
+
+
 def test_cached_products_accept_a_shuffled_loader():
     """Nothing reused per batch depends on the order when every graph is cached (the count
     of num_data and the diagonal are sums over examples)."""

@@ -225,7 +225,7 @@ def _softmax_call(func, args, kwargs):
     bound.update(kwargs)
     if func is not F.softmax and len(args) > 2:
         bound["dtype"] = args[2]
-    x, dim = bound.get("input", bound.get("self")), bound.get("dim")
+    x, dim = bound.get("input"), bound.get("dim")
     if bound.get("dtype") is not None or dim is None or not isinstance(x, Tensor):
         return None
     return x, dim
