@@ -520,6 +520,19 @@ def test_cache_follows_updates_through_data():
     assert rel_err(op.diagonal(), G.diagonal()) < 1e-6
 
 
+def _keys_per_thread_count(op):
+    """The operator's state key computed with 1, 2 and 3 threads."""
+    threads = torch.get_num_threads()
+    try:
+        keys = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            keys.append(op.state_key())
+    finally:
+        torch.set_num_threads(threads)
+    return keys
+
+
 @pytest.mark.parametrize(
     "change",
     [
@@ -541,14 +554,7 @@ def test_state_key_sees_every_change_through_data_and_not_the_thread_count(chang
         w.abs_().mul_(torch.tensor([1.0, -1.0]).repeat(w.numel() // 2).view_as(w))
     data = [(torch.randn(5, 300), torch.randint(0, 3, (5,)))]
     op = GGNOperator(model, nn.CrossEntropyLoss(), data)
-    threads = torch.get_num_threads()
-    try:
-        keys = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            keys.append(op.state_key())
-    finally:
-        torch.set_num_threads(threads)
+    keys = _keys_per_thread_count(op)
     assert keys[0] == keys[1] == keys[2]
     change(w)
     assert op.state_key() != keys[0]
@@ -564,14 +570,7 @@ def test_state_key_of_a_bf16_model_sees_one_entry_and_a_sign_flip():
         w.abs_().mul_(torch.tensor([1.0, -1.0], dtype=w.dtype).repeat(w.numel() // 2).view_as(w))
     data = [(torch.randn(5, 300, dtype=torch.bfloat16), torch.randint(0, 3, (5,)))]
     op = GGNOperator(model, nn.CrossEntropyLoss(), data)
-    threads = torch.get_num_threads()
-    try:
-        keys = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            keys.append(op.state_key())
-    finally:
-        torch.set_num_threads(threads)
+    keys = _keys_per_thread_count(op)
     assert keys[0] == keys[1] == keys[2]
     w.data.neg_()
     flipped = op.state_key()
